@@ -1,0 +1,83 @@
+"""The InferenceService status: what the operator decided and why, and what it costs."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from ebbtide.api.base import ApiModel
+
+Phase = Literal["Pending", "Ready", "Scaling", "Idle", "Degraded"]
+
+
+class Condition(ApiModel):
+    type: str = Field(description="SpecValid, MetricsAvailable, ScalingLimited, SpotAvailable, ...")
+    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
+    reason: str = Field(description="A CamelCase word for machines.")
+    message: str = Field(default="", description="What it means, for people.")
+    last_transition_time: str = Field(description="When the status last changed (RFC 3339).")
+    observed_generation: int | None = Field(default=None, description="The spec generation it was computed for.")
+
+
+class ReplicaCounts(ApiModel):
+    desired: int = Field(default=0, description="Replicas the operator wants (awake).")
+    ready: int = Field(default=0, description="Replicas ready to serve.")
+    starting: int = Field(default=0, description="Replicas created but not ready yet.")
+    asleep: int = Field(default=0, description="Replicas in vLLM sleep (the warm pool).")
+    on_demand: int = Field(default=0, description="Replicas on on-demand capacity.")
+    spot: int = Field(default=0, description="Replicas on spot capacity.")
+
+
+class DecisionRecord(ApiModel):
+    time: str = Field(description="When it was decided (RFC 3339).")
+    from_replicas: int = Field(description="Replicas before.")
+    to_replicas: int = Field(description="Replicas wanted after.")
+    reason: str = Field(description="The signal that drove it: QueueBacklog, KVCache, TTFT, TPOT, MinReplicas, ...")
+    message: str = Field(description="The decision in words and numbers.")
+    source: str = Field(description="Where the signals came from: prometheus, scrape, or none.")
+    signals: dict[str, float] = Field(default_factory=dict, description="Signal values the decision used.")
+    applied: bool = Field(default=True, description="False in Advisory mode: computed, reported, not acted on.")
+
+    @property
+    def summary(self) -> str:
+        return f"{self.from_replicas}->{self.to_replicas} {self.reason}"
+
+
+class GpuHours(ApiModel):
+    on_demand: float = Field(default=0.0, description="GPU-hours on on-demand capacity.")
+    spot: float = Field(default=0.0, description="GPU-hours on spot capacity.")
+    asleep: float = Field(default=0.0, description="GPU-hours held by sleeping replicas (charged share).")
+
+
+class Cost(ApiModel):
+    since: str | None = Field(default=None, description="Start of the accounting (RFC 3339).")
+    gpu_hours: GpuHours = Field(default_factory=GpuHours, description="GPU-hours since `since`, by capacity type.")
+    usd_total: float = Field(default=0.0, description="US dollars since `since`.")
+    usd_per_hour: float = Field(default=0.0, description="US dollars per hour at the current fleet.")
+    usd_per_million_tokens: float | None = Field(
+        default=None, description="US dollars per million tokens (prompt + generated) over the recent window."
+    )
+
+
+class Startup(ApiModel):
+    measured_seconds: float | None = Field(
+        default=None, description="Measured time from pod creation to ready and warmed (recent median)."
+    )
+    samples: list[float] = Field(default_factory=list, description="Recent startup times, newest last.")
+
+
+class InferenceServiceStatus(ApiModel):
+    model_config = ApiModel.model_config | {"extra": "ignore"}
+
+    observed_generation: int | None = Field(default=None, description="The spec generation last acted on.")
+    phase: Phase = Field(default="Pending", description="Pending, Ready, Scaling, Idle or Degraded.")
+    conditions: list[Condition] = Field(default_factory=list, description="What holds, and what blocks.")
+    replicas: ReplicaCounts = Field(default_factory=ReplicaCounts, description="Replica counts.")
+    last_decision: DecisionRecord | None = Field(default=None, description="The latest scaling decision.")
+    last_decision_summary: str | None = Field(default=None, description="The latest decision, short.")
+    decisions: list[DecisionRecord] = Field(
+        default_factory=list, description="Recent scaling decisions that changed the size, newest last (bounded)."
+    )
+    cost: Cost = Field(default_factory=Cost, description="GPU-hours and dollars.")
+    startup: Startup = Field(default_factory=Startup, description="Measured replica startup time.")

@@ -1,0 +1,99 @@
+"""The `ebbtide` command: run the operator, simulate a spec on a trace, render, generate the CRD."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+
+
+def _crd(args: argparse.Namespace) -> int:
+    from ebbtide.api.crd import CRD_FILENAME, crd_yaml
+
+    text = crd_yaml()
+    if args.stdout:
+        sys.stdout.write(text)
+        return 0
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / CRD_FILENAME).write_text(text)
+    print(f"wrote {out / CRD_FILENAME}")
+    return 0
+
+
+def _render(args: argparse.Namespace) -> int:
+    from ebbtide.api.manifest import InvalidSpec, load_manifests
+    from ebbtide.cluster.render import render_workload
+
+    try:
+        services = list(load_manifests(args.file))
+    except (InvalidSpec, OSError, yaml.YAMLError) as e:
+        print(f"ebbtide render: {args.file}: {e}", file=sys.stderr)
+        return 2
+    if not services:
+        print(f"ebbtide render: {args.file}: no InferenceService in this file", file=sys.stderr)
+        return 2
+    objects = [obj for ref, spec in services for obj in render_workload(ref, spec)]
+    sys.stdout.write(yaml.safe_dump_all(objects, sort_keys=False, explicit_start=True))
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from ebbtide.operator_main import run_operator
+
+    return run_operator(args)
+
+
+def _engine_sim(argv: list[str]) -> int:
+    from ebbtide.sim.engine_server import main
+
+    return main(argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ebbtide",
+        description="Runs vLLM model servers on Kubernetes and scales them for the lowest cost per token "
+        "within latency SLOs.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the operator (kopf) against the current cluster")
+    run.add_argument("-n", "--namespace", action="append", default=[],
+                     help="watch only this namespace (repeatable); default: all namespaces")
+    run.add_argument("--prometheus-url", default="http://prometheus-server.monitoring.svc:80",
+                     help="Prometheus the signals are read from")
+    run.add_argument("--metrics-port", type=int, default=9090, help="port of the operator's own /metrics (0: off)")
+    run.add_argument("--health-port", type=int, default=8080, help="port of the liveness endpoint (0: off)")
+    run.add_argument("--peering", default=None,
+                     help="kopf peering name for high availability; default: standalone")
+    run.add_argument("--verbose", action="store_true", help="debug logging")
+    run.set_defaults(func=_run)
+
+    crd = sub.add_parser("crd", help="write the InferenceService CRD generated from the API models")
+    crd.add_argument("--output-dir", default="crds", help="directory to write into (default: crds)")
+    crd.add_argument("--stdout", action="store_true", help="print instead of writing a file")
+    crd.set_defaults(func=_crd)
+
+    render = sub.add_parser("render", help="print the objects the operator would create for a manifest")
+    render.add_argument("file", help="a YAML file with one or more InferenceServices")
+    render.set_defaults(func=_render)
+
+    sub.add_parser("engine-sim", help="run a vLLM engine simulator (HTTP), for tests and demos",
+                   add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    # engine-sim owns its own options; hand them over untouched.
+    if argv and argv[0] == "engine-sim":
+        return _engine_sim(argv[1:])
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
