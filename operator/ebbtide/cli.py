@@ -63,8 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the operator (kopf) against the current cluster")
     run.add_argument("-n", "--namespace", action="append", default=[],
                      help="watch only this namespace (repeatable); default: all namespaces")
-    run.add_argument("--prometheus-url", default="http://prometheus-server.monitoring.svc:80",
-                     help="Prometheus the signals are read from")
+    run.add_argument("--prometheus-url", default=None,
+                     help="Prometheus the signals are read from (default: $EBBTIDE_PROMETHEUS_URL)")
     run.add_argument("--metrics-port", type=int, default=9090, help="port of the operator's own /metrics (0: off)")
     run.add_argument("--health-port", type=int, default=8080, help="port of the liveness endpoint (0: off)")
     run.add_argument("--peering", default=None,

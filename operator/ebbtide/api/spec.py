@@ -334,7 +334,7 @@ class InferenceServiceSpec(ApiModel):
                 "placement.spot.onDemandBase must not be greater than replicas.max",
             ),
             (
-                "self.schedules.all(w, !has(w.minReplicas) || w.minReplicas <= self.replicas.max)",
+                "!has(self.schedules) || self.schedules.all(w, !has(w.minReplicas) || w.minReplicas <= self.replicas.max)",
                 "a schedule's minReplicas must not be greater than replicas.max",
             ),
         )

@@ -74,11 +74,12 @@ def _resources(spec: InferenceServiceSpec) -> dict:
     if spec.engine.gpus:
         requests[spec.engine.gpu_resource] = spec.engine.gpus
         limits[spec.engine.gpu_resource] = spec.engine.gpus
+    # Quantities as strings: the API server stores them so, and drift checks compare like with like.
     out = {}
     if requests:
-        out["requests"] = requests
+        out["requests"] = {k: str(v) for k, v in requests.items()}
     if limits:
-        out["limits"] = limits
+        out["limits"] = {k: str(v) for k, v in limits.items()}
     return out
 
 

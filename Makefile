@@ -1,0 +1,31 @@
+# Ebbtide developer commands. `make test` is the one CI runs (through .ci/run).
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+
+.PHONY: install install-test system-deps test test-fast lint crds bench demo clean
+
+install:  ## the operator, the simulator and the CLI
+	$(PIP) install -q -e .
+
+install-test: install  ## plus test dependencies
+	$(PIP) install -q -e '.[test]'
+
+system-deps:  ## Prometheus for the integration tests (Debian package; needs root)
+	@command -v prometheus >/dev/null 2>&1 || { \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; }
+
+test: install-test system-deps  ## everything: unit, operator (emulated API), integration (real Prometheus)
+	$(PYTHON) -m pytest -q
+
+test-fast: ## unit tests only, no processes
+	$(PYTHON) -m pytest -q -m "not prometheus and not slow"
+
+lint:
+	$(PYTHON) -m ruff check operator tests
+	$(PYTHON) -m ebbtide.cli crd --stdout | diff -q - crds/inferenceservices.ebbtide.dev.yaml
+
+crds:  ## regenerate crds/ from the API models
+	$(PYTHON) -m ebbtide.cli crd --output-dir crds
+
+clean:
+	rm -rf build dist *.egg-info operator/*.egg-info .pytest_cache .ruff_cache artifacts

@@ -1,0 +1,186 @@
+"""The operator's door to the Kubernetes API: the official client, run off the event loop.
+
+Responses are read raw (`_preload_content=False`) and decoded as JSON: the operator works on
+plain dicts (what it renders), and a field the client's models do not know cannot break it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import datetime
+import json
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import kubernetes
+from kubernetes.client.rest import ApiException
+
+from ebbtide import api
+from ebbtide.api.ref import ServiceRef
+
+log = logging.getLogger(__name__)
+
+# kind -> (API class, the snake_case name in the client's method names)
+_KINDS = {
+    "Deployment": (kubernetes.client.AppsV1Api, "deployment"),
+    "Service": (kubernetes.client.CoreV1Api, "service"),
+    "PodDisruptionBudget": (kubernetes.client.PolicyV1Api, "pod_disruption_budget"),
+}
+
+MERGE_PATCH = "application/merge-patch+json"
+
+
+def now_rfc3339() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def is_subset(wanted: Any, live: Any) -> bool:
+    """True when every field we set has our value in the live object.
+
+    The API server adds defaults (extra keys), so dicts compare as subsets; lists we own
+    entirely (containers, env, ports), so their lengths must match.
+    """
+    if isinstance(wanted, dict):
+        return isinstance(live, dict) and all(k in live and is_subset(v, live[k]) for k, v in wanted.items())
+    if isinstance(wanted, list):
+        return (isinstance(live, list) and len(wanted) == len(live)
+                and all(is_subset(w, v) for w, v in zip(wanted, live, strict=True)))
+    return wanted == live
+
+
+def _without_replicas(obj: dict) -> dict:
+    """The replica count belongs to the autoscaler: drift correction never touches it."""
+    obj = copy.deepcopy(obj)
+    obj.get("spec", {}).pop("replicas", None)
+    return obj
+
+
+def controller_of(obj: dict) -> dict | None:
+    refs = obj.get("metadata", {}).get("ownerReferences") or []
+    return next((r for r in refs if r.get("controller") and r.get("kind") == api.KIND), None)
+
+
+class Conflict(Exception):
+    """An object we would own already exists and belongs to someone else."""
+
+
+class Kube:
+    def __init__(self, client: kubernetes.client.ApiClient):
+        self.client = client
+        self.core = kubernetes.client.CoreV1Api(client)
+        self.custom = kubernetes.client.CustomObjectsApi(client)
+
+    @classmethod
+    def from_environment(cls) -> Kube:
+        try:
+            kubernetes.config.load_incluster_config()
+        except kubernetes.config.ConfigException:
+            kubernetes.config.load_kube_config()
+        return cls(kubernetes.client.ApiClient())
+
+    async def _call(self, fn: Callable, *args: Any, **kwargs: Any) -> Any:
+        response = await asyncio.to_thread(fn, *args, _preload_content=False, **kwargs)
+        data = response.data
+        return json.loads(data) if data else None
+
+    def _method(self, kind: str, verb: str) -> Callable:
+        api_class, snake = _KINDS[kind]
+        return getattr(api_class(self.client), f"{verb}_namespaced_{snake}")
+
+    async def read(self, kind: str, namespace: str, name: str) -> dict | None:
+        try:
+            return await self._call(self._method(kind, "read"), name, namespace)
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+
+    async def apply(self, desired: dict, owner: ServiceRef) -> str:
+        """Create the object, or restore the fields we render if they drifted.
+
+        Returns "created", "updated" or "unchanged". Raises Conflict when a same-named
+        object is not ours: we never take over someone else's workload.
+        """
+        kind, meta = desired["kind"], desired["metadata"]
+        live = await self.read(kind, meta["namespace"], meta["name"])
+        if live is None:
+            await self._call(self._method(kind, "create"), meta["namespace"], desired)
+            return "created"
+        controller = controller_of(live)
+        if controller is None or controller.get("uid") != owner.uid:
+            raise Conflict(f"{kind} {meta['namespace']}/{meta['name']} exists and is not owned by this "
+                           f"InferenceService; rename one of them or delete the {kind}")
+        if live["metadata"].get("deletionTimestamp"):
+            return "unchanged"  # on its way out; it will be re-created once gone
+        wanted = _without_replicas(desired)
+        if is_subset(wanted, live):
+            return "unchanged"
+        await self._call(self._method(kind, "patch"), meta["name"], meta["namespace"], wanted,
+                         _content_type=MERGE_PATCH)
+        return "updated"
+
+    async def scale(self, namespace: str, name: str, replicas: int) -> None:
+        await self._call(self._method("Deployment", "patch"), name, namespace, {"spec": {"replicas": replicas}},
+                         _content_type=MERGE_PATCH)
+
+    async def read_service(self, namespace: str, name: str) -> dict | None:
+        try:
+            return await self._call(self.custom.get_namespaced_custom_object,
+                                    api.GROUP, api.VERSION, namespace, api.PLURAL, name)
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+
+    async def update_status(self, ref: ServiceRef, mutate: Callable[[dict], dict], attempts: int = 5) -> dict | None:
+        """Read-modify-write of the status with optimistic concurrency.
+
+        The operator writes status from two places (spec handlers and the scaling loop);
+        the resourceVersion in the patch makes the API server refuse a write based on a stale
+        read (409), and we retry on the fresh object instead of losing the other writer's fields.
+        """
+        for _ in range(attempts):
+            obj = await self.read_service(ref.namespace, ref.name)
+            if obj is None or obj["metadata"].get("uid") != ref.uid:
+                return None
+            status = mutate(copy.deepcopy(obj.get("status") or {}))
+            body = {"metadata": {"resourceVersion": obj["metadata"]["resourceVersion"]}, "status": status}
+            try:
+                return await self._call(self.custom.patch_namespaced_custom_object_status,
+                                        api.GROUP, api.VERSION, ref.namespace, api.PLURAL, ref.name, body,
+                                        _content_type=MERGE_PATCH)
+            except ApiException as e:
+                if e.status != 409:
+                    raise
+        log.warning("status of %s/%s not written: it kept changing under us", ref.namespace, ref.name)
+        return None
+
+    async def post_event(self, ref: ServiceRef, type: str, reason: str, message: str) -> None:
+        """An Event on the InferenceService, so `kubectl describe` tells the story."""
+        now = now_rfc3339()
+        body = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{ref.name}.", "namespace": ref.namespace},
+            "involvedObject": {"apiVersion": api.API_VERSION, "kind": api.KIND, "name": ref.name,
+                               "namespace": ref.namespace, "uid": ref.uid},
+            "type": type,
+            "reason": reason,
+            "message": message[:1024],
+            "source": {"component": "ebbtide"},
+            "reportingComponent": "ebbtide.dev/operator",
+            "reportingInstance": "ebbtide",
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        try:
+            await self._call(self.core.create_namespaced_event, ref.namespace, body)
+        except ApiException as e:  # an Event is worth a log line, never a failed reconcile
+            log.warning("could not post event %s on %s/%s: %s", reason, ref.namespace, ref.name, e.reason)
+
+    async def list_pods(self, label_selector: str) -> list[dict]:
+        result = await self._call(self.core.list_pod_for_all_namespaces, label_selector=label_selector)
+        return result.get("items", []) if result else []

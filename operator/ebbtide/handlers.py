@@ -1,0 +1,55 @@
+"""kopf handlers: translate Kubernetes events into calls to the reconciler and the scaling loop.
+
+They hold no policy. Run with `ebbtide run`, or `kopf run -m ebbtide.handlers`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import kopf
+
+from ebbtide import api
+from ebbtide.api.ref import ServiceRef
+from ebbtide.cluster.kube import Kube
+from ebbtide.cluster.render import MANAGED_BY
+from ebbtide.config import OperatorConfig
+from ebbtide.reconcile import Registry, reconcile, restore_owned
+
+
+@kopf.on.startup()
+async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logging.Logger, **_) -> None:
+    # Keep kopf's bookkeeping in our own annotations and out of status, which is the user's view.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="ebbtide.dev")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix="ebbtide.dev", key="last-handled-configuration")
+    settings.persistence.finalizer = "ebbtide.dev/finalizer"
+    settings.posting.level = logging.WARNING  # our own Events tell the story; kopf's would repeat it
+    settings.watching.server_timeout = 300
+    memo.setdefault("config", OperatorConfig.from_env())
+    memo.kube = Kube.from_environment()
+    memo.registry = Registry()
+    logger.info("ebbtide operator started with %s", memo.config)
+
+
+@kopf.on.resume(api.GROUP, api.VERSION, api.PLURAL)
+@kopf.on.create(api.GROUP, api.VERSION, api.PLURAL)
+@kopf.on.update(api.GROUP, api.VERSION, api.PLURAL, field="spec")
+async def apply_spec(spec: kopf.Spec, name: str, namespace: str, uid: str, meta: kopf.Meta,
+                     memo: kopf.Memo, **_) -> None:
+    ref = ServiceRef(name=name, namespace=namespace, uid=uid)
+    await reconcile(memo.kube, memo.registry, ref, dict(spec), meta.get("generation"))
+
+
+@kopf.on.event(api.GROUP, api.VERSION, api.PLURAL)
+async def forget_deleted(event: dict, name: str, namespace: str, memo: kopf.Memo, **_) -> None:
+    if event.get("type") == "DELETED":
+        memo.registry.forget(namespace, name)
+
+
+@kopf.on.event("apps", "v1", "deployments", labels=MANAGED_BY)
+@kopf.on.event("v1", "services", labels=MANAGED_BY)
+@kopf.on.event("policy", "v1", "poddisruptionbudgets", labels=MANAGED_BY)
+async def owned_changed(event: dict, memo: kopf.Memo, **_) -> None:
+    if event.get("type") in ("MODIFIED", "DELETED") and event.get("object"):
+        await restore_owned(memo.kube, memo.registry, event["object"])

@@ -1,0 +1,29 @@
+"""`ebbtide run`: start kopf with the handlers and the settings from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+import kopf
+
+from ebbtide.config import OperatorConfig
+
+
+def run_operator(args: argparse.Namespace) -> int:
+    import ebbtide.handlers  # noqa: F401  (registers the handlers with kopf)
+
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = OperatorConfig.from_env()
+    config = OperatorConfig(prometheus_url=args.prometheus_url or config.prometheus_url,
+                            metrics_port=args.metrics_port, tick_seconds=config.tick_seconds)
+    kopf.run(
+        standalone=args.peering is None,
+        peering_name=args.peering,
+        namespaces=args.namespace,
+        clusterwide=not args.namespace,
+        liveness_endpoint=f"http://0.0.0.0:{args.health_port}/healthz" if args.health_port else None,
+        memo=kopf.Memo(config=config),
+    )
+    return 0

@@ -1,0 +1,74 @@
+"""What the decision core sees of a service at one tick: plain values, no I/O.
+
+The shell (signals/ for metrics, the Kubernetes API for pods) fills these in; the core only
+reads them. The simulator fills in the same types from its fleet model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class PodSignals:
+    """One replica's engine metrics at the newest sample."""
+
+    pod: str
+    sampled_at: float  # unix seconds of the sample (not of the query)
+    waiting: float = 0.0
+    running: float = 0.0
+    kv_cache_usage: float = 0.0  # 0..1
+    asleep: bool = False
+    gpu_memory_used_bytes: float | None = None  # DCGM, where the cluster has it
+    gpu_memory_free_bytes: float | None = None
+    gpu_utilization: float | None = None  # 0..1
+
+
+@dataclass(frozen=True)
+class Signals:
+    """A service's load at one instant, aggregated over its reporting pods.
+
+    None means "not observed" (missing series, or no pod reporting); the core must never
+    read None as zero load.
+    """
+
+    source: str  # "prometheus", "scrape" or "none": said in every decision
+    sampled_at: float | None  # newest sample time across pods; None if nothing was seen
+    pods: tuple[PodSignals, ...] = ()
+    ttft_seconds: float | None = None  # at the spec's TTFT quantile, over the metrics window
+    tpot_seconds: float | None = None  # at the spec's TPOT quantile, over the metrics window
+    tokens_per_second: float | None = None  # prompt + generated, over the metrics window
+    error: str | None = None  # why nothing could be observed (e.g. "Prometheus unreachable: ...")
+
+    @property
+    def pods_reporting(self) -> int:
+        return len(self.pods)
+
+    @property
+    def waiting(self) -> float | None:
+        return sum(p.waiting for p in self.pods) if self.pods else None
+
+    @property
+    def running(self) -> float | None:
+        return sum(p.running for p in self.pods) if self.pods else None
+
+    @property
+    def kv_cache_usage(self) -> float | None:
+        """Mean over awake pods: a sleeping replica holds no KV cache and takes no load."""
+        awake = [p.kv_cache_usage for p in self.pods if not p.asleep]
+        return sum(awake) / len(awake) if awake else None
+
+    @classmethod
+    def missing(cls, error: str, source: str = "none") -> Signals:
+        return cls(source=source, sampled_at=None, error=error)
+
+
+@dataclass(frozen=True)
+class FleetState:
+    """The replicas of a service as the Kubernetes API reports them."""
+
+    current: int  # the Deployment's spec.replicas: what was last asked for
+    ready: int  # pods Ready and awake
+    starting: int = 0  # pods created but not Ready yet: capacity that is on its way
+    asleep: int = 0  # pods in vLLM sleep (warm pool)
+    pod_names: tuple[str, ...] = field(default=())

@@ -1,0 +1,131 @@
+"""Keep each InferenceService's owned workload as its spec says: apply, validate, restore.
+
+This is the shell's side of the foundation: it talks to the API and reports, it decides
+nothing about scaling.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+
+from ebbtide.api.conditions import set_condition
+from ebbtide.api.manifest import InvalidSpec, parse_spec
+from ebbtide.api.ref import ServiceRef
+from ebbtide.api.spec import InferenceServiceSpec
+from ebbtide.cluster.kube import Conflict, Kube, controller_of, now_rfc3339
+from ebbtide.cluster.render import ANNOTATION_SPEC, deployment_name, render_workload
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Registry:
+    """The services this operator runs, with the spec it runs each on (the last valid one).
+
+    Rebuilt from the cluster on start (kopf's resume handlers), so losing it loses nothing.
+    """
+
+    services: dict[tuple[str, str], tuple[ServiceRef, InferenceServiceSpec]] = field(default_factory=dict)
+
+    def put(self, ref: ServiceRef, spec: InferenceServiceSpec) -> None:
+        self.services[(ref.namespace, ref.name)] = (ref, spec)
+
+    def get(self, namespace: str, name: str) -> tuple[ServiceRef, InferenceServiceSpec] | None:
+        return self.services.get((namespace, name))
+
+    def forget(self, namespace: str, name: str) -> None:
+        self.services.pop((namespace, name), None)
+
+
+async def last_applied_spec(kube: Kube, ref: ServiceRef) -> InferenceServiceSpec | None:
+    """The spec the running Deployment was rendered from (kept in an annotation on it)."""
+    deployment = await kube.read("Deployment", ref.namespace, deployment_name(ref))
+    raw = (deployment or {}).get("metadata", {}).get("annotations", {}).get(ANNOTATION_SPEC)
+    if not raw:
+        return None
+    try:
+        return parse_spec(json.loads(raw))
+    except (InvalidSpec, ValueError):
+        return None
+
+
+async def reconcile(kube: Kube, registry: Registry, ref: ServiceRef, raw_spec: dict, generation: int | None) -> None:
+    """Validate the spec; if valid, apply the workload; either way, say so in status and Events."""
+    try:
+        spec = parse_spec(raw_spec)
+    except InvalidSpec as e:
+        await _reject(kube, registry, ref, str(e), generation)
+        return
+
+    try:
+        outcomes = {obj["kind"]: await kube.apply(obj, ref) for obj in render_workload(ref, spec)}
+    except Conflict as e:
+        await kube.post_event(ref, "Warning", "OwnershipConflict", str(e))
+        await _set_status(kube, ref, generation, "Ready", "False", "OwnershipConflict", str(e))
+        raise
+    registry.put(ref, spec)
+    changed = {kind: what for kind, what in outcomes.items() if what != "unchanged"}
+    if changed:
+        summary = ", ".join(f"{kind} {what}" for kind, what in changed.items())
+        await kube.post_event(ref, "Normal", "Applied", f"{summary} (generation {generation})")
+    await _set_status(kube, ref, generation, "SpecValid", "True", "Valid", "the spec is valid and applied")
+
+
+async def _reject(kube: Kube, registry: Registry, ref: ServiceRef, problem: str, generation: int | None) -> None:
+    """An invalid spec changes nothing that runs: the last valid spec stays in force."""
+    if registry.get(ref.namespace, ref.name) is None:
+        previous = await last_applied_spec(kube, ref)
+        if previous is not None:
+            registry.put(ref, previous)
+    keeping = "keeping the last valid spec" if registry.get(ref.namespace, ref.name) else "nothing was created"
+    message = f"invalid spec, {keeping}: {problem}"
+    log.warning("%s/%s: %s", ref.namespace, ref.name, message)
+    await kube.post_event(ref, "Warning", "InvalidSpec", message)
+    await _set_status(kube, ref, generation, "SpecValid", "False", "InvalidSpec", message)
+
+
+async def _set_status(kube: Kube, ref: ServiceRef, generation: int | None, type: str, status: str,
+                      reason: str, message: str) -> None:
+    now = now_rfc3339()
+
+    def mutate(current: dict) -> dict:
+        current["conditions"] = set_condition(current.get("conditions", []), type, status, reason, message,
+                                              now, generation)
+        if status == "True":
+            current["observedGeneration"] = generation
+        current.setdefault("phase", "Pending")
+        return current
+
+    await kube.update_status(ref, mutate)
+
+
+async def restore_owned(kube: Kube, registry: Registry, obj: dict) -> str | None:
+    """An owned object changed or vanished: put back what its service's spec renders.
+
+    Returns what was done, or None when the object is not ours to restore (unknown owner,
+    or the owner itself is going away, in which case garbage collection is doing its job).
+    """
+    owner = controller_of(obj)
+    if owner is None:
+        return None
+    namespace = obj["metadata"]["namespace"]
+    entry = registry.get(namespace, owner["name"])
+    if entry is None or entry[0].uid != owner.get("uid"):
+        return None
+    ref, spec = entry
+    parent = await kube.read_service(namespace, ref.name)
+    if parent is None or parent["metadata"].get("uid") != ref.uid or parent["metadata"].get("deletionTimestamp"):
+        registry.forget(namespace, ref.name)
+        return None
+    desired = next((o for o in render_workload(ref, spec)
+                    if o["kind"] == obj["kind"] and o["metadata"]["name"] == obj["metadata"]["name"]), None)
+    if desired is None:
+        return None
+    outcome = await kube.apply(desired, ref)
+    if outcome != "unchanged":
+        what = "re-created" if outcome == "created" else "restored"
+        await kube.post_event(ref, "Normal", "DriftCorrected",
+                              f"{obj['kind']} {obj['metadata']['name']} was changed or deleted by hand: {what}")
+    return outcome
