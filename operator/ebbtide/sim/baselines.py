@@ -1,0 +1,166 @@
+"""The autoscalers users would otherwise pick, each with its documented defaults.
+
+Sources: ../shared/reference/anchors.md (Kubernetes HPA autoscaling/v2, KEDA with the vLLM
+production-stack trigger, AIBrix's APA). They see the same delayed signals as Ebbtide and
+act on the same simulated fleet; only the rule differs. Where a baseline needs a target
+that is a user setting rather than a default (the KV-cache utilization target), it gets
+the spec's own target, so the comparison is between rules, not between targets.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+
+from ebbtide.policy.observation import FleetState, Signals
+
+
+@dataclass
+class HpaRule:
+    """Kubernetes HPA (autoscaling/v2) semantics over one metric.
+
+    desired = ceil(ready x metric / target), skipped within the tolerance; scale-up: no
+    stabilization, at most max(4 pods, 100 %) per period; scale-down: the highest
+    recommendation of the last 300 s wins, at most 100 % per period; missing metrics never
+    scale down.
+    """
+
+    target: float
+    per_pod_average: bool = True  # Utilization/AverageValue over pods vs. a total (AverageValue of a sum)
+    tolerance: float = 0.1
+    period_s: float = 15.0
+    down_window_s: float = 300.0
+    _history: deque = field(default_factory=deque)
+
+    def recommend(self, metric: float, ready: int, current: int) -> int:
+        if self.per_pod_average:
+            ratio = metric / self.target
+            if abs(ratio - 1.0) <= self.tolerance:
+                return current
+            return math.ceil(max(ready, 1) * ratio)
+        # AverageValue on a total (KEDA): desired = ceil(total / target per pod).
+        usage = metric / (self.target * max(current, 1))
+        if abs(usage - 1.0) <= self.tolerance:
+            return current
+        return math.ceil(metric / self.target)
+
+    def stabilize(self, recommendation: int, current: int, now: float) -> int:
+        self._history.append((now, recommendation))
+        while self._history and self._history[0][0] < now - self.down_window_s:
+            self._history.popleft()
+        if recommendation < current:
+            recommendation = min(current, max(r for _, r in self._history))
+        up_limit = max(current + 4, current * 2)
+        down_limit = 0  # 100 % per period
+        return max(down_limit, min(up_limit, recommendation))
+
+
+@dataclass
+class Hpa:
+    """HPA on mean KV-cache utilization over ready pods (sync period 15 s)."""
+
+    target: float
+    min_replicas: int
+    max_replicas: int
+    name: str = "hpa-kv"
+    interval_s: float = 15.0
+    rule: HpaRule = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        self.rule = HpaRule(target=self.target)
+
+    def decide(self, signals: Signals, fleet: FleetState, now: float) -> int:
+        usage = signals.kv_cache_usage
+        if usage is None or signals.error:
+            return fleet.current  # missing metrics never cause a change
+        recommendation = self.rule.recommend(usage, fleet.ready, fleet.current)
+        # Not-yet-ready pods: HPA does not scale down while pods are still starting.
+        if fleet.starting and recommendation < fleet.current:
+            recommendation = fleet.current
+        desired = self.rule.stabilize(recommendation, fleet.current, now)
+        return max(self.min_replicas, min(self.max_replicas, desired))
+
+
+@dataclass
+class Keda:
+    """KEDA's Prometheus scaler as vLLM production-stack configures it.
+
+    Trigger `vllm:num_requests_waiting` (summed), threshold 5 per replica, polling 15 s,
+    HPA underneath (AverageValue target = threshold, 300 s scale-down stabilization);
+    cooldownPeriod 360 s only applies to going to zero.
+    """
+
+    min_replicas: int
+    max_replicas: int
+    threshold: float = 5.0
+    name: str = "keda-queue"
+    interval_s: float = 15.0
+    cooldown_s: float = 360.0
+    rule: HpaRule = None  # type: ignore[assignment]
+    _last_active: float = -math.inf
+
+    def __post_init__(self) -> None:
+        self.rule = HpaRule(target=self.threshold, per_pod_average=False)
+
+    def decide(self, signals: Signals, fleet: FleetState, now: float) -> int:
+        waiting = signals.waiting
+        if waiting is None or signals.error:
+            return fleet.current
+        if waiting > 0:
+            self._last_active = now
+        recommendation = self.rule.recommend(waiting, fleet.ready, fleet.current)
+        desired = self.rule.stabilize(recommendation, fleet.current, now)
+        floor = self.min_replicas
+        if floor == 0 and now - self._last_active < self.cooldown_s:
+            floor = 1
+        return max(floor, min(self.max_replicas, desired))
+
+
+@dataclass
+class AibrixApa:
+    """AIBrix's APA strategy: KV-cache target, tolerance 0.1, x2 / ÷2 per step, reconcile
+    every 10 s, scale-down cooldown 300 s, scale-up cooldown 0."""
+
+    target: float
+    min_replicas: int
+    max_replicas: int
+    name: str = "aibrix-apa"
+    interval_s: float = 10.0
+    tolerance: float = 0.1
+    up_rate: float = 2.0
+    down_rate: float = 2.0
+    down_cooldown_s: float = 300.0
+    _last_scale: float = -math.inf
+
+    def decide(self, signals: Signals, fleet: FleetState, now: float) -> int:
+        usage = signals.kv_cache_usage
+        if usage is None or signals.error:
+            return fleet.current
+        ratio = usage / self.target
+        current = fleet.current
+        if 1 - self.tolerance <= ratio <= 1 + self.tolerance:
+            return current
+        desired = math.ceil(current * ratio)
+        if desired > current:
+            desired = min(desired, math.ceil(current * self.up_rate) if current else 1)
+        elif desired < current:
+            if now - self._last_scale < self.down_cooldown_s:
+                return current
+            desired = max(desired, math.floor(current / self.down_rate))
+        desired = max(self.min_replicas, min(self.max_replicas, desired))
+        if desired != current:
+            self._last_scale = now
+        return desired
+
+
+@dataclass
+class Static:
+    """Provisioned for the peak, all the time: what many teams run."""
+
+    replicas: int
+    name: str = "static-peak"
+    interval_s: float = 60.0
+
+    def decide(self, signals: Signals, fleet: FleetState, now: float) -> int:
+        return self.replicas
