@@ -1,0 +1,112 @@
+"""The real kopf operator against the emulated API: it owns, restores and protects the workload."""
+
+import time
+
+from ebbtide.cluster.render import ANNOTATION_SPEC
+from tests.testbed.operator import ISVC, isvc, running_operator
+from tests.testbed.waiting import wait_for
+
+DEPLOYMENTS, SERVICES, PDBS, EVENTS = ("apps/v1/deployments", "v1/services", "policy/v1/poddisruptionbudgets",
+                                       "v1/events")
+
+
+def events(server, name, reason=None):
+    found = server.list_objects(EVENTS, "default", field_selector=f"involvedObject.name={name}")
+    return [e for e in found if reason is None or e["reason"] == reason]
+
+
+def condition(server, name, type):
+    obj = server.get_object(ISVC, "default", name) or {}
+    return next((c for c in obj.get("status", {}).get("conditions", []) if c["type"] == type), None)
+
+
+def test_create_edit_restore_delete(apiserver):
+    server = apiserver.server
+    with running_operator(apiserver):
+        created = server.create_object(isvc("chat", replicas={"min": 2, "max": 5}))
+        uid = created["metadata"]["uid"]
+
+        deployment = wait_for(lambda: server.get_object(DEPLOYMENTS, "default", "chat"), what="the Deployment")
+        service = wait_for(lambda: server.get_object(SERVICES, "default", "chat"), what="the Service")
+        pdb = wait_for(lambda: server.get_object(PDBS, "default", "chat"), what="the PDB")
+        for obj in (deployment, service, pdb):
+            (owner,) = obj["metadata"]["ownerReferences"]
+            assert (owner["kind"], owner["name"], owner["uid"], owner["controller"]) == (
+                "InferenceService", "chat", uid, True)
+        assert deployment["spec"]["replicas"] == 2
+        assert wait_for(lambda: condition(server, "chat", "SpecValid"), what="SpecValid")["status"] == "True"
+        assert wait_for(lambda: events(server, "chat", "Applied"), what="an Applied event")
+
+        # The autoscaler owns the replica count: a scale done elsewhere survives spec edits.
+        server.patch_object(DEPLOYMENTS, "default", "chat", {"spec": {"replicas": 4}})
+        server.patch_object(ISVC, "default", "chat", {"spec": {"engine": {"image": "vllm/vllm-openai:v0.12.0"}}})
+        image = lambda: server.get_object(DEPLOYMENTS, "default", "chat")["spec"]["template"]["spec"][  # noqa: E731
+            "containers"][0]["image"]
+        wait_for(lambda: image() == "vllm/vllm-openai:v0.12.0", what="the new image in the Deployment")
+        assert server.get_object(DEPLOYMENTS, "default", "chat")["spec"]["replicas"] == 4
+
+        # Drift: an edit by hand is put back, a deletion by hand is undone.
+        server.patch_object(DEPLOYMENTS, "default", "chat", {"spec": {"template": {"spec": {"containers": [
+            {"name": "vllm", "image": "someone/else:latest"}]}}}})
+        wait_for(lambda: image() == "vllm/vllm-openai:v0.12.0", what="the hand edit reverted")
+        server.delete_object(DEPLOYMENTS, "default", "chat")
+        wait_for(lambda: server.get_object(DEPLOYMENTS, "default", "chat"), what="the Deployment re-created")
+        server.delete_object(SERVICES, "default", "chat")
+        wait_for(lambda: server.get_object(SERVICES, "default", "chat"), what="the Service re-created")
+        assert wait_for(lambda: events(server, "chat", "DriftCorrected"), what="a DriftCorrected event")
+
+        # Delete: owner references take everything with it; nothing is re-created.
+        server.delete_object(ISVC, "default", "chat")
+        wait_for(lambda: not server.get_object(DEPLOYMENTS, "default", "chat")
+                 and not server.get_object(SERVICES, "default", "chat")
+                 and not server.get_object(PDBS, "default", "chat"), what="owned objects garbage-collected")
+        # Give the operator a moment to (wrongly) react to the deletions, then check again.
+        time.sleep(1.0)
+        assert server.get_object(DEPLOYMENTS, "default", "chat") is None
+
+
+def test_invalid_edit_is_reported_and_changes_nothing(apiserver):
+    server = apiserver.server
+    with running_operator(apiserver):
+        server.create_object(isvc("code", replicas={"min": 1, "max": 3}))
+        before = wait_for(lambda: server.get_object(DEPLOYMENTS, "default", "code"), what="the Deployment")
+        wait_for(lambda: (condition(server, "code", "SpecValid") or {}).get("status") == "True", what="valid")
+
+        # A cron expression no schema can check, and min > max (which CEL would catch on a real
+        # API server; the emulated one does not run CEL, so the operator must).
+        server.patch_object(ISVC, "default", "code", {"spec": {
+            "replicas": {"min": 5, "max": 3},
+            "schedules": [{"name": "peak", "cron": "at eight", "durationMinutes": 60}]}})
+        invalid = wait_for(lambda: (c := condition(server, "code", "SpecValid")) and c["status"] == "False" and c,
+                           what="SpecValid=False")
+        assert invalid["reason"] == "InvalidSpec"
+        assert "spec.replicas: replicas.min (5) must not be greater than replicas.max (3)" in invalid["message"]
+        assert "'at eight' is not a 5-field cron expression" in invalid["message"]
+        assert "keeping the last valid spec" in invalid["message"]
+        (warning,) = wait_for(lambda: events(server, "code", "InvalidSpec"), what="an InvalidSpec event")
+        assert warning["type"] == "Warning" and "replicas.min (5)" in warning["message"]
+
+        after = server.get_object(DEPLOYMENTS, "default", "code")
+        assert after["metadata"]["resourceVersion"] == before["metadata"]["resourceVersion"]
+        assert after["spec"] == before["spec"]
+
+        # Fixing the spec applies it and clears the condition.
+        server.patch_object(ISVC, "default", "code", {"spec": {"replicas": {"min": 1, "max": 6}, "schedules": []}})
+        wait_for(lambda: (condition(server, "code", "SpecValid") or {}).get("status") == "True", what="valid again")
+        wait_for(lambda: '"max":6' in server.get_object(DEPLOYMENTS, "default", "code")["metadata"]["annotations"][
+            ANNOTATION_SPEC], what="the fixed spec applied")
+
+
+def test_an_existing_deployment_that_is_not_ours_is_never_taken_over(apiserver):
+    server = apiserver.server
+    theirs = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web", "namespace": "default"},
+              "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "web"}},
+                       "template": {"metadata": {"labels": {"app": "web"}},
+                                    "spec": {"containers": [{"name": "web", "image": "nginx"}]}}}}
+    server.create_object(theirs)
+    with running_operator(apiserver):
+        server.create_object(isvc("web"))
+        (event,) = wait_for(lambda: events(server, "web", "OwnershipConflict"), what="an OwnershipConflict event")
+        assert "is not owned by this InferenceService" in event["message"]
+    assert server.get_object(DEPLOYMENTS, "default", "web")["spec"]["template"]["spec"]["containers"][0][
+        "image"] == "nginx"

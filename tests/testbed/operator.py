@@ -1,0 +1,47 @@
+"""Running the real Ebbtide operator (kopf, in a thread) against the emulated API."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import yaml
+from kopf.testing import KopfRunner
+
+from ebbtide.api.crd import crd
+
+ROOT = Path(__file__).resolve().parents[2]
+ISVC = "ebbtide.dev/v1alpha1/inferenceservices"
+
+
+def isvc(name: str, namespace: str = "default", **spec) -> dict:
+    return {"apiVersion": "ebbtide.dev/v1alpha1", "kind": "InferenceService",
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {"model": {"name": "tiny-model"}, **spec}}
+
+
+@contextlib.contextmanager
+def running_operator(apiserver, **env: str) -> Iterator[KopfRunner]:
+    """The operator as `ebbtide run` starts it (same handlers module), in a thread."""
+    apiserver.register_crd(crd())
+    settings = {"EBBTIDE_METRICS_PORT": "0", **env}
+    saved = {k: os.environ.get(k) for k in settings}
+    os.environ.update(settings)
+    runner = KopfRunner(["run", "--standalone", "-A", "-m", "ebbtide.handlers"], timeout=60)
+    try:
+        with apiserver.as_default_kubeconfig(), runner:
+            yield runner
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    if runner.exception is not None:
+        raise runner.exception
+
+
+def example(name: str) -> dict:
+    return next(d for d in yaml.safe_load_all((ROOT / "examples" / name).read_text()) if d)
