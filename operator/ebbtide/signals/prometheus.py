@@ -1,0 +1,318 @@
+"""Signals for the whole fleet from Prometheus, in a fixed number of queries per tick.
+
+Every query aggregates `by (namespace, pod)` (and `le` for histograms) over all services at
+once; results are mapped back to services in Python through (namespace, pod). So the number of
+HTTP queries per `observe()` is `len(QUERY_NAMES)` whether the fleet has one service or five
+hundred, and whatever quantiles or windows those services ask for:
+
+- latency quantiles are not computed by PromQL (one `histogram_quantile` per quantile would
+  mean one query per distinct quantile); the per-pod bucket rates are fetched once and each
+  service's quantile is computed here from the sum of its pods' buckets, with the same
+  arithmetic as PromQL (signals/quantiles.py);
+- windows: services may ask for different `metricsWindowSeconds`. Using only the largest one
+  would silently smooth the signals of services that asked for a short window (slower
+  reaction than configured); one query per distinct window would make the query count depend
+  on the fleet's configuration. Instead each windowed query computes every distinct window in
+  the same request, tagged with an `ebbtide_window` label (`label_replace(...) or ...`): one
+  HTTP query per signal, and each service gets exactly its own window. The query text grows
+  with the number of distinct windows, which in practice is one or two.
+
+All queries are evaluated at the same instant (`time=now`), so they describe one moment.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import time
+from collections.abc import Hashable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import requests
+from prometheus_api_client import PrometheusApiClientException, PrometheusConnect
+from urllib3.util.retry import Retry
+
+from ebbtide.policy.observation import PodSignals, Signals
+from ebbtide.signals.quantiles import parse_le, quantile_or_none, sum_buckets
+
+if TYPE_CHECKING:
+    from ebbtide.api.spec import InferenceServiceSpec
+
+log = logging.getLogger(__name__)
+
+SOURCE = "prometheus"
+MIB = 1024 * 1024
+WINDOW_LABEL = "ebbtide_window"
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_-]+")  # needs no escaping inside a PromQL regex string
+
+# The signals fetched each tick, one HTTP query each.
+QUERY_NAMES = (
+    "sampled_at",
+    "waiting",
+    "running",
+    "kv_cache_usage",
+    "awake",
+    "tokens_per_second",
+    "ttft_buckets",
+    "tpot_buckets",
+    "gpu_memory_used",
+    "gpu_memory_free",
+    "gpu_utilization",
+)
+
+
+@dataclass(frozen=True)
+class ServiceQuery:
+    """What to observe for one service: its pods (from the Kubernetes API) and its SLO quantiles."""
+
+    key: Hashable  # returned as the key of observe()'s result, e.g. "namespace/name"
+    namespace: str
+    pods: tuple[str, ...]
+    ttft_quantile: float | None = 0.9  # None: no TTFT target, skip it
+    tpot_quantile: float | None = 0.9
+    window_seconds: int = 60  # for rates and quantiles
+
+    @classmethod
+    def for_spec(cls, key: Hashable, namespace: str, pods: Iterable[str], spec: InferenceServiceSpec) -> ServiceQuery:
+        targets = spec.scaling.targets
+        return cls(
+            key=key,
+            namespace=namespace,
+            pods=tuple(pods),
+            ttft_quantile=targets.ttft.quantile if targets.ttft else None,
+            tpot_quantile=targets.tpot.quantile if targets.tpot else None,
+            window_seconds=spec.scaling.behavior.metrics_window_seconds,
+        )
+
+
+class PrometheusUnavailable(Exception):
+    """Prometheus could not be asked or did not answer properly."""
+
+
+class PrometheusSource:
+    """Observes every service from one Prometheus (see the module docstring for the queries).
+
+    `selector` is added to every vLLM series selector (for example `job="vllm"`); the DCGM
+    series come from another exporter and are not filtered by it. `namespace_label` and
+    `pod_label` name the target labels that identify a pod (the Prometheus Operator and the
+    usual Kubernetes SD relabeling produce `namespace` and `pod`).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        timeout: float = 5.0,
+        selector: str = "",
+        namespace_label: str = "namespace",
+        pod_label: str = "pod",
+        headers: dict[str, str] | None = None,
+    ):
+        self.url = url.rstrip("/")
+        self.timeout = timeout
+        self.selector = selector
+        self.namespace_label = namespace_label
+        self.pod_label = pod_label
+        # No retries inside a tick: a failed tick is reported as missing data, the next tick retries.
+        self._client = PrometheusConnect(
+            url=self.url, headers=headers, retry=Retry(total=0, read=False, raise_on_status=False), timeout=timeout
+        )
+        self.queries_made = 0  # HTTP queries sent since creation
+        self.last_queries = 0  # HTTP queries sent by the last observe()
+        self._failing = False
+
+    queries_per_observe = len(QUERY_NAMES)
+
+    def close(self) -> None:
+        self._client.close()
+
+    # --- the tick ---
+
+    def observe(self, services: Sequence[ServiceQuery], now: float) -> dict[Hashable, Signals]:
+        """Signals of every service at `now` (unix seconds). Never raises: failures become
+        `Signals.missing(...)` for every service."""
+        self.last_queries = 0
+        if not services:
+            return {}
+        # `timeout` bounds the whole tick, not each query: a Prometheus that answers every query
+        # slowly must not hold the control loop for 11 timeouts.
+        deadline = time.monotonic() + self.timeout
+        try:
+            results = {name: self._query(promql, now, deadline) for name, promql in self.queries(services).items()}
+            observed = self._assemble(services, results)
+        except PrometheusUnavailable as error:
+            return self._failed(services, str(error))
+        except Exception as error:  # a bug in parsing must not stop the operator's loop either
+            log.exception("unexpected error querying Prometheus at %s", self.url)
+            return self._failed(services, f"Prometheus query failed at {self.url}: {error!r}")
+        if self._failing:
+            log.info("Prometheus at %s answers again", self.url)
+            self._failing = False
+        return observed
+
+    def queries(self, services: Sequence[ServiceQuery]) -> dict[str, str]:
+        """The PromQL of one tick, by signal name (public so that it can be shown and tested)."""
+        namespaces = sorted({s.namespace for s in services})
+        windows = sorted({s.window_seconds for s in services})
+        # Only the services' namespaces: less work on a Prometheus shared with the rest of the cluster.
+        scope = (
+            f'{self.namespace_label}=~"{"|".join(namespaces)}"'
+            if all(_PLAIN_NAME.fullmatch(ns) for ns in namespaces)
+            else ""
+        )
+        vllm = ", ".join(m for m in (scope, self.selector) if m)
+        awake = ", ".join(m for m in ('sleep_state="awake"', vllm) if m)
+        by = f"by ({self.namespace_label}, {self.pod_label})"
+        by_le = f"by ({self.namespace_label}, {self.pod_label}, le)"
+
+        def per_window(template: str) -> str:
+            return " or ".join(
+                f'label_replace({template.replace("[WINDOW]", f"[{w}s]")}, "{WINDOW_LABEL}", "{w}", "", "")' for w in windows
+            )
+
+        return {
+            # The newest sample's own time, so stale series can be told from fresh ones.
+            "sampled_at": f"max {by} (timestamp(vllm:num_requests_waiting{{{vllm}}}))",
+            # A pod may run several data-parallel engines (label `engine`): queues add up.
+            "waiting": f"sum {by} (vllm:num_requests_waiting{{{vllm}}})",
+            "running": f"sum {by} (vllm:num_requests_running{{{vllm}}})",
+            # The fullest engine is the one about to preempt. Old name (before vLLM 0.9.2) as fallback.
+            "kv_cache_usage": f"max {by} (vllm:kv_cache_usage_perc{{{vllm}}})"
+            f" or max {by} (vllm:gpu_cache_usage_perc{{{vllm}}})",
+            # 1 while any engine of the pod is awake; no series at all on vLLM without sleep mode.
+            "awake": f"max {by} (vllm:engine_sleep_state{{{awake}}})",
+            "tokens_per_second": per_window(
+                f"(sum {by} (rate(vllm:prompt_tokens_total{{{vllm}}}[WINDOW]))"
+                f" + sum {by} (rate(vllm:generation_tokens_total{{{vllm}}}[WINDOW])))"
+            ),
+            "ttft_buckets": per_window(f"sum {by_le} (rate(vllm:time_to_first_token_seconds_bucket{{{vllm}}}[WINDOW]))"),
+            # inter_token_latency_seconds replaced time_per_output_token_seconds (same buckets).
+            "tpot_buckets": per_window(
+                f"(sum {by_le} (rate(vllm:inter_token_latency_seconds_bucket{{{vllm}}}[WINDOW]))"
+                f" or sum {by_le} (rate(vllm:time_per_output_token_seconds_bucket{{{vllm}}}[WINDOW])))"
+            ),
+            # DCGM exporter, where the cluster has it (MiB and percent); one pod may hold several GPUs.
+            "gpu_memory_used": f"sum {by} (DCGM_FI_DEV_FB_USED{{{scope}}})",
+            "gpu_memory_free": f"sum {by} (DCGM_FI_DEV_FB_FREE{{{scope}}})",
+            "gpu_utilization": f"avg {by} (DCGM_FI_DEV_GPU_UTIL{{{scope}}})",
+        }
+
+    # --- HTTP ---
+
+    def _query(self, promql: str, now: float, deadline: float) -> list[dict]:
+        too_slow = PrometheusUnavailable(f"Prometheus unreachable at {self.url}: no answer within {self.timeout:g} s")
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise too_slow
+        self.queries_made += 1
+        self.last_queries += 1
+        try:
+            return self._client.custom_query(promql, params={"time": f"{now:.3f}"}, timeout=remaining)
+        except requests.Timeout:
+            raise too_slow from None
+        except requests.ConnectionError as error:
+            raise PrometheusUnavailable(f"Prometheus unreachable at {self.url}: {_short_reason(error)}") from None
+        except (PrometheusApiClientException, requests.RequestException, ValueError, KeyError) as error:
+            raise PrometheusUnavailable(f"Prometheus query failed at {self.url}: {str(error)[:300]}") from None
+
+    def _failed(self, services: Sequence[ServiceQuery], error: str) -> dict[Hashable, Signals]:
+        if not self._failing:
+            log.warning("%s; every service holds its size until Prometheus answers again", error)
+            self._failing = True
+        else:
+            log.debug("%s (still)", error)
+        return {service.key: Signals.missing(error, source=SOURCE) for service in services}
+
+    # --- mapping results to services ---
+
+    def _assemble(self, services: Sequence[ServiceQuery], results: dict[str, list[dict]]) -> dict[Hashable, Signals]:
+        windowed = ("tokens_per_second", "ttft_buckets", "tpot_buckets")
+        per_pod = {name: self._by_pod(results[name]) for name in QUERY_NAMES if name not in windowed}
+        tokens = self._by_window_pod(results["tokens_per_second"])
+        ttft = self._buckets(results["ttft_buckets"])
+        tpot = self._buckets(results["tpot_buckets"])
+
+        observed: dict[Hashable, Signals] = {}
+        for service in services:
+            pods = []
+            for pod in service.pods:
+                key = (service.namespace, pod)
+                sampled_at = per_pod["sampled_at"].get(key)
+                if sampled_at is None:
+                    continue  # no series for this pod (not started, not scraped, or gone stale)
+                awake = per_pod["awake"].get(key)
+                used = per_pod["gpu_memory_used"].get(key)
+                free = per_pod["gpu_memory_free"].get(key)
+                utilization = per_pod["gpu_utilization"].get(key)
+                pods.append(
+                    PodSignals(
+                        pod=pod,
+                        sampled_at=sampled_at,
+                        waiting=per_pod["waiting"].get(key, 0.0),
+                        running=per_pod["running"].get(key, 0.0),
+                        kv_cache_usage=per_pod["kv_cache_usage"].get(key, 0.0),
+                        asleep=awake is not None and awake == 0,
+                        gpu_memory_used_bytes=None if used is None else used * MIB,
+                        gpu_memory_free_bytes=None if free is None else free * MIB,
+                        gpu_utilization=None if utilization is None else utilization / 100.0,
+                    )
+                )
+            keys = [(service.window_seconds, service.namespace, pod) for pod in service.pods]
+            pod_tokens = [tokens[k] for k in keys if k in tokens]
+            if not pods:
+                error = (
+                    f"no vLLM metrics in Prometheus for pods {', '.join(service.pods)} in namespace {service.namespace}"
+                    if service.pods
+                    else None
+                )
+                observed[service.key] = Signals(source=SOURCE, sampled_at=None, error=error)
+                continue
+            observed[service.key] = Signals(
+                source=SOURCE,
+                sampled_at=max(p.sampled_at for p in pods),
+                pods=tuple(pods),
+                ttft_seconds=quantile_or_none(service.ttft_quantile, sum_buckets(ttft[k] for k in keys if k in ttft)),
+                tpot_seconds=quantile_or_none(service.tpot_quantile, sum_buckets(tpot[k] for k in keys if k in tpot)),
+                tokens_per_second=sum(pod_tokens) if pod_tokens else None,
+            )
+        return observed
+
+    def _pod_key(self, labels: dict[str, str]) -> tuple[str, str] | None:
+        namespace, pod = labels.get(self.namespace_label), labels.get(self.pod_label)
+        return (namespace, pod) if namespace is not None and pod is not None else None
+
+    def _by_pod(self, result: list[dict]) -> dict[tuple[str, str], float]:
+        values = {}
+        for item in result:
+            key = self._pod_key(item["metric"])
+            value = float(item["value"][1])
+            if key is not None and not math.isnan(value):
+                values[key] = value
+        return values
+
+    def _by_window_pod(self, result: list[dict]) -> dict[tuple[int, str, str], float]:
+        values = {}
+        for item in result:
+            key = self._pod_key(item["metric"])
+            value = float(item["value"][1])
+            if key is not None and not math.isnan(value):
+                values[(int(item["metric"][WINDOW_LABEL]), *key)] = value
+        return values
+
+    def _buckets(self, result: list[dict]) -> dict[tuple[int, str, str], dict[float, float]]:
+        histograms: dict[tuple[int, str, str], dict[float, float]] = {}
+        for item in result:
+            key = self._pod_key(item["metric"])
+            le = item["metric"].get("le")
+            if key is None or le is None:
+                continue
+            histogram = histograms.setdefault((int(item["metric"][WINDOW_LABEL]), *key), {})
+            histogram[parse_le(le)] = float(item["value"][1])
+        return histograms
+
+
+def _short_reason(error: Exception) -> str:
+    """'[Errno 111] Connection refused' out of requests' long nested message."""
+    match = re.search(r"\[Errno -?\d+\] [^'\")]+", str(error))
+    return match.group(0).strip() if match else type(error).__name__
