@@ -46,6 +46,12 @@ def _run(args: argparse.Namespace) -> int:
     return run_operator(args)
 
 
+def _simulate(args: argparse.Namespace) -> int:
+    from ebbtide.sim.simulate import run
+
+    return run(args)
+
+
 def _engine_sim(argv: list[str]) -> int:
     from ebbtide.sim.engine_server import main
 
@@ -71,6 +77,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="kopf peering name for high availability; default: standalone")
     run.add_argument("--verbose", action="store_true", help="debug logging")
     run.set_defaults(func=_run)
+
+    simulate = sub.add_parser(
+        "simulate", help="replay a traffic trace through a spec and the usual alternatives; cost and SLO",
+        description="Replay a trace through the same decision core the operator runs, over a simulated "
+        "vLLM fleet, next to static provisioning, HPA, KEDA, AIBrix APA and an oracle.")
+    from ebbtide.sim.simulate import add_arguments
+
+    add_arguments(simulate)
+    simulate.set_defaults(func=_simulate)
 
     crd = sub.add_parser("crd", help="write the InferenceService CRD generated from the API models")
     crd.add_argument("--output-dir", default="crds", help="directory to write into (default: crds)")

@@ -202,3 +202,23 @@ def kind_of(name_or_path: str) -> str:
 def is_rate_file(name_or_path: str) -> bool:
     with open(_path(name_or_path), newline="") as f:
         return next(csv.reader(f), None) == RATE_HEADER
+
+
+def superpose(trace: Trace, copies: int, seed: int) -> Trace:
+    """A request log `copies` times as busy: the log overlaid on itself, each copy shifted
+    circularly by a random offset, so the load keeps its burstiness and its request sizes."""
+    rng = np.random.default_rng(seed)
+    duration = trace.duration_s
+    arrivals = [trace.arrivals]
+    for _ in range(copies - 1):
+        arrivals.append((trace.arrivals + rng.uniform(0, duration)) % duration)
+    all_arrivals = np.concatenate(arrivals)
+    order = np.argsort(all_arrivals, kind="stable")
+    prompt = np.tile(trace.prompt_tokens, copies)[order]
+    output = np.tile(trace.output_tokens, copies)[order]
+    all_arrivals = all_arrivals[order]
+    seconds = int(np.ceil(duration))
+    counts, p_sum, o_sum = _aggregate(all_arrivals, prompt, output, seconds)
+    return Trace(name=f"{trace.name} x{copies}", duration_s=float(seconds), counts=counts, prompt_sum=p_sum,
+                 output_sum=o_sum, arrivals=all_arrivals, prompt_tokens=prompt, output_tokens=output,
+                 start_utc=trace.start_utc)

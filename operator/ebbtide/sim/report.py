@@ -1,0 +1,172 @@
+"""Turn simulated runs into the numbers users compare: cost, latency, SLO attainment.
+
+The JSON schema (`ebbtide simulate --json`) is stable; fields are only ever added:
+
+    {"schema": "ebbtide.simulate/v1", "trace": str, "duration_s": float, "requests": int,
+     "spec": str, "settings": {...},
+     "policies": {NAME: {"gpu_hours": float, "gpu_hours_by_type": {"on-demand": float, "spot": float,
+                         "asleep": float}, "cost_usd": float, "usd_per_million_tokens": float,
+                         "ttft_p50_s": float, "ttft_p90_s": float, "ttft_p99_s": float,
+                         "itl_p90_s": float, "slo_attainment": float, "scale_actions": int,
+                         "peak_replicas": int, "tokens": float}}}
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ebbtide.api.spec import InferenceServiceSpec
+from ebbtide.sim.fleet import PolicyRun
+from ebbtide.sim.serving import weighted_quantile
+from ebbtide.sim.traces import Trace
+
+SCHEMA = "ebbtide.simulate/v1"
+CAPACITY_TYPES = ("on-demand", "spot", "asleep")
+
+
+@dataclass(frozen=True)
+class PolicyResult:
+    name: str
+    gpu_hours: float
+    gpu_hours_by_type: dict[str, float]
+    cost_usd: float
+    usd_per_million_tokens: float
+    ttft_p50_s: float
+    ttft_p90_s: float
+    ttft_p99_s: float
+    itl_p90_s: float
+    slo_attainment: float
+    scale_actions: int
+    peak_replicas: int
+    tokens: float
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "name"}
+
+
+def slo_met(ttft: np.ndarray, itl: np.ndarray, spec: InferenceServiceSpec) -> np.ndarray:
+    """Per request: does it meet every SLO target of the spec?"""
+    ok = np.ones(len(ttft), dtype=bool)
+    targets = spec.scaling.targets
+    if targets.ttft is not None:
+        ok &= ttft <= targets.ttft.target_seconds
+    if targets.tpot is not None:
+        ok &= itl <= targets.tpot.target_seconds
+    return ok
+
+
+def summarize(run: PolicyRun, spec: InferenceServiceSpec) -> PolicyResult:
+    _, ttft, itl, weight = run.records.arrays()
+    hours = {kind: run.gpu_seconds.get(kind, 0.0) / 3600.0 for kind in CAPACITY_TYPES}
+    prices = {"on-demand": spec.pricing.on_demand_per_gpu_hour, "spot": spec.pricing.spot_per_gpu_hour,
+              # A sleeping replica still holds its GPU; the reclaimed share is used by others.
+              "asleep": spec.pricing.on_demand_per_gpu_hour * (1 - spec.sleep.reclaimed_fraction)}
+    cost = sum(hours[k] * prices[k] for k in CAPACITY_TYPES)
+    total = float(weight.sum()) or 1.0
+
+    def q(values: np.ndarray, p: float) -> float:
+        value = weighted_quantile(values, weight, p)
+        return float("nan") if value is None else round(value, 4)
+
+    return PolicyResult(
+        name=run.name,
+        gpu_hours=round(sum(hours.values()), 3),
+        gpu_hours_by_type={k: round(v, 3) for k, v in hours.items()},
+        cost_usd=round(cost, 2),
+        usd_per_million_tokens=round(cost / run.tokens_served * 1e6, 4) if run.tokens_served else float("nan"),
+        ttft_p50_s=q(ttft, 0.5),
+        ttft_p90_s=q(ttft, 0.9),
+        ttft_p99_s=q(ttft, 0.99),
+        itl_p90_s=q(itl, 0.9),
+        slo_attainment=round(float(weight[slo_met(ttft, itl, spec)].sum()) / total, 5),
+        scale_actions=run.scale_actions,
+        peak_replicas=max(run.timeline.replicas, default=0),
+        tokens=round(run.tokens_served),
+    )
+
+
+def to_json(trace: Trace, spec_name: str, settings: dict, results: list[PolicyResult]) -> dict:
+    return {
+        "schema": SCHEMA,
+        "trace": trace.name,
+        "duration_s": trace.duration_s,
+        "requests": trace.requests,
+        "spec": spec_name,
+        "settings": settings,
+        "policies": {r.name: r.to_json() for r in results},
+    }
+
+
+def write_json(path: str | Path, document: dict) -> None:
+    Path(path).write_text(json.dumps(document, indent=2) + "\n")
+
+
+def table(results: list[PolicyResult], title: str):
+    from rich.table import Table
+
+    t = Table(title=title, title_justify="left")
+    for header in ("policy", "GPU-h", "on-demand", "spot", "asleep", "USD", "USD/1M tok", "TTFT p50", "p90",
+                   "p99", "ITL p90", "SLO met", "actions", "peak"):
+        t.add_column(header, justify="left" if header == "policy" else "right")
+    for r in results:
+        t.add_row(r.name, f"{r.gpu_hours:.1f}", f"{r.gpu_hours_by_type['on-demand']:.1f}",
+                  f"{r.gpu_hours_by_type['spot']:.1f}", f"{r.gpu_hours_by_type['asleep']:.1f}",
+                  f"{r.cost_usd:,.0f}", f"{r.usd_per_million_tokens:.3f}", f"{r.ttft_p50_s:.2f}s",
+                  f"{r.ttft_p90_s:.2f}s", f"{r.ttft_p99_s:.2f}s", f"{r.itl_p90_s * 1000:.0f}ms",
+                  f"{100 * r.slo_attainment:.2f}%", str(r.scale_actions), str(r.peak_replicas))
+    return t
+
+
+def markdown_table(results: list[PolicyResult]) -> str:
+    lines = ["| policy | GPU-h | USD | USD/1M tok | TTFT p50 | TTFT p90 | TTFT p99 | ITL p90 | SLO met | actions |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        lines.append(f"| {r.name} | {r.gpu_hours:.1f} | {r.cost_usd:,.0f} | {r.usd_per_million_tokens:.3f} | "
+                     f"{r.ttft_p50_s:.2f} s | {r.ttft_p90_s:.2f} s | {r.ttft_p99_s:.2f} s | "
+                     f"{r.itl_p90_s * 1000:.0f} ms | {100 * r.slo_attainment:.2f} % | {r.scale_actions} |")
+    return "\n".join(lines)
+
+
+def plot(path: str | Path, trace: Trace, runs: list[PolicyRun], spec: InferenceServiceSpec) -> None:
+    """Load, replicas per policy, and TTFT p90 per policy over time."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_load, ax_rep, ax_ttft) = plt.subplots(3, 1, figsize=(12, 9), sharex=True)
+    hours_scale = 60.0
+    first = runs[0].timeline
+    ax_load.plot(np.asarray(first.minute) / hours_scale, first.arrivals_per_s, color="black", lw=0.8)
+    ax_load.set_ylabel("requests/s")
+    ax_load.set_title(f"{trace.name}: load, replicas and TTFT p90 by policy")
+    for run in runs:
+        ax_rep.step(np.asarray(run.timeline.minute) / hours_scale, run.timeline.replicas, where="post",
+                    lw=1.0, label=run.name)
+        arrival, ttft, _, weight = run.records.arrays()
+        if len(arrival):
+            window = max(60.0, trace.duration_s / 400)
+            bins = (arrival // window).astype(int)
+            xs, ys = [], []
+            for b in np.unique(bins):
+                mask = bins == b
+                value = weighted_quantile(ttft[mask], weight[mask], 0.9)
+                if value is not None:
+                    xs.append((b + 0.5) * window / 3600)
+                    ys.append(value)
+            ax_ttft.plot(xs, ys, lw=0.8, label=run.name)
+    if spec.scaling.targets.ttft is not None:
+        ax_ttft.axhline(spec.scaling.targets.ttft.target_seconds, color="red", ls="--", lw=0.8, label="TTFT target")
+    ax_rep.set_ylabel("replicas")
+    ax_rep.legend(loc="upper left", fontsize=8, ncol=3)
+    ax_ttft.set_yscale("log")
+    ax_ttft.set_ylabel("TTFT p90 (s)")
+    ax_ttft.set_xlabel("hours")
+    ax_ttft.legend(loc="upper left", fontsize=8, ncol=3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
