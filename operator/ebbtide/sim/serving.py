@@ -30,8 +30,10 @@ from ebbtide.policy.observation import PodSignals
 from ebbtide.sim.capacity import CapacityModel
 from ebbtide.sim.engine_core import EngineCore, Finished, FirstToken
 
-# Prompt sizes are represented by this many quantile points in the fluid model's latency records.
-PROMPT_POINTS = 16
+# Each step's requests are represented by this many points in the fluid model's latency records:
+# prompt-size quantiles paired (Latin-hypercube style, fixed permutation) with quantiles of the
+# wait behind other prompts' prefill.
+PROMPT_POINTS = 32
 
 
 @dataclass
@@ -104,13 +106,11 @@ class RequestServing:
 
     def _route(self, arrival: float, prompt: int, output: int, now: float) -> None:
         ids = list(self.engines)
-        if len(ids) == 1:
-            rid = ids[0]
-        else:
-            a, b = self._rng.sample(ids, 2)
-            rid = a if self._outstanding[a] <= self._outstanding[b] else b
+        candidates = ids if len(ids) == 1 else self._rng.sample(ids, 2)
+        for rid in candidates:  # compare them as they are now, not as last seen
+            self._collect(rid, self.engines[rid].advance(now))
+        rid = min(candidates, key=self._outstanding.__getitem__)
         engine = self.engines[rid]
-        self._collect(rid, engine.advance(now))
         prompt = max(1, min(prompt, self.capacity.max_model_len - output - 1))
         request_id = str(self._next_id)
         if now > arrival:  # waited at the gateway while no replica could take it
@@ -183,6 +183,8 @@ class FluidServing:
         self.capacity = capacity
         qs = (np.arange(PROMPT_POINTS) + 0.5) / PROMPT_POINTS
         self.prompt_points = np.quantile(prompt_sizes, qs)
+        self._prefill_points = np.array([capacity.prefill_seconds(p) for p in self.prompt_points])
+        self._wait_quantiles = np.random.default_rng(7).permutation(qs)
         self.P, self.O = mean_prompt, mean_output
         self.n_max = capacity.max_concurrency(self.P, self.O)
         # itl(n) = c0 + c1 n: the capacity model's steady state for this mix (see capacity.py).
@@ -201,6 +203,8 @@ class FluidServing:
         self._itl = np.zeros(steps)
         self._cum_in = np.zeros(steps + 1)
         self._cum_admitted = np.zeros(steps + 1)
+        self._rho = np.zeros(steps)  # prefill load per replica (fraction of its time)
+        self._completed = 0.0
 
     def add_replica(self, rid: int, now: float) -> None:
         self.ready += 1
@@ -215,26 +219,43 @@ class FluidServing:
         return self.O * (self._c0 + self._c1 * min(n, self.n_max))
 
     def step(self, t0: float, t1: float, count: float, prompt_sum: float, output_sum: float) -> None:
-        """Move one step: completions at the pool's steady-state throughput, then FCFS
-        admissions into the free batch slots. The request mix is the trace's mean mix (a rate
-        trace draws every request from one size distribution, so the mean does not drift)."""
+        """Move one step: completions, then FCFS admissions into the free batch slots.
+
+        A request admitted at time a completes at a + O x itl: completions are the admissions
+        of one service time ago (a delay line), which is Little's law in steady state and also
+        right in transients: a fresh replica produces nothing for its first service time. The
+        request mix is the trace's mean mix (a rate trace draws every request from one size
+        distribution, so the mean does not drift)."""
         dt = t1 - t0
+        cap = self.capacity
         ready = self.ready
+        n = self._n
         per_replica = self.running / ready if ready else 0.0
         itl = self._c0 + self._c1 * min(per_replica, self.n_max)
-        completed = min(self.running, ready * min(per_replica, self.n_max) / (self.O * itl) * dt) if ready else 0.0
+        # Cumulative admissions one service time ago (step ends are at i x dt, interpolated).
+        k = (t1 - self.O * itl) / dt
+        if k > 0:
+            i = min(int(k), n)
+            before = self._cum_admitted[i]
+            after = self._cum_admitted[min(i + 1, n)]
+            done_by = before + (after - before) * (k - i)
+        else:
+            done_by = 0.0
+        completed = max(0.0, min(self.running, done_by - self._completed))
+        self._completed += completed
         self.running -= completed
         self.tokens_served += completed * (self.P + self.O)
         self.queue += count
         admitted = min(self.queue, max(0.0, ready * self.n_max - self.running))
         self.queue -= admitted
         self.running += admitted
-        n = self._n
         self._t[n] = t0
         self._arrivals[n] = count
         self._cum_in[n + 1] = self._cum_in[n] + count
         self._cum_admitted[n + 1] = self._cum_admitted[n] + admitted
         self._itl[n] = itl
+        if ready:
+            self._rho[n] = admitted / dt / ready * self.P / cap.prefill_tokens_per_s
         self._n = n + 1
 
     def pods(self, now: float) -> tuple[PodSignals, ...]:
@@ -265,13 +286,22 @@ class FluidServing:
         return np.maximum(0.0, admitted_at - (self._t[first:last] + dt / 2))
 
     def _ttft_points(self, steps: slice, waits: np.ndarray) -> np.ndarray:
+        """TTFT = queue wait + wait behind prompts already being prefilled + own prefill + one step.
+
+        The replica prefills prompts one step at a time, so an arrival that finds another
+        prompt's prefill step running waits for it: an M/D/1 queue of prefill work with load
+        rho = arrivals per replica x mean prefill time. Its wait is approximated by the
+        M/D/1 mean with an exponential tail: 0 with probability 1 - rho, else exponential with
+        mean D / (2 (1 - rho)) (Pollaczek-Khinchine). tests/test_fleet.py checks the result
+        against the engine scheduler itself.
+        """
         itl = self._itl[steps]
-        running_share = np.asarray(self.prompt_points)[None, :]
-        budget = self.capacity.max_num_batched_tokens
-        prefill = np.maximum(
-            np.array([self.capacity.prefill_seconds(p) for p in self.prompt_points])[None, :],
-            np.ceil(running_share / max(1.0, budget - self.n_max / 2)) * itl[:, None])
-        return waits[:, None] + prefill + itl[:, None]
+        mean_prefill = self.P / self.capacity.prefill_tokens_per_s
+        rho = np.minimum(0.95, self._rho[steps])[:, None]
+        u = self._wait_quantiles[None, :]
+        tail = np.maximum(0.0, -np.log(np.maximum(1e-12, (1.0 - u) / np.maximum(rho, 1e-9))))
+        prefill_wait = np.where(u > 1.0 - rho, mean_prefill / (2.0 * (1.0 - rho)) * tail, 0.0)
+        return waits[:, None] + prefill_wait + self._prefill_points[None, :] + itl[:, None]
 
     def latency_window(self, now: float, window: float, ttft_q: float | None, itl_q: float | None, dt: float):
         """TTFT and ITL quantiles of what finished its prefill in the window: the requests
