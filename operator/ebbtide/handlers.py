@@ -5,7 +5,9 @@ They hold no policy. Run with `ebbtide run`, or `kopf run -m ebbtide.handlers`.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 
 import kopf
 
@@ -14,7 +16,10 @@ from ebbtide.api.ref import ServiceRef
 from ebbtide.cluster.kube import Kube
 from ebbtide.cluster.render import MANAGED_BY
 from ebbtide.config import OperatorConfig
+from ebbtide.operator_metrics import OperatorMetrics
 from ebbtide.reconcile import Registry, reconcile, restore_owned
+from ebbtide.scaling import ScalingLoop
+from ebbtide.signals.prometheus import PrometheusSource
 
 
 @kopf.on.startup()
@@ -29,15 +34,28 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: lo
     memo.setdefault("config", OperatorConfig.from_env())
     memo.kube = Kube.from_environment()
     memo.registry = Registry()
+    memo.metrics = OperatorMetrics()
+    memo.metrics.serve(memo.config.metrics_port)
+    memo.source = PrometheusSource(memo.config.prometheus_url)
+    memo.stopped = asyncio.Event()
+    loop = ScalingLoop(memo.kube, memo.registry, memo.source, memo.metrics, memo.config.tick_seconds)
+    memo.loop_task = asyncio.create_task(loop.run(memo.stopped), name="ebbtide-scaling-loop")
     logger.info("ebbtide operator started with %s", memo.config)
+
+
+@kopf.on.cleanup()
+async def stop_loop(memo: kopf.Memo, **_) -> None:
+    memo.stopped.set()
+    await memo.loop_task
 
 
 @kopf.on.resume(api.GROUP, api.VERSION, api.PLURAL)
 @kopf.on.create(api.GROUP, api.VERSION, api.PLURAL)
 @kopf.on.update(api.GROUP, api.VERSION, api.PLURAL, field="spec")
-async def apply_spec(spec: kopf.Spec, name: str, namespace: str, uid: str, meta: kopf.Meta,
+async def apply_spec(spec: kopf.Spec, status: kopf.Status, name: str, namespace: str, uid: str, meta: kopf.Meta,
                      memo: kopf.Memo, **_) -> None:
     ref = ServiceRef(name=name, namespace=namespace, uid=uid)
+    memo.registry.recall(ref, dict(status), time.time())
     await reconcile(memo.kube, memo.registry, ref, dict(spec), meta.get("generation"))
 
 

@@ -16,6 +16,7 @@ from ebbtide.api.ref import ServiceRef
 from ebbtide.api.spec import InferenceServiceSpec
 from ebbtide.cluster.kube import Conflict, Kube, controller_of, now_rfc3339
 from ebbtide.cluster.render import ANNOTATION_SPEC, deployment_name, render_workload
+from ebbtide.policy.decision import Memory
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,9 @@ class Registry:
     """
 
     services: dict[tuple[str, str], tuple[ServiceRef, InferenceServiceSpec]] = field(default_factory=dict)
+    # Autoscaler memory found in status when a service is first seen (after a restart); the
+    # scaling loop takes it over from here.
+    memories: dict[tuple[str, str], Memory] = field(default_factory=dict)
 
     def put(self, ref: ServiceRef, spec: InferenceServiceSpec) -> None:
         self.services[(ref.namespace, ref.name)] = (ref, spec)
@@ -37,6 +41,15 @@ class Registry:
 
     def forget(self, namespace: str, name: str) -> None:
         self.services.pop((namespace, name), None)
+        self.memories.pop((namespace, name), None)
+
+    def recall(self, ref: ServiceRef, status: dict | None, now: float) -> None:
+        """Keep the autoscaler memory persisted in status, for a service not seen before."""
+        key = (ref.namespace, ref.name)
+        if key not in self.services and key not in self.memories:
+            stored = (status or {}).get("scaler")
+            if stored is not None:
+                self.memories[key] = Memory.load(stored, now)
 
 
 async def last_applied_spec(kube: Kube, ref: ServiceRef) -> InferenceServiceSpec | None:

@@ -83,6 +83,8 @@ def _type_schema(annotation: Any) -> dict:
     if origin is list:
         return {"type": "array", "items": _type_schema(args[0])}
     if origin is dict:
+        if args[1] is Any:  # free-form: kept as written (the API server would prune it otherwise)
+            return {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
         return {"type": "object", "additionalProperties": _type_schema(args[1])}
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return model_schema(annotation)

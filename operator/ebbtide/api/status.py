@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -81,3 +81,8 @@ class InferenceServiceStatus(ApiModel):
     )
     cost: Cost = Field(default_factory=Cost, description="GPU-hours and dollars.")
     startup: Startup = Field(default_factory=Startup, description="Measured replica startup time.")
+    scaler: dict[str, Any] | None = Field(
+        default=None,
+        description="The autoscaler's recent history (stabilization windows, rate limits), kept here "
+        "so that a restarted operator does not act on empty history. Internal; do not edit.",
+    )

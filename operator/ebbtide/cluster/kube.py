@@ -184,3 +184,8 @@ class Kube:
     async def list_pods(self, label_selector: str) -> list[dict]:
         result = await self._call(self.core.list_pod_for_all_namespaces, label_selector=label_selector)
         return result.get("items", []) if result else []
+
+    async def list_deployments(self, label_selector: str) -> list[dict]:
+        apps = kubernetes.client.AppsV1Api(self.client)
+        result = await self._call(apps.list_deployment_for_all_namespaces, label_selector=label_selector)
+        return result.get("items", []) if result else []

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import math
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -116,6 +117,7 @@ def simulate(trace: Trace, policy: Policy, settings: SimSettings, per_request: b
 
     timeline = Timeline()
     snapshot = Signals.missing("no scrape yet")
+    token_counters: deque[tuple[float, float]] = deque()
     next_scrape = 0.0
     next_tick = 0.0
     scale_actions = 0
@@ -150,7 +152,7 @@ def simulate(trace: Trace, policy: Policy, settings: SimSettings, per_request: b
             gpu_seconds[kind] = gpu_seconds.get(kind, 0.0) + dt * settings.gpus_per_replica
 
         if t0 >= next_scrape:
-            snapshot = _scrape(serving, t0, epoch, settings, dt)
+            snapshot = _scrape(serving, t0, epoch, settings, dt, token_counters)
             next_scrape += settings.scrape_interval_s
         if t0 >= next_tick:
             ready = sum(r.ready for r in replicas)
@@ -210,13 +212,19 @@ def _pick_victim(replicas: list[Replica]) -> Replica:
 
 
 def _scrape(serving: RequestServing | FluidServing, t: float, epoch: float, settings: SimSettings,
-            dt: float) -> Signals:
-    """What Prometheus would hold at trace time `t`: gauges now, quantiles over the window."""
+            dt: float, counters: deque[tuple[float, float]]) -> Signals:
+    """What Prometheus would hold at trace time `t`: gauges now, rates and quantiles over the
+    window (`counters` keeps the token counter at past scrapes, as Prometheus' storage does)."""
     if isinstance(serving, FluidServing):
         ttft, itl = serving.latency_window(t, settings.metrics_window_s, settings.ttft_quantile,
                                            settings.tpot_quantile, dt)
     else:
         ttft, itl = serving.latency_window(t, settings.metrics_window_s, settings.ttft_quantile,
                                            settings.tpot_quantile)
+    counters.append((t, serving.tokens_served))
+    while counters[0][0] < t - settings.metrics_window_s:
+        counters.popleft()
+    first_t, first_tokens = counters[0]
+    tokens_per_second = (serving.tokens_served - first_tokens) / (t - first_t) if t > first_t else None
     return Signals(source="simulator", sampled_at=epoch + t, pods=serving.pods(epoch + t),
-                   ttft_seconds=ttft, tpot_seconds=itl)
+                   ttft_seconds=ttft, tpot_seconds=itl, tokens_per_second=tokens_per_second)

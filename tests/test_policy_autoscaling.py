@@ -1,0 +1,566 @@
+"""The reactive autoscaling core, one rule at a time, in scenarios a person can read.
+
+Every scenario is a few ticks of `decide` with made-up signals. Times are seconds from an
+arbitrary origin; `SETTLED` history is old enough that the restart guard plays no part.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+
+from ebbtide.api.spec import InferenceServiceSpec
+from ebbtide.policy.autoscaling import decide
+from ebbtide.policy.decision import Decision, Memory
+from ebbtide.policy.observation import FleetState, PodSignals, Signals
+
+NOW = 1_000_000.0
+SETTLED = Memory.empty(NOW - 86_400)  # history began a day ago, nothing recorded since
+
+
+def make_spec(min: int = 1, max: int = 12, targets: dict | None = None, behavior: dict | None = None,
+              ) -> InferenceServiceSpec:
+    scaling: dict = {}
+    if targets is not None:
+        scaling["targets"] = targets
+    if behavior is not None:
+        scaling["behavior"] = behavior
+    return InferenceServiceSpec.model_validate(
+        {"model": {"name": "meta-llama/Llama-3.1-8B-Instruct"}, "replicas": {"min": min, "max": max},
+         "scaling": scaling})
+
+
+DEFAULT = make_spec()
+KV_ONLY = make_spec(targets={"waitingPerReplica": None, "kvCacheUsage": 0.75, "ttft": None, "tpot": None})
+
+
+def load(now: float = NOW, pods: int = 3, waiting: float = 0.0, running: float = 0.0, kv: float = 0.0,
+         ttft: float | None = None, tpot: float | None = None, tokens: float | None = None, age: float = 5.0,
+         source: str = "prometheus") -> Signals:
+    """`pods` replicas sharing the totals `waiting` and `running` evenly, each at KV usage `kv`."""
+    sampled = now - age
+    per_pod = tuple(PodSignals(pod=f"chat-{i}", sampled_at=sampled, waiting=waiting / pods,
+                               running=running / pods, kv_cache_usage=kv) for i in range(pods))
+    return Signals(source=source, sampled_at=sampled if pods else None, pods=per_pod, ttft_seconds=ttft,
+                   tpot_seconds=tpot, tokens_per_second=tokens)
+
+
+def fleet(current: int, ready: int | None = None, starting: int = 0) -> FleetState:
+    return FleetState(current=current, ready=current - starting if ready is None else ready, starting=starting)
+
+
+def tick(spec: InferenceServiceSpec, signals: Signals, current: int, memory: Memory = SETTLED,
+         now: float = NOW, ready: int | None = None, starting: int = 0) -> Decision:
+    """One decision at `now`, with signals built at NOW moved to `now` (their age is kept)."""
+    return decide(spec, shifted(signals, now - NOW), fleet(current, ready, starting), memory, now)
+
+
+def shifted(signals: Signals, by: float) -> Signals:
+    if not by or signals.sampled_at is None:
+        return signals
+    pods = tuple(replace(p, sampled_at=p.sampled_at + by) for p in signals.pods)
+    return replace(signals, sampled_at=signals.sampled_at + by, pods=pods)
+
+
+def run(spec: InferenceServiceSpec, signals_at, start: int, seconds: float, memory: Memory = SETTLED,
+        every: float = 15.0, now: float = NOW) -> list[Decision]:
+    """Ticks every `every` s for `seconds`; the fleet becomes what was decided, ready at once."""
+    decisions, current, t = [], start, now
+    while t < now + seconds:
+        d = decide(spec, signals_at(t, current), fleet(current), memory, t)
+        decisions.append(d)
+        current, memory, t = d.desired, d.memory, t + every
+    return decisions
+
+
+def condition(d: Decision, type: str) -> tuple[str, str]:
+    c = d.condition(type)
+    assert c is not None, f"no {type} condition in {d.conditions}"
+    return c.status, c.reason
+
+
+# -- utilization: KV cache and concurrency --------------------------------------------------------
+
+
+def test_kv_cache_above_target_scales_up_to_carry_the_load_at_target():
+    d = tick(KV_ONLY, load(pods=3, kv=0.9), current=3)
+    # 3 x 0.9 = 2.7 replicas' worth of KV cache; at 0.75 per replica that needs 3.6 -> 4
+    assert (d.desired, d.reason, d.changed) == (4, "KVCache", True)
+    assert d.message == "KV-cache usage 0.90 x 3 replicas / target 0.75 = 3.6 replicas: 3 -> 4"
+    assert d.signals["kvCacheUsage"] == pytest.approx(0.9)
+    assert condition(d, "MetricsAvailable") == ("True", "Fresh")
+    assert condition(d, "ScalingLimited") == ("False", "WithinLimits")
+
+
+def test_kv_cache_within_tolerance_changes_nothing():
+    d = tick(KV_ONLY, load(pods=4, kv=0.8), current=4)  # 0.8 / 0.75 = 1.07, inside 1 +- 0.1
+    assert (d.desired, d.reason, d.changed) == (4, "Steady", False)
+    assert "within 10% of 4" in d.message and d.message.endswith("holding 4")
+
+
+def test_exact_multiples_do_not_round_up_by_floating_point_noise():
+    d = tick(KV_ONLY, load(pods=4, kv=0.75 * 1.2), current=3, ready=4)  # 4 x 0.9 / 0.75 = 4.8
+    assert d.desired == 5
+    d = tick(make_spec(targets={"kvCacheUsage": 0.3, "waitingPerReplica": None, "ttft": None, "tpot": None}),
+             load(pods=3, kv=0.6), current=5)  # 3 x 0.6 / 0.3 = 6.000000000000001 -> 6, not 7
+    assert d.desired == 6
+
+
+def test_kv_cache_below_target_scales_down_after_the_window_at_the_rate_limit():
+    busy, idle = load(pods=6, kv=0.7), load(pods=6, kv=0.1)
+    first = tick(KV_ONLY, busy, current=6)
+    assert (first.desired, first.reason) == (6, "Steady")
+    # The load drops: the highest recommendation of the last 300 s (6) holds the fleet.
+    held = tick(KV_ONLY, idle, current=6, memory=first.memory, now=NOW + 290)
+    assert (held.desired, held.reason) == (6, "Stabilizing")
+    assert "highest recommendation over the last 300 s is 6" in held.message
+    # Once the busy tick has left the window, the fleet shrinks, at most 50 % per 60 s.
+    down = tick(KV_ONLY, idle, current=6, memory=held.memory, now=NOW + 301)
+    assert (down.desired, down.reason) == (3, "RateLimited")
+    assert "at most max(50 %, 1) are removed per 60 s from 6" in down.message
+    again = tick(KV_ONLY, idle, current=3, memory=down.memory, now=NOW + 330)
+    assert (again.desired, again.reason) == (3, "RateLimited")  # same period: 6 -> 3 was the allowance
+    later = tick(KV_ONLY, idle, current=3, memory=again.memory, now=NOW + 362)
+    assert later.desired == 2  # 0.6 KV replicas' worth -> 1, but only 1 of 3 may go (50 % of 3 is 1)
+
+
+def test_concurrency_target_is_a_utilization_signal():
+    spec = make_spec(targets={"runningPerReplica": 8, "kvCacheUsage": None, "waitingPerReplica": None,
+                              "ttft": None, "tpot": None})
+    up = tick(spec, load(pods=2, running=40), current=2)
+    assert (up.desired, up.reason) == (5, "Concurrency")
+    assert up.message.startswith("running requests 40 / target 8 per replica = 5.0 replicas")
+    down = tick(spec, load(pods=5, running=8), current=5)
+    assert (down.desired, down.reason) == (3, "RateLimited")  # wants 1, may remove 50 % of 5 = 2
+
+
+def test_largest_demand_wins():
+    spec = make_spec(targets={"runningPerReplica": 10})
+    d = tick(spec, load(pods=2, running=60, kv=0.5), current=2)  # KV says 2 (1.33), concurrency 6
+    assert (d.desired, d.reason) == (6, "Concurrency")
+
+
+# -- throughput and learned capacity ----------------------------------------------------------------
+
+# What a replica of this service was seen to serve at its limit.
+KNOWS_CAPACITY = replace(SETTLED, capacity=10_000.0)
+
+
+def test_without_a_learned_capacity_throughput_says_nothing():
+    d = tick(KV_ONLY, load(pods=4, kv=0.05, tokens=30_000), current=4)
+    assert "Throughput" not in d.message and "capacityTokensPerSecond" not in d.signals
+    assert d.signals["tokensPerSecond"] == 30_000
+
+
+def test_throughput_sizes_the_fleet_where_kv_usage_would_shrink_it_into_a_queue():
+    # KV usage is low far from saturation (a replica's batch stays small until it nearly
+    # saturates), so KV alone would keep 1 replica; the load is 30k tokens/s, and a replica
+    # serves 10k when saturated: at 80 % of that, 3.75 -> 4 replicas.
+    spec = make_spec(behavior={"scaleDown": {"maxDecreasePercent": 100}})
+    d = tick(spec, load(pods=8, kv=0.05, tokens=30_000), current=8, memory=KNOWS_CAPACITY)
+    assert (d.desired, d.reason) == (4, "Throughput")
+    assert d.message.startswith("throughput 30000 tokens/s / (80% of the 10000 tokens/s a replica serves at its "
+                                "limit) = 3.8 replicas")
+    assert d.signals["capacityTokensPerSecond"] == 10_000
+    up = tick(spec, load(pods=2, kv=0.3, tokens=30_000), current=2, memory=KNOWS_CAPACITY)
+    assert (up.desired, up.reason) == (4, "Throughput")  # ahead of any queue
+
+
+# Ready replicas unchanged for more than a metrics window: the token rate can be read.
+STEADY_TWO = replace(SETTLED, last_ready=2)
+
+
+def test_a_queue_on_every_replica_teaches_the_limit():
+    saturated = load(pods=2, waiting=40, running=512, kv=0.6, tokens=24_000)  # 12k tokens/s per replica
+    d = tick(DEFAULT, saturated, current=2, memory=STEADY_TWO)
+    assert d.memory.capacity == 12_000 and d.memory.breached_at == NOW
+    # Later breaches move it a quarter of the way down to what they read, never up.
+    lower = load(pods=2, waiting=40, running=512, kv=0.6, tokens=16_000)
+    d2 = tick(DEFAULT, lower, current=2, memory=d.memory, now=NOW + 15)
+    assert d2.memory.capacity == pytest.approx(12_000 + 0.25 * (8_000 - 12_000))
+    higher = load(pods=2, waiting=40, running=512, kv=0.6, tokens=30_000)
+    assert tick(DEFAULT, higher, current=2, memory=d2.memory, now=NOW + 30).memory.capacity == d2.memory.capacity
+
+
+def test_a_latency_breach_teaches_the_limit_too():
+    # Long prompts: TPOT breaks its SLO with the batch far from full and no queue at all.
+    d = tick(DEFAULT, load(pods=2, running=40, kv=0.3, tpot=0.15, tokens=20_000), current=2, memory=STEADY_TWO)
+    assert d.memory.capacity == 10_000
+    assert (d.desired, d.reason) == (3, "TPOT")
+
+
+def test_carrying_more_for_a_whole_window_without_a_breach_raises_the_limit():
+    knows = replace(STEADY_TWO, capacity=8_000.0)
+    calm = load(pods=2, running=100, kv=0.3, ttft=0.3, tpot=0.03, tokens=20_000)
+    assert tick(DEFAULT, calm, current=2, memory=knows).memory.capacity == 10_000
+    just_breached = replace(knows, breached_at=NOW - 30)  # the token rate's window saw the breach
+    assert tick(DEFAULT, calm, current=2, memory=just_breached).memory.capacity == 8_000
+
+
+def test_a_changed_ready_count_makes_the_token_rate_unreadable_for_a_window():
+    saturated = load(pods=2, waiting=40, running=512, kv=0.6, tokens=30_000)  # 3 served most of the window
+    d = tick(DEFAULT, saturated, current=3, ready=2, starting=1, memory=replace(SETTLED, last_ready=3))
+    assert d.memory.capacity is None and d.memory.ready_fell_at == NOW
+    d = tick(DEFAULT, saturated, current=3, ready=2, starting=1, memory=d.memory, now=NOW + 45)
+    assert d.memory.capacity is None
+    d = tick(DEFAULT, saturated, current=3, ready=2, starting=1, memory=d.memory, now=NOW + 60)
+    assert d.memory.capacity == 15_000
+
+
+def test_a_restarted_operator_reads_no_token_rate_for_a_window():
+    saturated = load(pods=2, waiting=40, running=512, kv=0.6, tokens=24_000)
+    assert tick(DEFAULT, saturated, current=2, memory=Memory.empty(NOW)).memory.capacity is None
+
+
+def test_no_breach_no_learning():
+    d = tick(DEFAULT, load(pods=2, waiting=1, running=100, kv=0.5, tokens=20_000), current=2, memory=STEADY_TWO)
+    assert d.memory.capacity is None and d.memory.breached_at is None
+
+
+def test_one_hot_replica_teaches_nothing():
+    sampled = NOW - 5
+    pods = (PodSignals("hot", sampled, waiting=50, running=256, kv_cache_usage=0.6),
+            PodSignals("idle", sampled, waiting=0, running=3, kv_cache_usage=0.01))
+    d = tick(DEFAULT, Signals("prometheus", sampled, pods, tokens_per_second=9_000), current=2,
+             memory=STEADY_TWO)
+    assert d.reason == "QueueBacklog"  # the queue still argues
+    assert d.memory.capacity is None  # but 4.5k tokens/s per replica is not what a replica can serve
+
+
+# -- queue backlog ---------------------------------------------------------------------------------
+
+
+def test_queue_backlog_sizes_the_fleet_to_the_demand_in_flight():
+    # 3 replicas each running 256 requests, 42 waiting in all, target 2 waiting per replica:
+    # 810 requests at 258 per replica need 4 replicas (not 21 = 42 / 2, as KEDA would ask).
+    d = tick(DEFAULT, load(pods=3, waiting=42, running=768, kv=0.5), current=3)
+    assert (d.desired, d.reason) == (4, "QueueBacklog")
+    assert d.message == ("waiting requests 42 > target 2 x 3 replicas; 810 in flight at 258.0 per replica "
+                         "need 4: 3 -> 4")
+    assert d.signals["waiting"] == 42 and d.signals["running"] == 768
+
+
+def test_queue_with_little_running_scales_like_waiting_over_target():
+    d = tick(DEFAULT, load(pods=1, waiting=10, running=0), current=1)
+    assert (d.desired, d.reason) == (5, "QueueBacklog")  # 10 waiting / 2 per replica
+
+
+def test_queue_target_zero_means_any_queue_is_too_much():
+    spec = make_spec(targets={"waitingPerReplica": 0})
+    d = tick(spec, load(pods=2, waiting=1, running=0), current=2)
+    assert (d.desired, d.reason) == (2, "QueueBacklog")  # 1 request needs at most 1 replica: hold
+    d = tick(spec, load(pods=2, waiting=3, running=0), current=2)
+    assert d.desired == 3
+    d = tick(spec, load(pods=2, waiting=4, running=20), current=2)  # 24 in flight at 10 per replica
+    assert d.desired == 3
+
+
+def test_queue_within_target_does_not_argue_up():
+    d = tick(DEFAULT, load(pods=3, waiting=6, running=300, kv=0.72), current=3)  # 2 per replica
+    assert (d.desired, d.reason) == (3, "Steady")
+
+
+def test_queue_vetoes_a_scale_down_into_a_queue():
+    spec = make_spec(behavior={"scaleDown": {"maxDecreasePercent": 100}})
+    d = tick(spec, load(pods=6, waiting=8, running=60, kv=0.1), current=6)
+    # KV alone would keep 1 replica; 8 waiting at 2 per replica keep 4.
+    assert (d.desired, d.reason) == (4, "QueueBacklog")
+    assert "waiting requests 8 need 4 replicas at target 2 per replica" in d.message
+
+
+def test_a_queue_above_target_never_lets_the_fleet_shrink():
+    # 2 ready + 2 starting: 210 in flight at 102 per replica need 3 (and KV only 1), but a queue
+    # above target holds the fleet.
+    d = tick(DEFAULT, load(pods=2, waiting=10, running=200, kv=0.2), current=4, starting=2)
+    assert (d.desired, d.reason) == (4, "QueueBacklog")
+    assert d.message.endswith("need 3: holding 4")
+
+
+def test_a_queue_within_target_only_vetoes_it_never_adds():
+    d = tick(DEFAULT, load(pods=10, waiting=21, running=100, kv=0.7), current=10)  # 2.1 per replica
+    assert (d.desired, d.reason) == (10, "Steady")
+
+
+# -- starting replicas ---------------------------------------------------------------------------
+
+
+def test_starting_replicas_absorb_load_instead_of_more_being_added():
+    # 3 ready replicas breach TTFT 2x; 3 more are starting: that is the doubling already.
+    d = tick(DEFAULT, load(pods=3, ttft=2.0), current=6, ready=3, starting=3)
+    assert (d.desired, d.reason) == (6, "TTFT")
+    assert d.message.endswith("holding 6")
+    # Without the starting ones, the same breach doubles the fleet.
+    d = tick(DEFAULT, load(pods=3, ttft=2.0), current=3)
+    assert (d.desired, d.reason) == (6, "TTFT")
+
+
+def test_kv_load_is_compared_with_ready_plus_starting():
+    d = tick(KV_ONLY, load(pods=2, kv=1.0), current=3, ready=2, starting=1)  # 2.67 replicas' worth
+    assert (d.desired, d.reason) == (3, "Steady")
+
+
+def test_all_replicas_starting_and_none_reporting_holds():
+    d = tick(DEFAULT, load(pods=0), current=3, ready=0, starting=3)
+    assert (d.desired, d.reason) == (3, "MetricsUnavailable")
+    assert d.message == "no replica reports metrics yet (0 ready, 3 starting): holding 3 replicas"
+    assert condition(d, "MetricsAvailable") == ("False", "NoSamples")
+
+
+def test_replicas_reporting_before_ready_count_with_their_load():
+    d = tick(KV_ONLY, load(pods=2, kv=0.9), current=2, ready=0, starting=2)  # warming, not yet Ready
+    assert d.desired == 3  # 2 x 0.9 / 0.75 = 2.4
+    d = tick(DEFAULT, load(pods=2, kv=0.5, ttft=5.0), current=2, ready=0, starting=2)
+    assert d.desired == 2  # a latency breach with no ready replica: the starting ones are the answer
+
+
+# -- latency SLOs ----------------------------------------------------------------------------------
+
+
+def test_ttft_breach_steps_up_in_proportion_at_most_doubling():
+    d = tick(DEFAULT, load(pods=4, kv=0.5, ttft=1.5), current=4)
+    assert (d.desired, d.reason) == (6, "TTFT")
+    assert d.message == "TTFT p90 1.5 s > target 1 s: 4 ready replicas x 1.5 = 6: 4 -> 6"
+    d = tick(DEFAULT, load(pods=4, kv=0.5, ttft=30.0), current=4)
+    assert (d.desired, d.reason) == (8, "TTFT")
+    assert "x 2 (ratio 30, capped)" in d.message
+
+
+def test_tpot_breach_steps_up_and_within_tolerance_does_not():
+    d = tick(DEFAULT, load(pods=2, kv=0.5, tpot=0.15), current=2)
+    assert (d.desired, d.reason) == (3, "TPOT")
+    d = tick(DEFAULT, load(pods=2, kv=0.7, tpot=0.105, ttft=1.05), current=2)
+    assert (d.desired, d.reason) == (2, "Steady")
+
+
+def test_latency_waits_for_its_window_to_see_replicas_that_just_became_ready():
+    breach = load(pods=4, kv=0.5, ttft=3.0)
+    before = tick(DEFAULT, breach, current=4, ready=2, starting=2)
+    assert before.desired == 4
+    # The two starting replicas become ready; the 60 s TTFT quantile still describes 2.
+    just_ready = tick(DEFAULT, breach, current=4, ready=4, memory=before.memory, now=NOW + 15)
+    assert (just_ready.desired, just_ready.reason) == (4, "TTFT")
+    assert "replicas became ready 0 s ago, inside the 60 s window" in just_ready.message
+    later = tick(DEFAULT, breach, current=4, ready=4, memory=just_ready.memory, now=NOW + 75)
+    assert later.desired == 8
+
+
+def test_a_latency_breach_never_lets_the_fleet_shrink():
+    # 2 ready replicas breach TTFT 2x, 4 are starting: 4 would do, KV says 1, but 6 stay.
+    d = tick(DEFAULT, load(pods=2, kv=0.1, ttft=2.0), current=6, starting=4)
+    assert (d.desired, d.reason) == (6, "TTFT")
+
+
+def test_latency_that_is_not_a_number_is_ignored():
+    d = tick(DEFAULT, load(pods=2, kv=0.7, ttft=float("nan"), tpot=float("inf")), current=2)
+    assert (d.desired, d.reason) == (4, "TPOT")  # +Inf: beyond the last bucket, a breach; NaN: no data
+
+
+# -- bounds --------------------------------------------------------------------------------------------
+
+
+def test_max_replicas_caps_demand_and_says_so():
+    spec = make_spec(max=5)
+    d = tick(spec, load(pods=4, kv=1.0, waiting=400, running=400), current=4)
+    assert (d.desired, d.reason) == (5, "MaxReplicas")
+    assert d.message.endswith("; replicas.max is 5: 4 -> 5")
+    assert condition(d, "ScalingLimited") == ("True", "MaxReplicas")
+    at_max = tick(spec, load(pods=5, kv=1.0, waiting=400, running=400), current=5)
+    assert (at_max.desired, at_max.reason) == (5, "MaxReplicas")
+    assert condition(at_max, "ScalingLimited") == ("True", "MaxReplicas")
+
+
+def test_min_replicas_holds_an_idle_service():
+    d = tick(make_spec(min=2), load(pods=2), current=2)
+    assert (d.desired, d.reason) == (2, "MinReplicas")
+    assert condition(d, "ScalingLimited") == ("True", "MinReplicas")
+
+
+def test_bounds_apply_at_once_when_the_spec_changes():
+    d = tick(make_spec(max=4), load(pods=10, kv=0.75), current=10)  # max lowered from 12 to 4
+    assert (d.desired, d.reason) == (4, "MaxReplicas")  # not rate-limited: the user asked
+    assert d.message.startswith("10 replicas is above replicas.max 4")
+    d = tick(make_spec(min=3), load(pods=1, kv=0.1), current=1)
+    assert (d.desired, d.reason) == (3, "MinReplicas")
+
+
+def test_min_zero_keeps_a_replica_while_requests_are_in_flight():
+    spec = make_spec(min=0, targets={"kvCacheUsage": None, "waitingPerReplica": 2, "ttft": None, "tpot": None})
+    d = tick(spec, load(pods=1, running=1), current=1)
+    assert (d.desired, d.reason) == (1, "Concurrency")
+    assert d.message.startswith("1 running and 0 waiting requests need at least one replica")
+
+
+def test_min_zero_without_load_goes_to_zero_after_the_window_and_stays():
+    spec = make_spec(min=0)
+
+    def last_request_ends_at_60_s(t: float, current: int) -> Signals:
+        busy = t < NOW + 60
+        return load(t, pods=current, running=1 if busy else 0, kv=0.2 if busy else 0)
+
+    decisions = run(spec, last_request_ends_at_60_s, start=1, seconds=900)
+    sizes = [d.desired for d in decisions]
+    assert sizes[0] == 1 and sizes[-1] == 0
+    first_zero = sizes.index(0)
+    assert decisions[first_zero].reason == "KVCache"
+    assert 45 + 300 <= first_zero * 15 < 45 + 315  # a window after the last busy tick (45 s), then at once
+    assert decisions[-1].reason == "ScaledToZero"
+    assert condition(decisions[-1], "MetricsAvailable") == ("False", "NoReplicas")
+
+
+def test_rate_limits_up_use_the_larger_of_percent_and_count_per_period():
+    burst = load(pods=3, waiting=300, running=0)  # needs 150
+    d1 = tick(DEFAULT, burst, current=3)
+    assert (d1.desired, d1.reason) == (7, "RateLimited")  # max(100 % of 3, 4) = +4
+    assert condition(d1, "ScalingLimited") == ("True", "RateLimited")
+    d2 = tick(DEFAULT, load(pods=7, waiting=300), current=7, memory=d1.memory, now=NOW + 10)
+    assert (d2.desired, d2.reason) == (7, "RateLimited")  # still inside the 15 s period that began at 3
+    d3 = tick(DEFAULT, load(pods=7, waiting=300), current=7, memory=d2.memory, now=NOW + 15)
+    assert d3.desired == 12  # +100 % of 7 = 14, capped at max 12
+    assert d3.reason == "MaxReplicas"
+
+
+def test_advisory_mode_does_not_eat_the_rate_limit_twice():
+    # The decision is computed and reported but not carried out: the fleet stays at 3.
+    d, memory = None, SETTLED
+    for i in range(4):
+        d = tick(DEFAULT, load(pods=3, waiting=300), current=3, memory=memory, now=NOW + 5 * i)
+        memory = d.memory
+        assert d.desired == 7
+
+
+def test_scale_up_stabilization_takes_the_lowest_recommendation_of_its_window():
+    spec = make_spec(targets={"waitingPerReplica": None, "ttft": None, "tpot": None},
+                     behavior={"scaleUp": {"stabilizationSeconds": 60}})
+    spike = tick(spec, load(pods=3, kv=1.5), current=3)  # 6 wanted; only this tick in the window
+    assert spike.desired == 6
+    calm = tick(spec, load(pods=3, kv=0.75), current=3, memory=spike.memory, now=NOW + 15)
+    spike2 = tick(spec, load(pods=3, kv=1.5), current=3, memory=calm.memory, now=NOW + 30)
+    assert (spike2.desired, spike2.reason) == (3, "Stabilizing")
+    assert "lowest recommendation over the last 60 s is 3" in spike2.message
+
+
+# -- missing and stale data ----------------------------------------------------------------------------
+
+
+def test_stale_metrics_hold_the_current_size():
+    d = tick(DEFAULT, load(pods=3, kv=0.01, age=95), current=3)
+    assert (d.desired, d.reason, d.changed) == (3, "MetricsUnavailable", False)
+    assert d.message == "metrics stale for 95 s (limit 60 s): holding 3 replicas"
+    assert condition(d, "MetricsAvailable") == ("False", "Stale")
+    assert condition(d, "ScalingLimited") == ("Unknown", "MetricsUnavailable")
+
+
+def test_failed_query_holds_and_says_why():
+    d = tick(DEFAULT, Signals.missing("Prometheus unreachable: connection refused"), current=5)
+    assert (d.desired, d.reason) == (5, "MetricsUnavailable")
+    assert d.message == ("metrics unavailable (Prometheus unreachable: connection refused): holding 5 replicas")
+    assert condition(d, "MetricsAvailable") == ("False", "QueryFailed")
+    assert d.source == "none"
+
+
+def test_bounds_hold_even_without_metrics():
+    d = tick(make_spec(min=2), Signals.missing("no data"), current=0, ready=0)
+    assert (d.desired, d.reason) == (2, "MinReplicas")
+    assert d.message == "metrics unavailable (no data); 0 replicas is below replicas.min 2: 0 -> 2"
+    d = tick(make_spec(max=3), Signals.missing("no data"), current=5)
+    assert d.desired == 3
+
+
+def test_after_an_outage_the_window_refills_before_a_scale_down():
+    blind = tick(KV_ONLY, Signals.missing("down"), current=6, now=NOW)
+    back = tick(KV_ONLY, load(pods=6, kv=0.1), current=6, memory=blind.memory, now=NOW + 60)
+    assert (back.desired, back.reason) == (6, "Stabilizing")
+    done = tick(KV_ONLY, load(pods=6, kv=0.1), current=6, memory=back.memory, now=NOW + 301)
+    assert done.desired < 6
+
+
+def test_a_pod_with_a_stale_sample_counts_as_unseen_and_loaded():
+    sampled = NOW - 5
+    pods = (PodSignals("a", sampled, kv_cache_usage=0.1), PodSignals("b", sampled, kv_cache_usage=0.1),
+            PodSignals("c", NOW - 500, kv_cache_usage=0.0))
+    spec = make_spec(targets={"waitingPerReplica": None, "ttft": None, "tpot": None},
+                     behavior={"scaleDown": {"maxDecreasePercent": 100}})
+    d = tick(spec, Signals("prometheus", sampled, pods), current=3)
+    assert d.signals["podsReporting"] == 2
+    assert d.desired == 2  # 0.27 replicas' worth seen, + 1 unseen ready replica at target
+    assert "+1 ready replicas without a fresh sample, counted at target" in d.message
+
+
+def test_sleeping_replicas_do_not_dilute_kv_usage():
+    sampled = NOW - 5
+    pods = (PodSignals("a", sampled, kv_cache_usage=0.9), PodSignals("b", sampled, kv_cache_usage=0.9),
+            PodSignals("c", sampled, kv_cache_usage=0.0, asleep=True))
+    d = decide(KV_ONLY, Signals("prometheus", sampled, pods), FleetState(current=2, ready=2, asleep=1),
+               SETTLED, NOW)
+    assert d.signals["kvCacheUsage"] == pytest.approx(0.9)
+    assert d.desired == 3
+
+
+# -- restarts and memory -----------------------------------------------------------------------------
+
+
+def test_a_restart_never_scales_down_until_the_window_has_passed():
+    idle = load(pods=6, kv=0.05)
+    fresh = Memory.empty(NOW)
+    d = tick(KV_ONLY, idle, current=6, memory=fresh)
+    assert (d.desired, d.reason) == (6, "Stabilizing")
+    assert "history begins 0 s ago" in d.message
+    decisions = run(KV_ONLY, lambda t, current: load(t, pods=current, kv=0.05 * 6 / current), start=6,
+                    seconds=400, memory=fresh)
+    first_down = next(i for i, x in enumerate(decisions) if x.desired < 6)
+    assert first_down * 15 >= 300
+
+
+def test_a_restart_scales_up_at_once():
+    d = tick(KV_ONLY, load(pods=3, kv=1.0), current=3, memory=Memory.empty(NOW))
+    assert d.desired == 4
+
+
+def test_a_clock_that_went_back_counts_as_lost_history():
+    future = Memory(since=NOW + 3600, capacity=7_000.0)
+    d = tick(KV_ONLY, load(pods=6, kv=0.05), current=6, memory=future)
+    assert (d.desired, d.reason) == (6, "Stabilizing")
+    assert d.memory.since == NOW
+    assert d.memory.capacity == 7_000  # what a replica serves does not depend on the clock
+
+
+def test_memory_round_trips_through_json():
+    decisions = run(DEFAULT, lambda t, current: load(t, pods=current, kv=0.3 + (t % 120) / 200, ttft=0.5),
+                    start=3, seconds=900)
+    memory = replace(decisions[-1].memory, capacity=12_345.678, breached_at=NOW + 800, ready_fell_at=NOW + 850)
+    assert memory.size > 0
+    text = json.dumps(memory.to_json())
+    assert Memory.from_json(json.loads(text)) == memory
+
+
+def test_unreadable_memory_loads_as_a_fresh_history():
+    assert Memory.load(None, NOW) == Memory.empty(NOW)
+    assert Memory.load({"version": 99}, NOW) == Memory.empty(NOW)
+    assert Memory.load({"version": 1, "since": "yesterday"}, NOW) == Memory.empty(NOW)
+    assert Memory.load({"version": 1, "since": 5, "downRecommendations": [[1, 2, 3]]}, NOW) == Memory.empty(NOW)
+    assert Memory.load({"version": 1, "since": 5, "capacityTokensPerSecond": -1}, NOW) == Memory.empty(NOW)
+    with pytest.raises(ValueError, match="malformed"):
+        Memory.from_json({"version": 1})
+
+
+def test_memory_keeps_only_what_its_windows_need():
+    # A week of ticks every second with noisy load: the history stays a handful of entries.
+    spec = make_spec(behavior={"intervalSeconds": 1})
+    memory, current = SETTLED, 4
+    for i in range(5000):
+        t = NOW + i
+        d = decide(spec, load(t, pods=current, kv=0.4 + 0.3 * ((i * 7919) % 13) / 13), fleet(current), memory, t)
+        memory, current = d.memory, d.desired
+    assert memory.size <= 2 * (12 + 1)
+    assert all(t > NOW + 5000 - 301 for t, _ in memory.down_recommendations)
+
+
+def test_decision_carries_source_and_signal_values():
+    d = tick(DEFAULT, load(pods=2, waiting=1, running=10, kv=0.7, ttft=0.4, tpot=0.03, tokens=900,
+                           source="scrape"), current=2)
+    assert d.source == "scrape"
+    assert d.signals == {"waiting": 1, "running": 10, "podsReporting": 2, "ready": 2, "starting": 0,
+                         "sampleAgeSeconds": 5.0, "recommended": 2, "kvCacheUsage": pytest.approx(0.7),
+                         "ttftSeconds": 0.4, "tpotSeconds": 0.03, "tokensPerSecond": 900}
