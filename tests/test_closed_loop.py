@@ -1,0 +1,181 @@
+"""The whole loop, for real: engine simulators serve load, Prometheus scrapes them, the kopf
+operator reads Prometheus, decides, scales the Deployment, and the pod runner starts engines.
+
+Timings are scaled down (ticks of 2 s, a 10 s window, a 20 s scale-down window, 1 s cold
+start) so that a story that takes minutes in a cluster takes seconds here.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.testbed.loadgen import LoadGenerator
+from tests.testbed.operator import ISVC, isvc, running_operator
+from tests.testbed.waiting import wait_for
+
+pytestmark = [pytest.mark.prometheus, pytest.mark.slow]
+
+DEPLOYMENTS = "apps/v1/deployments"
+TICK = 2
+DOWN_WINDOW = 20
+TTFT_TARGET = 0.5
+
+SCALING = {
+    "targets": {"waitingPerReplica": 2, "ttft": {"quantile": 0.9, "targetSeconds": TTFT_TARGET}, "tpot": None},
+    "behavior": {"intervalSeconds": TICK, "metricsWindowSeconds": 10, "staleAfterSeconds": 10,
+                 "scaleDown": {"stabilizationSeconds": DOWN_WINDOW, "periodSeconds": 5}},
+}
+
+
+def replicas(server, name="chat"):
+    deployment = server.get_object(DEPLOYMENTS, "default", name)
+    return deployment["spec"]["replicas"] if deployment else None
+
+
+def status(server, name="chat"):
+    return (server.get_object(ISVC, "default", name) or {}).get("status", {})
+
+
+def condition(server, type, name="chat"):
+    return next((c for c in status(server, name).get("conditions", []) if c["type"] == type), None)
+
+
+def events(server, name="chat"):
+    found = server.list_objects("v1/events", "default", field_selector=f"involvedObject.name={name}")
+    return sorted(found, key=lambda e: e["metadata"]["resourceVersion"])
+
+
+@pytest.fixture()
+def cluster(apiserver, prometheus_server, pod_runner_factory, load_balancer_factory):
+    """The emulated cluster with Prometheus scraping every engine the pod runner starts."""
+    runner = pod_runner_factory(publish_targets=prometheus_server.set_targets, nodes=[])
+
+    class Cluster:
+        server = apiserver.server
+        prometheus = prometheus_server
+        pods = runner
+
+        @staticmethod
+        def operator():
+            return running_operator(apiserver, EBBTIDE_PROMETHEUS_URL=prometheus_server.url,
+                                    EBBTIDE_TICK_SECONDS="0.5")
+
+        @staticmethod
+        def balancer(name="chat"):
+            return load_balancer_factory(name)
+
+    return Cluster
+
+
+def waiting_in_prometheus(prometheus, namespace="default") -> float:
+    result = prometheus.query(f'sum(vllm:num_requests_waiting{{namespace="{namespace}"}})')
+    return float(result[0]["value"][1]) if result else 0.0
+
+
+def load(url: str, rate: float, duration: float) -> LoadGenerator:
+    return LoadGenerator(url, rate=rate, duration=duration, prompt_tokens=100, max_tokens=32, seed=1).start()
+
+
+def test_scales_up_on_backlog_recovers_ttft_and_scales_down_after_the_window(cluster):
+    server = cluster.server
+    with cluster.operator():
+        server.create_object(isvc("chat", replicas={"min": 1, "max": 4}, scaling=SCALING))
+        wait_for(lambda: cluster.pods.pods("default") and all(p.ready for p in cluster.pods.pods("default")),
+                 timeout=30, what="the first replica ready")
+        balancer = cluster.balancer()
+        balancer.wait_for_endpoints(1)
+        cluster.prometheus.wait_for_targets_up(1)
+
+        # A load step well above one tiny replica's capacity.
+        generator = load(balancer.url, rate=40, duration=45)
+        backlog_seen = wait_for(lambda: waiting_in_prometheus(cluster.prometheus) > 0 and time.monotonic(),
+                                timeout=30, interval=0.2, what="backlog in Prometheus")
+        scaled = wait_for(lambda: (replicas(server) or 0) > 1 and time.monotonic(), timeout=30, interval=0.2,
+                          what="a scale-up")
+        assert scaled - backlog_seen <= 2 * TICK + 1.5, "scale-up within two ticks of the backlog showing"
+
+        # TTFT recovers: once the new replicas serve, requests get their first token in time.
+        wait_for(lambda: status(server).get("replicas", {}).get("ready", 0) >= 2, timeout=30, what="2 ready")
+        time.sleep(12)  # one metrics window on the larger fleet
+        recent = generator.summary(since=generator.elapsed() - 10, until=generator.elapsed() - 2)
+        assert recent["ok"] > 50 and recent["ttft_p90"] < TTFT_TARGET, recent
+        peak = replicas(server)
+        summary = generator.wait()
+        assert summary["errors"] == 0 or summary["errors"] < 0.01 * summary["sent"], summary
+
+        # Load gone: the size holds for the scale-down window, then shrinks.
+        dropped = time.monotonic()
+        shrunk = wait_for(lambda: replicas(server) < peak and time.monotonic(), timeout=90, interval=0.5,
+                          what="a scale-down")
+        assert shrunk - dropped >= DOWN_WINDOW - TICK, "no scale-down before the stabilization window"
+
+        # The story, as `kubectl describe` shows it.
+        wait_for(lambda: any(e["reason"] == "ScaledDown" for e in events(server)), what="the ScaledDown event")
+        story = [(e["reason"], e["message"]) for e in events(server)]
+        ups = [m for r, m in story if r == "ScaledUp"]
+        downs = [m for r, m in story if r == "ScaledDown"]
+        assert ups and downs, story
+        assert any("waiting" in m or "TTFT" in m or "in flight" in m for m in ups), ups
+        assert all("->" in m and "[prometheus]" in m for m in ups + downs), story
+        decisions = wait_for(lambda: (d := status(server).get("decisions", [])) and d[-1]["toReplicas"] < d[-1][
+            "fromReplicas"] and d, what="the scale-down in status")
+        assert decisions[0]["toReplicas"] > decisions[0]["fromReplicas"]
+        assert decisions[0]["source"] == "prometheus" and decisions[0]["signals"]
+        assert condition(server, "MetricsAvailable")["status"] == "True"
+
+
+def test_prometheus_outage_holds_the_size_and_says_why(cluster):
+    server = cluster.server
+    with cluster.operator():
+        server.create_object(isvc("chat", replicas={"min": 1, "max": 4}, scaling=SCALING))
+        wait_for(lambda: cluster.pods.pods("default") and all(p.ready for p in cluster.pods.pods("default")),
+                 timeout=30, what="the first replica ready")
+        balancer = cluster.balancer()
+        balancer.wait_for_endpoints(1)
+        cluster.prometheus.wait_for_targets_up(1)
+        generator = load(balancer.url, rate=40, duration=20)
+        wait_for(lambda: (replicas(server) or 0) > 1, timeout=40, what="a scale-up")
+        generator.stop()
+
+        # Prometheus goes away while the fleet is large and idle: nothing may shrink.
+        cluster.prometheus.stop()
+        held = replicas(server)
+        unavailable = wait_for(lambda: (c := condition(server, "MetricsAvailable")) and c["status"] == "False" and c,
+                               timeout=20, what="MetricsAvailable=False")
+        assert "Prometheus" in unavailable["message"], unavailable
+        deadline = time.monotonic() + DOWN_WINDOW + 3 * TICK
+        while time.monotonic() < deadline:
+            assert replicas(server) == held, "the size must hold while metrics are unavailable"
+            time.sleep(0.5)
+        assert status(server)["lastDecision"]["reason"] == "MetricsUnavailable"
+
+        # Prometheus is back: scaling resumes (the idle fleet shrinks after a fresh window).
+        cluster.prometheus.start()
+        wait_for(lambda: (condition(server, "MetricsAvailable") or {}).get("status") == "True", timeout=40,
+                 what="MetricsAvailable=True again")
+        wait_for(lambda: replicas(server) < held, timeout=90, what="scaling resumed")
+
+
+def test_advisory_mode_reports_and_never_patches(cluster):
+    server = cluster.server
+    with cluster.operator():
+        server.create_object(isvc("chat", mode="Advisory", replicas={"min": 1, "max": 4}, scaling=SCALING))
+        wait_for(lambda: cluster.pods.pods("default") and all(p.ready for p in cluster.pods.pods("default")),
+                 timeout=30, what="the first replica ready")
+        balancer = cluster.balancer()
+        balancer.wait_for_endpoints(1)
+        cluster.prometheus.wait_for_targets_up(1)
+        generation = server.get_object(DEPLOYMENTS, "default", "chat")["metadata"]["generation"]
+        generator = load(balancer.url, rate=40, duration=15)
+        advice = wait_for(lambda: [e for e in events(server) if e["reason"] == "AdvisoryScaleUp"], timeout=30,
+                          what="an advisory scale-up event")
+        assert advice[0]["message"].startswith("advisory, not applied: ")
+        generator.wait()
+        last = status(server)["lastDecision"]
+        assert status(server)["decisions"][0]["applied"] is False
+        assert last["source"] == "prometheus"
+        deployment = server.get_object(DEPLOYMENTS, "default", "chat")
+        assert deployment["spec"]["replicas"] == 1
+        assert deployment["metadata"]["generation"] == generation, "Advisory never patches the Deployment"
