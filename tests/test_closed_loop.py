@@ -7,9 +7,12 @@ start) so that a story that takes minutes in a cluster takes seconds here.
 
 from __future__ import annotations
 
+import socket
 import time
+import urllib.request
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.testbed.loadgen import LoadGenerator
 from tests.testbed.operator import ISVC, isvc, running_operator
@@ -27,6 +30,12 @@ SCALING = {
     "behavior": {"intervalSeconds": TICK, "metricsWindowSeconds": 10, "staleAfterSeconds": 10,
                  "scaleDown": {"stabilizationSeconds": DOWN_WINDOW, "periodSeconds": 5}},
 }
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def replicas(server, name="chat"):
@@ -57,10 +66,12 @@ def cluster(apiserver, prometheus_server, pod_runner_factory, load_balancer_fact
         prometheus = prometheus_server
         pods = runner
 
+        metrics_port = free_port()
+
         @staticmethod
         def operator():
             return running_operator(apiserver, EBBTIDE_PROMETHEUS_URL=prometheus_server.url,
-                                    EBBTIDE_TICK_SECONDS="0.5")
+                                    EBBTIDE_TICK_SECONDS="0.5", EBBTIDE_METRICS_PORT=str(Cluster.metrics_port))
 
         @staticmethod
         def balancer(name="chat"):
@@ -124,6 +135,16 @@ def test_scales_up_on_backlog_recovers_ttft_and_scales_down_after_the_window(clu
         assert decisions[0]["toReplicas"] > decisions[0]["fromReplicas"]
         assert decisions[0]["source"] == "prometheus" and decisions[0]["signals"]
         assert condition(server, "MetricsAvailable")["status"] == "True"
+
+        # The operator's own metrics tell the same story.
+        exposition = urllib.request.urlopen(f"http://127.0.0.1:{cluster.metrics_port}/metrics", timeout=5).read()
+        families = {f.name: f for f in text_string_to_metric_families(exposition.decode())}
+        desired = [s for s in families["ebbtide_desired_replicas"].samples if s.labels["service"] == "chat"]
+        assert desired and desired[0].value == replicas(server)
+        ups = [s for s in families["ebbtide_scaling_decisions"].samples
+               if s.name.endswith("_total") and s.labels["applied"] == "true"]
+        assert sum(s.value for s in ups) >= 2, "at least one scale-up and one scale-down counted"
+        assert any(s.labels["signal"] for s in families["ebbtide_signal_value"].samples)
 
 
 def test_prometheus_outage_holds_the_size_and_says_why(cluster):
