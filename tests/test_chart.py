@@ -1,0 +1,362 @@
+"""The Helm chart, offline: helm lint and template, Kubernetes schemas, the CRD, RBAC against the code.
+
+Needs the real helm binary in tools/bin/ (`tools/install-helm.sh`, or `make tools`); without it
+these tests skip. The rendered built-in objects are validated with kubernetes-validate (strict,
+Kubernetes 1.30), and the ClusterRole is compared with the API calls the operator's code makes.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+import runpy
+import subprocess
+from pathlib import Path
+
+import kubernetes
+import kubernetes_validate
+import pytest
+import yaml
+
+from ebbtide import api
+
+ROOT = Path(__file__).resolve().parents[1]
+CHART = ROOT / "charts" / "ebbtide"
+HELM = ROOT / "tools" / "bin" / "helm"
+CRD_FILE = ROOT / "crds" / "inferenceservices.ebbtide.dev.yaml"
+PACKAGE = ROOT / "operator" / "ebbtide"
+K8S_VERSION = "1.30.0"
+RELEASE, NAMESPACE = "rel", "ebbtide-system"
+
+pytestmark = pytest.mark.skipif(
+    not HELM.is_file(), reason="tools/bin/helm is missing: run tools/install-helm.sh (or `make tools`)")
+
+ALL_ON = [
+    "--set", "highAvailability.enabled=true",
+    "--set", "highAvailability.replicas=3",
+    "--set", "serviceMonitor.force=true",
+    "--set", "podMonitor.force=true",
+    "--set", "operator.verbose=true",
+    "--set", "prometheus.url=http://prometheus.monitoring.svc:9090",
+    "--set", "podAnnotations.team=ml",
+    "--set", "grafanaDashboard.labels.release=kube-prometheus-stack",
+]
+CONFIGS = {"default": [], "all-on": ALL_ON}
+
+
+def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run([str(HELM), *args], capture_output=True, text=True, timeout=120)
+    if check and result.returncode != 0:
+        pytest.fail(f"helm {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def render(*args: str) -> list[dict]:
+    out = helm("template", RELEASE, str(CHART), "--namespace", NAMESPACE, "--include-crds", *args).stdout
+    return [doc for doc in yaml.safe_load_all(out) if doc]
+
+
+def by_kind(docs: list[dict], kind: str) -> list[dict]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def one(docs: list[dict], kind: str) -> dict:
+    found = by_kind(docs, kind)
+    assert len(found) == 1, f"expected one {kind}, got {len(found)}"
+    return found[0]
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def rendered(request) -> list[dict]:
+    return render(*CONFIGS[request.param])
+
+
+# --- helm itself -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_helm_lint_strict(config):
+    helm("lint", "--strict", str(CHART), *CONFIGS[config])
+
+
+@pytest.mark.parametrize("bad", [
+    "replicaCount=-1",
+    "highAvailability.replicas=1",
+    "prometheus.url=prometheus:9090",
+    "operator.metricsPort=70000",
+    "image.pullPolicy=Sometimes",
+    "no.such.value=1",
+])
+def test_values_schema_rejects_bad_values(bad):
+    result = helm("template", RELEASE, str(CHART), "--set", bad, check=False)
+    assert result.returncode != 0, f"--set {bad} was accepted"
+    assert "schema" in result.stderr.lower(), result.stderr
+
+
+# --- what the cluster would receive ------------------------------------------------------------
+
+BUILT_IN_GROUPS = {"", "apps", "policy", "rbac.authorization.k8s.io", "apiextensions.k8s.io"}
+
+
+def _group(doc: dict) -> str:
+    return doc["apiVersion"].rpartition("/")[0]
+
+
+def test_built_in_objects_pass_kubernetes_validate_strict(rendered):
+    built_in = [d for d in rendered if _group(d) in BUILT_IN_GROUPS]
+    assert {"Deployment", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Service", "ConfigMap",
+            "CustomResourceDefinition"} <= {d["kind"] for d in built_in}
+    for doc in built_in:
+        try:
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as e:
+            pytest.fail(f"{doc['kind']} {doc['metadata']['name']}: {e.message} at {list(e.path)}")
+    others = {d["kind"] for d in rendered if _group(d) not in BUILT_IN_GROUPS}
+    assert others <= {"ServiceMonitor", "PodMonitor", "ClusterKopfPeering"}
+
+
+def test_rendered_crd_is_the_repositorys_crd():
+    assert (CHART / "crds" / CRD_FILE.name).read_bytes() == CRD_FILE.read_bytes(), (
+        "charts/ebbtide/crds/ must hold crds/ unchanged (it is a symlink to it)")
+    crds = {d["metadata"]["name"]: d for d in by_kind(render(), "CustomResourceDefinition")}
+    assert crds[f"{api.PLURAL}.{api.GROUP}"] == yaml.safe_load(CRD_FILE.read_text())
+    assert set(crds) == {f"{api.PLURAL}.{api.GROUP}", "clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev"}
+
+
+def _container(docs: list[dict]) -> dict:
+    (container,) = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def test_operator_deployment_default():
+    docs = render()
+    deployment = one(docs, "Deployment")
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"]["type"] == "Recreate"
+    container = _container(docs)
+    assert container["command"] == ["ebbtide", "run"]
+    assert container["args"] == ["--prometheus-url", "http://prometheus-server.monitoring.svc:80",
+                                 "--metrics-port", "9090", "--health-port", "8080"]
+    # The arguments must be ones `ebbtide run` accepts.
+    from ebbtide.cli import build_parser
+    parsed = build_parser().parse_args(container["command"][1:] + container["args"])
+    assert (parsed.metrics_port, parsed.health_port, parsed.peering) == (9090, 8080, None)
+    assert {"name": "EBBTIDE_TICK_SECONDS", "value": "5"} in container["env"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"metrics": 9090, "health": 8080}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert not by_kind(docs, "ClusterKopfPeering")
+    assert not by_kind(docs, "ServiceMonitor") and not by_kind(docs, "PodMonitor")
+
+
+def test_operator_runs_locked_down(rendered):
+    pod = one(rendered, "Deployment")["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    security = _container(rendered)["securityContext"]
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["capabilities"] == {"drop": ["ALL"]}
+    assert security["seccompProfile"] == {"type": "RuntimeDefault"}
+    resources = _container(rendered)["resources"]
+    assert set(resources["requests"]) == set(resources["limits"]) == {"cpu", "memory"}
+    assert pod["serviceAccountName"] == one(rendered, "ServiceAccount")["metadata"]["name"]
+    binding = one(rendered, "ClusterRoleBinding")
+    assert binding["roleRef"]["name"] == one(rendered, "ClusterRole")["metadata"]["name"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": pod["serviceAccountName"],
+                                    "namespace": NAMESPACE}]
+
+
+def test_high_availability_peers_through_kopf():
+    docs = render(*ALL_ON)
+    deployment = one(docs, "Deployment")
+    assert deployment["spec"]["replicas"] == 3
+    assert "strategy" not in deployment["spec"]
+    args = _container(docs)["args"]
+    peering = one(docs, "ClusterKopfPeering")
+    assert args[args.index("--peering") + 1] == peering["metadata"]["name"]
+    assert "--verbose" in args
+    assert ["kopf.dev"] in [r["apiGroups"] for r in one(docs, "ClusterRole")["rules"]]
+
+
+def test_metrics_service_selects_the_operator(rendered):
+    service = next(s for s in by_kind(rendered, "Service") if s["metadata"]["name"].endswith("-metrics"))
+    labels = one(rendered, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= labels.items()
+    assert service["spec"]["ports"][0]["targetPort"] == "metrics"
+
+
+def test_monitors_follow_the_cluster_capabilities():
+    assert not by_kind(render(), "PodMonitor")
+    docs = render("--api-versions", "monitoring.coreos.com/v1")
+    service_monitor, pod_monitor = one(docs, "ServiceMonitor"), one(docs, "PodMonitor")
+    assert service_monitor["spec"]["endpoints"][0]["port"] == "metrics"
+    from ebbtide.cluster.render import MANAGED_BY
+    assert pod_monitor["spec"]["selector"] == {"matchLabels": MANAGED_BY}
+    assert pod_monitor["spec"]["podMetricsEndpoints"][0]["port"] == "http"
+    assert pod_monitor["spec"]["podMetricsEndpoints"][0]["path"] == "/metrics"
+    assert pod_monitor["spec"]["namespaceSelector"] == {"any": True}
+    docs = render("--api-versions", "monitoring.coreos.com/v1", "--set", "podMonitor.enabled=false")
+    assert not by_kind(docs, "PodMonitor") and by_kind(docs, "ServiceMonitor")
+
+
+def test_grafana_dashboard_shows_the_operators_metrics():
+    from ebbtide.operator_metrics import OperatorMetrics
+
+    config_map = next(c for c in by_kind(render(), "ConfigMap") if c["metadata"]["name"].endswith("-dashboard"))
+    assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
+    (text,) = config_map["data"].values()
+    dashboard = json.loads(text)
+    exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p["targets"])
+    for name in ("ebbtide_desired_replicas", "ebbtide_ready_replicas", "ebbtide_asleep_replicas",
+                 "ebbtide_signal_value", "ebbtide_scaling_decisions_total", "ebbtide_cost_usd_per_hour",
+                 "ebbtide_cost_usd_per_million_tokens", "ebbtide_gpu_hours"):
+        assert re.search(rf"\b{name}\b", exprs), f"no panel shows {name}"
+    # ... and no panel shows a series the operator does not export (a renamed metric).
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count")}
+    exported = {m.name + suffix for m in OperatorMetrics().registry.collect()
+                for suffix in suffixes.get(m.type, ("",))}
+    assert set(re.findall(r"\bebbtide_\w+", exprs)) <= exported
+
+
+def test_notes_say_what_to_do_next():
+    notes = (CHART / "templates" / "NOTES.txt").read_text()
+    for step in ("kubectl apply -f examples/", "kubectl get isvc", "kubectl describe isvc NAME"):
+        assert step in notes
+    assert (ROOT / "examples" / "minimal.yaml").is_file()
+
+
+# --- RBAC: exactly what the code calls ---------------------------------------------------------
+
+CLIENT_VERBS = {"read": "get", "get": "get", "list": "list", "create": "create", "patch": "patch",
+                "replace": "update", "delete": "delete"}
+API_GROUPS = {kubernetes.client.CoreV1Api: "", kubernetes.client.AppsV1Api: "apps",
+              kubernetes.client.PolicyV1Api: "policy", kubernetes.client.EventsV1Api: "events.k8s.io",
+              kubernetes.client.CustomObjectsApi: None}
+METHOD = re.compile(r"^(read|get|list|create|patch|replace|delete)_(namespaced_)?(\w+?)(_for_all_namespaces)?$")
+SUBRESOURCES = ("status", "scale")
+
+
+def _permission(method: str, api_class: type | None = None) -> tuple[str, str, str]:
+    """A kubernetes client method name (of api_class, if known) -> the (apiGroup, resource, verb) it needs."""
+    owners = [api_class] if api_class else [cls for cls in API_GROUPS if hasattr(cls, method)]
+    assert len(owners) == 1 and hasattr(owners[0], method), f"{method}: which API class? ({owners})"
+    verb, _, name, _ = METHOD.match(method).groups()
+    sub = next((s for s in SUBRESOURCES if name.endswith(f"_{s}")), None)
+    name = name.removesuffix(f"_{sub}") if sub else name
+    if owners[0] is kubernetes.client.CustomObjectsApi:  # the only custom objects the operator reads
+        group, resource = api.GROUP, api.PLURAL
+    else:
+        group, resource = API_GROUPS[owners[0]], name.replace("_", "") + "s"
+    return group, f"{resource}/{sub}" if sub else resource, CLIENT_VERBS[verb]
+
+
+def operator_api_calls() -> set[tuple[str, str, str]]:
+    """Every API call in cluster/kube.py: the direct client methods and the `_KINDS` table."""
+    from ebbtide.cluster import kube
+
+    tree = ast.parse((PACKAGE / "cluster" / "kube.py").read_text())
+    # Receivers: `self.core = kubernetes.client.CoreV1Api(...)`, `apps = kubernetes.client.AppsV1Api(...)`.
+    receivers = {}
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Assign) and isinstance(node.value, ast.Call)
+                and isinstance(node.value.func, ast.Attribute)
+                and hasattr(kubernetes.client, node.value.func.attr)):
+            for target in node.targets:
+                name = target.attr if isinstance(target, ast.Attribute) else getattr(target, "id", None)
+                receivers[name] = getattr(kubernetes.client, node.value.func.attr)
+    needed = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and METHOD.match(node.attr) and any(
+                hasattr(cls, node.attr) for cls in API_GROUPS):
+            receiver = node.value.attr if isinstance(node.value, ast.Attribute) else getattr(node.value, "id", None)
+            needed.add(_permission(node.attr, receivers.get(receiver)))
+        # self._method(kind, "verb") -> f"{verb}_namespaced_{snake}" for any kind in _KINDS
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "_method"):
+            verb = node.args[1]
+            assert isinstance(verb, ast.Constant), "kube._method must be called with a literal verb"
+            for api_class, snake in kube._KINDS.values():
+                method = f"{verb.value}_namespaced_{snake}"
+                assert hasattr(api_class, method), method
+                needed.add(_permission(method, api_class))
+    return needed
+
+
+def test_only_kube_py_talks_to_the_api():
+    """The scan above sees every call only if no other module uses the client's API classes."""
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        if path == PACKAGE / "cluster" / "kube.py":
+            continue
+        for line in path.read_text().splitlines():
+            if re.search(r"kubernetes\.client\.(?!rest\b)|from kubernetes(\.client)? import (?!.*rest)", line):
+                offenders.append(f"{path.relative_to(ROOT)}: {line.strip()}")
+    assert not offenders, "API calls outside cluster/kube.py (add them there, then to the chart's RBAC):\n" + \
+        "\n".join(offenders)
+
+
+def kopf_needs(high_availability: bool) -> set[tuple[str, str, str]]:
+    """What kopf itself calls for the handlers registered in ebbtide.handlers."""
+    import kopf
+
+    import ebbtide.handlers  # noqa: F401  (registers the handlers)
+
+    registry = kopf.get_default_registry() if hasattr(kopf, "get_default_registry") else kopf.OperatorRegistry
+    needed = set()
+    for attr, stateful in (("_watching", False), ("_changing", True), ("_spawning", True), ("_indexing", False)):
+        for handler in getattr(registry, attr).get_all_handlers():
+            selector = handler.selector
+            resource = selector.plural or selector.any_name
+            assert resource and resource == resource.lower() and resource.endswith("s"), selector
+            verbs = {"list", "watch"} | ({"patch"} if stateful else set())  # progress annotations, finalizer
+            needed |= {(selector.group or "", resource, verb) for verb in verbs}
+    needed.add(("", "events", "create"))  # kopf posts its warnings as core v1 Events
+    needed |= {("apiextensions.k8s.io", "customresourcedefinitions", v) for v in ("list", "watch")}
+    if high_availability:
+        needed |= {("kopf.dev", "clusterkopfpeerings", v) for v in ("get", "list", "watch", "patch")}
+    return needed
+
+
+def granted(cluster_role: dict) -> set[tuple[str, str, str]]:
+    out = set()
+    for rule in cluster_role["rules"]:
+        assert set(rule) == {"apiGroups", "resources", "verbs"}, f"unexpected rule fields: {rule}"
+        for field in rule.values():
+            assert "*" not in field, f"wildcard in {rule}"
+        out |= {(g, r, v) for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
+    return out
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_cluster_role_grants_exactly_what_the_operator_uses(config):
+    role = one(render(*CONFIGS[config]), "ClusterRole")
+    needed = operator_api_calls() | kopf_needs(high_availability=config == "all-on")
+    have = granted(role)
+    assert not needed - have, f"the operator calls these but the ClusterRole lacks them: {sorted(needed - have)}"
+    assert not have - needed, f"granted but never used (least privilege): {sorted(have - needed)}"
+
+
+def test_operator_api_calls_are_seen():
+    """The scan finds the calls we know of (so an empty scan cannot pass the test above)."""
+    calls = operator_api_calls()
+    assert {("apps", "deployments", "patch"), ("", "pods", "list"), ("", "events", "create"),
+            (api.GROUP, f"{api.PLURAL}/status", "patch"), ("policy", "poddisruptionbudgets", "create")} <= calls
+
+
+# --- the engine-sim image's `vllm` shim --------------------------------------------------------
+
+def test_vllm_shim_turns_vllm_serve_into_engine_sim(monkeypatch):
+    from ebbtide.cluster.render import engine_args  # noqa: F401  (the shim must follow what is rendered)
+    from ebbtide.sim.engine_server import parse_args
+
+    monkeypatch.setenv("EBBTIDE_ENGINE_SIM_ARGS", "--preset tiny")
+    translate = runpy.run_path(str(ROOT / "docker" / "vllm-shim.py"))["translate"]
+    argv = translate(["serve", "meta-llama/Llama-3.1-8B-Instruct", "--port", "8000", "--served-model-name",
+                      "chat", "--tensor-parallel-size", "2", "--enable-sleep-mode", "--max-model-len=4096",
+                      "--enforce-eager"])
+    assert argv[:2] == ["ebbtide", "engine-sim"]
+    args = parse_args(argv[2:])
+    assert (args.model, args.port, args.served_model_name) == ("meta-llama/Llama-3.1-8B-Instruct", 8000, ["chat"])
+    assert args.enable_sleep_mode and args.max_model_len == 4096 and args.preset == "tiny"
+    assert args.host == "0.0.0.0"
