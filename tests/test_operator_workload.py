@@ -37,6 +37,15 @@ def test_create_edit_restore_delete(apiserver):
         assert wait_for(lambda: condition(server, "chat", "SpecValid"), what="SpecValid")["status"] == "True"
         assert wait_for(lambda: events(server, "chat", "Applied"), what="an Applied event")
 
+        # No Prometheus answers here: the scaling loop holds the size, says why, and keeps its
+        # history in status so that a restarted operator does not start from nothing.
+        blind = wait_for(lambda: (c := condition(server, "chat", "MetricsAvailable")) and c["status"] == "False"
+                         and c, what="MetricsAvailable=False")
+        assert "Prometheus unreachable at http://127.0.0.1:1" in blind["message"], blind
+        stored = server.get_object(ISVC, "default", "chat")["status"]
+        assert stored["scaler"]["since"] > 0 and stored["lastDecision"]["reason"] == "MetricsUnavailable"
+        assert stored["replicas"]["desired"] == 2
+
         # The autoscaler owns the replica count: a scale done elsewhere survives spec edits.
         server.patch_object(DEPLOYMENTS, "default", "chat", {"spec": {"replicas": 4}})
         server.patch_object(ISVC, "default", "chat", {"spec": {"engine": {"image": "vllm/vllm-openai:v0.12.0"}}})
@@ -110,3 +119,22 @@ def test_an_existing_deployment_that_is_not_ours_is_never_taken_over(apiserver):
         assert "is not owned by this InferenceService" in event["message"]
     assert server.get_object(DEPLOYMENTS, "default", "web")["spec"]["template"]["spec"]["containers"][0][
         "image"] == "nginx"
+
+
+def test_a_restarted_operator_keeps_the_autoscaler_history(apiserver):
+    server = apiserver.server
+
+    def status():
+        return server.get_object(ISVC, "default", "keep").get("status") or {}
+
+    with running_operator(apiserver):
+        server.create_object(isvc("keep", replicas={"min": 1, "max": 3}))
+        wait_for(lambda: status().get("scaler"), what="autoscaler memory in status")
+    before = status()
+    time.sleep(1.5)  # decision times have one-second resolution
+    with running_operator(apiserver):
+        wait_for(lambda: status()["lastDecision"]["time"] > before["lastDecision"]["time"],
+                 what="a decision by the restarted operator")
+        # It continued the stored history; a fresh one would begin now and allow nothing to
+        # shrink for a whole window, which is safe, but it would also forget what it learned.
+        assert status()["scaler"]["since"] == before["scaler"]["since"]

@@ -9,8 +9,13 @@ import yaml
 
 from ebbtide.api.manifest import parse_spec
 from ebbtide.api.ref import ServiceRef
-from ebbtide.cluster.render import (ANNOTATION_SPEC, LABEL_SERVICE, LABEL_SERVING, render_deployment,
-                                    render_workload)
+from ebbtide.cluster.render import (
+    ANNOTATION_SPEC,
+    LABEL_SERVICE,
+    LABEL_SERVING,
+    render_deployment,
+    render_workload,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 REF = ServiceRef(name="chat", namespace="ml", uid="1234")

@@ -26,7 +26,9 @@ def isvc(name: str, namespace: str = "default", **spec) -> dict:
 def running_operator(apiserver, **env: str) -> Iterator[KopfRunner]:
     """The operator as `ebbtide run` starts it (same handlers module), in a thread."""
     apiserver.register_crd(crd())
-    settings = {"EBBTIDE_METRICS_PORT": "0", **env}
+    # By default no Prometheus answers (port 1 refuses at once): tests that need one pass its URL.
+    settings = {"EBBTIDE_METRICS_PORT": "0", "EBBTIDE_PROMETHEUS_URL": "http://127.0.0.1:1",
+                "EBBTIDE_TICK_SECONDS": "0.5", **env}
     saved = {k: os.environ.get(k) for k in settings}
     os.environ.update(settings)
     runner = KopfRunner(["run", "--standalone", "-A", "-m", "ebbtide.handlers"], timeout=60)

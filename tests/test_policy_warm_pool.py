@@ -1,0 +1,133 @@
+"""The warm pool: wake before create, bounded pool, TTL, deletion order."""
+
+from __future__ import annotations
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ebbtide.api.spec import SleepPolicy
+from ebbtide.policy.warm_pool import Replica, plan_pool
+
+NOW = 100_000.0
+POLICY = SleepPolicy(enabled=True, idle_seconds=120, max_pool=2, ttl_seconds=1800)
+FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def awake(name: str, idle: float | None = None) -> Replica:
+    return Replica(name, "awake", idle_since=None if idle is None else NOW - idle)
+
+
+def asleep(name: str, age: float) -> Replica:
+    return Replica(name, "asleep", asleep_since=NOW - age)
+
+
+def starting(name: str) -> Replica:
+    return Replica(name, "starting")
+
+
+def test_wakes_sleepers_before_creating():
+    plan = plan_pool(4, [awake("a"), asleep("s1", 100), asleep("s2", 900)], POLICY, NOW)
+    assert plan.wake == ("s2", "s1")  # oldest first
+    assert plan.create == 1 and plan.replicas == 4 and not plan.delete
+    assert set(plan.serving) == {"a", "s1", "s2"}
+
+
+def test_surplus_idle_long_enough_sleeps_else_drains():
+    plan = plan_pool(1, [awake("a", idle=600), awake("b", idle=30), awake("c")], POLICY, NOW)
+    assert plan.sleep == ("a",) and plan.draining == ("b",) and plan.serving == ("c",)
+    assert plan.replicas == 3 and not plan.delete
+    assert any("putting a to sleep" in r for r in plan.reasons)
+
+
+def test_full_pool_deletes_surplus_and_ttl_deletes_sleepers():
+    plan = plan_pool(1, [awake("a", idle=600), awake("b"), asleep("s1", 100), asleep("s2", 200)], POLICY, NOW)
+    assert plan.delete == ("a",) and plan.replicas == 3
+    plan = plan_pool(1, [awake("b"), asleep("old", 2000), asleep("young", 10)], POLICY, NOW)
+    assert plan.delete == ("old",) and plan.replicas == 2
+
+
+def test_sleep_disabled_deletes_surplus_at_once():
+    plan = plan_pool(1, [awake("a", idle=5), awake("b")], SleepPolicy(enabled=False), NOW)
+    assert plan.delete == ("a",) and plan.replicas == 1 and not plan.sleep
+
+
+def test_surplus_cancels_starting_replicas_first():
+    plan = plan_pool(1, [awake("a"), starting("n1"), starting("n2")], POLICY, NOW)
+    assert set(plan.delete) == {"n1", "n2"} and plan.replicas == 1
+
+
+def test_ttl_deletion_waits_for_starting_replicas():
+    plan = plan_pool(2, [awake("a"), starting("n"), asleep("old", 5000)], POLICY, NOW)
+    assert not plan.delete and plan.replicas == 3
+
+
+def test_last_replica_sleeps_unless_scale_to_zero():
+    plan = plan_pool(0, [awake("a", idle=600)], POLICY.model_copy(update={"max_pool": 0}), NOW)
+    assert plan.replicas == 1 and plan.serving == ("a",)  # no pool: kept awake
+    plan = plan_pool(0, [asleep("s", 5000)], POLICY, NOW)
+    assert plan.replicas == 1 and not plan.delete  # TTL does not apply to the last one
+    plan = plan_pool(0, [asleep("s", 5000)], POLICY, NOW, allow_scale_to_zero=True)
+    assert plan.replicas == 0 and plan.delete == ("s",)
+    plan = plan_pool(0, [awake("a", idle=600), asleep("s", 5000)], POLICY, NOW)
+    assert plan.replicas == 1 and plan.sleep == ("a",) and plan.delete == ("s",)
+
+
+def test_deletion_costs_put_sleepers_first_then_idle_longest():
+    plan = plan_pool(3, [awake("busy"), awake("idle-long", 100), awake("idle-short", 10),
+                         asleep("s", 60)], POLICY, NOW)
+    costs = plan.deletion_costs
+    assert costs["s"] < costs["idle-long"] < costs["idle-short"] < costs["busy"]
+
+
+replica_lists = st.lists(
+    st.one_of(
+        st.builds(lambda idle: Replica("", "awake", idle_since=None if idle is None else NOW - idle),
+                  st.one_of(st.none(), st.floats(0, 5000))),
+        st.builds(lambda age: Replica("", "asleep", asleep_since=NOW - age), st.floats(0, 5000)),
+        st.just(Replica("", "starting")),
+    ),
+    max_size=10,
+).map(lambda rs: [Replica(f"r{i}", r.state, r.idle_since, r.asleep_since) for i, r in enumerate(rs)])
+policies = st.builds(lambda enabled, idle, pool, ttl: SleepPolicy(enabled=enabled, idle_seconds=idle,
+                                                                   max_pool=pool, ttl_seconds=ttl),
+                     st.booleans(), st.integers(0, 600), st.integers(0, 4), st.integers(0, 3000))
+
+
+@FAST
+@given(desired=st.integers(0, 12), replicas=replica_lists, policy=policies, to_zero=st.booleans())
+def test_pool_invariants(desired, replicas, policy, to_zero):
+    plan = plan_pool(desired, replicas, policy, NOW, allow_scale_to_zero=to_zero)
+    by_name = {r.name: r for r in replicas}
+    remaining_asleep = ({r.name for r in replicas if r.state == "asleep"} - set(plan.wake)
+                        - set(plan.delete)) | set(plan.sleep)
+    # Accounting adds up.
+    assert plan.replicas == len(replicas) - len(plan.delete) + plan.create >= 0
+    assert plan.asleep == len(remaining_asleep)
+    # The pool is bounded.
+    assert len(remaining_asleep) <= (policy.max_pool if policy.enabled else 0)
+    # Wake before create: never create while a sleeper stays asleep.
+    if plan.create:
+        assert not remaining_asleep
+    # Desired awake capacity is met.
+    assert len(plan.serving) + plan.starting + plan.create >= min(desired, len(replicas) + plan.create)
+    assert len(plan.serving) + plan.starting + plan.create >= desired
+    # Sleepers past TTL go, unless a replica starts or it is the last one.
+    if not any(r.state == "starting" for r in replicas) and plan.replicas > 1:
+        for name in remaining_asleep - set(plan.sleep):
+            assert NOW - by_name[name].asleep_since < policy.ttl_seconds
+    # Only awake replicas sleep, only sleepers wake; no replica is in two lists.
+    assert all(by_name[n].state == "awake" for n in plan.sleep)
+    assert all(by_name[n].state == "asleep" for n in plan.wake)
+    moves = list(plan.sleep) + list(plan.wake) + list(plan.delete)
+    assert len(moves) == len(set(moves))
+    # The last replica is kept unless scale to zero is allowed.
+    if replicas and not to_zero:
+        assert plan.replicas >= 1
+    # Deletion costs: every remaining pod ranked, deleted ones lowest, then sleepers.
+    assert set(plan.deletion_costs) == set(by_name)
+    costs = plan.deletion_costs
+    if plan.delete and len(plan.delete) < len(by_name):
+        assert max(costs[n] for n in plan.delete) < min(costs[n] for n in by_name if n not in plan.delete)
+    awake_kept = set(plan.serving) | set(plan.draining)
+    if remaining_asleep and awake_kept:
+        assert max(costs[n] for n in remaining_asleep) < min(costs[n] for n in awake_kept)
