@@ -7,13 +7,13 @@ start) so that a story that takes minutes in a cluster takes seconds here.
 
 from __future__ import annotations
 
-import socket
 import time
 import urllib.request
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from ebbtide.sim.engine_server import free_port
 from tests.testbed.loadgen import LoadGenerator
 from tests.testbed.operator import ISVC, isvc, running_operator
 from tests.testbed.waiting import wait_for
@@ -30,12 +30,6 @@ SCALING = {
     "behavior": {"intervalSeconds": TICK, "metricsWindowSeconds": 10, "staleAfterSeconds": 10,
                  "scaleDown": {"stabilizationSeconds": DOWN_WINDOW, "periodSeconds": 5}},
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def replicas(server, name="chat"):
@@ -80,6 +74,17 @@ def cluster(apiserver, prometheus_server, pod_runner_factory, load_balancer_fact
     return Cluster
 
 
+def start_service(cluster, **spec):
+    """Create the InferenceService, wait for its first replica to serve and be scraped."""
+    cluster.server.create_object(isvc("chat", replicas={"min": 1, "max": 4}, scaling=SCALING, **spec))
+    wait_for(lambda: cluster.pods.pods("default") and all(p.ready for p in cluster.pods.pods("default")),
+             timeout=30, what="the first replica ready")
+    balancer = cluster.balancer()
+    balancer.wait_for_endpoints(1)
+    cluster.prometheus.wait_for_targets_up(1)
+    return balancer
+
+
 def waiting_in_prometheus(prometheus, namespace="default") -> float:
     result = prometheus.query(f'sum(vllm:num_requests_waiting{{namespace="{namespace}"}})')
     return float(result[0]["value"][1]) if result else 0.0
@@ -92,12 +97,7 @@ def load(url: str, rate: float, duration: float) -> LoadGenerator:
 def test_scales_up_on_backlog_recovers_ttft_and_scales_down_after_the_window(cluster):
     server = cluster.server
     with cluster.operator():
-        server.create_object(isvc("chat", replicas={"min": 1, "max": 4}, scaling=SCALING))
-        wait_for(lambda: cluster.pods.pods("default") and all(p.ready for p in cluster.pods.pods("default")),
-                 timeout=30, what="the first replica ready")
-        balancer = cluster.balancer()
-        balancer.wait_for_endpoints(1)
-        cluster.prometheus.wait_for_targets_up(1)
+        balancer = start_service(cluster)
 
         # A load step well above one tiny replica's capacity.
         generator = load(balancer.url, rate=40, duration=45)
@@ -150,12 +150,7 @@ def test_scales_up_on_backlog_recovers_ttft_and_scales_down_after_the_window(clu
 def test_prometheus_outage_holds_the_size_and_says_why(cluster):
     server = cluster.server
     with cluster.operator():
-        server.create_object(isvc("chat", replicas={"min": 1, "max": 4}, scaling=SCALING))
-        wait_for(lambda: cluster.pods.pods("default") and all(p.ready for p in cluster.pods.pods("default")),
-                 timeout=30, what="the first replica ready")
-        balancer = cluster.balancer()
-        balancer.wait_for_endpoints(1)
-        cluster.prometheus.wait_for_targets_up(1)
+        balancer = start_service(cluster)
         generator = load(balancer.url, rate=40, duration=20)
         wait_for(lambda: (replicas(server) or 0) > 1, timeout=40, what="a scale-up")
         generator.stop()
@@ -182,12 +177,7 @@ def test_prometheus_outage_holds_the_size_and_says_why(cluster):
 def test_advisory_mode_reports_and_never_patches(cluster):
     server = cluster.server
     with cluster.operator():
-        server.create_object(isvc("chat", mode="Advisory", replicas={"min": 1, "max": 4}, scaling=SCALING))
-        wait_for(lambda: cluster.pods.pods("default") and all(p.ready for p in cluster.pods.pods("default")),
-                 timeout=30, what="the first replica ready")
-        balancer = cluster.balancer()
-        balancer.wait_for_endpoints(1)
-        cluster.prometheus.wait_for_targets_up(1)
+        balancer = start_service(cluster, mode="Advisory")
         generation = server.get_object(DEPLOYMENTS, "default", "chat")["metadata"]["generation"]
         generator = load(balancer.url, rate=40, duration=15)
         advice = wait_for(lambda: [e for e in events(server) if e["reason"] == "AdvisoryScaleUp"], timeout=30,

@@ -24,7 +24,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,6 +34,8 @@ import urllib.request
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
+
+from ebbtide.sim.engine_server import free_port
 
 JOB = "vllm"
 
@@ -60,12 +61,6 @@ def prometheus_binary() -> str | None:
 MISSING_BINARY = (
     "the prometheus binary is not installed (apt-get install -y prometheus, or set PROMETHEUS_BIN)"
 )
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 class PrometheusServer:

@@ -1,0 +1,203 @@
+"""The warm pool: which replicas to wake, put to sleep or delete, as a pure function.
+
+    plan_pool(desired, replicas, policy, now, allow_scale_to_zero=False) -> PoolPlan
+
+`desired` is the awake size decide() asked for. The plan meets it with the cheapest moves:
+1. Short: wake sleepers first (oldest asleep first: it is the next to expire, and the young
+   ones keep the pool warm longest), create replicas only when no sleeper is left.
+2. Surplus: replicas still starting go first (they serve nothing yet, and the ReplicaSet
+   controller deletes not-ready pods first whatever their deletion cost). Awake surplus leaves
+   the Service at once (`serving`), and once idle for `idle_seconds` goes to sleep while the
+   pool has room, or is deleted when it has none. With sleep disabled it is deleted at once.
+   Until then it drains: a draining replica is the fastest warm capacity there is.
+3. Sleepers are deleted after `ttl_seconds`, and beyond `max_pool` (oldest first). A TTL
+   deletion waits while a replica is starting: the ReplicaSet controller would delete the
+   starting pod instead, whatever the deletion costs say. The pool bound never waits.
+4. With replicas.min 0 and no allowScaleToZero, the last replica is kept: asleep if the pool
+   may hold one (its TTL does not apply), else awake.
+
+The Deployment is asked for every replica that remains (awake + starting + asleep) plus the
+ones to create; `deletion_costs` ranks the pods so that, when the count drops, the ReplicaSet
+controller removes the planned ones first, then sleepers, then the awake replicas idle longest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ebbtide.api.spec import SleepPolicy
+
+State = Literal["awake", "asleep", "starting"]
+
+
+@dataclass(frozen=True, slots=True)
+class Replica:
+    name: str
+    state: State
+    idle_since: float | None = None  # awake with nothing running or waiting since then; None if busy
+    asleep_since: float | None = None
+    capacity_type: str = "on-demand"
+
+
+@dataclass(frozen=True, slots=True)
+class PoolPlan:
+    wake: tuple[str, ...]
+    sleep: tuple[str, ...]
+    delete: tuple[str, ...]
+    create: int
+    replicas: int  # the Deployment's spec.replicas: everything that remains, plus creations
+    serving: tuple[str, ...]  # awake replicas that belong in the Service endpoints (incl. woken)
+    draining: tuple[str, ...]  # awake surplus kept out of the endpoints until it sleeps or goes
+    deletion_costs: dict[str, int] = field(hash=False)  # pod -> controller.kubernetes.io/pod-deletion-cost
+    reasons: tuple[str, ...] = ()
+    starting: int = 0  # replicas still starting that the plan keeps
+
+    @property
+    def awake(self) -> int:
+        """Replicas awake or on their way after the plan (serving, draining, starting, created)."""
+        return len(self.serving) + len(self.draining) + self.starting + self.create
+
+    @property
+    def asleep(self) -> int:
+        """Replicas asleep after the plan."""
+        return self.replicas - self.awake
+
+
+def _idle_for(r: Replica, now: float) -> float:
+    return now - r.idle_since if r.idle_since is not None else -1.0
+
+
+def _asleep_for(r: Replica, now: float) -> float:
+    return now - r.asleep_since if r.asleep_since is not None else 0.0
+
+
+def plan_pool(desired: int, replicas: list[Replica] | tuple[Replica, ...], policy: SleepPolicy, now: float,
+              allow_scale_to_zero: bool = False) -> PoolPlan:
+    desired = max(0, desired)
+    pool_size = policy.max_pool if policy.enabled else 0
+    reasons: list[str] = []
+    starting = sorted((r for r in replicas if r.state == "starting"), key=lambda r: r.name)
+    awake = [r for r in replicas if r.state == "awake"]
+    asleep = sorted((r for r in replicas if r.state == "asleep"), key=lambda r: (-_asleep_for(r, now), r.name))
+
+    wake: list[Replica] = []
+    create = 0
+    delete: list[Replica] = []
+    sleep: list[Replica] = []
+    draining: list[Replica] = []
+    serving = list(awake)
+
+    short = desired - len(awake) - len(starting)
+    if short > 0:
+        wake = asleep[:short]
+        asleep = asleep[short:]
+        for r in wake:
+            reasons.append(f"waking {r.name} (asleep {_asleep_for(r, now):.0f} s): "
+                           f"{len(awake) + len(starting)} awake < {desired} desired")
+        create = short - len(wake)
+        if create:
+            reasons.append(f"creating {create}: {desired} desired and no sleeping replica left")
+    elif short < 0:
+        surplus = -short
+        # Newest starting replica first: it has the least of its startup behind it.
+        for r in reversed(starting[-surplus:]):
+            delete.append(r)
+            reasons.append(f"deleting {r.name}: still starting and {desired} awake are enough")
+        starting = starting[:max(0, len(starting) - surplus)]
+        surplus -= len(delete)
+        # Idle longest first; busy replicas (no idle time) last.
+        by_idle = sorted(awake, key=lambda r: (-_idle_for(r, now), r.name))
+        for r in by_idle[:surplus]:
+            serving.remove(r)
+            idle = _idle_for(r, now)
+            if pool_size == 0:
+                delete.append(r)
+                reasons.append(f"deleting {r.name}: surplus ({desired} desired) and sleep is "
+                               + ("disabled" if not policy.enabled else "limited to maxPool 0"))
+            elif idle >= policy.idle_seconds:
+                if len(asleep) + len(sleep) < pool_size:
+                    sleep.append(r)
+                    reasons.append(f"putting {r.name} to sleep: surplus, idle {idle:.0f} s >= "
+                                   f"{policy.idle_seconds} s")
+                else:
+                    delete.append(r)
+                    reasons.append(f"deleting {r.name}: surplus and the pool is full "
+                                   f"({pool_size} asleep)")
+            else:
+                draining.append(r)
+                what = "busy" if idle < 0 else f"idle {idle:.0f} s < {policy.idle_seconds} s"
+                reasons.append(f"draining {r.name}: surplus, {what}")
+
+    # Sleepers that stay asleep: expire past the TTL, and beyond the pool (oldest first).
+    kept: list[Replica] = []
+    for r in asleep:
+        age = _asleep_for(r, now)
+        if age >= policy.ttl_seconds or not policy.enabled:
+            why = f"asleep {age:.0f} s >= ttl {policy.ttl_seconds} s" if policy.enabled else "sleep is disabled"
+            delete.append(r)
+            reasons.append(f"deleting {r.name}: {why}")
+        else:
+            kept.append(r)
+    room = pool_size - len(sleep)
+    for r in kept[:max(0, len(kept) - room)]:
+        delete.append(r)
+        reasons.append(f"deleting {r.name}: more than maxPool {pool_size} asleep")
+    kept = kept[max(0, len(kept) - room):]
+
+    # A deletion waits while something starts (see the module docstring); a starting replica
+    # the plan deletes itself is the exception: it is what the controller removes first anyway.
+    if starting:
+        # Never beyond the pool's bound: only TTL deletions wait, and only while there is room.
+        postponed = [r for r in delete if r.state == "asleep"][:max(0, room - len(kept))]
+        if postponed:
+            names = {r.name for r in postponed}
+            delete = [r for r in delete if r.name not in names]
+            kept = postponed + kept
+            reasons.append(f"keeping {', '.join(r.name for r in postponed)} asleep until "
+                           f"{len(starting)} starting replicas are ready")
+
+    # The last replica sleeps rather than disappears.
+    remaining = len(serving) + len(draining) + len(starting) + len(sleep) + len(kept) + len(wake) + create
+    if remaining == 0 and replicas and not allow_scale_to_zero:
+        last = _last_replica(delete)
+        delete.remove(last)
+        if last.state == "asleep" and pool_size > 0:
+            kept.append(last)
+            reasons.append(f"keeping {last.name} asleep: the last replica (allowScaleToZero is off)")
+        elif last.state == "awake" and pool_size > 0 and _idle_for(last, now) >= policy.idle_seconds:
+            sleep.append(last)
+            reasons.append(f"putting {last.name} to sleep instead: the last replica (allowScaleToZero is off)")
+        else:
+            {"asleep": wake, "awake": serving, "starting": starting}[last.state].append(last)
+            reasons.append(f"keeping {last.name} {'awake' if last.state != 'starting' else 'starting'}: "
+                           "the last replica (allowScaleToZero is off)")
+        # Whatever was said about deleting it no longer holds.
+        reasons = [x for x in reasons if not x.startswith(f"deleting {last.name}:")]
+
+    delete_names = [r.name for r in delete]
+    order = (delete_names
+             + [r.name for r in kept]
+             + [r.name for r in sleep]
+             + [r.name for r in starting]
+             + [r.name for r in sorted(draining, key=lambda r: (-_idle_for(r, now), r.name))]
+             + [r.name for r in sorted(serving, key=lambda r: (-_idle_for(r, now), r.name))]
+             + [r.name for r in wake])
+    costs = {name: rank for rank, name in enumerate(order)}
+    total = len(replicas) - len(delete) + create
+    return PoolPlan(
+        wake=tuple(r.name for r in wake), sleep=tuple(r.name for r in sleep), delete=tuple(delete_names),
+        create=create, replicas=total,
+        serving=tuple(r.name for r in serving) + tuple(r.name for r in wake),
+        draining=tuple(r.name for r in draining), deletion_costs=costs, reasons=tuple(reasons),
+        starting=len(starting),
+    )
+
+
+def _last_replica(candidates: list[Replica]) -> Replica:
+    """The replica to keep when all would go: a sleeper (youngest), else an awake one, else any."""
+    for state in ("asleep", "awake", "starting"):
+        of_state = [r for r in candidates if r.state == state]
+        if of_state:
+            return min(of_state, key=lambda r: (r.asleep_since is None, -(r.asleep_since or 0), r.name))
+    raise AssertionError("no replica to keep")
