@@ -26,8 +26,8 @@ from ebbtide.api.spec import InferenceServiceSpec
 from ebbtide.cluster.kube import Kube
 from ebbtide.cluster.render import LABEL_SERVICE, LABEL_SERVING, MANAGED_BY, deployment_name
 from ebbtide.operator_metrics import OperatorMetrics
-from ebbtide.policy.autoscaling import decide
 from ebbtide.policy.decision import Decision, Memory
+from ebbtide.policy.lifecycle import plan
 from ebbtide.policy.observation import FleetState, Signals
 from ebbtide.reconcile import Registry
 from ebbtide.signals.prometheus import PrometheusSource, ServiceQuery
@@ -136,7 +136,7 @@ class ScalingLoop:
                                pod_names=tuple(counts.names))
             signals = observed.get(key) or Signals.missing("no observation")
             memory = state.memory or Memory.empty(now)
-            decision = decide(spec, signals, fleet, memory, now)
+            decision = plan(spec, signals, fleet, memory, now)
             state.memory = decision.memory
             state.last_evaluated = now
             await self._act_and_explain(ref, spec, fleet, signals, decision, now)
