@@ -7,6 +7,7 @@ start) so that a story that takes minutes in a cluster takes seconds here.
 
 from __future__ import annotations
 
+import re
 import time
 import urllib.request
 
@@ -184,6 +185,10 @@ def test_advisory_mode_reports_and_never_patches(cluster):
                           what="an advisory scale-up event")
         assert advice[0]["message"].startswith("advisory, not applied: ")
         generator.wait()
+        # Advice is news once, not every tick: no more events than changes of advice.
+        advised = [re.findall(r"-> (\d+)", e["message"])[-1] for e in events(server)
+                   if e["reason"].startswith("Advisory")]
+        assert all(a != b for a, b in zip(advised, advised[1:], strict=False)), advised
         last = status(server)["lastDecision"]
         assert status(server)["decisions"][0]["applied"] is False
         assert last["source"] == "prometheus"

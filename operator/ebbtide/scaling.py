@@ -43,6 +43,9 @@ class ServiceState:
 
     memory: Memory | None = None
     last_evaluated: float = float("-inf")
+    # Advisory mode never changes the Deployment, so the same advice would repeat every tick;
+    # it is reported when it changes, not on every tick.
+    last_advice: int | None = None
 
 
 @dataclass
@@ -139,10 +142,13 @@ class ScalingLoop:
             decision = plan(spec, signals, fleet, memory, now)
             state.memory = decision.memory
             state.last_evaluated = now
-            await self._act_and_explain(ref, spec, fleet, signals, decision, now)
+            news = decision.changed and (spec.mode == "Active" or decision.desired != state.last_advice)
+            state.last_advice = decision.desired if decision.changed else None
+            await self._act_and_explain(ref, spec, fleet, signals, decision, news, now)
 
     async def _act_and_explain(self, ref: ServiceRef, spec: InferenceServiceSpec, fleet: FleetState,
-                               signals: Signals, decision: Decision, now: float) -> None:
+                               signals: Signals, decision: Decision, news: bool, now: float) -> None:
+        """Carry out a decision and report it; `news` is False for advice already given."""
         active = spec.mode == "Active"
         applied = False
         if decision.changed and active:
@@ -153,7 +159,7 @@ class ScalingLoop:
                 log.warning("%s/%s: scaling to %d failed: %s", ref.namespace, ref.name, decision.desired, e.reason)
                 await self.kube.post_event(ref, "Warning", "ScaleFailed",
                                            f"could not scale to {decision.desired}: {e.status} {e.reason}")
-        if decision.changed:
+        if news:
             if active:
                 kind = "ScaledUp" if decision.desired > decision.current else "ScaledDown"
             else:
@@ -162,7 +168,7 @@ class ScalingLoop:
             await self.kube.post_event(ref, "Normal", kind, f"{prefix}{decision.message} [{decision.source}]")
             self.metrics.decisions.labels(ref.namespace, ref.name, decision.reason, str(applied).lower()).inc()
         self._export(ref, fleet, signals, decision)
-        await self.kube.update_status(ref, lambda status: self._status(status, fleet, decision, applied, now))
+        await self.kube.update_status(ref, lambda status: self._status(status, fleet, decision, applied, news, now))
 
     def _export(self, ref: ServiceRef, fleet: FleetState, signals: Signals, decision: Decision) -> None:
         labels = (ref.namespace, ref.name)
@@ -173,7 +179,7 @@ class ScalingLoop:
             self.metrics.signal.labels(*labels, name).set(value)
 
     @staticmethod
-    def _status(status: dict, fleet: FleetState, decision: Decision, applied: bool, now: float) -> dict:
+    def _status(status: dict, fleet: FleetState, decision: Decision, applied: bool, news: bool, now: float) -> dict:
         stamp = rfc3339(now)
         record = {
             "time": stamp,
@@ -186,7 +192,7 @@ class ScalingLoop:
             "applied": applied,
         }
         status["lastDecision"] = record
-        if decision.changed:
+        if news:
             status["decisions"] = ((status.get("decisions") or []) + [record])[-HISTORY:]
             status["lastDecisionSummary"] = f"{decision.current}->{decision.desired} {decision.reason}"
         else:

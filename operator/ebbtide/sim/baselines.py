@@ -72,6 +72,7 @@ class Hpa:
     target: float = KV_TARGET
     name: str = "hpa-kv"
     interval_s: float = 15.0
+    observes: frozenset[str] = frozenset({"pods"})
     rule: HpaRule = None  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
@@ -103,6 +104,7 @@ class Keda:
     threshold: float = 5.0
     name: str = "keda-queue"
     interval_s: float = 15.0
+    observes: frozenset[str] = frozenset({"pods"})
     cooldown_s: float = 360.0
     rule: HpaRule = None  # type: ignore[assignment]
     _last_active: float = -math.inf
@@ -134,6 +136,7 @@ class AibrixApa:
     target: float = KV_TARGET
     name: str = "aibrix-apa"
     interval_s: float = 10.0
+    observes: frozenset[str] = frozenset({"pods"})
     tolerance: float = 0.1
     up_rate: float = 2.0
     down_rate: float = 2.0
@@ -168,6 +171,7 @@ class Static:
     replicas: int
     name: str = "static-peak"
     interval_s: float = 60.0
+    observes: frozenset[str] = frozenset()
 
     def initial(self, guess: int) -> int:
         return self.replicas
@@ -191,6 +195,7 @@ class Oracle:
     name: str = "oracle"
     interval_s: float = 15.0
     instant_start: bool = True
+    observes: frozenset[str] = frozenset()
 
     @classmethod
     def for_trace(cls, counts, rate_per_replica: float, epoch: float, interval_s: float = 15.0,

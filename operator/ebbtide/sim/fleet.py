@@ -1,17 +1,21 @@
 """Replay a trace through a policy over a simulated fleet, the way the operator would run it.
 
-Each step the fleet serves the step's arrivals; every scrape interval a snapshot of the gauges
-and windowed latency quantiles is taken (what Prometheus would hold); every policy interval the
-policy is called with the latest snapshot (so it sees the same lag a scrape interval gives the
-operator) and its answer is carried out: new replicas become ready after the cold start,
-removed ones drain first. GPU time is charged from creation to the end of draining.
+Time moves in steps (1 s request by request, 5 s for the fluid model). At each step boundary,
+in this order: replicas whose cold start is over become ready; if a scrape is due, the gauges
+and windowed quantiles are read as they are at that instant (what Prometheus would hold); if
+a policy tick is due, the policy is called with the latest scrape, so it sees the same lag the
+scrape interval gives the operator, and its answer is carried out: new replicas become ready
+after the cold start, removed ones drain first. Then the step's load is served. Between these
+events the serving model runs several steps in one call.
+
+GPU time is charged from a replica's creation to the end of its drain (or to the end of the
+trace), per capacity type.
 """
 
 from __future__ import annotations
 
 import datetime
 import math
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -19,13 +23,17 @@ import numpy as np
 
 from ebbtide.policy.observation import FleetState, Signals
 from ebbtide.sim.capacity import CapacityModel
-from ebbtide.sim.serving import FluidServing, LatencyRecords, RequestServing
+from ebbtide.sim.serving import ALL_SIGNALS, FluidServing, LatencyRecords, RequestServing, fluid_mix
 from ebbtide.sim.traces import Trace
 
 ON_DEMAND = "on-demand"
 
 
 class Policy(Protocol):
+    """What the fleet simulator calls. Optional attributes: `observes` (the signals it reads,
+    a subset of serving.ALL_SIGNALS; default all), `instant_start` (its replicas need no cold
+    start) and `initial(guess) -> int` (its own starting size)."""
+
     name: str
     interval_s: float
 
@@ -78,153 +86,158 @@ def _initial_replicas(policy: Policy, trace: Trace, settings: SimSettings) -> in
     """Every policy starts warm, sized for the first minute's load at 70 % of saturation,
     unless it knows its own start (static and oracle policies do)."""
     first = float(trace.counts[:60].sum()) / 60.0
-    mean_p = float(trace.prompt_sum.sum() / max(trace.requests, 1))
-    mean_o = float(max(trace.output_sum.sum() / max(trace.requests, 1), 1.0))
+    mean_p, mean_o = fluid_mix(float(trace.prompt_sum.sum()), float(trace.output_sum.sum()), trace.requests)
     guess = max(1, math.ceil(first / (0.7 * settings.capacity.max_request_rate(mean_p, mean_o))))
     initial = getattr(policy, "initial", None)
     return initial(guess) if initial else guess
 
 
+class _Fleet:
+    """The replicas of one service: starting, ready, draining, and the GPU time they hold."""
+
+    def __init__(self, gpus_per_replica: int, cold_start: float):
+        self.replicas: list[Replica] = []
+        self.draining: dict[int, tuple[Replica, float]] = {}  # rid -> (replica, drain end; inf: unknown)
+        self.gpu_seconds: dict[str, float] = {ON_DEMAND: 0.0}
+        self.gpus = gpus_per_replica
+        self.cold_start = cold_start
+        self.ready = 0
+        self._next_rid = 0
+
+    def add(self, now: float, ready: bool = False) -> Replica:
+        replica = Replica(rid=self._next_rid, created=now, ready_at=now if ready else now + self.cold_start,
+                          ready=ready)
+        self._next_rid += 1
+        self.replicas.append(replica)
+        self.ready += ready
+        return replica
+
+    def next_ready_at(self) -> float:
+        return min((r.ready_at for r in self.replicas if not r.ready), default=math.inf)
+
+    def promote(self, now: float) -> list[Replica]:
+        """The replicas whose cold start is over by `now`, marked ready."""
+        done = [r for r in self.replicas if not r.ready and r.ready_at <= now]
+        for r in done:
+            r.ready = True
+        self.ready += len(done)
+        return done
+
+    def victim(self) -> Replica:
+        """Like the ReplicaSet controller: not-ready pods go first, then the newest."""
+        starting = [r for r in self.replicas if not r.ready]
+        return max(starting or self.replicas, key=lambda r: r.created)
+
+    def remove(self, replica: Replica, now: float, drain_end: float | None) -> None:
+        """A starting replica is gone at once; a ready one holds its GPU until `drain_end`
+        (None: until the serving model says it is idle)."""
+        self.replicas.remove(replica)
+        if replica.ready:
+            self.ready -= 1
+            self.draining[replica.rid] = (replica, math.inf if drain_end is None else drain_end)
+        else:
+            self._charge(replica, now)
+
+    def drained(self, rid: int, now: float) -> None:
+        replica, _ = self.draining.pop(rid)
+        self._charge(replica, now)
+
+    def finish(self, end: float) -> dict[str, float]:
+        for replica in self.replicas:
+            self._charge(replica, end)
+        for replica, until in self.draining.values():
+            self._charge(replica, min(until, end))
+        self.replicas, self.draining = [], {}
+        return self.gpu_seconds
+
+    def _charge(self, replica: Replica, until: float) -> None:
+        kind = replica.capacity_type
+        self.gpu_seconds[kind] = self.gpu_seconds.get(kind, 0.0) + max(0.0, until - replica.created) * self.gpus
+
+
 def simulate(trace: Trace, policy: Policy, settings: SimSettings, per_request: bool | None = None) -> PolicyRun:
     per_request = trace.per_request if per_request is None else per_request
     dt = 1.0 if per_request else settings.fluid_step_s
-    epoch = (trace.start_utc or datetime.datetime(2024, 1, 1)).replace(tzinfo=datetime.UTC).timestamp()
-    mean_p = float(trace.prompt_sum.sum() / max(trace.requests, 1))
-    mean_o = float(max(trace.output_sum.sum() / max(trace.requests, 1), 1.0))
-    if per_request:
-        serving: RequestServing | FluidServing = RequestServing(settings.capacity, seed=settings.seed)
-    else:
-        sizes = trace.prompt_tokens if trace.prompt_tokens is not None else np.array([mean_p])
-        serving = FluidServing(settings.capacity, sizes if len(sizes) else np.array([mean_p]), mean_p, mean_o,
-                               steps=int(math.ceil(trace.duration_s / dt)))
-
-    replicas: list[Replica] = []
-    draining: dict[int, tuple[str, float]] = {}  # rid -> (capacity type, fluid drain end)
-    gpu_seconds = {ON_DEMAND: 0.0}
-    next_rid = 0
-
-    cold_start = 0.0 if getattr(policy, "instant_start", False) else settings.cold_start_s
-
-    def add(now: float, ready: bool = False) -> None:
-        nonlocal next_rid
-        replica = Replica(rid=next_rid, created=now, ready_at=now if ready else now + cold_start)
-        next_rid += 1
-        replicas.append(replica)
-
-    initial = _initial_replicas(policy, trace, settings)
-    for _ in range(initial):
-        add(0.0, ready=True)
-
-    timeline = Timeline()
-    snapshot = Signals.missing("no scrape yet")
-    token_counters: deque[tuple[float, float]] = deque()
-    next_scrape = 0.0
-    next_tick = 0.0
-    scale_actions = 0
     steps = int(math.ceil(trace.duration_s / dt))
-    counts, p_sum, o_sum = _binned(trace, dt, steps)
-    arrivals = trace.arrivals
-    cursor = 0
-    minute_arrivals = 0.0
-
-    for step in range(steps):
-        t0, t1 = step * dt, (step + 1) * dt
-        for r in replicas:
-            if not r.ready and r.ready_at <= t0:
-                r.ready = True
-                serving.add_replica(r.rid, t0)
-        if per_request:
-            end = int(np.searchsorted(arrivals, t1, side="left"))
-            serving.step(t0, t1, arrivals[cursor:end], trace.prompt_tokens[cursor:end],
-                         trace.output_tokens[cursor:end])
-            cursor = end
-            for rid in serving.drained():
-                draining.pop(rid, None)
-        else:
-            serving.step(t0, t1, counts[step], p_sum[step], o_sum[step])
-            for rid, (_, until) in list(draining.items()):
-                if until <= t1:
-                    del draining[rid]
-        # GPU time: everything created and not yet gone holds its GPUs.
-        for r in replicas:
-            gpu_seconds[r.capacity_type] = gpu_seconds.get(r.capacity_type, 0.0) + dt * settings.gpus_per_replica
-        for kind, _ in draining.values():
-            gpu_seconds[kind] = gpu_seconds.get(kind, 0.0) + dt * settings.gpus_per_replica
-
-        if t0 >= next_scrape:
-            snapshot = _scrape(serving, t0, epoch, settings, dt, token_counters)
-            next_scrape += settings.scrape_interval_s
-        if t0 >= next_tick:
-            ready = sum(r.ready for r in replicas)
-            fleet = FleetState(current=len(replicas), ready=ready, starting=len(replicas) - ready)
-            desired = max(0, policy.decide(snapshot, fleet, epoch + t0))
-            if desired != len(replicas):
-                scale_actions += 1
-            while len(replicas) < desired:
-                add(t0)
-            while len(replicas) > desired:
-                victim = _pick_victim(replicas)
-                replicas.remove(victim)
-                if victim.ready:
-                    if per_request:
-                        serving.remove_replica(victim.rid)
-                        draining[victim.rid] = (victim.capacity_type, math.inf)
-                    else:
-                        drain = serving.drain_seconds()
-                        serving.remove_replica(victim.rid)
-                        draining[victim.rid] = (victim.capacity_type, t1 + drain)
-            next_tick += policy.interval_s
-
-        minute_arrivals += counts[step]
-        if int(t1) % 60 == 0 or step == steps - 1:
-            timeline.minute.append(t1 / 60.0)
-            timeline.arrivals_per_s.append(minute_arrivals / 60.0)
-            timeline.replicas.append(len(replicas))
-            timeline.ready.append(sum(r.ready for r in replicas))
-            minute_arrivals = 0.0
-
+    end = steps * dt
+    epoch = (trace.start_utc or datetime.datetime(2024, 1, 1)).replace(tzinfo=datetime.UTC).timestamp()
+    mean_p, mean_o = fluid_mix(float(trace.prompt_sum.sum()), float(trace.output_sum.sum()), trace.requests)
     if per_request:
-        serving.finish(steps * dt)
-        records = serving.records
+        serving: RequestServing | FluidServing = RequestServing(
+            settings.capacity, trace.arrivals, trace.prompt_tokens, trace.output_tokens, dt=dt, seed=settings.seed)
     else:
-        records = serving.records(dt)
-    return PolicyRun(name=policy.name, gpu_seconds=gpu_seconds, scale_actions=scale_actions, records=records,
-                     tokens_served=serving.tokens_served, timeline=timeline)
+        sizes = trace.prompt_tokens if trace.prompt_tokens is not None and len(trace.prompt_tokens) else None
+        serving = FluidServing(settings.capacity, sizes if sizes is not None else np.array([mean_p]), mean_p, mean_o,
+                               _binned(trace.counts, dt, steps), dt)
+    observes = frozenset(getattr(policy, "observes", ALL_SIGNALS))
+    fleet = _Fleet(settings.gpus_per_replica,
+                   0.0 if getattr(policy, "instant_start", False) else settings.cold_start_s)
+    for _ in range(_initial_replicas(policy, trace, settings)):
+        serving.add_replica(fleet.add(0.0, ready=True).rid, 0.0)
+
+    snapshot = Signals.missing("no scrape yet")
+    next_scrape = next_tick = 0.0
+    scale_actions = 0
+    changes: list[tuple[int, int, int]] = []  # (step, replicas, ready) whenever they change
+    n = 0
+    while n < steps:
+        t = n * dt
+        for replica in fleet.promote(t):
+            serving.add_replica(replica.rid, t)
+        if t >= next_scrape:
+            snapshot = serving.scrape(t, epoch, settings.metrics_window_s, settings.ttft_quantile,
+                                      settings.tpot_quantile, observes)
+            next_scrape += settings.scrape_interval_s
+        if t >= next_tick:
+            current = len(fleet.replicas)
+            state = FleetState(current=current, ready=fleet.ready, starting=current - fleet.ready)
+            desired = max(0, policy.decide(snapshot, state, epoch + t))
+            if desired != current:
+                scale_actions += 1
+            while len(fleet.replicas) < desired:
+                fleet.add(t)
+            while len(fleet.replicas) > desired:
+                victim = fleet.victim()
+                drain_end = serving.remove_replica(victim.rid, t) if victim.ready else None
+                fleet.remove(victim, t, drain_end)
+            next_tick += policy.interval_s
+        if not changes or changes[-1][1:] != (len(fleet.replicas), fleet.ready):
+            changes.append((n, len(fleet.replicas), fleet.ready))
+        upcoming = min(next_scrape, next_tick, fleet.next_ready_at())
+        following = min(steps, max(n + 1, math.ceil(upcoming / dt - 1e-9)))
+        for rid, when in serving.advance(n, following):
+            fleet.drained(rid, when)
+        n = following
+
+    records = serving.finish(end)
+    return PolicyRun(name=policy.name, gpu_seconds=fleet.finish(end), scale_actions=scale_actions, records=records,
+                     tokens_served=serving.tokens_served, timeline=_timeline(trace, changes, dt, steps))
 
 
-def _binned(trace: Trace, dt: float, steps: int):
+def _binned(counts: np.ndarray, dt: float, steps: int) -> np.ndarray:
+    """Arrivals per step of `dt` seconds from arrivals per second."""
     factor = int(round(dt))
     if factor <= 1:
-        return trace.counts.astype(float), trace.prompt_sum, trace.output_sum
-    pad = steps * factor - len(trace.counts)
-
-    def fold(a: np.ndarray) -> np.ndarray:
-        return np.pad(a.astype(float), (0, max(0, pad)))[: steps * factor].reshape(steps, factor).sum(axis=1)
-
-    return fold(trace.counts), fold(trace.prompt_sum), fold(trace.output_sum)
+        return np.pad(counts.astype(float), (0, max(0, steps - len(counts))))[:steps]
+    padded = np.pad(counts.astype(float), (0, max(0, steps * factor - len(counts))))[: steps * factor]
+    return padded.reshape(steps, factor).sum(axis=1)
 
 
-def _pick_victim(replicas: list[Replica]) -> Replica:
-    """Like the ReplicaSet controller: not-ready pods go first, then the newest."""
-    starting = [r for r in replicas if not r.ready]
-    pool = starting or replicas
-    return max(pool, key=lambda r: r.created)
-
-
-def _scrape(serving: RequestServing | FluidServing, t: float, epoch: float, settings: SimSettings,
-            dt: float, counters: deque[tuple[float, float]]) -> Signals:
-    """What Prometheus would hold at trace time `t`: gauges now, rates and quantiles over the
-    window (`counters` keeps the token counter at past scrapes, as Prometheus' storage does)."""
-    if isinstance(serving, FluidServing):
-        ttft, itl = serving.latency_window(t, settings.metrics_window_s, settings.ttft_quantile,
-                                           settings.tpot_quantile, dt)
-    else:
-        ttft, itl = serving.latency_window(t, settings.metrics_window_s, settings.ttft_quantile,
-                                           settings.tpot_quantile)
-    counters.append((t, serving.tokens_served))
-    while counters[0][0] < t - settings.metrics_window_s:
-        counters.popleft()
-    first_t, first_tokens = counters[0]
-    tokens_per_second = (serving.tokens_served - first_tokens) / (t - first_t) if t > first_t else None
-    return Signals(source="simulator", sampled_at=epoch + t, pods=serving.pods(epoch + t),
-                   ttft_seconds=ttft, tpot_seconds=itl, tokens_per_second=tokens_per_second)
+def _timeline(trace: Trace, changes: list[tuple[int, int, int]], dt: float, steps: int) -> Timeline:
+    """Per minute (and the last, partial one): arrivals per second, and the replicas and ready
+    replicas during the minute's last step."""
+    end = steps * dt
+    minute_ends = np.arange(60.0, end + 1e-9, 60.0)
+    if not len(minute_ends) or minute_ends[-1] < end - 1e-9:
+        minute_ends = np.append(minute_ends, end)
+    last_steps = np.maximum(0, np.ceil(minute_ends / dt - 1e-9).astype(int) - 1)
+    at = np.array([c[0] for c in changes])
+    index = np.searchsorted(at, last_steps, side="right") - 1
+    replicas = np.array([c[1] for c in changes])[index]
+    ready = np.array([c[2] for c in changes])[index]
+    per_second = np.pad(trace.counts.astype(float), (0, max(0, int(math.ceil(end)) - len(trace.counts))))
+    cumulative = np.concatenate([[0.0], np.cumsum(per_second)])
+    seconds = np.minimum(minute_ends.astype(int), len(per_second))
+    arrivals = np.diff(np.concatenate([[0.0], cumulative[seconds]])) / 60.0
+    return Timeline(minute=(minute_ends / 60.0).tolist(), arrivals_per_s=arrivals.tolist(),
+                    replicas=replicas.tolist(), ready=ready.tolist())

@@ -1,8 +1,8 @@
 """How a simulated fleet serves its load: request by request, or as a fluid.
 
-Both models take the same inputs each step (the arrivals of [t, t + dt) and the replicas that
-can serve), report the same gauges a Prometheus scrape would see, and leave behind the same
-latency records. Both read replica performance from one `CapacityModel`.
+Both models are driven the same way (replicas join and leave, time advances in steps, and at
+every scrape the gauges and windowed quantiles Prometheus would hold are read), and both leave
+behind the same latency records. Both read replica performance from one `CapacityModel`.
 
 - `RequestServing` runs one `EngineCore` (the engine simulator's own scheduler) per replica
   and routes every request (power of two choices on outstanding requests, as gateways do).
@@ -14,19 +14,24 @@ latency records. Both read replica performance from one `CapacityModel`.
   model's steady-state throughput, and when they are not, the queue is empty and TTFT is the
   prefill time. The queueing delay of each arrival is the exact fluid FCFS delay: the time until
   cumulative admissions reach the arrival's position. What it does not see is the short-term
-  queueing of Poisson bursts below saturation and imbalance between replicas;
-  tests/test_fleet.py measures the gap against `RequestServing`.
+  queueing of Poisson bursts inside one step below saturation and imbalance between replicas;
+  tests/test_fleet.py measures the gap against `RequestServing` (docs/simulator.md has the
+  numbers).
+
+Signals are only computed for what the policy reads (`observes`: "pods", "latency",
+"tokens"): a quantile nobody reads costs time and changes nothing.
 """
 
 from __future__ import annotations
 
+import bisect
 import random
 from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from ebbtide.policy.observation import PodSignals
+from ebbtide.policy.observation import PodSignals, Signals
 from ebbtide.sim.capacity import CapacityModel
 from ebbtide.sim.engine_core import EngineCore, Finished, FirstToken
 
@@ -35,15 +40,27 @@ from ebbtide.sim.engine_core import EngineCore, Finished, FirstToken
 # wait behind other prompts' prefill.
 PROMPT_POINTS = 32
 
+ALL_SIGNALS = frozenset({"pods", "latency", "tokens"})
+
+# The prefill load of a step (rho, see FluidServing._ttft_rows) is kept to 1/RHO_LEVELS, and
+# capped below 1 where the M/D/1 wait has no steady state.
+RHO_LEVELS = 10_000
+RHO_MAX = 0.95
+
 
 @dataclass
 class LatencyRecords:
-    """Per-request (or per-group) latencies: TTFT, mean inter-token latency, weight, arrival time."""
+    """Per-request (or per-group) latencies: TTFT, mean inter-token latency, weight, arrival time.
+
+    `group`: consecutive points that share their arrival time and ITL (the fluid model writes
+    PROMPT_POINTS per step), so ITL quantiles can be taken over one point per group.
+    """
 
     arrival: list[np.ndarray] = field(default_factory=list)
     ttft: list[np.ndarray] = field(default_factory=list)
     itl: list[np.ndarray] = field(default_factory=list)
     weight: list[np.ndarray] = field(default_factory=list)
+    group: int = 1
 
     def add(self, arrival, ttft, itl, weight) -> None:
         self.arrival.append(np.asarray(arrival, dtype=float).ravel())
@@ -55,35 +72,117 @@ class LatencyRecords:
         if not self.ttft:
             empty = np.zeros(0)
             return empty, empty, empty, empty
+        if len(self.ttft) == 1:
+            return self.arrival[0], self.ttft[0], self.itl[0], self.weight[0]
         return (np.concatenate(self.arrival), np.concatenate(self.ttft), np.concatenate(self.itl),
                 np.concatenate(self.weight))
 
 
 def weighted_quantile(values: np.ndarray, weights: np.ndarray, q: float) -> float | None:
-    if len(values) == 0 or weights.sum() <= 0:
-        return None
-    order = np.argsort(values, kind="stable")
-    cumulative = np.cumsum(weights[order])
-    index = int(np.searchsorted(cumulative, q * cumulative[-1], side="left"))
-    return float(values[order][min(index, len(values) - 1)])
+    """The smallest value whose cumulative weight (in value order) reaches q of the total."""
+    return weighted_quantiles(values, weights, (q,))[0]
+
+
+# Above this many values, quantiles are found by bucketing (one pass) and sorting only the
+# bucket that holds each quantile: argsort of millions of points costs half a second each.
+_BUCKET_ABOVE = 100_000
+_BUCKETS = 1 << 16
+
+
+def weighted_quantiles(values: np.ndarray, weights: np.ndarray, qs) -> list[float | None]:
+    """`weighted_quantile` for several q at once; exact at any size."""
+    values = np.asarray(values, dtype=float)
+    weights = np.asarray(weights, dtype=float)
+    total = float(weights.sum()) if len(values) else 0.0
+    if total <= 0:
+        return [None for _ in qs]
+    if len(values) <= _BUCKET_ABOVE:
+        order = np.argsort(values, kind="stable")
+        cumulative = np.cumsum(weights[order])
+        ordered = values[order]
+        out: list[float | None] = []
+        for q in qs:
+            index = int(np.searchsorted(cumulative, q * cumulative[-1], side="left"))
+            out.append(float(ordered[min(index, len(values) - 1)]))
+        return out
+    # Buckets by a monotone transform of the value (log-like, so heavy tails get resolution):
+    # bucket order is value order, so the cumulative weight below a bucket is exact.
+    low = float(values.min())
+    spread = float(values.max()) - low
+    if spread <= 0:
+        return [low for _ in qs]
+    scaled = np.log1p((values - low) * (1e6 / spread))
+    index = np.minimum((scaled * ((_BUCKETS - 1) / scaled.max())).astype(np.int64), _BUCKETS - 1)
+    cumulative = np.cumsum(np.bincount(index, weights=weights, minlength=_BUCKETS))
+    out = []
+    for q in qs:
+        target = q * cumulative[-1]
+        bucket = int(np.searchsorted(cumulative, target, side="left"))
+        bucket = min(bucket, _BUCKETS - 1)
+        below = float(cumulative[bucket - 1]) if bucket else 0.0
+        inside = index == bucket
+        vals, wts = values[inside], weights[inside]
+        order = np.argsort(vals, kind="stable")
+        running = below + np.cumsum(wts[order])
+        # Float sums in a different order can differ in the last bits: clamp into the bucket.
+        j = min(int(np.searchsorted(running, target, side="left")), len(vals) - 1)
+        out.append(float(vals[order][j]))
+    return out
+
+
+_POD_NAMES = [f"replica-{i}" for i in range(1024)]
+
+
+def _pods(count: int, now: float, waiting: float, running: float, kv: float) -> tuple[PodSignals, ...]:
+    """`count` replicas reporting the same sample (the fluid pool's mean replica).
+
+    Copies of one instance that differ in the name only: a frozen dataclass's __init__ costs
+    2.3 us, a copy 0.7 us, and a week replays 1.5 million pods.
+    """
+    first = PodSignals(pod=_POD_NAMES[0], sampled_at=now, waiting=waiting, running=running, kv_cache_usage=kv)
+    fields = first.__dict__
+    pods = [first]
+    new = object.__new__
+    for i in range(1, count):
+        pod = new(PodSignals)
+        pod.__dict__.update(fields)
+        pod.__dict__["pod"] = _POD_NAMES[i] if i < len(_POD_NAMES) else f"replica-{i}"
+        pods.append(pod)
+    return tuple(pods)
+
+
+def _tokens_counted(engine: EngineCore) -> float:
+    return float(engine.prompt_tokens_total + engine.generation_tokens_total)
 
 
 class RequestServing:
-    """Every request through a real engine scheduler, one `EngineCore` per replica."""
+    """Every request through a real engine scheduler, one `EngineCore` per replica.
 
-    def __init__(self, capacity: CapacityModel, seed: int = 0):
+    Time advances in steps of `dt`: the step's arrivals are routed, then every engine runs to
+    the step's end.
+    """
+
+    def __init__(self, capacity: CapacityModel, arrivals: np.ndarray, prompts: np.ndarray, outputs: np.ndarray,
+                 dt: float = 1.0, seed: int = 0):
         self.capacity = capacity
+        self.dt = dt
+        self._arrivals = arrivals
+        self._prompts = prompts
+        self._outputs = outputs
+        self._cursor = 0
         self.engines: dict[int, EngineCore] = {}
         self.draining: dict[int, EngineCore] = {}
-        self.gateway: deque[tuple[str, float, int, int]] = deque()  # held while no replica serves
+        self.gateway: deque[tuple[float, int, int]] = deque()  # held while no replica serves
         self.records = LatencyRecords()
         self._first_tokens: deque[tuple[float, float]] = deque()  # (time, ttft) for the TTFT signal
         self._itl_samples: deque[tuple[float, float, int]] = deque()
+        self._token_marks: deque[tuple[float, float]] = deque()  # (scrape time, tokens served)
         self._outstanding: dict[int, int] = {}
         self._rng = random.Random(seed)
         self._next_id = 0
         self._held: dict[str, float] = {}  # request id -> seconds it waited at the gateway
         self.tokens_served = 0.0
+        self._tokens_of_gone = 0.0  # vLLM's token counters of replicas that have drained
 
     def add_replica(self, rid: int, now: float) -> None:
         engine = EngineCore(self.capacity)
@@ -91,18 +190,30 @@ class RequestServing:
         self.engines[rid] = engine
         self._outstanding[rid] = 0
 
-    def remove_replica(self, rid: int) -> None:
-        """Stop routing to it; it finishes what it holds (drains), then is gone."""
+    def remove_replica(self, rid: int, now: float) -> float | None:
+        """Stop routing to it; it finishes what it holds (drains), then is gone: `advance`
+        reports when. Returns None (the drain end is not known yet)."""
         engine = self.engines.pop(rid, None)
         if engine is not None:
             self.draining[rid] = engine
+        return None
 
-    def drained(self) -> list[int]:
-        done = [rid for rid, e in self.draining.items() if e.idle]
-        for rid in done:
-            del self.draining[rid]
-            self._outstanding.pop(rid, None)
-        return done
+    def advance(self, first: int, last: int) -> list[tuple[int, float]]:
+        """Serve steps [first, last); returns (replica, time) of the drains that ended."""
+        dt = self.dt
+        gone: list[tuple[int, float]] = []
+        for n in range(first, last):
+            t0, t1 = n * dt, (n + 1) * dt
+            end = int(np.searchsorted(self._arrivals, t1, side="left"))
+            self._step(t0, t1, self._arrivals[self._cursor:end], self._prompts[self._cursor:end],
+                       self._outputs[self._cursor:end])
+            self._cursor = end
+            done = [rid for rid, e in self.draining.items() if e.idle]
+            for rid in done:
+                self._tokens_of_gone += _tokens_counted(self.draining.pop(rid))
+                self._outstanding.pop(rid, None)
+                gone.append((rid, t1))
+        return gone
 
     def _route(self, arrival: float, prompt: int, output: int, now: float) -> None:
         ids = list(self.engines)
@@ -119,7 +230,7 @@ class RequestServing:
         self._next_id += 1
         self._outstanding[rid] += 1
 
-    def step(self, t0: float, t1: float, arrivals: np.ndarray, prompts: np.ndarray, outputs: np.ndarray) -> None:
+    def _step(self, t0: float, t1: float, arrivals: np.ndarray, prompts: np.ndarray, outputs: np.ndarray) -> None:
         for arrival, prompt, output in zip(arrivals.tolist(), prompts.tolist(), outputs.tolist(), strict=True):
             self.gateway.append((arrival, int(prompt), int(output)))
         if self.engines:
@@ -141,7 +252,7 @@ class RequestServing:
                 held = self._held.pop(event.request_id, 0.0)
                 self.records.add(event.arrival - held, event.ttft + held, itl, 1.0)
 
-    def finish(self, end: float) -> None:
+    def finish(self, end: float) -> LatencyRecords:
         """Requests still queued or running at the end count with the latency they had so far."""
         for arrival, _, _ in self.gateway:
             self.records.add(arrival, end - arrival, 0.0, 1.0)
@@ -150,18 +261,36 @@ class RequestServing:
                 for req in list(engine._requests.values()):  # noqa: SLF001  (end-of-run census)
                     ttft = (req.first_token_at - req.arrival) if req.first_token_at else end - req.arrival
                     self.records.add(req.arrival, ttft, 0.0, 1.0)
+        return self.records
 
-    def pods(self, now: float) -> tuple[PodSignals, ...]:
-        return tuple(PodSignals(pod=f"replica-{rid}", sampled_at=now, waiting=e.num_waiting + (
+    def scrape(self, t: float, epoch: float, window: float, ttft_q: float | None, itl_q: float | None,
+               observes: frozenset[str] = ALL_SIGNALS) -> Signals:
+        """What Prometheus holds at trace time `t`: gauges now, rates and quantiles over the window."""
+        ttft, itl = self._latency_window(t, window, ttft_q, itl_q)
+        # vllm:prompt_tokens_total + vllm:generation_tokens_total over the fleet, rate over the window.
+        counted = self._tokens_of_gone + sum(_tokens_counted(e) for pool in (self.engines, self.draining)
+                                             for e in pool.values())
+        self._token_marks.append((t, counted))
+        while self._token_marks[0][0] < t - window:
+            self._token_marks.popleft()
+        first_t, first_tokens = self._token_marks[0]
+        tokens = (counted - first_tokens) / (t - first_t) if t > first_t else None
+        pods = tuple(PodSignals(pod=f"replica-{rid}", sampled_at=epoch + t, waiting=e.num_waiting + (
             len(self.gateway) / len(self.engines)), running=e.num_running, kv_cache_usage=e.kv_cache_usage)
             for rid, e in self.engines.items())
+        latency = "latency" in observes
+        return Signals(source="simulator", sampled_at=epoch + t, pods=pods,
+                       ttft_seconds=ttft if latency else None, tpot_seconds=itl if latency else None,
+                       tokens_per_second=tokens if "tokens" in observes else None)
 
-    def latency_window(self, now: float, window: float, ttft_q: float | None, itl_q: float | None):
+    def _latency_window(self, now: float, window: float, ttft_q: float | None, itl_q: float | None):
         while self._first_tokens and self._first_tokens[0][0] < now - window:
             self._first_tokens.popleft()
         for engine in self.engines.values():
             for itl, count in engine.take_itl_samples():
                 self._itl_samples.append((now, itl, count))
+        for engine in self.draining.values():
+            engine.take_itl_samples()  # a draining replica has left the Service: not scraped
         while self._itl_samples and self._itl_samples[0][0] < now - window:
             self._itl_samples.popleft()
         ttft = itl = None
@@ -176,16 +305,30 @@ class RequestServing:
 
 
 class FluidServing:
-    """The fleet as one pool fed by a FCFS queue; load moves in aggregates per step."""
+    """The fleet as one pool fed by a FCFS queue; load moves in aggregates per step of `dt`.
+
+    State is kept per step in plain lists (a week is 120 960 steps of 5 s, and list indexing is
+    several times cheaper than numpy scalar indexing); windows read slices of them.
+    """
 
     def __init__(self, capacity: CapacityModel, prompt_sizes: np.ndarray, mean_prompt: float, mean_output: float,
-                 steps: int):
+                 counts: np.ndarray, dt: float):
         self.capacity = capacity
+        self.dt = dt
         qs = (np.arange(PROMPT_POINTS) + 0.5) / PROMPT_POINTS
         self.prompt_points = np.quantile(prompt_sizes, qs)
         self._prefill_points = np.array([capacity.prefill_seconds(p) for p in self.prompt_points])
-        self._wait_quantiles = np.random.default_rng(7).permutation(qs)
+        wait_quantiles = np.random.default_rng(7).permutation(qs)
         self.P, self.O = mean_prompt, mean_output
+        # TTFT points of a step's arrivals before their queue wait and ITL, by the step's
+        # prefill load rho in steps of 1/RHO_LEVELS (see _ttft_rows): a table lookup per step
+        # instead of a log and a where over its points.
+        rho = np.minimum(RHO_MAX, np.arange(int(RHO_MAX * RHO_LEVELS) + 1) / RHO_LEVELS)[:, None]
+        mean_prefill = self.P / capacity.prefill_tokens_per_s
+        u = wait_quantiles[None, :]
+        tail = np.maximum(0.0, -np.log(np.maximum(1e-12, (1.0 - u) / np.maximum(rho, 1e-9))))
+        prefill_wait = np.where(u > 1.0 - rho, mean_prefill / (2.0 * (1.0 - rho)) * tail, 0.0)
+        self._rho_table = prefill_wait + self._prefill_points[None, :]
         self.n_max = capacity.max_concurrency(self.P, self.O)
         # itl(n) = c0 + c1 n: the capacity model's steady state for this mix (see capacity.py).
         self._c0 = capacity.itl_at(0.0, self.P, self.O)
@@ -193,146 +336,234 @@ class FluidServing:
         self.ready = 0
         self.queue = 0.0  # waiting requests
         self.running = 0.0  # requests in the batches of all ready replicas
-        self.draining_until: dict[int, float] = {}
         self.tokens_served = 0.0
-        # Per step: start time, arrivals, ITL; cumulative arrivals and admissions at each step end
-        # (index 0: the start). Preallocated: windows are read every scrape, over a week.
-        self._n = 0
-        self._t = np.zeros(steps)
-        self._arrivals = np.zeros(steps)
-        self._itl = np.zeros(steps)
-        self._cum_in = np.zeros(steps + 1)
-        self._cum_admitted = np.zeros(steps + 1)
-        self._rho = np.zeros(steps)  # prefill load per replica (fraction of its time)
+        self._tokens_counted = 0.0
         self._completed = 0.0
+        steps = len(counts)
+        self._counts = np.asarray(counts, dtype=float).tolist()
+        # Per step n (covering [n dt, (n+1) dt)): ITL and prefill load per replica (a fraction of
+        # its time, as a row of the rho table); at each step end n (index 0: the start):
+        # cumulative arrivals, admissions, and tokens counted as vLLM counts them (prompt tokens
+        # when prefilled, output tokens as generated; `tokens_served` counts whole requests
+        # when they finish, which is what the cost report divides by, but as a rate it comes in
+        # bursts one service time after a backlog is admitted).
+        self._itl = [0.0] * steps
+        self._rho_level = [0] * steps
+        self._cum_in = [0.0] * (steps + 1)
+        self._cum_admitted = [0.0] * (steps + 1)
+        self._cum_tokens = [0.0] * (steps + 1)
+        self._n = 0  # steps served
+        self._queued_at = -1  # the last step that ended with requests waiting
 
     def add_replica(self, rid: int, now: float) -> None:
         self.ready += 1
 
-    def remove_replica(self, rid: int, now: float | None = None) -> None:
+    def remove_replica(self, rid: int, now: float) -> float:
         """Leaves the pool; it keeps its GPU while its in-flight requests finish (about one
-        request's decode time), which the caller charges via `drain_seconds`."""
+        request's decode time). Returns when it is gone."""
+        per_replica = self.running / self.ready if self.ready else 0.0
         self.ready -= 1
+        return now + self.O * (self._c0 + self._c1 * min(per_replica, self.n_max))
 
-    def drain_seconds(self) -> float:
-        n = self.running / self.ready if self.ready else 0.0
-        return self.O * (self._c0 + self._c1 * min(n, self.n_max))
+    def advance(self, first: int, last: int) -> list[tuple[int, float]]:
+        """Serve steps [first, last) with the current ready replicas: completions, then FCFS
+        admissions into the free batch slots.
 
-    def step(self, t0: float, t1: float, count: float, prompt_sum: float, output_sum: float) -> None:
-        """Move one step: completions, then FCFS admissions into the free batch slots.
-
-        A request admitted at time a completes at a + O x itl: completions are the admissions
-        of one service time ago (a delay line), which is Little's law in steady state and also
-        right in transients: a fresh replica produces nothing for its first service time. The
-        request mix is the trace's mean mix (a rate trace draws every request from one size
-        distribution, so the mean does not drift)."""
-        dt = t1 - t0
-        cap = self.capacity
+        A request admitted at time a completes at a + s, s = O x itl (its service time): the
+        completions of earlier steps' admissions are those of one service time ago (a delay
+        line), which is Little's law in steady state and also right in transients: a fresh
+        replica produces nothing for its first service time. Admissions are spread evenly over
+        their step, so when s is shorter than a step (short outputs: 28 tokens of code take
+        half a second) the first 1 - s/dt of them also finish within it, and a batch slot
+        serves dt/s requests per step: the batch limit holds for the requests in flight at the
+        step's end. The request mix is the trace's mean mix (a rate trace draws every request
+        from one size distribution, so the mean does not drift). Nothing drains here: the pool
+        returns []."""
+        assert first == self._n, "steps are served in order"
+        dt = self.dt
         ready = self.ready
+        c0, c1, n_max, mean_output = self._c0, self._c1, self.n_max, self.O
+        tokens_per_request = self.P + self.O
+        slots = ready * n_max
+        level_per_admission = (self.P / self.capacity.prefill_tokens_per_s / dt / ready * RHO_LEVELS
+                               if ready else 0.0)
+        top_level = int(RHO_MAX * RHO_LEVELS)
+        counts, itls, levels = self._counts, self._itl, self._rho_level
+        queued_at = self._queued_at
+        cum_in, cum_adm, cum_tokens = self._cum_in, self._cum_admitted, self._cum_tokens
+        running, queue, completed_total, tokens = self.running, self.queue, self._completed, self.tokens_served
+        counted = self._tokens_counted
+        prompt = self.P
+        for n in range(first, last):
+            per_replica = running / ready if ready else 0.0
+            itl = c0 + c1 * (per_replica if per_replica < n_max else n_max)
+            service = mean_output * itl
+            # Earlier steps' admissions made one service time before this step's end (step
+            # ends are at i x dt, interpolated between them).
+            k = n + 1 - service / dt
+            earlier_done = 0.0
+            if k > 0:
+                i = int(k)
+                if i >= n:
+                    done_by = cum_adm[n]
+                else:
+                    before = cum_adm[i]
+                    done_by = before + (cum_adm[i + 1] - before) * (k - i)
+                earlier_done = done_by - completed_total
+                if earlier_done > running:
+                    earlier_done = running
+                if earlier_done > 0:
+                    completed_total += earlier_done
+                else:
+                    earlier_done = 0.0
+            # Output tokens (one per running request per ITL) of the requests admitted before.
+            in_service = dt * (running - 0.5 * earlier_done)
+            running -= earlier_done
+            count = counts[n]
+            queue += count
+            # Of this step's admissions, the share still running at its end.
+            still = service / dt if service < dt else 1.0
+            free = slots - running
+            capacity = free / still if free > 0 else 0.0
+            admitted = queue if queue <= capacity else capacity
+            queue -= admitted
+            done_now = admitted * (1.0 - still)
+            completed_total += done_now
+            running += admitted * still
+            done = earlier_done + done_now
+            tokens += done * tokens_per_request
+            # ... and of this step's: each admitted at tau serves until min(tau + s, step end).
+            in_service += admitted * (service * (1.0 - 0.5 * still) if still < 1.0 else 0.5 * dt)
+            counted += admitted * prompt + in_service / itl
+            cum_in[n + 1] = cum_in[n] + count
+            cum_adm[n + 1] = cum_adm[n] + admitted
+            cum_tokens[n + 1] = counted
+            itls[n] = itl
+            level = int(admitted * level_per_admission + 0.5)
+            levels[n] = level if level < top_level else top_level
+            if queue > 1e-6:
+                queued_at = n
+        self.running, self.queue, self._completed, self.tokens_served = running, queue, completed_total, tokens
+        self._tokens_counted = counted
+        self._queued_at = queued_at
+        self._n = last
+        return []
+
+    # -- what Prometheus sees ---------------------------------------------------------------
+
+    def scrape(self, t: float, epoch: float, window: float, ttft_q: float | None, itl_q: float | None,
+               observes: frozenset[str] = ALL_SIGNALS) -> Signals:
+        """Gauges at `t` (which must be the end of the last step served), token rate and latency
+        quantiles over the window before it."""
         n = self._n
-        per_replica = self.running / ready if ready else 0.0
-        itl = self._c0 + self._c1 * min(per_replica, self.n_max)
-        # Cumulative admissions one service time ago (step ends are at i x dt, interpolated).
-        k = (t1 - self.O * itl) / dt
-        if k > 0:
-            i = min(int(k), n)
-            before = self._cum_admitted[i]
-            after = self._cum_admitted[min(i + 1, n)]
-            done_by = before + (after - before) * (k - i)
-        else:
-            done_by = 0.0
-        completed = max(0.0, min(self.running, done_by - self._completed))
-        self._completed += completed
-        self.running -= completed
-        self.tokens_served += completed * (self.P + self.O)
-        self.queue += count
-        admitted = min(self.queue, max(0.0, ready * self.n_max - self.running))
-        self.queue -= admitted
-        self.running += admitted
-        self._t[n] = t0
-        self._arrivals[n] = count
-        self._cum_in[n + 1] = self._cum_in[n] + count
-        self._cum_admitted[n + 1] = self._cum_admitted[n] + admitted
-        self._itl[n] = itl
-        if ready:
-            self._rho[n] = admitted / dt / ready * self.P / cap.prefill_tokens_per_s
-        self._n = n + 1
+        pods: tuple[PodSignals, ...] = ()
+        if "pods" in observes and self.ready:
+            per_replica = self.running / self.ready
+            kv = min(1.0, per_replica * (self.P + self.O / 2) / self.capacity.kv_cache_tokens)
+            pods = _pods(self.ready, epoch + t, self.queue / self.ready, per_replica, kv)
+        w = max(1, int(round(window / self.dt)))
+        first = max(0, n - w)
+        tokens = ttft = itl = None
+        if "tokens" in observes and n > first:
+            tokens = (self._cum_tokens[n] - self._cum_tokens[first]) / ((n - first) * self.dt)
+        if "latency" in observes and n > first:
+            if ttft_q is not None:
+                ttft = self._ttft_window(first, n, ttft_q)
+            if itl_q is not None and self.ready and self._cum_in[n] > self._cum_in[first]:
+                itl = max(self._itl[first:n])
+        return Signals(source="simulator", sampled_at=epoch + t, pods=pods, ttft_seconds=ttft, tpot_seconds=itl,
+                       tokens_per_second=tokens)
 
-    def pods(self, now: float) -> tuple[PodSignals, ...]:
-        if not self.ready:
-            return ()
-        n = self.running / self.ready
-        kv = min(1.0, n * (self.P + self.O / 2) / self.capacity.kv_cache_tokens)
-        waiting = self.queue / self.ready
-        return tuple(PodSignals(pod=f"replica-{i}", sampled_at=now, waiting=waiting, running=n, kv_cache_usage=kv)
-                     for i in range(self.ready))
+    def _ttft_window(self, first: int, last: int, q: float) -> float | None:
+        """TTFT quantile of the requests whose first token came in steps [first, last): those
+        admitted in them (the histogram observes at the first token, as vLLM's does), whatever
+        step they arrived in. An arrival step's requests count where the middle of them was
+        admitted."""
+        if self._queued_at < first - 1:
+            # No queue since before the window: every arrival in it was admitted on arrival.
+            counts = self._counts[first:last]
+            if not any(counts):
+                return None
+            points = self._ttft_rows(first, last)
+            weights = np.repeat(np.array(counts) / PROMPT_POINTS, PROMPT_POINTS)
+            return weighted_quantile(points.ravel(), weights, q)
+        cum_in, cum_adm = self._cum_in, self._cum_admitted
+        lo, hi = cum_adm[first], cum_adm[last]
+        if hi - lo < 1e-9:
+            return None
+        # Arrival steps j whose middle position (cum_in[j] + cum_in[j+1]) / 2 is in (lo, hi].
+        j0 = max(0, bisect.bisect_left(cum_in, lo, 0, last + 1) - 1)
+        j1 = min(last, bisect.bisect_right(cum_in, hi, 0, last + 1))
+        cin = np.array(cum_in[j0:j1 + 1])
+        mids = (cin[:-1] + cin[1:]) * 0.5
+        arrived = cin[1:] - cin[:-1]
+        take = (mids > lo) & (mids <= hi) & (arrived > 0)
+        if not take.any():
+            return None
+        js = np.nonzero(take)[0]
+        mids = mids[take]
+        # When each middle was admitted: inside the window's steps, interpolated.
+        adm = np.array(cum_adm[first:last + 1])
+        i = np.clip(np.searchsorted(adm, mids - 1e-3, side="left"), 1, len(adm) - 1)
+        before, after = adm[i - 1], adm[i]
+        frac = np.clip((mids - before) / np.maximum(after - before, 1e-12), 0.0, 1.0)
+        waits = np.maximum(0.0, (first + i - 1 + frac) - (js + j0 + 0.5)) * self.dt
+        points = waits[:, None] + self._ttft_rows(j0, j1)[js]
+        weights = np.repeat(arrived[take] / PROMPT_POINTS, PROMPT_POINTS)
+        return weighted_quantile(points.ravel(), weights, q)
 
-    def _waits(self, first: int, last: int, dt: float) -> np.ndarray:
-        """FCFS delay of the arrivals of steps [first, last): the time until cumulative
-        admissions reach the middle of each step's arrivals (admissions are spread evenly over
-        their step, so the time is interpolated inside it)."""
-        cum_in = self._cum_in
-        if (cum_in[first:last + 1] - self._cum_admitted[first:last + 1]).max() < 1e-3:
-            return np.zeros(last - first)  # no queue at any step end: everyone was admitted on arrival
-        # FCFS: an arrival of step k is admitted at or after step k, so search from there on.
-        cum_adm = self._cum_admitted[first:self._n + 1]
-        target = (cum_in[first:last] + cum_in[first + 1:last + 1]) * 0.5 - 1e-3  # float sums of millions
-        idx = np.searchsorted(cum_adm, target, side="left")  # first step end that reached it
-        reached = idx < len(cum_adm)
-        i = np.minimum(np.maximum(idx, 1), max(1, len(cum_adm) - 1))
-        before, after = cum_adm[i - 1], cum_adm[i]
-        frac = np.minimum(np.maximum((target - before) / np.maximum(after - before, 1e-12), 0.0), 1.0)
-        admitted_at = np.where(reached, (first + i - 1 + frac) * dt, np.inf)
-        return np.maximum(0.0, admitted_at - (self._t[first:last] + dt / 2))
-
-    def _ttft_points(self, steps: slice, waits: np.ndarray) -> np.ndarray:
-        """TTFT = queue wait + wait behind prompts already being prefilled + own prefill + one step.
+    def _ttft_rows(self, first: int, last: int) -> np.ndarray:
+        """TTFT points of the arrivals of steps [first, last), without their queue wait:
+        wait behind prompts already being prefilled + own prefill + one step.
 
         The replica prefills prompts one step at a time, so an arrival that finds another
         prompt's prefill step running waits for it: an M/D/1 queue of prefill work with load
         rho = arrivals per replica x mean prefill time. Its wait is approximated by the
         M/D/1 mean with an exponential tail: 0 with probability 1 - rho, else exponential with
         mean D / (2 (1 - rho)) (Pollaczek-Khinchine). tests/test_fleet.py checks the result
-        against the engine scheduler itself.
-        """
-        itl = self._itl[steps]
-        mean_prefill = self.P / self.capacity.prefill_tokens_per_s
-        rho = np.minimum(0.95, self._rho[steps])[:, None]
-        u = self._wait_quantiles[None, :]
-        tail = np.maximum(0.0, -np.log(np.maximum(1e-12, (1.0 - u) / np.maximum(rho, 1e-9))))
-        prefill_wait = np.where(u > 1.0 - rho, mean_prefill / (2.0 * (1.0 - rho)) * tail, 0.0)
-        return waits[:, None] + prefill_wait + self._prefill_points[None, :] + itl[:, None]
+        against the engine scheduler itself."""
+        rows = self._rho_table[np.array(self._rho_level[first:last], dtype=np.int64)]
+        rows += np.array(self._itl[first:last])[:, None]
+        return rows
 
-    def latency_window(self, now: float, window: float, ttft_q: float | None, itl_q: float | None, dt: float):
-        """TTFT and ITL quantiles of what finished its prefill in the window: the requests
-        admitted in it (Prometheus' histograms observe at the first token)."""
-        last = self._n
-        first = max(0, last - int(window / dt))
-        if last == first:
-            return None, None
-        ttft = itl = None
-        weights = self._arrivals[first:last]
-        if ttft_q is not None and weights.sum() > 0:
-            waits = self._waits(first, last, dt)
-            admitted = np.isfinite(waits)
-            if admitted.any():
-                points = self._ttft_points(slice(first, last), np.where(admitted, waits, 0.0))[admitted]
-                w = np.repeat(weights[admitted] / PROMPT_POINTS, PROMPT_POINTS)
-                ttft = weighted_quantile(points.ravel(), w, ttft_q)
-        if itl_q is not None and self.ready:
-            itl = float(self._itl[first:last].max()) if weights.sum() else None
-        return ttft, itl
+    # -- after the run ------------------------------------------------------------------------
 
-    def records(self, dt: float) -> LatencyRecords:
-        steps = self._n
-        waits = self._waits(0, steps, dt)
-        end = steps * dt
-        start = self._t[:steps]
-        # Arrivals never admitted by the end waited at least until the end.
-        waits = np.where(np.isfinite(waits), waits, end - start)
-        points = self._ttft_points(slice(0, steps), waits)
-        weights = np.repeat(self._arrivals[:steps] / PROMPT_POINTS, PROMPT_POINTS)
-        itl = np.repeat(self._itl[:steps], PROMPT_POINTS)
-        records = LatencyRecords()
-        records.add(np.repeat(start, PROMPT_POINTS), points.ravel(), itl, weights)
+    def _waits(self) -> np.ndarray:
+        """FCFS delay of every step's arrivals: the time until cumulative admissions reach the
+        middle of the step's arrivals (admissions are spread evenly over their step, so the
+        time is interpolated inside it); inf if that never happened."""
+        steps, dt = self._n, self.dt
+        cum_in = np.array(self._cum_in[:steps + 1])
+        cum_adm = np.array(self._cum_admitted[:steps + 1])
+        if (cum_in - cum_adm).max() < 1e-3:
+            return np.zeros(steps)  # no queue at any step end: everyone was admitted on arrival
+        target = (cum_in[:-1] + cum_in[1:]) * 0.5 - 1e-3  # float sums of millions
+        idx = np.searchsorted(cum_adm, target, side="left")  # first step end that reached it
+        reached = idx < len(cum_adm)
+        i = np.minimum(np.maximum(idx, 1), max(1, len(cum_adm) - 1))
+        before, after = cum_adm[i - 1], cum_adm[i]
+        frac = np.minimum(np.maximum((target - before) / np.maximum(after - before, 1e-12), 0.0), 1.0)
+        admitted_at = np.where(reached, (i - 1 + frac) * dt, np.inf)
+        return np.maximum(0.0, admitted_at - (np.arange(steps) + 0.5) * dt)
+
+    def finish(self, end: float) -> LatencyRecords:
+        """Latency records of every step's arrivals; those never admitted waited at least
+        until the end."""
+        steps, dt = self._n, self.dt
+        starts = np.arange(steps) * dt
+        waits = self._waits()
+        waits = np.where(np.isfinite(waits), waits, np.maximum(0.0, end - starts - dt / 2))
+        rows = self._ttft_rows(0, steps)
+        records = LatencyRecords(group=PROMPT_POINTS)
+        records.add(np.repeat(starts, PROMPT_POINTS), (waits[:, None] + rows).ravel(),
+                    np.repeat(np.array(self._itl[:steps]), PROMPT_POINTS),
+                    np.repeat(np.array(self._counts[:steps]) / PROMPT_POINTS, PROMPT_POINTS))
         return records
+
+
+def fluid_mix(trace_prompt_sum: float, trace_output_sum: float, requests: int) -> tuple[float, float]:
+    """(mean prompt, mean output) tokens of a trace; an output is at least one token."""
+    mean_p = trace_prompt_sum / max(requests, 1)
+    mean_o = max(trace_output_sum / max(requests, 1), 1.0)
+    return float(mean_p), float(mean_o)
+
