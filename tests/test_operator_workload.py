@@ -53,6 +53,8 @@ def test_create_edit_restore_delete(apiserver):
             "containers"][0]["image"]
         wait_for(lambda: image() == "vllm/vllm-openai:v0.12.0", what="the new image in the Deployment")
         assert server.get_object(DEPLOYMENTS, "default", "chat")["spec"]["replicas"] == 4
+        time.sleep(0.5)
+        assert not events(server, "chat", "DriftCorrected"), "a spec edit is not drift"
 
         # Drift: an edit by hand is put back, a deletion by hand is undone.
         server.patch_object(DEPLOYMENTS, "default", "chat", {"spec": {"template": {"spec": {"containers": [

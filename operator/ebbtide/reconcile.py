@@ -72,13 +72,15 @@ async def reconcile(kube: Kube, registry: Registry, ref: ServiceRef, raw_spec: d
         await _reject(kube, registry, ref, str(e), generation)
         return
 
+    # Registered before applying: the patches below come back as MODIFIED events, and drift
+    # correction must compare them with this spec, not restore the previous one.
+    registry.put(ref, spec)
     try:
         outcomes = {obj["kind"]: await kube.apply(obj, ref) for obj in render_workload(ref, spec)}
     except Conflict as e:
         await kube.post_event(ref, "Warning", "OwnershipConflict", str(e))
         await _set_status(kube, ref, generation, "Ready", "False", "OwnershipConflict", str(e))
         raise
-    registry.put(ref, spec)
     changed = {kind: what for kind, what in outcomes.items() if what != "unchanged"}
     if changed:
         summary = ", ".join(f"{kind} {what}" for kind, what in changed.items())
