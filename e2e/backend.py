@@ -1,0 +1,149 @@
+"""The small interface the end-to-end scenarios are written against, and what both backends share.
+
+A backend is a running cluster with the Ebbtide operator and a Prometheus in it:
+
+* ``apply(manifest)``, ``get``, ``patch``, ``delete``, ``list``: kubectl-like, through the
+  official kubernetes client (its dynamic client) with the backend's kubeconfig;
+* ``kubectl(*args)``: the real kubectl binary (tools/bin/kubectl, else one on PATH), for
+  ``describe`` in the end-to-end log;
+* ``service_url(name, namespace)``: a base URL on this machine that reaches the model server's
+  Service (a load balancer process on the emulated cluster, a port-forward on kind);
+* ``prometheus_url``: the Prometheus the operator reads;
+* ``engine``: what the scenario puts in ``spec.engine`` so replicas run the engine simulator.
+"""
+
+from __future__ import annotations
+
+import abc
+import datetime
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import kubernetes.client
+import kubernetes.config
+import kubernetes.dynamic
+from kubernetes.dynamic.exceptions import NotFoundError
+
+ROOT = Path(__file__).resolve().parents[1]
+MERGE_PATCH = "application/merge-patch+json"
+
+
+def kubectl_binary() -> str | None:
+    local = ROOT / "tools" / "bin" / "kubectl"
+    return str(local) if local.exists() else shutil.which("kubectl")
+
+
+class StoryLog:
+    """The end-to-end log: timestamped scenario steps, appended to a file and kept in memory."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.started = time.monotonic()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("")
+
+    def step(self, message: str) -> None:
+        now = datetime.datetime.now(datetime.UTC).strftime("%H:%M:%S.%f")[:-3]
+        line = f"{now} +{time.monotonic() - self.started:6.1f}s  {message}\n"
+        with self.path.open("a") as f:
+            f.write(line)
+
+    def section(self, title: str, text: str) -> None:
+        with self.path.open("a") as f:
+            f.write(f"\n===== {title} =====\n{text.rstrip()}\n")
+
+
+class Backend(abc.ABC):
+    name: str
+    kubeconfig: Path
+    prometheus_url: str
+    engine: dict[str, Any] | None = None
+
+    def __init__(self, artifacts: Path) -> None:
+        self.artifacts = artifacts
+        self._api_client: kubernetes.client.ApiClient | None = None
+        self._dynamic: kubernetes.dynamic.DynamicClient | None = None
+
+    # ------------------------------------------------------------------ lifecycle (per backend)
+
+    @abc.abstractmethod
+    def start(self) -> None:
+        """Bring the cluster, Prometheus and the operator up; set kubeconfig and prometheus_url."""
+
+    @abc.abstractmethod
+    def stop(self) -> None:
+        """Tear everything down; raise if a process was left behind."""
+
+    @abc.abstractmethod
+    def service_url(self, name: str, namespace: str = "default") -> str:
+        """A base URL on this machine for the model server's Service."""
+
+    def __enter__(self) -> Backend:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._api_client is not None:
+            self._api_client.close()
+            self._api_client = self._dynamic = None
+        self.stop()
+
+    # ------------------------------------------------------------------ kubectl-like, official client
+
+    @property
+    def dynamic(self) -> kubernetes.dynamic.DynamicClient:
+        if self._dynamic is None:
+            self._api_client = kubernetes.config.new_client_from_config(config_file=str(self.kubeconfig))
+            self._dynamic = kubernetes.dynamic.DynamicClient(self._api_client)
+        return self._dynamic
+
+    def _resource(self, api_version: str, kind: str):
+        return self.dynamic.resources.get(api_version=api_version, kind=kind)
+
+    def get(self, api_version: str, kind: str, name: str, namespace: str = "default") -> dict | None:
+        try:
+            return self._resource(api_version, kind).get(name=name, namespace=namespace).to_dict()
+        except NotFoundError:
+            return None
+
+    def list(self, api_version: str, kind: str, namespace: str = "default", **selectors: str) -> list[dict]:
+        found = self._resource(api_version, kind).get(namespace=namespace, **selectors).to_dict()
+        return found.get("items") or []
+
+    def apply(self, manifest: dict) -> dict:
+        """Create the object, or merge-patch it if it exists (client-side, like a first `kubectl apply`)."""
+        resource = self._resource(manifest["apiVersion"], manifest["kind"])
+        meta = manifest["metadata"]
+        namespace = meta.get("namespace", "default")
+        if self.get(manifest["apiVersion"], manifest["kind"], meta["name"], namespace) is None:
+            return resource.create(body=manifest, namespace=namespace).to_dict()
+        return resource.patch(body=manifest, name=meta["name"], namespace=namespace,
+                              content_type=MERGE_PATCH).to_dict()
+
+    def patch(self, api_version: str, kind: str, name: str, patch: dict, namespace: str = "default") -> dict:
+        return self._resource(api_version, kind).patch(body=patch, name=name, namespace=namespace,
+                                                       content_type=MERGE_PATCH).to_dict()
+
+    def delete(self, api_version: str, kind: str, name: str, namespace: str = "default") -> None:
+        try:
+            self._resource(api_version, kind).delete(name=name, namespace=namespace)
+        except NotFoundError:
+            pass
+
+    def kubectl(self, *args: str, timeout: float = 60) -> str:
+        """Run the real kubectl against this cluster; its stdout (or a line saying why not)."""
+        binary = kubectl_binary()
+        if binary is None:
+            return "(no kubectl: run `make tools` to put one in tools/bin/)"
+        done = subprocess.run([binary, "--kubeconfig", str(self.kubeconfig), *args], capture_output=True,
+                              text=True, timeout=timeout)
+        if done.returncode != 0:
+            return f"(kubectl {' '.join(args)} failed with {done.returncode})\n{done.stdout}{done.stderr}"
+        return done.stdout

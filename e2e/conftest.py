@@ -1,0 +1,37 @@
+"""Fixtures of the end-to-end scenarios: the backend chosen by ``E2E_CLUSTER`` (``emulated``, the
+default, or ``kind``) and the end-to-end log, ``artifacts/e2e-<backend>.log``."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from e2e import emulated, kind
+from e2e.backend import ROOT, Backend, StoryLog
+
+BACKENDS = {"emulated": (emulated.EmulatedBackend, emulated.missing_requirement),
+            "kind": (kind.KindBackend, kind.missing_requirement)}
+
+
+def artifacts_dir() -> Path:
+    return Path(os.environ.get("E2E_ARTIFACTS", ROOT / "artifacts"))
+
+
+@pytest.fixture(scope="session")
+def backend() -> Iterator[Backend]:
+    choice = os.environ.get("E2E_CLUSTER", "emulated")
+    if choice not in BACKENDS:
+        pytest.fail(f"E2E_CLUSTER={choice!r}: expected one of {sorted(BACKENDS)}")
+    cls, missing = BACKENDS[choice]
+    if reason := missing():
+        pytest.skip(reason)
+    with cls(artifacts_dir()) as started:
+        yield started
+
+
+@pytest.fixture()
+def story(backend: Backend) -> StoryLog:
+    return StoryLog(artifacts_dir() / f"e2e-{backend.name}.log")
