@@ -130,8 +130,7 @@ async def restore_owned(kube: Kube, registry: Registry, obj: dict) -> str | None
     if entry is None or entry[0].uid != owner.get("uid"):
         return None
     ref, spec = entry
-    parent = await kube.read_service(namespace, ref.name)
-    if parent is None or parent["metadata"].get("uid") != ref.uid or parent["metadata"].get("deletionTimestamp"):
+    if not await _still_there(kube, ref):
         registry.forget(namespace, ref.name)
         return None
     desired = next((o for o in render_workload(ref, spec)
@@ -139,8 +138,20 @@ async def restore_owned(kube: Kube, registry: Registry, obj: dict) -> str | None
     if desired is None:
         return None
     outcome = await kube.apply(desired, ref)
+    if outcome == "created" and not await _still_there(kube, ref):
+        # The owner went away between the check above and the create: undo it rather than
+        # leave an orphan for the garbage collector (which only some clusters run promptly).
+        await kube.delete(obj["kind"], namespace, obj["metadata"]["name"])
+        registry.forget(namespace, ref.name)
+        return None
     if outcome != "unchanged":
         what = "re-created" if outcome == "created" else "restored"
         await kube.post_event(ref, "Normal", "DriftCorrected",
                               f"{obj['kind']} {obj['metadata']['name']} was changed or deleted by hand: {what}")
     return outcome
+
+
+async def _still_there(kube: Kube, ref: ServiceRef) -> bool:
+    parent = await kube.read_service(ref.namespace, ref.name)
+    return (parent is not None and parent["metadata"].get("uid") == ref.uid
+            and not parent["metadata"].get("deletionTimestamp"))

@@ -121,6 +121,13 @@ class Kube:
                          _content_type=MERGE_PATCH)
         return "updated"
 
+    async def delete(self, kind: str, namespace: str, name: str) -> None:
+        try:
+            await self._call(self._method(kind, "delete"), name, namespace)
+        except ApiException as e:
+            if e.status != 404:
+                raise
+
     async def scale(self, namespace: str, name: str, replicas: int) -> None:
         await self._call(self._method("Deployment", "patch"), name, namespace, {"spec": {"replicas": replicas}},
                          _content_type=MERGE_PATCH)
