@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 
-.PHONY: install install-test system-deps test test-fast lint crds bench clean
+.PHONY: install install-test system-deps test test-fast lint crds bench e2e clean
 
 install:  ## the operator, the simulator and the CLI
 	$(PIP) install -q -e .
@@ -26,6 +26,12 @@ lint:
 
 crds:  ## regenerate crds/ from the API models
 	$(PYTHON) -m ebbtide.cli crd --output-dir crds
+
+bench:  ## rerun the simulator comparison (conv-week, conv-1h, code-1h) and rewrite bench/RESULTS.md (~5 min)
+	$(PYTHON) bench/run.py
+
+e2e:  ## end-to-end scenarios: emulated cluster here (processes), E2E_CLUSTER=kind for a kind cluster
+	$(PYTHON) -m pytest e2e -q
 
 clean:
 	rm -rf build dist *.egg-info operator/*.egg-info .pytest_cache .ruff_cache artifacts

@@ -1,8 +1,11 @@
 """The simulated fleet: fluid and request-by-request agree; baselines behave as documented."""
 
 import json
+import os
 import subprocess
 import sys
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,20 +14,41 @@ from ebbtide.policy.observation import FleetState, PodSignals, Signals
 from ebbtide.sim.baselines import AibrixApa, Hpa, Keda, Oracle, Static
 from ebbtide.sim.capacity import LLAMA_3_1_8B_H100
 from ebbtide.sim.fleet import SimSettings, simulate
-from ebbtide.sim.serving import weighted_quantile
+from ebbtide.sim.serving import weighted_quantile, weighted_quantiles
+from ebbtide.sim.simulate import EbbtidePolicy, calibrate_oracle, load_spec, right_size_static
 from ebbtide.sim.traces import Trace
 
 PROMPT, OUTPUT = 1000, 200
+# The CLI runs in a subprocess: make it import this checkout, whatever is installed.
+ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(
+    filter(None, [str(Path(__file__).resolve().parents[1] / "operator"), os.environ.get("PYTHONPATH")])))
 
 
-def poisson_trace(rate: float, seconds: int, seed: int = 3) -> Trace:
+def poisson_trace(rate: float, seconds: int, seed: int = 3, prompt: int = PROMPT, output: int = OUTPUT) -> Trace:
     rng = np.random.default_rng(seed)
     arrivals = np.sort(rng.uniform(0, seconds, rng.poisson(rate * seconds)))
-    prompt = np.full(len(arrivals), PROMPT)
-    output = np.full(len(arrivals), OUTPUT)
+    prompts = np.full(len(arrivals), prompt)
+    outputs = np.full(len(arrivals), output)
     counts = np.bincount(arrivals.astype(int), minlength=seconds)
-    return Trace(name="poisson", duration_s=float(seconds), counts=counts, prompt_sum=counts * float(PROMPT),
-                 output_sum=counts * float(OUTPUT), arrivals=arrivals, prompt_tokens=prompt, output_tokens=output)
+    return Trace(name="poisson", duration_s=float(seconds), counts=counts, prompt_sum=counts * float(prompt),
+                 output_sum=counts * float(output), arrivals=arrivals, prompt_tokens=prompts, output_tokens=outputs)
+
+
+@dataclass
+class Recorder:
+    """A fixed fleet that keeps every snapshot it is shown."""
+
+    replicas: int
+    name: str = "recorder"
+    interval_s: float = 15.0
+    seen: list = field(default_factory=list)
+
+    def initial(self, guess: int) -> int:
+        return self.replicas
+
+    def decide(self, signals: Signals, fleet: FleetState, now: float) -> int:
+        self.seen.append((now, signals))
+        return self.replicas
 
 
 def ttft_quantiles(run, qs=(0.5, 0.9)):
@@ -62,6 +86,98 @@ def test_fluid_and_request_models_agree_on_overload():
     assert f90 == pytest.approx(e90, rel=0.25)
 
 
+def test_fluid_and_request_models_agree_on_short_outputs():
+    """Code-like requests (long prompts, 20 tokens out) finish well within one 5 s fluid step;
+    the fluid pool must not keep them for a whole step (it did: ITL came out 5x too high)."""
+    prompt, output = 2000, 20
+    saturation = LLAMA_3_1_8B_H100.saturation_rate(prompt, output)
+    trace = poisson_trace(0.6 * saturation * 2, 600, prompt=prompt, output=output)
+    exact = simulate(trace, Static(replicas=2), SimSettings(capacity=LLAMA_3_1_8B_H100), per_request=True)
+    fluid = simulate(trace, Static(replicas=2), SimSettings(capacity=LLAMA_3_1_8B_H100, fluid_step_s=5.0),
+                     per_request=False)
+
+    def mean_itl(run):
+        _, _, itl, w = run.records.arrays()
+        return float((itl * w).sum() / w.sum())
+
+    assert mean_itl(fluid) == pytest.approx(mean_itl(exact), rel=0.25)
+    assert ttft_quantiles(fluid, (0.5,))[0] == pytest.approx(ttft_quantiles(exact, (0.5,))[0], rel=0.35)
+
+
+def test_signals_agree_between_models_and_count_tokens_as_vllm_does():
+    """The token rate a scrape sees is vLLM's counters (prompt tokens at prefill, output tokens
+    as generated), in both models: steady, and the offered load in tokens."""
+    saturation = LLAMA_3_1_8B_H100.saturation_rate(PROMPT, OUTPUT)
+    trace = poisson_trace(0.5 * saturation * 2, 600)
+    offered = trace.requests / trace.duration_s * (PROMPT + OUTPUT)
+    for per_request in (True, False):
+        recorder = Recorder(replicas=2)
+        simulate(trace, recorder, SimSettings(capacity=LLAMA_3_1_8B_H100), per_request=per_request)
+        rates = np.array([s.tokens_per_second for _, s in recorder.seen[8:]])
+        assert rates.mean() == pytest.approx(offered, rel=0.05)
+        assert rates.std() < 0.1 * offered
+        assert all(len(s.pods) == 2 and s.ttft_seconds is not None for _, s in recorder.seen[8:])
+
+
+def test_ttft_signal_covers_requests_that_waited_longer_than_the_window():
+    """The TTFT histogram observes at the first token: during a long queue it reports the long
+    waits (it used to report nothing once waits outgrew the 60 s window)."""
+    saturation = LLAMA_3_1_8B_H100.saturation_rate(PROMPT, OUTPUT)
+    trace = poisson_trace(2 * saturation, 300)
+    for per_request in (True, False):
+        recorder = Recorder(replicas=1)
+        simulate(trace, recorder, SimSettings(capacity=LLAMA_3_1_8B_H100), per_request=per_request)
+        late = [s.ttft_seconds for now, s in recorder.seen if now - recorder.seen[0][0] >= 240]
+        assert late and all(t is not None and t > 90 for t in late), late
+
+
+def test_weighted_quantiles_are_exact_at_any_size():
+    rng = np.random.default_rng(5)
+    values = np.concatenate([rng.exponential(0.2, 150_000), rng.exponential(50, 1_000), np.zeros(5_000)])
+    weights = rng.uniform(0, 2, len(values))
+    order = np.argsort(values, kind="stable")
+    cumulative = np.cumsum(weights[order])
+    for q, got in zip((0.01, 0.5, 0.9, 0.99, 0.9999), weighted_quantiles(values, weights, (0.01, 0.5, 0.9, 0.99, 0.9999)),
+                      strict=True):
+        expected = values[order][np.searchsorted(cumulative, q * cumulative[-1], side="left")]
+        assert got == expected
+    assert weighted_quantiles(np.zeros(0), np.zeros(0), (0.5,)) == [None]
+
+
+def bursty_trace(seconds: int = 1800) -> Trace:
+    """Every 15 s interval's arrivals come in its first second: what foresight at 15 s cannot see."""
+    rate = 2 * LLAMA_3_1_8B_H100.saturation_rate(PROMPT, OUTPUT)
+    counts = np.zeros(seconds, dtype=np.int64)
+    counts[::15] = int(rate * 15)
+    return Trace(name="bursts", duration_s=float(seconds), counts=counts, prompt_sum=counts * float(PROMPT),
+                 output_sum=counts * float(OUTPUT))
+
+
+def test_oracle_is_slowed_until_it_meets_the_slo_and_static_is_right_sized():
+    _, spec = load_spec(None)
+    trace = bursty_trace()
+    settings = SimSettings(capacity=LLAMA_3_1_8B_H100)
+    limit = LLAMA_3_1_8B_H100.max_request_rate(PROMPT, OUTPUT, 0.1)
+    oracle, run, rate = calibrate_oracle(spec, trace, settings, limit, 0.99)
+    from ebbtide.sim import report
+
+    assert rate < limit, "at the limit the bursts queue"
+    assert report.summarize(run, spec).slo_attainment >= 0.99
+    assert max(oracle.needed) <= spec.replicas.max
+    static, static_run = right_size_static(spec, trace, settings, start=2, slo=0.99)
+    assert report.summarize(static_run, spec).slo_attainment >= 0.99
+    smaller = simulate(trace, Static(replicas=static.replicas - 1), settings)
+    assert report.summarize(smaller, spec).slo_attainment < 0.99, "the smallest size that meets it"
+
+
+def test_ebbtide_warm_starts_with_what_it_learned():
+    _, spec = load_spec(None)
+    policy = EbbtidePolicy(spec, name="ebbtide-warm", learned_capacity=12_345.0)
+    assert policy.capacity is None
+    policy.decide(Signals.missing("no scrape yet"), FleetState(current=2, ready=2), 1_000.0)
+    assert policy.capacity == 12_345.0
+
+
 def signals(now, waiting=0.0, kv=0.0, ready=1):
     pods = tuple(PodSignals(pod=f"p{i}", sampled_at=now, waiting=waiting / ready, kv_cache_usage=kv)
                  for i in range(ready))
@@ -85,6 +201,15 @@ def test_hpa_scales_up_at_most_max_of_4_pods_or_double_and_down_after_300s():
     # Within tolerance nothing moves; missing metrics change nothing.
     assert down.decide(signals(330, kv=0.52, ready=8), FleetState(current=8, ready=8), 330) == 8
     assert down.decide(Signals.missing("gone"), FleetState(current=8, ready=8), 345) == 8
+
+
+def test_hpa_counts_starting_pods_at_target_when_it_would_shrink():
+    # 6 ready at KV 0.1 (a fifth of the 0.5 target) and 2 starting: (6 x 0.2 + 2) / 8 = 0.4 -> 4.
+    assert Hpa(min_replicas=1, max_replicas=50).decide(
+        signals(0, kv=0.1, ready=6), FleetState(current=8, ready=6, starting=2), 0) == 4
+    # 6 at 0.4: (6 x 0.8 + 2) / 8 = 0.85 -> 7, not the 5 the ready pods alone would give.
+    assert Hpa(min_replicas=1, max_replicas=50).decide(
+        signals(0, kv=0.4, ready=6), FleetState(current=8, ready=6, starting=2), 0) == 7
 
 
 def test_keda_follows_waiting_over_threshold_5():
@@ -118,11 +243,15 @@ def test_simulate_command_writes_every_policy_in_json(tmp_path):
     plot = tmp_path / "out.png"
     result = subprocess.run([sys.executable, "-m", "ebbtide.cli", "simulate", "--trace", "conv-week",
                              "--hours", "6", "--json", str(out), "--plot", str(plot)],
-                            capture_output=True, text=True, timeout=300)
+                            capture_output=True, text=True, timeout=300, env=ENV)
     assert result.returncode == 0, result.stderr
     document = json.loads(out.read_text())
     assert document["trace"] == "conv-week" and document["requests"] > 0 and document["duration_s"] > 6 * 3500
     assert set(document["policies"]) == {"ebbtide", "static-peak", "hpa-kv", "keda-queue", "aibrix-apa", "oracle"}
+    settings = document["settings"]
+    assert settings["oracle_rate_per_replica"] <= settings["oracle_rate_limit"]
+    assert 1 <= settings["static_replicas"] <= 12
+    assert document["timing"]["cpu_s"] > 0
     for metrics in document["policies"].values():
         for key in ("gpu_hours", "gpu_hours_by_type", "cost_usd", "usd_per_million_tokens", "ttft_p50_s",
                     "ttft_p90_s", "ttft_p99_s", "itl_p90_s", "slo_attainment", "scale_actions"):
@@ -136,6 +265,19 @@ def test_simulate_reports_a_malformed_trace(tmp_path):
     bad = tmp_path / "bad.csv"
     bad.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:17:03.9,lots,5\n")
     result = subprocess.run([sys.executable, "-m", "ebbtide.cli", "simulate", "--trace", str(bad)],
-                            capture_output=True, text=True, timeout=120)
+                            capture_output=True, text=True, timeout=120, env=ENV)
     assert result.returncode == 2
     assert "bad.csv:2: ContextTokens 'lots' is not a whole number" in result.stderr
+
+
+def test_a_week_with_every_policy_replays_within_the_time_budget(tmp_path):
+    """The issue's budget is 60 s on two shared cores; CPU time is the measure that does not
+    depend on what else runs (about 12 s here in November 2025)."""
+    out = tmp_path / "week.json"
+    result = subprocess.run([sys.executable, "-m", "ebbtide.cli", "simulate", "--trace", "conv-week",
+                             "--json", str(out)], capture_output=True, text=True, timeout=600, env=ENV)
+    assert result.returncode == 0, result.stderr
+    document = json.loads(out.read_text())
+    assert document["timing"]["cpu_s"] < 40, document["timing"]
+    ebbtide, oracle = document["policies"]["ebbtide"], document["policies"]["oracle"]
+    assert ebbtide["slo_attainment"] >= 0.99 and ebbtide["gpu_hours"] <= 1.25 * oracle["gpu_hours"]

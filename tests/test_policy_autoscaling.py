@@ -157,12 +157,12 @@ def test_without_a_learned_capacity_throughput_says_nothing():
 def test_throughput_sizes_the_fleet_where_kv_usage_would_shrink_it_into_a_queue():
     # KV usage is low far from saturation (a replica's batch stays small until it nearly
     # saturates), so KV alone would keep 1 replica; the load is 30k tokens/s, and a replica
-    # serves 10k when saturated: at 80 % of that, 3.75 -> 4 replicas.
+    # serves 10k when saturated: at 85 % of that, 3.5 -> 4 replicas.
     spec = make_spec(behavior={"scaleDown": {"maxDecreasePercent": 100}})
     d = tick(spec, load(pods=8, kv=0.05, tokens=30_000), current=8, memory=KNOWS_CAPACITY)
     assert (d.desired, d.reason) == (4, "Throughput")
-    assert d.message.startswith("throughput 30000 tokens/s / (80% of the 10000 tokens/s a replica serves at its "
-                                "limit) = 3.8 replicas")
+    assert d.message.startswith("throughput 30000 tokens/s / (85% of the 10000 tokens/s a replica serves at its "
+                                "limit) = 3.5 replicas")
     assert d.signals["capacityTokensPerSecond"] == 10_000
     up = tick(spec, load(pods=2, kv=0.3, tokens=30_000), current=2, memory=KNOWS_CAPACITY)
     assert (up.desired, up.reason) == (4, "Throughput")  # ahead of any queue
@@ -189,6 +189,17 @@ def test_a_latency_breach_teaches_the_limit_too():
     d = tick(DEFAULT, load(pods=2, running=40, kv=0.3, tpot=0.15, tokens=20_000), current=2, memory=STEADY_TWO)
     assert d.memory.capacity == 10_000
     assert (d.desired, d.reason) == (3, "TPOT")
+
+
+def test_a_ttft_breach_after_the_queue_drained_teaches_nothing():
+    # The TTFT window still holds a drained backlog; the replicas, caught up, serve 7k each:
+    # that is no limit. With requests still waiting it is one.
+    knows = replace(STEADY_TWO, capacity=10_000.0)
+    drained = load(pods=2, running=60, kv=0.1, ttft=5.0, tpot=0.03, tokens=14_000)
+    d = tick(DEFAULT, drained, current=2, memory=knows)
+    assert d.memory.capacity == 10_000 and d.memory.breached_at == NOW
+    waiting = load(pods=2, waiting=3, running=512, kv=0.6, ttft=5.0, tpot=0.09, tokens=14_000)
+    assert tick(DEFAULT, waiting, current=2, memory=knows).memory.capacity == pytest.approx(9_250)
 
 
 def test_carrying_more_for_a_whole_window_without_a_breach_raises_the_limit():
@@ -227,6 +238,25 @@ def test_one_hot_replica_teaches_nothing():
              memory=STEADY_TWO)
     assert d.reason == "QueueBacklog"  # the queue still argues
     assert d.memory.capacity is None  # but 4.5k tokens/s per replica is not what a replica can serve
+
+
+def test_until_the_limit_is_known_replicas_go_one_at_a_time_a_window_apart():
+    # 10 replicas at KV 0.06 with a token rate: KV alone would halve the fleet straight into a
+    # queue (nothing says where the limit is); the probe removes one, then waits a metrics window.
+    quiet = load(pods=10, kv=0.06, tokens=110_000)
+    d = tick(DEFAULT, quiet, current=10, memory=replace(SETTLED, last_ready=10))
+    assert (d.desired, d.reason) == (9, "RateLimited")
+    assert "until a replica's limit has been seen" in d.message and d.message.endswith("10 -> 9")
+    held = tick(DEFAULT, load(pods=9, kv=0.07, tokens=110_000), current=9, memory=d.memory, now=NOW + 15)
+    assert (held.desired, held.memory.ready_fell_at) == (9, NOW + 15)
+    again = tick(DEFAULT, load(pods=9, kv=0.07, tokens=110_000), current=9, memory=held.memory, now=NOW + 75)
+    assert again.desired == 8
+    # Once the limit is known, the throughput signal sizes the fleet and the usual rates apply.
+    known = tick(DEFAULT, quiet, current=10, memory=replace(SETTLED, last_ready=10, capacity=20_000.0))
+    assert (known.desired, known.reason) == (7, "Throughput")  # 110k / (0.85 x 20k) = 6.5
+    # Without a token rate nothing could be learned: utilization signals act as HPA's do.
+    blind = tick(DEFAULT, load(pods=10, kv=0.06), current=10, memory=replace(SETTLED, last_ready=10))
+    assert blind.desired == 5
 
 
 # -- queue backlog ---------------------------------------------------------------------------------

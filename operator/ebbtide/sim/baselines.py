@@ -83,9 +83,16 @@ class Hpa:
         if usage is None or signals.error:
             return fleet.current  # missing metrics never cause a change
         recommendation = self.rule.recommend(usage, fleet.ready, fleet.current)
-        # Not-yet-ready pods: HPA does not scale down while pods are still starting.
         if fleet.starting and recommendation < fleet.current:
-            recommendation = fleet.current
+            # Starting pods report no metrics; when the result would shrink the fleet, HPA counts
+            # them at the target (replica_calculator.go), and holds if that lands within the
+            # tolerance or turns the shrink into a growth.
+            pods = fleet.ready + fleet.starting
+            ratio = (fleet.ready * usage / self.target + fleet.starting) / pods
+            if abs(ratio - 1.0) <= self.rule.tolerance or ratio > 1.0:
+                recommendation = fleet.current
+            else:
+                recommendation = math.ceil(ratio * pods)
         desired = self.rule.stabilize(recommendation, fleet.current, now)
         return max(self.min_replicas, min(self.max_replicas, desired))
 
@@ -184,9 +191,10 @@ class Static:
 class Oracle:
     """The lower bound: perfect foresight and instant start.
 
-    Each interval it runs exactly the replicas the coming interval's arrivals need at the
-    highest per-replica rate that still meets the ITL target with no queue (the capacity
-    model's `max_request_rate`). It is simulated like every other policy, so its own SLO
+    Each interval it runs exactly the replicas the coming interval's arrivals need at a fixed
+    request rate per replica: at most the highest rate that still meets the ITL target with no
+    queue (the capacity model's `max_request_rate`), lower where that misses the SLO (see
+    simulate.calibrate_oracle). It is simulated like every other policy, so its own SLO
     attainment is measured, not assumed.
     """
 
@@ -199,13 +207,17 @@ class Oracle:
 
     @classmethod
     def for_trace(cls, counts, rate_per_replica: float, epoch: float, interval_s: float = 15.0,
-                  min_replicas: int = 1) -> Oracle:
+                  min_replicas: int = 1, max_replicas: int | None = None) -> Oracle:
+        """Bounded by the spec's replicas like every other policy: a bound that needs more GPUs
+        than the service may have is no bound for the policies that may not."""
         width = int(interval_s)
         padded = len(counts) + (-len(counts)) % width
         per_interval = np.pad(np.asarray(counts, dtype=float), (0, padded - len(counts))).reshape(-1, width)
         rates = per_interval.mean(axis=1)
-        needed = np.maximum(min_replicas, np.ceil(rates / rate_per_replica)).astype(int)
-        return cls(needed=needed.tolist(), epoch=epoch, interval_s=interval_s)
+        needed = np.maximum(min_replicas, np.ceil(rates / rate_per_replica - 1e-9))
+        if max_replicas is not None:
+            needed = np.minimum(needed, max(max_replicas, min_replicas))
+        return cls(needed=needed.astype(int).tolist(), epoch=epoch, interval_s=interval_s)
 
     @property
     def peak(self) -> int:

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ebbtide.api.spec import InferenceServiceSpec
-from ebbtide.sim.fleet import PolicyRun
+from ebbtide.sim.fleet import PolicyRun, Timeline
 from ebbtide.sim.serving import weighted_quantiles
 from ebbtide.sim.traces import Trace
 
@@ -137,7 +137,31 @@ def markdown_table(results: list[PolicyResult]) -> str:
     return "\n".join(lines)
 
 
-def plot(path: str | Path, trace: Trace, runs: list[PolicyRun], spec: InferenceServiceSpec) -> None:
+@dataclass(frozen=True)
+class PlotSeries:
+    """What the plot needs of one run, so its per-request records can be dropped early (a week
+    replay holds about 4 million latency points per policy)."""
+
+    name: str
+    timeline: Timeline
+    ttft_hours: np.ndarray
+    ttft_p90: np.ndarray
+    replica_hours: np.ndarray
+    replicas: np.ndarray  # mean over each bin: per-minute steps of a week are a solid block
+
+
+def plot_series(run: PolicyRun, trace: Trace) -> PlotSeries:
+    window = max(60.0, trace.duration_s / 400)
+    hours, p90 = _binned_p90(run.records, window)
+    minutes = np.asarray(run.timeline.minute)
+    bins = ((minutes - 1e-9) * 60.0 // window).astype(int)
+    counts = np.bincount(bins)
+    keep = counts > 0
+    mean = np.bincount(bins, weights=np.asarray(run.timeline.replicas, dtype=float))[keep] / counts[keep]
+    return PlotSeries(run.name, run.timeline, hours, p90, np.nonzero(keep)[0] * window / 3600, mean)
+
+
+def plot(path: str | Path, trace: Trace, series: list[PlotSeries], spec: InferenceServiceSpec) -> None:
     """Load, replicas per policy, and TTFT p90 per policy over time."""
     import matplotlib
 
@@ -145,24 +169,23 @@ def plot(path: str | Path, trace: Trace, runs: list[PolicyRun], spec: InferenceS
     import matplotlib.pyplot as plt
 
     fig, (ax_load, ax_rep, ax_ttft) = plt.subplots(3, 1, figsize=(12, 9), sharex=True)
-    hours_scale = 60.0
-    first = runs[0].timeline
-    ax_load.plot(np.asarray(first.minute) / hours_scale, first.arrivals_per_s, color="black", lw=0.8)
+    first = series[0].timeline
+    ax_load.plot(np.asarray(first.minute) / 60.0, first.arrivals_per_s, color="black", lw=0.8)
     ax_load.set_ylabel("requests/s")
     ax_load.set_title(f"{trace.name}: load, replicas and TTFT p90 by policy")
-    for run in runs:
-        ax_rep.step(np.asarray(run.timeline.minute) / hours_scale, run.timeline.replicas, where="post",
-                    lw=1.0, label=run.name)
-        hours, p90 = _binned_p90(run.records, max(60.0, trace.duration_s / 400))
-        ax_ttft.plot(hours, p90, lw=0.8, label=run.name)
+    for one in series:
+        style = {"color": "black", "ls": "--"} if one.name == "oracle" else {}
+        width = 1.6 if one.name.startswith("ebbtide") else 0.9
+        ax_rep.step(one.replica_hours, one.replicas, where="post", lw=width, label=one.name, **style)
+        ax_ttft.plot(one.ttft_hours, one.ttft_p90, lw=width * 0.8, label=one.name, **style)
     if spec.scaling.targets.ttft is not None:
         ax_ttft.axhline(spec.scaling.targets.ttft.target_seconds, color="red", ls="--", lw=0.8, label="TTFT target")
-    ax_rep.set_ylabel("replicas")
-    ax_rep.legend(loc="upper left", fontsize=8, ncol=3)
+    ax_rep.set_ylabel("replicas (mean per bin)")
+    ax_rep.legend(loc="upper left", fontsize=8, ncol=4)
     ax_ttft.set_yscale("log")
     ax_ttft.set_ylabel("TTFT p90 (s)")
     ax_ttft.set_xlabel("hours")
-    ax_ttft.legend(loc="upper left", fontsize=8, ncol=3)
+    ax_ttft.legend(loc="upper left", fontsize=8, ncol=4)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

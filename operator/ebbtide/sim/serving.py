@@ -61,14 +61,30 @@ class LatencyRecords:
     itl: list[np.ndarray] = field(default_factory=list)
     weight: list[np.ndarray] = field(default_factory=list)
     group: int = 1
+    _one: list[tuple[float, float, float]] = field(default_factory=list)  # single requests, batched
 
     def add(self, arrival, ttft, itl, weight) -> None:
+        self._flush()
         self.arrival.append(np.asarray(arrival, dtype=float).ravel())
         self.ttft.append(np.asarray(ttft, dtype=float).ravel())
         self.itl.append(np.asarray(itl, dtype=float).ravel())
         self.weight.append(np.asarray(weight, dtype=float).ravel())
 
+    def add_request(self, arrival: float, ttft: float, itl: float) -> None:
+        """One request of weight 1 (four arrays per request would cost more than its replay)."""
+        self._one.append((arrival, ttft, itl))
+
+    def _flush(self) -> None:
+        if self._one:
+            block = np.array(self._one, dtype=float)
+            self._one = []
+            self.arrival.append(block[:, 0])
+            self.ttft.append(block[:, 1])
+            self.itl.append(block[:, 2])
+            self.weight.append(np.ones(len(block)))
+
     def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        self._flush()
         if not self.ttft:
             empty = np.zeros(0)
             return empty, empty, empty, empty
@@ -217,7 +233,12 @@ class RequestServing:
 
     def _route(self, arrival: float, prompt: int, output: int, now: float) -> None:
         ids = list(self.engines)
-        candidates = ids if len(ids) == 1 else self._rng.sample(ids, 2)
+        if len(ids) == 1:
+            candidates = ids
+        else:  # two distinct replicas at random (random.sample costs more than the rest of this)
+            first = int(self._rng.random() * len(ids))
+            second = int(self._rng.random() * (len(ids) - 1))
+            candidates = [ids[first], ids[second + (second >= first)]]
         for rid in candidates:  # compare them as they are now, not as last seen
             self._collect(rid, self.engines[rid].advance(now))
         rid = min(candidates, key=self._outstanding.__getitem__)
@@ -250,23 +271,24 @@ class RequestServing:
                 self.tokens_served += event.prompt_tokens + event.output_tokens
                 itl = event.mean_itl if event.mean_itl is not None else 0.0
                 held = self._held.pop(event.request_id, 0.0)
-                self.records.add(event.arrival - held, event.ttft + held, itl, 1.0)
+                self.records.add_request(event.arrival - held, event.ttft + held, itl)
 
     def finish(self, end: float) -> LatencyRecords:
         """Requests still queued or running at the end count with the latency they had so far."""
         for arrival, _, _ in self.gateway:
-            self.records.add(arrival, end - arrival, 0.0, 1.0)
+            self.records.add_request(arrival, end - arrival, 0.0)
         for pool in (self.engines, self.draining):
             for engine in pool.values():
                 for req in list(engine._requests.values()):  # noqa: SLF001  (end-of-run census)
                     ttft = (req.first_token_at - req.arrival) if req.first_token_at else end - req.arrival
-                    self.records.add(req.arrival, ttft, 0.0, 1.0)
+                    self.records.add_request(req.arrival, ttft, 0.0)
         return self.records
 
     def scrape(self, t: float, epoch: float, window: float, ttft_q: float | None, itl_q: float | None,
                observes: frozenset[str] = ALL_SIGNALS) -> Signals:
         """What Prometheus holds at trace time `t`: gauges now, rates and quantiles over the window."""
-        ttft, itl = self._latency_window(t, window, ttft_q, itl_q)
+        latency = "latency" in observes
+        ttft, itl = self._latency_window(t, window, ttft_q if latency else None, itl_q if latency else None)
         # vllm:prompt_tokens_total + vllm:generation_tokens_total over the fleet, rate over the window.
         counted = self._tokens_of_gone + sum(_tokens_counted(e) for pool in (self.engines, self.draining)
                                              for e in pool.values())
@@ -278,7 +300,6 @@ class RequestServing:
         pods = tuple(PodSignals(pod=f"replica-{rid}", sampled_at=epoch + t, waiting=e.num_waiting + (
             len(self.gateway) / len(self.engines)), running=e.num_running, kv_cache_usage=e.kv_cache_usage)
             for rid, e in self.engines.items())
-        latency = "latency" in observes
         return Signals(source="simulator", sampled_at=epoch + t, pods=pods,
                        ttft_seconds=ttft if latency else None, tpot_seconds=itl if latency else None,
                        tokens_per_second=tokens if "tokens" in observes else None)

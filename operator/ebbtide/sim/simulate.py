@@ -20,14 +20,24 @@ from ebbtide.sim.fleet import PolicyRun, SimSettings, simulate
 DEFAULT_SPEC = "chat-llama-8b.yaml"
 DEFAULT_TRACE = "conv-week"
 ALL_POLICIES = ("ebbtide", "static", "hpa", "keda", "aibrix", "oracle")
+# Not in the default set: Ebbtide starting with the per-replica limit a previous replay of the
+# same trace taught it (see EbbtidePolicy.learned_capacity).
+EXTRA_POLICIES = ("ebbtide-warm",)
+ORACLE_SLO = 0.99
 
 
 @dataclass
 class EbbtidePolicy:
-    """The operator's own decision core, called exactly as the operator calls it."""
+    """The operator's own decision core, called exactly as the operator calls it.
+
+    `learned_capacity` (tokens/s a replica serves at the service's limit) starts it as an
+    operator that has run the service before: the capacity is kept in the InferenceService's
+    status, so a restart keeps it; everything else starts empty, as after a restart.
+    """
 
     spec: InferenceServiceSpec
     name: str = "ebbtide"
+    learned_capacity: float | None = None
 
     def __post_init__(self) -> None:
         from ebbtide.policy.autoscaling import decide
@@ -41,10 +51,15 @@ class EbbtidePolicy:
         from ebbtide.policy.decision import Memory
 
         if self._memory is None:
-            self._memory = Memory.empty(now)
+            self._memory = Memory(since=now, capacity=self.learned_capacity)
         decision = self._decide(self.spec, signals, fleet, self._memory, now)
         self._memory = decision.memory
         return decision.desired
+
+    @property
+    def capacity(self) -> float | None:
+        """The per-replica limit it has learned so far."""
+        return None if self._memory is None else self._memory.capacity
 
 
 def load_spec(path: str | None) -> tuple[str, InferenceServiceSpec]:
@@ -80,14 +95,11 @@ def per_replica_rate(capacity: CapacityModel, spec: InferenceServiceSpec, mean_p
 
 
 def build_policies(names: list[str], spec: InferenceServiceSpec, trace: traces.Trace, capacity: CapacityModel):
-    mean_p = float(trace.prompt_sum.sum() / max(trace.requests, 1))
-    mean_o = float(max(trace.output_sum.sum() / max(trace.requests, 1), 1.0))
-    epoch = epoch_of(trace)
-    oracle = baselines.Oracle.for_trace(trace.counts, per_replica_rate(capacity, spec, mean_p, mean_o), epoch,
-                                        interval_s=15.0, min_replicas=max(1, spec.replicas.min))
+    oracle = make_oracle(spec, trace, oracle_rate_limit(spec, trace, capacity))
     lo, hi = max(1, spec.replicas.min), spec.replicas.max
     make = {
         "ebbtide": lambda: EbbtidePolicy(spec),
+        "ebbtide-warm": lambda: EbbtidePolicy(spec, name="ebbtide-warm"),
         "static": lambda: baselines.Static(replicas=min(hi, oracle.peak)),
         "hpa": lambda: baselines.Hpa(min_replicas=lo, max_replicas=hi),
         "keda": lambda: baselines.Keda(min_replicas=lo, max_replicas=hi),
@@ -96,8 +108,89 @@ def build_policies(names: list[str], spec: InferenceServiceSpec, trace: traces.T
     }
     unknown = [n for n in names if n not in make]
     if unknown:
-        raise ValueError(f"unknown policies {', '.join(unknown)}; known: {', '.join(ALL_POLICIES)}")
+        raise ValueError(f"unknown policies {', '.join(unknown)}; known: {', '.join(ALL_POLICIES + EXTRA_POLICIES)}")
     return [make[n]() for n in names]
+
+
+def oracle_rate_limit(spec: InferenceServiceSpec, trace: traces.Trace, capacity: CapacityModel) -> float:
+    """The highest request rate per replica the capacity model allows for the trace's mix."""
+    mean_p = float(trace.prompt_sum.sum() / max(trace.requests, 1))
+    mean_o = float(max(trace.output_sum.sum() / max(trace.requests, 1), 1.0))
+    return per_replica_rate(capacity, spec, mean_p, mean_o)
+
+
+def make_oracle(spec: InferenceServiceSpec, trace: traces.Trace, rate_per_replica: float) -> baselines.Oracle:
+    return baselines.Oracle.for_trace(trace.counts, rate_per_replica, epoch_of(trace), interval_s=15.0,
+                                      min_replicas=max(1, spec.replicas.min), max_replicas=spec.replicas.max)
+
+
+def right_size_static(spec: InferenceServiceSpec, trace: traces.Trace, settings: SimSettings, start: int,
+                      slo: float) -> tuple[baselines.Static, PolicyRun]:
+    """The smallest fixed fleet within replicas.max that meets the SLO for `slo` of the
+    requests, searched from `start` (what the peak needs at the capacity model's limit): the
+    best a team provisioning for the peak could do, with hindsight. At max, whatever it gets."""
+    hi = spec.replicas.max
+
+    def attempt(size: int) -> tuple[baselines.Static, PolicyRun, bool]:
+        static = baselines.Static(replicas=size)
+        result = simulate(trace, static, settings)
+        return static, result, report.summarize(result, spec).slo_attainment >= slo
+
+    size = max(1, min(hi, start))
+    static, result, ok = attempt(size)
+    if ok:
+        while size > 1:
+            smaller, smaller_run, smaller_ok = attempt(size - 1)
+            if not smaller_ok:
+                break
+            size, static, result = size - 1, smaller, smaller_run
+        return static, result
+    while not ok and size < hi:
+        size += 1
+        static, result, ok = attempt(size)
+    return static, result
+
+
+def calibrate_oracle(spec: InferenceServiceSpec, trace: traces.Trace, settings: SimSettings, limit: float,
+                     slo: float, runs: int = 7) -> tuple[baselines.Oracle, PolicyRun, float]:
+    """The oracle at the highest per-replica rate (at most `limit`) at which it still meets the
+    SLO for `slo` of the requests: (oracle, its run, the rate).
+
+    At the capacity model's limit the oracle runs every replica at saturation, which the fluid
+    model allows (it sees no Poisson bursts inside a step) but request by request, with bursty
+    logs and long prompts, breaks the SLO. A lower bound that misses the SLO is no bound for
+    policies that meet it, so the rate is lowered (geometrically, then by bisection over
+    `runs` replays in all) until the oracle meets it too.
+    """
+    def attempt(rate: float) -> tuple[baselines.Oracle, PolicyRun, bool]:
+        oracle = make_oracle(spec, trace, rate)
+        result = simulate(trace, oracle, settings)
+        return oracle, result, report.summarize(result, spec).slo_attainment >= slo
+
+    oracle, result, ok = attempt(limit)
+    if ok:
+        return oracle, result, limit
+    best: tuple[baselines.Oracle, PolicyRun, float] | None = None
+    high, low, used = limit, None, 1
+    while low is None and used < runs:
+        rate = high * 0.7
+        candidate, candidate_run, ok = attempt(rate)
+        used += 1
+        if ok:
+            low, best = rate, (candidate, candidate_run, rate)
+        else:
+            high = rate
+    while low is not None and used < runs:
+        rate = (low + high) / 2
+        candidate, candidate_run, ok = attempt(rate)
+        used += 1
+        if ok:
+            low, best = rate, (candidate, candidate_run, rate)
+        else:
+            high = rate
+    if best is None:  # nothing met it within the budget: report the most cautious try
+        return candidate, candidate_run, rate
+    return best
 
 
 def epoch_of(trace: traces.Trace) -> float:
@@ -133,30 +226,59 @@ def run(args: argparse.Namespace) -> int:
     mode = "request by request" if trace.per_request else f"fluid, {settings.fluid_step_s:g} s steps"
     console.print(f"[bold]{spec_name}[/] on [bold]{trace.name}[/]: {trace.requests:,} requests over "
                   f"{trace.duration_s / 3600:.1f} h ({mode}); {capacity.name}, cold start {settings.cold_start_s:g} s")
-    runs: list[PolicyRun] = []
-    started = time.perf_counter()
+    results: list[report.PolicyResult] = []
+    series: list[report.PlotSeries] = []
+    extra: dict[str, float | None] = {}
+    started, cpu_started = time.perf_counter(), time.process_time()
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=console, transient=True, disable=not console.is_terminal) as bar:
         task = bar.add_task("simulating", total=len(policies))
+        learned: float | None = None
         for policy in policies:
             bar.update(task, description=f"simulating {policy.name}")
-            runs.append(simulate(trace, policy, settings))
+            if isinstance(policy, baselines.Static) and args.oracle_slo > 0:
+                policy, result = right_size_static(spec, trace, settings, policy.replicas, args.oracle_slo)
+                extra.update(static_replicas=policy.replicas)
+            elif isinstance(policy, baselines.Oracle) and args.oracle_slo > 0:
+                limit = oracle_rate_limit(spec, trace, capacity)
+                policy, result, rate = calibrate_oracle(spec, trace, settings, limit, args.oracle_slo)
+                extra.update(oracle_rate_per_replica=round(rate, 4), oracle_rate_limit=round(limit, 4))
+            else:
+                if isinstance(policy, EbbtidePolicy) and policy.name == "ebbtide-warm":
+                    if learned is None:  # learn it as a new service would, in a replay not reported
+                        cold = EbbtidePolicy(spec)
+                        simulate(trace, cold, settings)
+                        learned = cold.capacity
+                    policy.learned_capacity = learned
+                    extra.update(warm_capacity_tokens_per_s=None if learned is None else round(learned, 1))
+                result = simulate(trace, policy, settings)
+                if isinstance(policy, EbbtidePolicy) and policy.name == "ebbtide" and learned is None:
+                    learned = policy.capacity
+            results.append(report.summarize(result, spec))
+            if args.plot:
+                series.append(report.plot_series(result, trace))
+            del result  # millions of latency points per week-long run
             bar.advance(task)
-    results = [report.summarize(r, spec) for r in runs]
-    console.print(report.table(results, f"{trace.name} - {spec_name} ({time.perf_counter() - started:.1f} s)"))
+    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+    console.print(report.table(results, f"{trace.name} - {spec_name} ({elapsed:.1f} s, CPU {cpu:.1f} s)"))
+    if extra.get("oracle_rate_per_replica") is not None and extra["oracle_rate_per_replica"] != extra["oracle_rate_limit"]:
+        console.print(f"oracle: {extra['oracle_rate_per_replica']:.2f} requests/s per replica meets "
+                      f"{args.oracle_slo:.0%} of the SLO (the capacity model allows {extra['oracle_rate_limit']:.2f})")
     if args.json:
-        document = report.to_json(trace, spec_name, _settings_json(settings, args), results)
+        document = report.to_json(trace, spec_name, {**_settings_json(settings, args), **extra}, results)
+        document["timing"] = {"wall_s": round(elapsed, 2), "cpu_s": round(cpu, 2)}
         report.write_json(args.json, document)
         console.print(f"wrote {args.json}")
     if args.plot:
-        report.plot(args.plot, trace, runs, spec)
+        report.plot(args.plot, trace, series, spec)
         console.print(f"wrote {args.plot}")
     return 0
 
 
 def _settings_json(settings: SimSettings, args: argparse.Namespace) -> dict:
     out = {k: v for k, v in asdict(settings).items() if k != "capacity"}
-    out.update(capacity=settings.capacity.name, peak_replicas=args.peak_replicas, scale=args.scale)
+    out.update(capacity=settings.capacity.name, peak_replicas=args.peak_replicas, scale=args.scale,
+               oracle_slo=args.oracle_slo)
     return out
 
 
@@ -166,7 +288,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trace", default=DEFAULT_TRACE,
                         help=f"a bundled trace ({', '.join(traces.BUNDLED)}) or a CSV path (default: {DEFAULT_TRACE})")
     parser.add_argument("--policies", nargs="+", metavar="NAME",
-                        help=f"policies to compare (default: all: {' '.join(ALL_POLICIES)})")
+                        help=f"policies to compare (default: {' '.join(ALL_POLICIES)}; also: "
+                        f"{' '.join(EXTRA_POLICIES)}, Ebbtide with the per-replica limit a first replay taught it)")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON (schema in sim/report.py)")
     parser.add_argument("--plot", metavar="PATH", help="write a PNG: load, replicas and TTFT over time")
     parser.add_argument("--seed", type=int, default=1, help="seed for rate expansion and routing (default: 1)")
@@ -180,3 +303,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scale", type=int, default=1,
                         help="request logs: overlay this many time-shifted copies (default: 1)")
     parser.add_argument("--hours", type=float, default=None, help="rate traces: replay only the first HOURS")
+    parser.add_argument("--oracle-slo", type=float, default=ORACLE_SLO,
+                        help="run the oracle at the highest per-replica rate, and the static fleet at the smallest "
+                        "size, that meet the SLO for this share of requests (default: "
+                        f"{ORACLE_SLO}; 0: both sized at the capacity model's limit)")

@@ -1,0 +1,33 @@
+"""bench/RESULTS.md says what the last `make bench` measured, and nothing else."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def load_render():
+    spec = importlib.util.spec_from_file_location("bench_render", BENCH / "render.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_results_page_is_in_sync_with_the_recorded_runs():
+    render = load_render()
+    expected = render.render(BENCH / "results")
+    assert (BENCH / "RESULTS.md").read_text() == expected, "rerun `make bench` (or bench/render.py) after edits"
+
+
+def test_every_trace_was_run_with_every_policy_and_timed():
+    render = load_render()
+    for key in render.TRACES:
+        document = json.loads((BENCH / "results" / f"{key}.json").read_text())
+        assert document["schema"] == "ebbtide.simulate/v1"
+        assert {"ebbtide", "ebbtide-warm", "static-peak", "hpa-kv", "keda-queue", "aibrix-apa", "oracle"} \
+            <= set(document["policies"])
+        assert document["bench"]["command"].startswith("ebbtide simulate")
+        assert (BENCH / f"{key}.png").stat().st_size > 10_000
+    speed = json.loads((BENCH / "results" / "speed.json").read_text())
+    assert speed["bench"]["command"] == "ebbtide simulate --trace conv-week --json bench/results/speed.json"
