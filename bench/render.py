@@ -159,3 +159,7 @@ def _notes(path: Path) -> dict[str, str]:
     for match in re.finditer(r"^## (\S+)\n(.*?)(?=^## |\Z)", path.read_text(), flags=re.M | re.S):
         sections[match.group(1)] = match.group(2).strip()
     return sections
+
+
+if __name__ == "__main__":  # rewrite the page from the recorded runs (after editing notes.md)
+    (BENCH / "RESULTS.md").write_text(render(BENCH / "results"))

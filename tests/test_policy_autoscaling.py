@@ -157,12 +157,12 @@ def test_without_a_learned_capacity_throughput_says_nothing():
 def test_throughput_sizes_the_fleet_where_kv_usage_would_shrink_it_into_a_queue():
     # KV usage is low far from saturation (a replica's batch stays small until it nearly
     # saturates), so KV alone would keep 1 replica; the load is 30k tokens/s, and a replica
-    # serves 10k when saturated: at 85 % of that, 3.5 -> 4 replicas.
+    # serves 10k when saturated: at 80 % of that, 3.75 -> 4 replicas.
     spec = make_spec(behavior={"scaleDown": {"maxDecreasePercent": 100}})
     d = tick(spec, load(pods=8, kv=0.05, tokens=30_000), current=8, memory=KNOWS_CAPACITY)
     assert (d.desired, d.reason) == (4, "Throughput")
-    assert d.message.startswith("throughput 30000 tokens/s / (85% of the 10000 tokens/s a replica serves at its "
-                                "limit) = 3.5 replicas")
+    assert d.message.startswith("throughput 30000 tokens/s / (80% of the 10000 tokens/s a replica serves at its "
+                                "limit) = 3.8 replicas")
     assert d.signals["capacityTokensPerSecond"] == 10_000
     up = tick(spec, load(pods=2, kv=0.3, tokens=30_000), current=2, memory=KNOWS_CAPACITY)
     assert (up.desired, up.reason) == (4, "Throughput")  # ahead of any queue
@@ -253,7 +253,7 @@ def test_until_the_limit_is_known_replicas_go_one_at_a_time_a_window_apart():
     assert again.desired == 8
     # Once the limit is known, the throughput signal sizes the fleet and the usual rates apply.
     known = tick(DEFAULT, quiet, current=10, memory=replace(SETTLED, last_ready=10, capacity=20_000.0))
-    assert (known.desired, known.reason) == (7, "Throughput")  # 110k / (0.85 x 20k) = 6.5
+    assert (known.desired, known.reason) == (7, "Throughput")  # 110k / (0.8 x 20k) = 6.9
     # Without a token rate nothing could be learned: utilization signals act as HPA's do.
     blind = tick(DEFAULT, load(pods=10, kv=0.06), current=10, memory=replace(SETTLED, last_ready=10))
     assert blind.desired == 5

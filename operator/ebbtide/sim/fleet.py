@@ -237,7 +237,8 @@ def _timeline(trace: Trace, changes: list[tuple[int, int, int]], dt: float, step
     ready = np.array([c[2] for c in changes])[index]
     per_second = np.pad(trace.counts.astype(float), (0, max(0, int(math.ceil(end)) - len(trace.counts))))
     cumulative = np.concatenate([[0.0], np.cumsum(per_second)])
-    seconds = np.minimum(minute_ends.astype(int), len(per_second))
-    arrivals = np.diff(np.concatenate([[0.0], cumulative[seconds]])) / 60.0
+    seconds = np.minimum(np.ceil(minute_ends - 1e-9).astype(int), len(per_second))
+    lengths = np.diff(np.concatenate([[0.0], minute_ends]))  # the last minute may be partial
+    arrivals = np.diff(np.concatenate([[0.0], cumulative[seconds]])) / lengths
     return Timeline(minute=(minute_ends / 60.0).tolist(), arrivals_per_s=arrivals.tolist(),
                     replicas=replicas.tolist(), ready=ready.tolist())

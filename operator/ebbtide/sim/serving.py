@@ -106,7 +106,8 @@ _BUCKETS = 1 << 16
 
 
 def weighted_quantiles(values: np.ndarray, weights: np.ndarray, qs) -> list[float | None]:
-    """`weighted_quantile` for several q at once; exact at any size."""
+    """`weighted_quantile` for several q at once; exact at any size (up to float rounding of the
+    cumulative weights)."""
     values = np.asarray(values, dtype=float)
     weights = np.asarray(weights, dtype=float)
     total = float(weights.sum()) if len(values) else 0.0
@@ -138,6 +139,8 @@ def weighted_quantiles(values: np.ndarray, weights: np.ndarray, qs) -> list[floa
         below = float(cumulative[bucket - 1]) if bucket else 0.0
         inside = index == bucket
         vals, wts = values[inside], weights[inside]
+        if not len(vals):  # only for q = 0 with an empty first bucket
+            vals, wts, below = values[index >= bucket], weights[index >= bucket], below
         order = np.argsort(vals, kind="stable")
         running = below + np.cumsum(wts[order])
         # Float sums in a different order can differ in the last bits: clamp into the bucket.
