@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import re
 import time
-from datetime import datetime
 import urllib.request
+from datetime import datetime
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families

@@ -178,6 +178,29 @@ def test_ebbtide_warm_starts_with_what_it_learned():
     assert policy.capacity == 12_345.0
 
 
+def test_ebbtide_is_called_through_plan_with_the_cold_start_as_its_startup_time():
+    """As in the operator, the simulator calls policy.lifecycle.plan: a schedule window's floor
+    is asked for one startup time (here the replay's 300 s cold start) before it opens, so
+    its replicas are ready when it does."""
+    from ebbtide.api.spec import ScheduleWindow
+
+    _, spec = load_spec(None)
+    window = ScheduleWindow(name="one-am", cron="0 1 * * *", duration_minutes=30, timezone="UTC", min_replicas=5)
+    spec = spec.model_copy(update={"schedules": [window]})
+    trace = poisson_trace(0.5 * LLAMA_3_1_8B_H100.saturation_rate(PROMPT, OUTPUT), 2 * 3600)  # one replica's load
+    trace = Trace(name="calm", duration_s=trace.duration_s, counts=trace.counts, prompt_sum=trace.prompt_sum,
+                  output_sum=trace.output_sum)  # fluid; starts 2024-01-01 00:00 UTC
+    cold = 300.0
+    rate = LLAMA_3_1_8B_H100.saturation_rate(PROMPT, OUTPUT) * (PROMPT + OUTPUT)
+    policy = EbbtidePolicy(spec, learned_capacity=rate, startup_seconds=cold)
+    run = simulate(trace, policy, SimSettings(capacity=LLAMA_3_1_8B_H100, cold_start_s=cold))
+    replicas, ready = run.timeline.replicas, run.timeline.ready
+    assert max(replicas[30:54]) < 5, "not before the lead time"
+    assert replicas[55] >= 5, "started at 00:55, one cold start ahead"
+    assert ready[60] >= 5, "ready when the window opens at 01:00"
+    assert replicas[100] < 5, "and the floor is gone after it closes"
+
+
 def signals(now, waiting=0.0, kv=0.0, ready=1):
     pods = tuple(PodSignals(pod=f"p{i}", sampled_at=now, waiting=waiting / ready, kv_cache_usage=kv)
                  for i in range(ready))

@@ -1,12 +1,21 @@
-"""plan(): the reactive core inside schedule windows, with scheduled floors started early."""
+"""plan(): the reactive core inside schedule windows, with scheduled floors started early, and
+ramps the learned demand profile predicts pre-warmed."""
 
+import dataclasses
 import datetime
+from functools import cache
+from zoneinfo import ZoneInfo
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from ebbtide.api.manifest import parse_spec
 from ebbtide.policy.autoscaling import decide
 from ebbtide.policy.decision import Memory
-from ebbtide.policy.lifecycle import plan
+from ebbtide.policy.lifecycle import PRE_WARMING, plan, ramp_ahead
 from ebbtide.policy.observation import FleetState, PodSignals, Signals
+from ebbtide.policy.profile import WEEK_SECONDS, Profile, observe, predict
 
 EIGHT = datetime.datetime(2026, 3, 2, 8, 0, tzinfo=datetime.UTC).timestamp()  # a Monday
 
@@ -48,3 +57,193 @@ def test_inside_the_window_its_floor_holds_and_is_named():
     after = EIGHT + 601 * 60
     relaxed = plan(s, quiet(after), FleetState(current=2, ready=2), Memory.empty(EIGHT), after)
     assert relaxed.desired < 5
+
+
+# -- predictive pre-warming --------------------------------------------------------------------
+
+# Two weeks of a daily ramp at 08:00 are learned; week three is predicted.
+LEARN_FROM = EIGHT - 8 * 3600 - 2 * WEEK_SECONDS  # Monday 00:00, two weeks before EIGHT's Monday
+CAPACITY = 500.0  # tokens/s a replica serves at its limit; the core sizes at 80 % of it: 400
+NIGHT, DAY = 200.0, 2480.0  # tokens/s: 0.5 and 6.2 replicas of demand
+
+
+def daily_ramp(t: float, zone: str = "UTC") -> float:
+    hour = datetime.datetime.fromtimestamp(t, ZoneInfo(zone)).hour
+    return DAY if 8 <= hour < 18 else NIGHT
+
+
+@cache
+def taught(zone: str = "UTC") -> Profile:
+    profile = Profile.empty(lookback_weeks=2, timezone=zone)
+    t = LEARN_FROM
+    while t < LEARN_FROM + 2 * WEEK_SECONDS:
+        profile = observe(profile, t, daily_ramp(t, zone))
+        t += 300
+    return profile
+
+
+def load(now, tokens, ready=2):
+    """A fleet carrying `tokens` tokens/s, lightly: the reactive core asks for tokens / 400."""
+    pods = tuple(PodSignals(pod=f"p{i}", sampled_at=now, running=1, kv_cache_usage=0.05) for i in range(ready))
+    return Signals(source="test", sampled_at=now, pods=pods, ttft_seconds=0.1, tpot_seconds=0.02,
+                   tokens_per_second=tokens)
+
+
+def memory(now):
+    return Memory(since=now - 3600, capacity=CAPACITY)
+
+
+def both(s, now, signals, fleet, profile, lead=180):
+    """(with the profile, without it): the same tick."""
+    return (plan(s, signals, fleet, memory(now), now, startup_seconds=lead, profile=profile),
+            plan(s, signals, fleet, memory(now), now, startup_seconds=lead))
+
+
+def test_a_learned_ramp_is_pre_warmed_one_startup_time_ahead():
+    s, now = spec(), EIGHT - 150
+    decision, reactive = both(s, now, load(now, NIGHT), FleetState(current=2, ready=2), taught())
+    assert reactive.desired <= 2
+    assert decision.desired == 7  # ceil(6.2 x 1.1)
+    assert decision.reason == PRE_WARMING
+    assert decision.message.startswith("pre-warming 2 -> 7 for the ramp expected at 08:00 UTC "
+                                       "(predicted 6.2 replicas of demand, x1.1 headroom)")
+    assert decision.signals["prewarmReplicas"] == 7 and decision.signals["predictedTokensPerSecond"] == DAY
+    assert decision.condition("ScalingLimited").reason == PRE_WARMING
+
+
+def test_before_the_lead_time_nothing_is_pre_warmed():
+    s, now = spec(), EIGHT - 240  # the ramp is 4 minutes away, a startup takes 3
+    decision, reactive = both(s, now, load(now, NIGHT), FleetState(current=2, ready=2), taught())
+    assert dataclasses.replace(decision, profile=None) == reactive
+    longer, _ = both(s, now, load(now, NIGHT), FleetState(current=2, ready=2), taught(), lead=300)
+    assert longer.desired == 7  # a measured 5-minute startup starts it earlier
+
+
+def test_the_floor_holds_through_the_first_quarter_hour_then_the_core_decides():
+    s = spec()
+    at = EIGHT + 300
+    held, _ = both(s, at, load(at, NIGHT), FleetState(current=7, ready=7), taught())
+    assert held.desired == 7 and held.reason == PRE_WARMING
+    assert held.message.startswith("pre-warming: holding 7 for the ramp under way since 08:00 UTC")
+    noon = EIGHT + 4 * 3600
+    for tokens in (DAY, NIGHT):  # a normal day, and a holiday far below its profile
+        decision, reactive = both(s, noon, load(noon, tokens), FleetState(current=7, ready=7), taught())
+        assert dataclasses.replace(decision, profile=None, signals=reactive.signals) == reactive
+
+
+def test_switched_off_the_profile_is_untouched_and_nothing_is_pre_warmed():
+    s, now = spec(warmup={"predictive": {"enabled": False}}), EIGHT - 150
+    profile = taught()
+    decision = plan(s, load(now, NIGHT), FleetState(current=2, ready=2), memory(now), now, 180, profile)
+    assert decision.profile is profile
+    assert dataclasses.replace(decision, profile=None) == plan(s, load(now, NIGHT), FleetState(current=2, ready=2),
+                                                               memory(now), now, 180)
+
+
+def test_pre_warming_is_bounded_by_max_replicas():
+    s, now = spec(replicas={"min": 1, "max": 5}), EIGHT - 150
+    decision, _ = both(s, now, load(now, NIGHT), FleetState(current=2, ready=2), taught())
+    assert decision.desired == 5 and decision.reason == PRE_WARMING
+    assert "7 wanted, the ceiling is 5" in decision.message
+
+
+def test_a_night_cap_does_not_stop_the_morning_from_starting():
+    night = {"schedules": [{"name": "night", "cron": "0 0 * * *", "durationMinutes": 480, "maxReplicas": 2}]}
+    s, now = spec(**night), EIGHT - 150
+    decision, reactive = both(s, now, load(now, NIGHT), FleetState(current=2, ready=2), taught())
+    assert reactive.desired <= 2 and decision.desired == 7
+
+
+def test_a_higher_scheduled_floor_wins_and_keeps_its_words():
+    peak = {"schedules": [{"name": "peak", "cron": "0 8 * * *", "durationMinutes": 600, "minReplicas": 9}]}
+    s, now = spec(**peak), EIGHT - 150
+    decision, reactive = both(s, now, load(now, NIGHT), FleetState(current=2, ready=2), taught())
+    assert decision.desired == reactive.desired == 9
+    assert decision.message == reactive.message and "started early for 'peak'" in decision.message
+
+
+def test_the_ramp_is_said_in_the_profile_timezone():
+    s = spec()
+    eight_berlin = datetime.datetime(2026, 3, 2, 8, 0, tzinfo=ZoneInfo("Europe/Berlin")).timestamp()
+    now = eight_berlin - 150
+    decision, _ = both(s, now, load(now, NIGHT), FleetState(current=2, ready=2), taught("Europe/Berlin"))
+    assert "expected at 08:00 CET" in decision.message
+
+
+def test_a_fresh_tick_teaches_its_token_rate_and_a_blind_one_teaches_nothing():
+    s, now = spec(), EIGHT + 2 * 3600 + 7
+    profile = taught()
+    fresh = plan(s, load(now, 0.0), FleetState(current=7, ready=7), memory(now), now, profile=profile)
+    assert fresh.profile == observe(profile, now, 0.0)
+    assert predict(fresh.profile, now + WEEK_SECONDS) < DAY
+    stale = load(now - 600, 0.0)
+    no_tokens = dataclasses.replace(load(now, 0.0), tokens_per_second=None)
+    for blind in (Signals.missing("Prometheus unreachable"), stale, no_tokens):
+        decision = plan(s, blind, FleetState(current=7, ready=7), memory(now), now, profile=profile)
+        assert decision.profile is profile
+    asleep = plan(s, load(now, 0.0, ready=0), FleetState(current=0, ready=0, asleep=2), memory(now), now,
+                  profile=profile)
+    assert asleep.profile is profile  # nothing could serve: no demand was measured
+
+
+def test_blind_ticks_still_pre_warm():
+    s, now = spec(), EIGHT - 150
+    decision = plan(s, Signals.missing("Prometheus unreachable"), FleetState(current=2, ready=2), memory(now), now,
+                    180, taught())
+    assert decision.desired == 7 and decision.reason == PRE_WARMING
+    assert "metrics unavailable (Prometheus unreachable)" in decision.message
+    assert decision.profile is taught()
+
+
+def test_no_pre_warming_until_a_replica_limit_is_known_or_a_week_is_learned():
+    s, now = spec(), EIGHT - 150
+    unknown = Memory(since=now - 3600)
+    decision = plan(s, load(now, NIGHT), FleetState(current=2, ready=2), unknown, now, 180, taught())
+    assert decision.reason != PRE_WARMING and decision.desired <= 2
+    young = Profile.empty()
+    for k in range(2000):
+        young = observe(young, now - 3 * 86400 + 60 * k, DAY)
+    assert ramp_ahead(s, young, CAPACITY, now, 180) is None
+    assert ramp_ahead(s, taught(), CAPACITY, now, 180) is not None
+
+
+def test_the_spec_lookback_retunes_the_profile():
+    s, now = spec(warmup={"predictive": {"lookbackWeeks": 4}}), EIGHT + 3600
+    decision = plan(s, load(now, DAY), FleetState(current=7, ready=7), memory(now), now, profile=taught())
+    assert decision.profile.lookback_weeks == 4
+
+
+FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@FAST
+@given(offset=st.floats(-3 * 3600, 3 * 3600), current=st.integers(0, 12), ready=st.integers(0, 12),
+       tokens=st.one_of(st.none(), st.floats(0, 6000)), kv=st.floats(0, 1), waiting=st.floats(0, 50),
+       history=st.floats(0, 3600), capacity=st.one_of(st.none(), st.floats(50, 3000)),
+       lead=st.floats(0, 3600), blind=st.booleans(), low=st.integers(0, 3), high=st.integers(3, 12))
+def test_pre_warming_never_lowers_the_reactive_decision(offset, current, ready, tokens, kv, waiting, history,
+                                                        capacity, lead, blind, low, high):
+    s = spec(replicas={"min": low, "max": high})
+    now = EIGHT + offset
+    pods = tuple(PodSignals(pod=f"p{i}", sampled_at=now, running=2, waiting=waiting / max(ready, 1),
+                            kv_cache_usage=kv) for i in range(ready))
+    signals = (Signals.missing("down") if blind else
+               Signals(source="test", sampled_at=now, pods=pods, tokens_per_second=tokens))
+    fleet = FleetState(current=current, ready=min(ready, current))
+    mem = Memory(since=now - history, capacity=capacity)
+    with_profile = plan(s, signals, fleet, mem, now, lead, taught())
+    without = plan(s, signals, fleet, mem, now, lead)
+    assert with_profile.desired >= without.desired
+    assert with_profile.desired <= max(high, without.desired)  # never above max, unless already there
+
+
+def test_without_a_profile_the_decision_carries_none():
+    now = EIGHT
+    assert plan(spec(), quiet(now), FleetState(current=2, ready=2), Memory.empty(now - 600), now).profile is None
+
+
+@pytest.mark.parametrize("lead", [60, 180, 900, 3600])
+def test_the_floor_covers_the_ramp_from_one_lead_time_ahead(lead):
+    assert ramp_ahead(spec(), taught(), CAPACITY, EIGHT - lead - 1, lead) is None
+    ramp = ramp_ahead(spec(), taught(), CAPACITY, EIGHT - lead + 1, lead)
+    assert ramp is not None and ramp.floor == 7 and ramp.at == EIGHT

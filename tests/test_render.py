@@ -5,17 +5,24 @@ import subprocess
 import sys
 from pathlib import Path
 
+import kubernetes_validate
+import pytest
 import yaml
 
 from ebbtide.api.manifest import parse_spec
 from ebbtide.api.ref import ServiceRef
 from ebbtide.cluster.render import (
     ANNOTATION_SPEC,
+    LABEL_CAPACITY,
     LABEL_SERVICE,
     LABEL_SERVING,
+    ON_DEMAND,
+    SPOT,
+    capacity_of,
     render_deployment,
     render_workload,
 )
+from tests.testbed.podrunner import FakeNode, node_matches, untolerated_taint
 
 ROOT = Path(__file__).resolve().parents[1]
 REF = ServiceRef(name="chat", namespace="ml", uid="1234")
@@ -107,3 +114,170 @@ def test_cli_help_crd_and_stdlib_operator_untouched(tmp_path):
     probe = subprocess.run([sys.executable, "-c", "import operator, ebbtide; print(operator.__file__)"],
                            capture_output=True, text=True, check=True, cwd=tmp_path).stdout
     assert "site-packages" not in probe and probe.strip().endswith("/operator.py")
+
+
+# --- spot placement: two Deployments, each on its own kind of node ---------------------------
+
+K8S_VERSION = "1.30.0"  # as tests/test_chart.py
+ZONE = "topology.kubernetes.io/zone"
+
+
+def node(name: str, labels: dict[str, str], taints: tuple[dict, ...] = ()) -> FakeNode:
+    return FakeNode(name, "spot" if "spot" in name else "on-demand",
+                    {"kubernetes.io/hostname": name, ZONE: "zone-a", **labels}, list(taints))
+
+
+# Per provider: (spot node, on-demand node, reclaim notice), labelled and tainted as the cloud
+# does it (anchors.md, "Spot facts by cloud"), and a node without any capacity label.
+GKE_TAINT = {"key": "cloud.google.com/gke-spot", "value": "true", "effect": "NoSchedule"}
+AKS_TAINT = {"key": "kubernetes.azure.com/scalesetpriority", "value": "spot", "effect": "NoSchedule"}
+CLOUDS = {
+    "karpenter": (node("spot", {"karpenter.sh/capacity-type": "spot"}),
+                  node("on-demand", {"karpenter.sh/capacity-type": "on-demand"}), 120),
+    "eks": (node("spot", {"eks.amazonaws.com/capacityType": "SPOT"}),
+            node("on-demand", {"eks.amazonaws.com/capacityType": "ON_DEMAND"}), 120),
+    "gke": (node("spot", {"cloud.google.com/gke-spot": "true"}, (GKE_TAINT,)), node("on-demand", {}), 15),
+    "aks": (node("spot", {"kubernetes.azure.com/scalesetpriority": "spot"}, (AKS_TAINT,)),
+            node("on-demand", {"kubernetes.azure.com/scalesetpriority": "regular"}), 30),
+}
+GKE_PREEMPTIBLE = node("spot-preemptible", {"cloud.google.com/gke-preemptible": "true"})
+
+
+def fits(deployment: dict, on: FakeNode) -> bool:
+    """Would the scheduler put this Deployment's pods on that node (labels, affinity, taints)?"""
+    pod = deployment["spec"]["template"]["spec"]
+    return node_matches(pod, on) and untolerated_taint(pod, on) is None
+
+
+def render_cli(path: Path) -> list[dict]:
+    out = subprocess.run([sys.executable, "-m", "ebbtide.cli", "render", str(path)],
+                         capture_output=True, text=True, check=True).stdout
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
+def example_with(tmp_path: Path, **spot) -> Path:
+    """examples/spot-sleep.yaml with placement.spot fields changed (and min 4, so spot runs)."""
+    manifest = yaml.safe_load((ROOT / "examples/spot-sleep.yaml").read_text())
+    manifest["spec"]["replicas"]["min"] = 4
+    manifest["spec"]["placement"]["spot"].update(spot)
+    path = tmp_path / "spot.yaml"
+    path.write_text(yaml.safe_dump(manifest))
+    return path
+
+
+def deployments(objs: list[dict]) -> dict[str, dict]:
+    return {capacity_of(o): o for o in objs if o["kind"] == "Deployment"}
+
+
+@pytest.mark.parametrize("provider", sorted(CLOUDS))
+def test_cli_renders_spot_and_on_demand_deployments_each_on_its_own_nodes(tmp_path, provider):
+    objs = render_cli(example_with(tmp_path, provider=provider))
+    assert [o["kind"] for o in objs] == ["Deployment", "Deployment", "Service", "PodDisruptionBudget"]
+    by_capacity = deployments(objs)
+    on_demand, spot = by_capacity[ON_DEMAND], by_capacity[SPOT]
+    assert (on_demand["metadata"]["name"], spot["metadata"]["name"]) == ("code", "code-spot")
+    # min 4, base 1, one spare: 1 on demand, 3 + 1 on spot.
+    assert (on_demand["spec"]["replicas"], spot["spec"]["replicas"]) == (1, 4)
+
+    spot_node, on_demand_node, notice = CLOUDS[provider]
+    assert fits(spot, spot_node) and not fits(spot, on_demand_node)
+    assert fits(on_demand, on_demand_node) and not fits(on_demand, spot_node), "on-demand never lands on spot"
+    if provider == "gke":
+        assert not fits(on_demand, GKE_PREEMPTIBLE), "nor on the older preemptible VMs"
+    if provider in ("gke", "aks"):
+        (taint,) = spot_node.taints
+        assert untolerated_taint(on_demand["spec"]["template"]["spec"], spot_node) == taint
+
+    spot_pod = spot["spec"]["template"]["spec"]
+    assert spot_pod["terminationGracePeriodSeconds"] == min(120, notice)
+    assert on_demand["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 120
+    (spread,) = spot_pod["topologySpreadConstraints"]
+    assert spread["topologyKey"] == ZONE and spread["whenUnsatisfiable"] == "ScheduleAnyway"
+    assert spread["labelSelector"]["matchLabels"] == spot["spec"]["selector"]["matchLabels"]
+    for obj in objs:
+        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+
+
+def test_the_two_deployments_never_adopt_each_others_pods_and_the_service_selects_both():
+    s = spec(replicas={"min": 3, "max": 6}, placement={"spot": {"enabled": True, "provider": "gke"}})
+    objs = render_workload(REF, s)
+    by_capacity = deployments(objs)
+    pod_labels = {c: d["spec"]["template"]["metadata"]["labels"] for c, d in by_capacity.items()}
+    for capacity, d in by_capacity.items():
+        selector = d["spec"]["selector"]["matchLabels"]
+        assert selector[LABEL_CAPACITY] == capacity
+        assert selector.items() <= pod_labels[capacity].items()
+        other = ON_DEMAND if capacity == SPOT else SPOT
+        assert not selector.items() <= pod_labels[other].items()
+        assert d["metadata"]["labels"][LABEL_CAPACITY] == capacity
+    service, pdb = objs[2], objs[3]
+    for labels in pod_labels.values():
+        assert service["spec"]["selector"].items() <= labels.items()
+        assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
+
+
+def test_spot_disabled_renders_one_deployment_with_no_capacity_constraints():
+    s = spec(placement={"nodeSelector": {"gpu": "h100"}, "spot": {"enabled": False, "provider": "gke"}})
+    objs = render_workload(REF, s)
+    assert [o["kind"] for o in objs] == ["Deployment", "Service", "PodDisruptionBudget"]
+    pod = objs[0]["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"gpu": "h100"}
+    assert "affinity" not in pod and "tolerations" not in pod and "topologySpreadConstraints" not in pod
+    assert capacity_of(objs[0]) == ON_DEMAND
+
+
+def test_service_wide_placement_applies_to_both_and_spot_placement_only_to_spot():
+    everywhere = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+    spot_only = {"key": "team", "operator": "Equal", "value": "ml", "effect": "NoSchedule"}
+    s = spec(placement={"nodeSelector": {"gpu": "h100"}, "tolerations": [everywhere],
+                        "spot": {"enabled": True, "provider": "aks", "nodeSelector": {"pool": "cheap"},
+                                 "tolerations": [spot_only]}})
+    by_capacity = deployments(render_workload(REF, s))
+    spot_pod = by_capacity[SPOT]["spec"]["template"]["spec"]
+    on_demand_pod = by_capacity[ON_DEMAND]["spec"]["template"]["spec"]
+    assert spot_pod["nodeSelector"] == {"gpu": "h100", "kubernetes.azure.com/scalesetpriority": "spot",
+                                        "pool": "cheap"}
+    assert spot_pod["tolerations"] == [everywhere, {"key": "kubernetes.azure.com/scalesetpriority",
+                                                    "operator": "Equal", "value": "spot",
+                                                    "effect": "NoSchedule"}, spot_only]
+    assert on_demand_pod["nodeSelector"] == {"gpu": "h100"}
+    assert on_demand_pod["tolerations"] == [everywhere]
+
+
+def test_a_capacity_label_in_the_service_wide_selector_does_not_strand_the_spot_pods():
+    s = spec(placement={"nodeSelector": {"karpenter.sh/capacity-type": "on-demand"},
+                        "spot": {"enabled": True, "provider": "karpenter"}})
+    spot_pod = deployments(render_workload(REF, s))[SPOT]["spec"]["template"]["spec"]
+    assert spot_pod["nodeSelector"] == {"karpenter.sh/capacity-type": "spot"}
+
+
+def test_custom_provider_tells_spot_nodes_by_the_spot_selector():
+    s = spec(replicas={"min": 3, "max": 6}, engine={"terminationGracePeriodSeconds": 90},
+             placement={"spot": {"enabled": True, "provider": "custom",
+                                 "nodeSelector": {"pool": "spot", "gpu": "l4"},
+                                 "tolerations": [{"key": "spot", "operator": "Exists"}]}})
+    by_capacity = deployments(render_workload(REF, s))
+    spot_node = node("spot", {"pool": "spot", "gpu": "l4"}, ({"key": "spot", "effect": "NoSchedule"},))
+    on_demand_node = node("on-demand", {"pool": "regular", "gpu": "l4"})
+    other_spot_gpu = node("spot-a100", {"pool": "spot", "gpu": "a100"})
+    assert fits(by_capacity[SPOT], spot_node) and not fits(by_capacity[SPOT], on_demand_node)
+    assert fits(by_capacity[ON_DEMAND], on_demand_node) and not fits(by_capacity[ON_DEMAND], spot_node)
+    assert fits(by_capacity[ON_DEMAND], other_spot_gpu), "only nodes with all the spot labels are spot"
+    assert by_capacity[SPOT]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 90
+    for obj in render_workload(REF, s):
+        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+
+
+def test_spot_grace_period_is_the_specs_when_shorter_than_the_notice():
+    s = spec(engine={"terminationGracePeriodSeconds": 10}, placement={"spot": {"enabled": True, "provider": "aks"}})
+    spot_pod = deployments(render_workload(REF, s))[SPOT]["spec"]["template"]["spec"]
+    assert spot_pod["terminationGracePeriodSeconds"] == 10
+
+
+def test_first_replica_counts_follow_the_split_of_min():
+    s = spec(replicas={"min": 5, "max": 8},
+             placement={"spot": {"enabled": True, "onDemandBase": 2, "maxSpotFraction": 0.5}})
+    by_capacity = deployments(render_workload(REF, s))
+    assert (by_capacity[ON_DEMAND]["spec"]["replicas"], by_capacity[SPOT]["spec"]["replicas"]) == (3, 2)
+    # The shell scales each Deployment itself; render_deployment keeps taking a count.
+    assert render_deployment(REF, s, SPOT, replicas=7)["spec"]["replicas"] == 7

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 
 import kopf
 
@@ -55,7 +54,7 @@ async def stop_loop(memo: kopf.Memo, **_) -> None:
 async def apply_spec(spec: kopf.Spec, status: kopf.Status, name: str, namespace: str, uid: str, meta: kopf.Meta,
                      memo: kopf.Memo, **_) -> None:
     ref = ServiceRef(name=name, namespace=namespace, uid=uid)
-    memo.registry.recall(ref, dict(status), time.time())
+    memo.registry.recall(ref, dict(status))
     await reconcile(memo.kube, memo.registry, ref, dict(spec), meta.get("generation"))
 
 

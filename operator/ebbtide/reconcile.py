@@ -15,8 +15,7 @@ from ebbtide.api.manifest import InvalidSpec, parse_spec
 from ebbtide.api.ref import ServiceRef
 from ebbtide.api.spec import InferenceServiceSpec
 from ebbtide.cluster.kube import Conflict, Kube, controller_of, now_rfc3339
-from ebbtide.cluster.render import ANNOTATION_SPEC, deployment_name, render_workload
-from ebbtide.policy.decision import Memory
+from ebbtide.cluster.render import ANNOTATION_SPEC, SPOT, deployment_name, render_workload
 
 log = logging.getLogger(__name__)
 
@@ -29,9 +28,9 @@ class Registry:
     """
 
     services: dict[tuple[str, str], tuple[ServiceRef, InferenceServiceSpec]] = field(default_factory=dict)
-    # Autoscaler memory found in status when a service is first seen (after a restart); the
-    # scaling loop takes it over from here.
-    memories: dict[tuple[str, str], Memory] = field(default_factory=dict)
+    # What the scaling loop keeps in status.scaler (its memory, cost ledger, spot cover), as
+    # found when a service is first seen after a restart; the scaling loop takes it over.
+    stored: dict[tuple[str, str], dict] = field(default_factory=dict)
 
     def put(self, ref: ServiceRef, spec: InferenceServiceSpec) -> None:
         self.services[(ref.namespace, ref.name)] = (ref, spec)
@@ -41,15 +40,15 @@ class Registry:
 
     def forget(self, namespace: str, name: str) -> None:
         self.services.pop((namespace, name), None)
-        self.memories.pop((namespace, name), None)
+        self.stored.pop((namespace, name), None)
 
-    def recall(self, ref: ServiceRef, status: dict | None, now: float) -> None:
-        """Keep the autoscaler memory persisted in status, for a service not seen before."""
+    def recall(self, ref: ServiceRef, status: dict | None) -> None:
+        """Keep the scaling state persisted in status, for a service not seen before."""
         key = (ref.namespace, ref.name)
-        if key not in self.services and key not in self.memories:
+        if key not in self.services and key not in self.stored:
             stored = (status or {}).get("scaler")
-            if stored is not None:
-                self.memories[key] = Memory.load(stored, now)
+            if isinstance(stored, dict):
+                self.stored[key] = stored
 
 
 async def last_applied_spec(kube: Kube, ref: ServiceRef) -> InferenceServiceSpec | None:
@@ -76,16 +75,38 @@ async def reconcile(kube: Kube, registry: Registry, ref: ServiceRef, raw_spec: d
     # correction must compare them with this spec, not restore the previous one.
     registry.put(ref, spec)
     try:
-        outcomes = {obj["kind"]: await kube.apply(obj, ref) for obj in render_workload(ref, spec)}
+        outcomes = {f'{obj["kind"]} {obj["metadata"]["name"]}': await kube.apply(obj, ref)
+                    for obj in render_workload(ref, spec)}
+        if not spec.placement.spot.enabled and await _delete_owned_spot_deployment(kube, ref, spec):
+            outcomes[f"Deployment {deployment_name(ref, SPOT)}"] = "deleted (spot placement is off)"
     except Conflict as e:
         await kube.post_event(ref, "Warning", "OwnershipConflict", str(e))
         await _set_status(kube, ref, generation, "Ready", "False", "OwnershipConflict", str(e))
         raise
-    changed = {kind: what for kind, what in outcomes.items() if what != "unchanged"}
+    changed = {obj: what for obj, what in outcomes.items() if what != "unchanged"}
     if changed:
-        summary = ", ".join(f"{kind} {what}" for kind, what in changed.items())
+        summary = ", ".join(f"{obj} {what}" for obj, what in changed.items())
         await kube.post_event(ref, "Normal", "Applied", f"{summary} (generation {generation})")
     await _set_status(kube, ref, generation, "SpecValid", "True", "Valid", "the spec is valid and applied")
+
+
+async def _delete_owned_spot_deployment(kube: Kube, ref: ServiceRef, spec: InferenceServiceSpec) -> bool:
+    """Spot placement turned off: its replicas move to on-demand, and its Deployment goes.
+
+    On-demand grows by the spot count first (within replicas.max), so that turning spot off
+    never drops serving capacity; the autoscaler trims any surplus after its window.
+    """
+    name = deployment_name(ref, SPOT)
+    live = await kube.read("Deployment", ref.namespace, name)
+    if live is None or (controller_of(live) or {}).get("uid") != ref.uid:
+        return False  # not there, or not ours: never touch someone else's workload
+    on_demand = await kube.read("Deployment", ref.namespace, deployment_name(ref))
+    moved = live["spec"].get("replicas") or 0
+    if on_demand is not None and moved:
+        have = on_demand["spec"].get("replicas") or 0
+        await kube.scale(ref.namespace, deployment_name(ref), min(have + moved, max(have, spec.replicas.max)))
+    await kube.delete("Deployment", ref.namespace, name)
+    return True
 
 
 async def _reject(kube: Kube, registry: Registry, ref: ServiceRef, problem: str, generation: int | None) -> None:

@@ -14,9 +14,10 @@ from __future__ import annotations
 import asyncio
 import datetime
 import logging
+import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from kubernetes.client.rest import ApiException
 
@@ -24,58 +25,58 @@ from ebbtide.api.conditions import set_condition
 from ebbtide.api.ref import ServiceRef
 from ebbtide.api.spec import InferenceServiceSpec
 from ebbtide.cluster.kube import Kube
-from ebbtide.cluster.render import LABEL_SERVICE, LABEL_SERVING, MANAGED_BY, deployment_name
+from ebbtide.cluster.pods import ServicePods, reclaimed_nodes, summarize
+from ebbtide.cluster.render import LABEL_SERVICE, MANAGED_BY, SPOT, deployment_name
 from ebbtide.operator_metrics import OperatorMetrics
-from ebbtide.policy.decision import Decision, Memory
+from ebbtide.policy.cost import Ledger, accrue, usd_per_hour, usd_per_million_tokens
+from ebbtide.policy.decision import ConditionReport, Decision, Entries, Memory
 from ebbtide.policy.lifecycle import plan
 from ebbtide.policy.observation import FleetState, Signals
+from ebbtide.policy.spot import RECLAIM_TAINTS, Split, SpotPods, classify, split
+from ebbtide.policy.startup import StartupEstimate, observe_startups
 from ebbtide.reconcile import Registry
 from ebbtide.signals.prometheus import PrometheusSource, ServiceQuery
 
 log = logging.getLogger(__name__)
 
+SPOT_AVAILABLE = "SpotAvailable"
 HISTORY = 10  # decisions kept in status: enough to read the last hour's story, small enough for etcd
 
 
 @dataclass
 class ServiceState:
-    """Per-service state between ticks, mirrored into status so a restart loses nothing."""
+    """Per-service state between ticks, mirrored into status.scaler so a restart loses nothing."""
 
-    memory: Memory | None = None
+    memory: Memory
+    ledger: Ledger
+    # Spot placement: the awake size last asked for (the two Deployments together hold more:
+    # the spot over-provisioning and the on-demand cover), and the cover's give-back history.
+    target: int | None = None
+    spot_cover: Entries = ()
+    # Measured startup time (pod created to ready): the lead time for floors started early.
+    startup: StartupEstimate = StartupEstimate()
     last_evaluated: float = float("-inf")
     # Advisory mode never changes the Deployment, so the same advice would repeat every tick;
     # it is reported when it changes, not on every tick.
     last_advice: int | None = None
 
+    @classmethod
+    def restore(cls, stored: dict | None, now: float) -> ServiceState:
+        """From what status.scaler held (after a restart), or fresh; unreadable parts start over."""
+        stored = stored or {}
+        spot = stored.get("spot") if isinstance(stored.get("spot"), dict) else {}
+        try:
+            target = None if spot.get("target") is None else max(0, int(spot["target"]))
+            cover = tuple((float(t), int(r)) for t, r in spot.get("cover", []))
+        except (TypeError, ValueError):
+            target, cover = None, ()
+        return cls(memory=Memory.load(stored or None, now), ledger=Ledger.load(stored.get("cost"), now),
+                   target=target, spot_cover=cover, startup=StartupEstimate.load(stored.get("startup")))
 
-@dataclass
-class PodCounts:
-    ready: int = 0
-    starting: int = 0
-    names: list[str] = field(default_factory=list)
-
-
-def _is_ready(pod: dict) -> bool:
-    conditions = pod.get("status", {}).get("conditions") or []
-    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
-
-
-def count_pods(pods: list[dict]) -> dict[tuple[str, str], PodCounts]:
-    """Pods by (namespace, service): ready and serving, or on their way."""
-    out: dict[tuple[str, str], PodCounts] = {}
-    for pod in pods:
-        meta = pod.get("metadata", {})
-        service = (meta.get("labels") or {}).get(LABEL_SERVICE)
-        if not service or meta.get("deletionTimestamp") or pod.get("status", {}).get("phase") in ("Succeeded", "Failed"):
-            continue
-        counts = out.setdefault((meta.get("namespace", "default"), service), PodCounts())
-        counts.names.append(meta["name"])
-        serving = (meta.get("labels") or {}).get(LABEL_SERVING, "true") == "true"
-        if _is_ready(pod) and serving:
-            counts.ready += 1
-        elif not _is_ready(pod):
-            counts.starting += 1
-    return out
+    def to_json(self) -> dict:
+        return {**self.memory.to_json(), "cost": self.ledger.to_json(),
+                "spot": {"target": self.target, "cover": [list(e) for e in self.spot_cover]},
+                "startup": self.startup.to_json()}
 
 
 def rfc3339(ts: float) -> str:
@@ -110,7 +111,9 @@ class ScalingLoop:
     def _due(self, now: float) -> list[tuple[ServiceRef, InferenceServiceSpec, ServiceState]]:
         due = []
         for key, (ref, spec) in list(self.registry.services.items()):
-            state = self.states.setdefault(key, ServiceState(memory=self.registry.memories.pop(key, None)))
+            state = self.states.get(key)
+            if state is None:
+                state = self.states[key] = ServiceState.restore(self.registry.stored.pop(key, None), now)
             if now - state.last_evaluated >= spec.scaling.behavior.interval_seconds - 0.5:
                 due.append((ref, spec, state))
         for key in set(self.states) - set(self.registry.services):
@@ -122,65 +125,104 @@ class ScalingLoop:
         due = self._due(now)
         if not due:
             return
-        pods = count_pods(await self.kube.list_pods(LABEL_SERVICE))
+        pods = summarize(await self.kube.list_pods(LABEL_SERVICE))
         replicas = {(d["metadata"]["namespace"], d["metadata"]["name"]): d["spec"].get("replicas", 0)
                     for d in await self.kube.list_deployments(_selector(MANAGED_BY))}
+        # Nodes are read only when some service runs on spot: their taints announce reclaims.
+        reclaimed = (reclaimed_nodes(await self.kube.list_nodes(), RECLAIM_TAINTS)
+                     if any(spec.placement.spot.enabled for _, spec, _ in due) else set())
         queries = [ServiceQuery.for_spec((ref.namespace, ref.name), ref.namespace,
-                                         tuple(pods.get((ref.namespace, ref.name), PodCounts()).names), spec)
+                                         tuple(pods.get((ref.namespace, ref.name), ServicePods()).names), spec)
                    for ref, spec, _ in due]
         observed = await asyncio.to_thread(self.source.observe, queries, now)
         for ref, spec, state in due:
             key = (ref.namespace, ref.name)
-            current = replicas.get((ref.namespace, deployment_name(ref)))
-            if current is None:
+            on_demand = replicas.get((ref.namespace, deployment_name(ref)))
+            if on_demand is None:
                 continue  # the workload is not there (yet): the reconciler will create it
-            counts = pods.get(key, PodCounts())
-            fleet = FleetState(current=current, ready=counts.ready, starting=counts.starting,
-                               pod_names=tuple(counts.names))
+            workload = Workload(on_demand, replicas.get((ref.namespace, deployment_name(ref, SPOT))))
+            mine = pods.get(key, ServicePods())
+            fleet = FleetState(current=_current(spec, state, workload), ready=mine.ready, starting=mine.starting,
+                               asleep=mine.asleep, pod_names=tuple(mine.names))
             signals = observed.get(key) or Signals.missing("no observation")
-            memory = state.memory or Memory.empty(now)
-            decision = plan(spec, signals, fleet, memory, now)
+            state.startup = observe_startups(state.startup, mine.startups, now=now)
+            decision = plan(spec, signals, fleet, state.memory, now, startup_seconds=state.startup.seconds)
             state.memory = decision.memory
             state.last_evaluated = now
+            spot_pods = classify(mine.spot, reclaimed, spec.placement.spot.pending_timeout_seconds, now)
+            placed = split(decision.desired, spec.placement.spot, spot_pods, state.spot_cover, now,
+                           spec.scaling.behavior.scale_down.stabilization_seconds)
+            state.ledger = accrue(state.ledger, now, mine.held, spec.engine.gpus, spec.pricing, spec.sleep)
             news = decision.changed and (spec.mode == "Active" or decision.desired != state.last_advice)
             state.last_advice = decision.desired if decision.changed else None
-            await self._act_and_explain(ref, spec, fleet, signals, decision, news, now)
+            await self._act_and_explain(ref, spec, state,
+                                        Tick(fleet, signals, decision, placed, spot_pods, workload, news, now))
 
-    async def _act_and_explain(self, ref: ServiceRef, spec: InferenceServiceSpec, fleet: FleetState,
-                               signals: Signals, decision: Decision, news: bool, now: float) -> None:
-        """Carry out a decision and report it; `news` is False for advice already given."""
+    async def _act_and_explain(self, ref: ServiceRef, spec: InferenceServiceSpec, state: ServiceState,
+                               tick: Tick) -> None:
+        """Carry out a decision and its placement, and report them."""
+        decision, placed, workload = tick.decision, tick.placed, tick.workload
         active = spec.mode == "Active"
         applied = False
-        if decision.changed and active:
-            try:
-                await self.kube.scale(ref.namespace, deployment_name(ref), decision.desired)
-                applied = True
-            except ApiException as e:
-                log.warning("%s/%s: scaling to %d failed: %s", ref.namespace, ref.name, decision.desired, e.reason)
-                await self.kube.post_event(ref, "Warning", "ScaleFailed",
-                                           f"could not scale to {decision.desired}: {e.status} {e.reason}")
-        if news:
+        if active:
+            wanted = [(deployment_name(ref), workload.on_demand, placed.on_demand)]
+            if workload.spot is not None:  # absent: the reconciler is creating it, with its own count
+                wanted.append((deployment_name(ref, SPOT), workload.spot, placed.spot))
+            applied = await self._scale(ref, [(name, want) for name, have, want in wanted if want != have])
+            if applied:
+                state.target, state.spot_cover = decision.desired, placed.cover
+        spot_note = f"; {placed.message}" if spec.placement.spot.enabled else ""
+        if tick.news:
             if active:
                 kind = "ScaledUp" if decision.desired > decision.current else "ScaledDown"
             else:
                 kind = "AdvisoryScaleUp" if decision.desired > decision.current else "AdvisoryScaleDown"
             prefix = "" if active else "advisory, not applied: "
-            await self.kube.post_event(ref, "Normal", kind, f"{prefix}{decision.message} [{decision.source}]")
+            await self.kube.post_event(ref, "Normal", kind,
+                                       f"{prefix}{decision.message} [{decision.source}]{spot_note}")
             self.metrics.decisions.labels(ref.namespace, ref.name, decision.reason, str(applied).lower()).inc()
-        self._export(ref, fleet, signals, decision)
-        await self.kube.update_status(ref, lambda status: self._status(status, fleet, decision, applied, news, now))
+        elif active and applied and not decision.changed and placed.on_demand != workload.on_demand:
+            # Same size, other capacity: on-demand covers spot replicas that are not there, or
+            # gives the cover back once they are.
+            if placed.on_demand > workload.on_demand:
+                await self.kube.post_event(ref, "Warning", "SpotFallback", placed.message)
+            else:
+                await self.kube.post_event(ref, "Normal", "SpotRecovered", placed.message)
+        self._export(ref, spec, tick, state.ledger)
+        await self.kube.update_status(ref, lambda status: self._status(status, spec, state, tick, applied))
 
-    def _export(self, ref: ServiceRef, fleet: FleetState, signals: Signals, decision: Decision) -> None:
+    async def _scale(self, ref: ServiceRef, changes: list[tuple[str, int]]) -> bool:
+        """Patch each Deployment's replicas; False (with an Event) if any patch failed."""
+        for name, replicas in changes:
+            try:
+                await self.kube.scale(ref.namespace, name, replicas)
+            except ApiException as e:
+                log.warning("%s/%s: scaling %s to %d failed: %s", ref.namespace, ref.name, name, replicas, e.reason)
+                await self.kube.post_event(ref, "Warning", "ScaleFailed",
+                                           f"could not scale {name} to {replicas}: {e.status} {e.reason}")
+                return False
+        return True
+
+    def _export(self, ref: ServiceRef, spec: InferenceServiceSpec, tick: Tick, ledger: Ledger) -> None:
         labels = (ref.namespace, ref.name)
-        self.metrics.desired.labels(*labels).set(decision.desired)
-        self.metrics.ready.labels(*labels).set(fleet.ready)
-        self.metrics.metrics_unavailable.labels(*labels).set(0 if signals.sampled_at and not signals.error else 1)
-        for name, value in decision.signals.items():
-            self.metrics.signal.labels(*labels, name).set(value)
+        m = self.metrics
+        m.desired.labels(*labels).set(tick.decision.desired)
+        m.ready.labels(*labels).set(tick.fleet.ready)
+        m.asleep.labels(*labels).set(tick.fleet.asleep)
+        m.metrics_unavailable.labels(*labels).set(0 if tick.signals.sampled_at and not tick.signals.error else 1)
+        for name, value in tick.decision.signals.items():
+            m.signal.labels(*labels, name).set(value)
+        per_hour, per_million = _spend(spec, ledger, tick.signals)
+        m.usd_per_hour.labels(*labels).set(per_hour)
+        m.usd_per_million_tokens.labels(*labels).set(math.nan if per_million is None else per_million)
+        for capacity, hours in (("on-demand", ledger.gpu_hours_on_demand), ("spot", ledger.gpu_hours_spot),
+                                ("asleep", ledger.gpu_hours_asleep)):
+            m.gpu_hours.labels(*labels, capacity).set(hours)
 
     @staticmethod
-    def _status(status: dict, fleet: FleetState, decision: Decision, applied: bool, news: bool, now: float) -> dict:
-        stamp = rfc3339(now)
+    def _status(status: dict, spec: InferenceServiceSpec, state: ServiceState, tick: Tick, applied: bool) -> dict:
+        decision, fleet = tick.decision, tick.fleet
+        stamp = rfc3339(tick.now)
         record = {
             "time": stamp,
             "fromReplicas": decision.current,
@@ -192,20 +234,90 @@ class ScalingLoop:
             "applied": applied,
         }
         status["lastDecision"] = record
-        if news:
+        if tick.news:
             status["decisions"] = ((status.get("decisions") or []) + [record])[-HISTORY:]
             status["lastDecisionSummary"] = f"{decision.current}->{decision.desired} {decision.reason}"
         else:
             status.setdefault("lastDecisionSummary", f"{decision.current} {decision.reason}")
         conditions = status.get("conditions") or []
-        for c in decision.conditions:
+        reports = list(decision.conditions)
+        if spec.placement.spot.enabled:
+            reports.append(_spot_condition(tick.spot_pods, tick.placed))
+        for c in reports:
             conditions = set_condition(conditions, c.type, c.status, c.reason, c.message, stamp)
+        if not spec.placement.spot.enabled:
+            conditions = [c for c in conditions if c.get("type") != SPOT_AVAILABLE]
         status["conditions"] = conditions
         status["replicas"] = {**(status.get("replicas") or {}), "desired": decision.desired, "ready": fleet.ready,
-                              "starting": fleet.starting}
+                              "starting": fleet.starting, "asleep": fleet.asleep,
+                              "onDemand": tick.placed.on_demand, "spot": tick.placed.spot}
         status["phase"] = _phase(fleet, decision)
-        status["scaler"] = decision.memory.to_json()
+        ledger = state.ledger
+        per_hour, per_million = _spend(spec, ledger, tick.signals)
+        status["cost"] = {
+            "since": rfc3339(ledger.since),
+            "gpuHours": {"onDemand": round(ledger.gpu_hours_on_demand, 4), "spot": round(ledger.gpu_hours_spot, 4),
+                         "asleep": round(ledger.gpu_hours_asleep, 4)},
+            "usdTotal": round(ledger.usd, 4),
+            "usdPerHour": round(per_hour, 4),
+            "usdPerMillionTokens": None if per_million is None else round(per_million, 4),
+        }
+        status["startup"] = state.startup.to_json()
+        status["scaler"] = state.to_json()
         return status
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The replicas the service's Deployments hold now (spot: None when there is no spot Deployment)."""
+
+    on_demand: int
+    spot: int | None
+
+
+@dataclass(frozen=True)
+class Tick:
+    """One service's tick, from observation to placement: what acting and reporting read."""
+
+    fleet: FleetState
+    signals: Signals
+    decision: Decision
+    placed: Split
+    spot_pods: SpotPods
+    workload: Workload
+    news: bool  # False for advice already given
+    now: float
+
+
+def _current(spec: InferenceServiceSpec, state: ServiceState, workload: Workload) -> int:
+    """The awake size last asked for: what the core compares its recommendation with.
+
+    Without spot that is the Deployment's count (a hand scale counts, as with the HPA). With
+    spot the two Deployments hold more than that (over-provisioning, on-demand cover), so it is
+    the size the operator last asked for; without one (spot just enabled, status lost, or
+    Advisory mode, which asks for nothing) it is estimated from the Deployments, high rather
+    than low: a size too high shrinks after the scale-down window, one too low would shrink now.
+    """
+    if not spec.placement.spot.enabled:
+        return workload.on_demand
+    if spec.mode == "Active" and state.target is not None:
+        return state.target
+    spot = workload.spot or 0
+    return max(workload.on_demand, workload.on_demand + spot - spec.placement.spot.overprovision)
+
+
+def _spend(spec: InferenceServiceSpec, ledger: Ledger, signals: Signals) -> tuple[float, float | None]:
+    """(dollars per hour now, dollars per million tokens over the metrics window)."""
+    per_hour = usd_per_hour(ledger.held, spec.engine.gpus, spec.pricing, spec.sleep)
+    return per_hour, usd_per_million_tokens(per_hour, signals.tokens_per_second)
+
+
+def _spot_condition(pods: SpotPods, placed: Split) -> ConditionReport:
+    if pods.unavailable:
+        return ConditionReport(SPOT_AVAILABLE, "False", "SpotUnavailable",
+                               f"{pods.unavailable} spot replicas unavailable (Pending too long or on a reclaimed "
+                               f"node); {placed.message}")
+    return ConditionReport(SPOT_AVAILABLE, "True", "SpotReady", placed.message)
 
 
 def _phase(fleet: FleetState, decision: Decision) -> str:

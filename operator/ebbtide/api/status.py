@@ -62,9 +62,15 @@ class Cost(ApiModel):
 
 class Startup(ApiModel):
     measured_seconds: float | None = Field(
-        default=None, description="Measured time from pod creation to ready and warmed (recent median)."
+        default=None,
+        description="Measured time from pod creation to ready (90th percentile of the last 20): "
+        "the lead time for scheduled floors and pre-warming.",
     )
     samples: list[float] = Field(default_factory=list, description="Recent startup times, newest last.")
+    count: int = Field(default=0, description="Startups measured since the service was created.")
+    last_ready_at: float | None = Field(
+        default=None, description="Unix time of the newest ready pod counted (each pod counts once)."
+    )
 
 
 class InferenceServiceStatus(ApiModel):

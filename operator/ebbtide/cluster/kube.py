@@ -196,3 +196,7 @@ class Kube:
         apps = kubernetes.client.AppsV1Api(self.client)
         result = await self._call(apps.list_deployment_for_all_namespaces, label_selector=label_selector)
         return result.get("items", []) if result else []
+
+    async def list_nodes(self) -> list[dict]:
+        result = await self._call(self.core.list_node)
+        return result.get("items", []) if result else []

@@ -332,7 +332,8 @@ def _recommend(spec: InferenceServiceSpec, signals: Signals, fleet: FleetState, 
                     f"replica = {need:.1f} replicas")
             out.append(_utilization(CONCURRENCY, text, need, current, unseen, tolerance))
     tokens = signals.tokens_per_second
-    if capacity is not None and tokens is not None and math.isfinite(tokens) and tokens >= 0:
+    if capacity is not None and capacity * THROUGHPUT_TARGET > 0 and tokens is not None and math.isfinite(
+            tokens) and tokens >= 0:
         need = tokens / (capacity * THROUGHPUT_TARGET)
         text = (f"throughput {tokens:.0f} tokens/s / ({THROUGHPUT_TARGET:.0%} of the {capacity:.0f} tokens/s "
                 f"a replica serves at its limit) = {need:.1f} replicas")
@@ -439,6 +440,8 @@ def _learn_capacity(spec: InferenceServiceSpec, signals: Signals, fleet: FleetSt
             or tokens is None or not 0 < tokens < math.inf):
         return memory.capacity, breached_at
     observed = tokens / fleet.ready
+    if not observed * THROUGHPUT_TARGET > 0:  # a rate so small it underflows teaches nothing
+        return memory.capacity, breached_at
     capacity = memory.capacity
     if at_limit:
         if capacity is None:

@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
+from ebbtide.policy.profile import Profile
+
 ConditionStatus = Literal["True", "False", "Unknown"]
 
 # (time, replicas): a recommendation, or the size before a scale change. Oldest first.
@@ -153,6 +155,9 @@ class Decision:
     source: str  # where the signals came from: prometheus, scrape, none
     conditions: tuple[ConditionReport, ...]
     memory: Memory = field(repr=False)
+    # The demand profile after this tick (lifecycle.plan() with a profile), for the shell to
+    # persist like the memory; None when plan() was given none.
+    profile: Profile | None = field(default=None, repr=False)
 
     @property
     def changed(self) -> bool:

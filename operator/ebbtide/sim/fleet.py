@@ -1,21 +1,28 @@
 """Replay a trace through a policy over a simulated fleet, the way the operator would run it.
 
 Time moves in steps (1 s request by request, 5 s for the fluid model). At each step boundary,
-in this order: replicas whose cold start is over become ready; if a scrape is due, the gauges
-and windowed quantiles are read as they are at that instant (what Prometheus would hold); if
-a policy tick is due, the policy is called with the latest scrape, so it sees the same lag the
-scrape interval gives the operator, and its answer is carried out: new replicas become ready
-after the cold start, removed ones drain first. Then the step's load is served. Between these
-events the serving model runs several steps in one call.
+in this order: spot capacity changes (reclaims, the end of an outage); replicas whose cold
+start is over become ready; if a scrape is due, the gauges and windowed quantiles are read as
+they are at that instant (what Prometheus would hold); if a policy tick is due, the policy is
+called with the latest scrape, so it sees the same lag the scrape interval gives the operator,
+and its answer is carried out: new replicas become ready after the cold start, removed ones
+drain first. Then the step's load is served. Between these events the serving model runs
+several steps in one call.
 
-GPU time is charged from a replica's creation to the end of its drain (or to the end of the
-trace), per capacity type.
+Replicas run on demand or on spot, as two Deployments would. A policy that places replicas on
+spot (one with a `place` method) says how many of each it wants; the others want on-demand
+replicas only. Spot capacity behaves as `SpotMarket` says: reclaim events take several spot
+replicas at once (after a notice), and during outages new spot replicas stay Pending.
+
+GPU time is charged per capacity type from the moment a replica has a node (on demand: at
+creation; on spot: once capacity is found) to the end of its drain, its reclaim, or the trace.
 """
 
 from __future__ import annotations
 
 import datetime
 import math
+import random
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -27,17 +34,54 @@ from ebbtide.sim.serving import ALL_SIGNALS, FluidServing, LatencyRecords, Reque
 from ebbtide.sim.traces import Trace
 
 ON_DEMAND = "on-demand"
+SPOT = "spot"
+
+
+@dataclass(frozen=True)
+class SpotReplica:
+    """What a spot-aware policy is shown of one spot replica (as the operator sees its pod)."""
+
+    name: str
+    created: float  # unix seconds, like the `now` a policy is given
+    ready: bool
+    scheduled: bool  # has a node; False: Pending, no spot capacity found yet
+    reclaimed: bool  # its node announced a reclaim
 
 
 class Policy(Protocol):
     """What the fleet simulator calls. Optional attributes: `observes` (the signals it reads,
     a subset of serving.ALL_SIGNALS; default all), `instant_start` (its replicas need no cold
-    start) and `initial(guess) -> int` (its own starting size)."""
+    start), `initial(guess) -> int` (its own starting size), and, for a policy that uses spot
+    capacity, `place(signals, fleet, spot, now) -> (on_demand, spot)` (called instead of
+    decide; `spot` is its spot replicas as SpotReplica views) and
+    `initial_placement(size, now) -> (on_demand, spot)` (its warm start)."""
 
     name: str
     interval_s: float
 
     def decide(self, signals: Signals, fleet: FleetState, now: float) -> int: ...
+
+
+@dataclass(frozen=True)
+class SpotMarket:
+    """How spot capacity behaves during a replay (sim/simulate.py sets the CLI's defaults).
+
+    Reclaim events arrive as a Poisson process, `preemptions_per_hour` of them per hour
+    whatever the fleet holds (a provider reclaims capacity pools, not one customer's pods);
+    each takes 1 + Poisson(burst - 1) of the spot replicas that have a node (at least one, the
+    mean is `burst`), chosen at random. A reclaimed replica keeps serving for `notice_s` (the
+    provider's warning; the operator sees the reclaim taint at once), then it is gone and its
+    requests in flight are retried on other replicas. During an outage (start, end) in trace
+    seconds, new spot replicas find no capacity: they stay Pending, not ready and not charged,
+    until it ends. `reclaims` adds reclaim events at given times, (trace seconds, replicas
+    taken), to set up a scenario. Everything is seeded by SimSettings.seed.
+    """
+
+    preemptions_per_hour: float = 0.0
+    burst: float = 1.0
+    notice_s: float = 0.0
+    outages: tuple[tuple[float, float], ...] = ()
+    reclaims: tuple[tuple[float, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -51,15 +95,22 @@ class SimSettings:
     fluid_step_s: float = 5.0
     gpus_per_replica: int = 1
     seed: int = 0
+    spot: SpotMarket = SpotMarket()
 
 
 @dataclass
 class Replica:
     rid: int
     created: float
-    ready_at: float
+    ready_at: float  # inf while Pending
     capacity_type: str = ON_DEMAND
     ready: bool = False
+    scheduled_at: float | None = None  # got a node (GPU time is charged from here); None: Pending
+    reclaimed_at: float | None = None  # its node announced a reclaim
+
+    def view(self, epoch: float) -> SpotReplica:
+        return SpotReplica(name=f"replica-{self.rid}", created=epoch + self.created, ready=self.ready,
+                           scheduled=self.scheduled_at is not None, reclaimed=self.reclaimed_at is not None)
 
 
 @dataclass
@@ -70,6 +121,17 @@ class Timeline:
     arrivals_per_s: list[float] = field(default_factory=list)
     replicas: list[int] = field(default_factory=list)
     ready: list[int] = field(default_factory=list)
+    spot: list[int] = field(default_factory=list)  # of `replicas`, on spot (Pending ones included)
+    spot_ready: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class SpotStats:
+    """What spot capacity did during a run."""
+
+    reclaim_events: int = 0  # events that took at least one of this fleet's replicas
+    replicas_reclaimed: int = 0
+    requests_retried: float = 0.0  # in flight on a reclaimed replica (fluid: a fractional count)
 
 
 @dataclass
@@ -80,6 +142,7 @@ class PolicyRun:
     records: LatencyRecords
     tokens_served: float
     timeline: Timeline
+    spot: SpotStats = SpotStats()
 
 
 def _initial_replicas(policy: Policy, trace: Trace, settings: SimSettings) -> int:
@@ -93,7 +156,8 @@ def _initial_replicas(policy: Policy, trace: Trace, settings: SimSettings) -> in
 
 
 class _Fleet:
-    """The replicas of one service: starting, ready, draining, and the GPU time they hold."""
+    """The replicas of one service: starting (or Pending), ready, draining, and the GPU time
+    they hold, per capacity type."""
 
     def __init__(self, gpus_per_replica: int, cold_start: float):
         self.replicas: list[Replica] = []
@@ -104,13 +168,18 @@ class _Fleet:
         self.ready = 0
         self._next_rid = 0
 
-    def add(self, now: float, ready: bool = False) -> Replica:
-        replica = Replica(rid=self._next_rid, created=now, ready_at=now if ready else now + self.cold_start,
-                          ready=ready)
+    def add(self, now: float, ready: bool = False, kind: str = ON_DEMAND, obtainable: bool = True) -> Replica:
+        """A new pod. One that finds no capacity (`obtainable` False) stays Pending."""
+        replica = Replica(rid=self._next_rid, created=now, capacity_type=kind, ready=ready,
+                          ready_at=now if ready else (now + self.cold_start if obtainable else math.inf),
+                          scheduled_at=now if ready or obtainable else None)
         self._next_rid += 1
         self.replicas.append(replica)
         self.ready += ready
         return replica
+
+    def count(self, kind: str) -> int:
+        return sum(1 for r in self.replicas if r.capacity_type == kind)
 
     def next_ready_at(self) -> float:
         return min((r.ready_at for r in self.replicas if not r.ready), default=math.inf)
@@ -123,10 +192,18 @@ class _Fleet:
         self.ready += len(done)
         return done
 
-    def victim(self) -> Replica:
-        """Like the ReplicaSet controller: not-ready pods go first, then the newest."""
-        starting = [r for r in self.replicas if not r.ready]
-        return max(starting or self.replicas, key=lambda r: r.created)
+    def schedule_pending(self, now: float) -> None:
+        """Spot capacity is back: Pending replicas get nodes and start."""
+        for r in self.replicas:
+            if r.scheduled_at is None:
+                r.scheduled_at, r.ready_at = now, now + self.cold_start
+
+    def victim(self, kind: str = ON_DEMAND) -> Replica:
+        """Like the ReplicaSet controller: not-ready pods go first (Pending before started),
+        then the newest."""
+        mine = [r for r in self.replicas if r.capacity_type == kind]
+        starting = [r for r in mine if not r.ready]
+        return max(starting or mine, key=lambda r: (r.scheduled_at is None, r.created, r.rid))
 
     def remove(self, replica: Replica, now: float, drain_end: float | None) -> None:
         """A starting replica is gone at once; a ready one holds its GPU until `drain_end`
@@ -137,6 +214,20 @@ class _Fleet:
             self.draining[replica.rid] = (replica, math.inf if drain_end is None else drain_end)
         else:
             self._charge(replica, now)
+
+    def kill(self, replica: Replica, now: float) -> bool:
+        """Its node is gone: charged until now. Returns whether it was still there (serving,
+        starting or draining)."""
+        if replica in self.replicas:
+            self.replicas.remove(replica)
+            self.ready -= replica.ready
+        elif replica.rid in self.draining:
+            replica, until = self.draining.pop(replica.rid)
+            now = min(now, until)
+        else:
+            return False
+        self._charge(replica, now)
+        return True
 
     def drained(self, rid: int, now: float) -> None:
         replica, _ = self.draining.pop(rid)
@@ -151,8 +242,83 @@ class _Fleet:
         return self.gpu_seconds
 
     def _charge(self, replica: Replica, until: float) -> None:
+        if replica.scheduled_at is None:  # a Pending pod on no node costs nothing
+            return
         kind = replica.capacity_type
-        self.gpu_seconds[kind] = self.gpu_seconds.get(kind, 0.0) + max(0.0, until - replica.created) * self.gpus
+        self.gpu_seconds[kind] = (self.gpu_seconds.get(kind, 0.0)
+                                  + max(0.0, until - replica.scheduled_at) * self.gpus)
+
+
+class _SpotClock:
+    """The spot market's events over one replay: reclaim notices, the reclaims that follow
+    them, and outage boundaries. The reclaim times and burst sizes depend only on the seed and
+    the market, so every policy of a run faces the same market."""
+
+    def __init__(self, market: SpotMarket, end: float, seed: int):
+        self.market = market
+        rng = np.random.default_rng([seed, 0x5B07])
+        times: list[float] = []
+        if market.preemptions_per_hour > 0:
+            mean_gap = 3600.0 / market.preemptions_per_hour
+            t = float(rng.exponential(mean_gap))
+            while t < end:
+                times.append(t)
+                t += float(rng.exponential(mean_gap))
+        sizes = 1 + rng.poisson(max(0.0, market.burst - 1.0), len(times))
+        # Pending events (time, replicas to take), in time order.
+        self.notices = sorted([*zip(times, sizes.tolist(), strict=True), *market.reclaims])
+        self.reclaims: list[tuple[float, Replica]] = []  # (when, replica), noticed, in time order
+        self.outages = sorted((float(a), float(b)) for a, b in market.outages if b > a)
+        self._victims = random.Random(seed * 7919 + 0x5B07)
+        self.stats = SpotStats()
+
+    def obtainable(self, t: float) -> bool:
+        return not any(a <= t < b for a, b in self.outages)
+
+    def next_at(self, t: float) -> float:
+        """The next time something changes, after `t`."""
+        upcoming = [self.notices[0][0] if self.notices else math.inf,
+                    self.reclaims[0][0] if self.reclaims else math.inf]
+        upcoming += [b for a, b in self.outages if b > t] + [a for a, b in self.outages if a > t]
+        return min(upcoming)
+
+    def notice(self, t: float, fleet: _Fleet) -> None:
+        """Reclaim events due by `t` mark their victims: spot replicas with a node."""
+        while self.notices and self.notices[0][0] <= t:
+            _, size = self.notices.pop(0)
+            held = [r for r in fleet.replicas
+                    if r.capacity_type == SPOT and r.scheduled_at is not None and r.reclaimed_at is None]
+            if not held:
+                continue
+            taken = self._victims.sample(held, min(size, len(held)))
+            for r in taken:
+                r.reclaimed_at = t
+                self.reclaims.append((t + self.market.notice_s, r))
+            self.reclaims.sort(key=lambda e: (e[0], e[1].rid))
+            self.stats = SpotStats(self.stats.reclaim_events + 1, self.stats.replicas_reclaimed + len(taken),
+                                   self.stats.requests_retried)
+
+    def due(self, t: float) -> list[Replica]:
+        """The reclaimed replicas whose notice is over by `t`."""
+        out = []
+        while self.reclaims and self.reclaims[0][0] <= t:
+            out.append(self.reclaims.pop(0)[1])
+        return out
+
+    def retried(self, requests: float) -> None:
+        self.stats = SpotStats(self.stats.reclaim_events, self.stats.replicas_reclaimed,
+                               self.stats.requests_retried + requests)
+
+
+def _resize(fleet: _Fleet, serving: RequestServing | FluidServing, kind: str, desired: int, t: float,
+            obtainable: bool) -> None:
+    """Carry out one Deployment's replica count, as its ReplicaSet would."""
+    while fleet.count(kind) < desired:
+        fleet.add(t, kind=kind, obtainable=obtainable or kind != SPOT)
+    while fleet.count(kind) > desired:
+        victim = fleet.victim(kind)
+        drain_end = serving.remove_replica(victim.rid, t) if victim.ready else None
+        fleet.remove(victim, t, drain_end)
 
 
 def simulate(trace: Trace, policy: Policy, settings: SimSettings, per_request: bool | None = None) -> PolicyRun:
@@ -172,16 +338,24 @@ def simulate(trace: Trace, policy: Policy, settings: SimSettings, per_request: b
     observes = frozenset(getattr(policy, "observes", ALL_SIGNALS))
     fleet = _Fleet(settings.gpus_per_replica,
                    0.0 if getattr(policy, "instant_start", False) else settings.cold_start_s)
-    for _ in range(_initial_replicas(policy, trace, settings)):
-        serving.add_replica(fleet.add(0.0, ready=True).rid, 0.0)
+    place = getattr(policy, "place", None)
+    # Only a fleet that can hold spot replicas meets the spot market (and pays for its events).
+    market = _SpotClock(settings.spot, end, settings.seed) if place is not None else None
+    size = _initial_replicas(policy, trace, settings)
+    wanted = policy.initial_placement(size, epoch) if place is not None else (size, 0)
+    for kind, count in zip((ON_DEMAND, SPOT), wanted, strict=True):
+        for _ in range(count):
+            serving.add_replica(fleet.add(0.0, ready=True, kind=kind).rid, 0.0)
 
     snapshot = Signals.missing("no scrape yet")
     next_scrape = next_tick = 0.0
     scale_actions = 0
-    changes: list[tuple[int, int, int]] = []  # (step, replicas, ready) whenever they change
+    changes: list[tuple[int, int, int, int, int]] = []  # (step, replicas, ready, spot, spot ready) on change
     n = 0
     while n < steps:
         t = n * dt
+        if market is not None:
+            _spot_events(market, fleet, serving, wanted, t)
         for replica in fleet.promote(t):
             serving.add_replica(replica.rid, t)
         if t >= next_scrape:
@@ -191,19 +365,25 @@ def simulate(trace: Trace, policy: Policy, settings: SimSettings, per_request: b
         if t >= next_tick:
             current = len(fleet.replicas)
             state = FleetState(current=current, ready=fleet.ready, starting=current - fleet.ready)
-            desired = max(0, policy.decide(snapshot, state, epoch + t))
-            if desired != current:
+            if place is not None:
+                spot = tuple(r.view(epoch) for r in fleet.replicas if r.capacity_type == SPOT)
+                asked = tuple(max(0, k) for k in place(snapshot, state, spot, epoch + t))
+            else:
+                asked = (max(0, policy.decide(snapshot, state, epoch + t)), 0)
+            if asked != wanted:
                 scale_actions += 1
-            while len(fleet.replicas) < desired:
-                fleet.add(t)
-            while len(fleet.replicas) > desired:
-                victim = fleet.victim()
-                drain_end = serving.remove_replica(victim.rid, t) if victim.ready else None
-                fleet.remove(victim, t, drain_end)
+            wanted = asked
+            obtainable = market is None or market.obtainable(t)
+            for kind, count in zip((ON_DEMAND, SPOT), wanted, strict=True):
+                _resize(fleet, serving, kind, count, t, obtainable)
             next_tick += policy.interval_s
-        if not changes or changes[-1][1:] != (len(fleet.replicas), fleet.ready):
-            changes.append((n, len(fleet.replicas), fleet.ready))
-        upcoming = min(next_scrape, next_tick, fleet.next_ready_at())
+        spot_now = (0, 0) if market is None else (
+            fleet.count(SPOT), sum(1 for r in fleet.replicas if r.capacity_type == SPOT and r.ready))
+        row = (len(fleet.replicas), fleet.ready, *spot_now)
+        if not changes or changes[-1][1:] != row:
+            changes.append((n, *row))
+        upcoming = min(next_scrape, next_tick, fleet.next_ready_at(),
+                       market.next_at(t) if market is not None else math.inf)
         following = min(steps, max(n + 1, math.ceil(upcoming / dt - 1e-9)))
         for rid, when in serving.advance(n, following):
             fleet.drained(rid, when)
@@ -211,7 +391,26 @@ def simulate(trace: Trace, policy: Policy, settings: SimSettings, per_request: b
 
     records = serving.finish(end)
     return PolicyRun(name=policy.name, gpu_seconds=fleet.finish(end), scale_actions=scale_actions, records=records,
-                     tokens_served=serving.tokens_served, timeline=_timeline(trace, changes, dt, steps))
+                     tokens_served=serving.tokens_served, timeline=_timeline(trace, changes, dt, steps),
+                     spot=market.stats if market is not None else SpotStats())
+
+
+def _spot_events(market: _SpotClock, fleet: _Fleet, serving: RequestServing | FluidServing,
+                 wanted: tuple[int, int], t: float) -> None:
+    """At a step boundary: capacity that came back is used, reclaim notices mark their
+    replicas, and replicas whose notice is over are gone. The spot Deployment's ReplicaSet
+    then recreates the pods it lost (Pending if no capacity is to be had)."""
+    obtainable = market.obtainable(t)
+    if obtainable:
+        fleet.schedule_pending(t)
+    market.notice(t, fleet)
+    lost = False
+    for replica in market.due(t):
+        if replica.ready or replica.rid in fleet.draining:
+            market.retried(serving.preempt_replica(replica.rid, t))
+        lost |= fleet.kill(replica, t)
+    if lost:
+        _resize(fleet, serving, SPOT, wanted[1], t, obtainable)
 
 
 def _binned(counts: np.ndarray, dt: float, steps: int) -> np.ndarray:
@@ -223,9 +422,9 @@ def _binned(counts: np.ndarray, dt: float, steps: int) -> np.ndarray:
     return padded.reshape(steps, factor).sum(axis=1)
 
 
-def _timeline(trace: Trace, changes: list[tuple[int, int, int]], dt: float, steps: int) -> Timeline:
-    """Per minute (and the last, partial one): arrivals per second, and the replicas and ready
-    replicas during the minute's last step."""
+def _timeline(trace: Trace, changes: list[tuple[int, int, int, int, int]], dt: float, steps: int) -> Timeline:
+    """Per minute (and the last, partial one): arrivals per second, and the replicas (all and
+    spot) and ready replicas during the minute's last step."""
     end = steps * dt
     minute_ends = np.arange(60.0, end + 1e-9, 60.0)
     if not len(minute_ends) or minute_ends[-1] < end - 1e-9:
@@ -233,12 +432,12 @@ def _timeline(trace: Trace, changes: list[tuple[int, int, int]], dt: float, step
     last_steps = np.maximum(0, np.ceil(minute_ends / dt - 1e-9).astype(int) - 1)
     at = np.array([c[0] for c in changes])
     index = np.searchsorted(at, last_steps, side="right") - 1
-    replicas = np.array([c[1] for c in changes])[index]
-    ready = np.array([c[2] for c in changes])[index]
+    replicas, ready, spot, spot_ready = (np.array([c[k] for c in changes])[index] for k in (1, 2, 3, 4))
     per_second = np.pad(trace.counts.astype(float), (0, max(0, int(math.ceil(end)) - len(trace.counts))))
     cumulative = np.concatenate([[0.0], np.cumsum(per_second)])
     seconds = np.minimum(np.ceil(minute_ends - 1e-9).astype(int), len(per_second))
     lengths = np.diff(np.concatenate([[0.0], minute_ends]))  # the last minute may be partial
     arrivals = np.diff(np.concatenate([[0.0], cumulative[seconds]])) / lengths
     return Timeline(minute=(minute_ends / 60.0).tolist(), arrivals_per_s=arrivals.tolist(),
-                    replicas=replicas.tolist(), ready=ready.tolist())
+                    replicas=replicas.tolist(), ready=ready.tolist(), spot=spot.tolist(),
+                    spot_ready=spot_ready.tolist())

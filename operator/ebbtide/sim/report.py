@@ -8,7 +8,14 @@ The JSON schema (`ebbtide simulate --json`) is stable; fields are only ever adde
                          "asleep": float}, "cost_usd": float, "usd_per_million_tokens": float,
                          "ttft_p50_s": float, "ttft_p90_s": float, "ttft_p99_s": float,
                          "itl_p90_s": float, "slo_attainment": float, "scale_actions": int,
-                         "peak_replicas": int, "tokens": float}}}
+                         "peak_replicas": int, "tokens": float, "spot_reclaim_events": int,
+                         "spot_replicas_reclaimed": int, "requests_retried": float}}}
+
+GPU-hours count from the moment a replica has a node (a spot pod Pending for want of capacity
+costs nothing) to the end of its drain or its reclaim, so the GPU time spent on requests in
+flight on a reclaimed replica, which are then served again elsewhere, is charged, and their
+tokens count once. The spot fields are zero for policies that place nothing on spot;
+`requests_retried` is fractional in the fluid model.
 """
 
 from __future__ import annotations
@@ -43,6 +50,9 @@ class PolicyResult:
     scale_actions: int
     peak_replicas: int
     tokens: float
+    spot_reclaim_events: int = 0  # reclaim events that took some of its replicas
+    spot_replicas_reclaimed: int = 0
+    requests_retried: float = 0.0  # in flight on a reclaimed replica, served again elsewhere
 
     def to_json(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k != "name"}
@@ -92,7 +102,17 @@ def summarize(run: PolicyRun, spec: InferenceServiceSpec) -> PolicyResult:
         scale_actions=run.scale_actions,
         peak_replicas=max(run.timeline.replicas, default=0),
         tokens=round(run.tokens_served),
+        spot_reclaim_events=run.spot.reclaim_events,
+        spot_replicas_reclaimed=run.spot.replicas_reclaimed,
+        requests_retried=round(run.spot.requests_retried, 1),
     )
+
+
+def spot_note(results: list[PolicyResult]) -> str:
+    """What spot capacity did to the policies that used it, in one line."""
+    return "; ".join(f"{r.name}: {r.spot_reclaim_events} reclaim events took {r.spot_replicas_reclaimed} "
+                     f"replicas, {r.requests_retried:,.0f} requests retried" for r in results
+                     if r.gpu_hours_by_type.get("spot", 0.0) > 0 or r.spot_replicas_reclaimed)
 
 
 def to_json(trace: Trace, spec_name: str, settings: dict, results: list[PolicyResult]) -> dict:

@@ -217,6 +217,25 @@ class RequestServing:
             self.draining[rid] = engine
         return None
 
+    def preempt_replica(self, rid: int, now: float) -> int:
+        """Its node is reclaimed: the replica is gone at once, serving or draining. What it had
+        finished by `now` stands; what it held (waiting or running) is retried by the gateway
+        on another replica, ahead of anything queued there (it is older), and keeps its
+        original arrival, so its latency counts the lost attempt. The work already spent on
+        it stays in vLLM's counters and in the GPU time charged, not in the tokens served.
+        Returns the number of requests retried."""
+        engine = self.engines.pop(rid, None) or self.draining.pop(rid, None)
+        if engine is None:
+            return 0
+        self._collect(rid, engine.advance(now))
+        lost = [(req.arrival - self._held.pop(req.rid, 0.0), req.prompt, req.max_out)
+                for req in engine._requests.values()]  # noqa: SLF001  (the requests a dead pod held)
+        self._tokens_of_gone += _tokens_counted(engine)
+        self._outstanding.pop(rid, None)
+        for item in sorted(lost, reverse=True):
+            self.gateway.appendleft(item)
+        return len(lost)
+
     def advance(self, first: int, last: int) -> list[tuple[int, float]]:
         """Serve steps [first, last); returns (replica, time) of the drains that ended."""
         dt = self.dt
@@ -378,16 +397,58 @@ class FluidServing:
         self._cum_tokens = [0.0] * (steps + 1)
         self._n = 0  # steps served
         self._queued_at = -1  # the last step that ended with requests waiting
+        self._pool: set[int] = set()  # the replicas serving (draining ones have left it)
+        # Preempted work, for the latency records (see preempt_replica): step -> requests
+        # retried from it, and their mean age then; arrival step -> share of its requests
+        # whose first attempt was lost (they are recorded as retries instead).
+        self._retried: dict[int, tuple[float, float]] = {}
+        self._lost: dict[int, float] = {}
 
     def add_replica(self, rid: int, now: float) -> None:
         self.ready += 1
+        self._pool.add(rid)
 
     def remove_replica(self, rid: int, now: float) -> float:
         """Leaves the pool; it keeps its GPU while its in-flight requests finish (about one
         request's decode time). Returns when it is gone."""
         per_replica = self.running / self.ready if self.ready else 0.0
         self.ready -= 1
+        self._pool.discard(rid)
         return now + self.O * (self._c0 + self._c1 * min(per_replica, self.n_max))
+
+    def preempt_replica(self, rid: int, now: float) -> float:
+        """Its node is reclaimed at `now` (a step boundary): the replica leaves the pool with its
+        share of the requests in flight, which re-enter at the head of this step's arrivals
+        (retried by the gateway) and are served again in full. The work spent on them stays in
+        vLLM's counters and in the GPU time charged, not in the tokens served. A draining
+        replica's work was already handed to the pool (see remove_replica): nothing is lost.
+        Returns the requests retried.
+
+        In the delay line (advance) the lost share counts as completed, without its tokens,
+        so the pool's running requests stay equal to admissions minus completions. For the
+        latency records, the requests in flight are the admission positions (cum_admitted -
+        running, cum_admitted], which FCFS maps to arrival steps through cum_in; a 1/ready
+        share of each is recorded as retried, from its original arrival."""
+        n = self._n
+        if rid not in self._pool or n >= len(self._counts):
+            return 0.0
+        self._pool.discard(rid)
+        share = self.running / self.ready
+        self.ready -= 1
+        self.running -= share
+        self._completed += share
+        self._counts[n] += share
+        if share <= 0:
+            return 0.0
+        lost_age = 0.0
+        for j, overlap in _arrival_overlaps(self._cum_in, n, self._cum_admitted[n] - (self.running + share),
+                                            self._cum_admitted[n]):
+            lost = overlap / (self.ready + 1)
+            self._lost[j] = self._lost.get(j, 0.0) + lost
+            lost_age += lost * (now - (j + 0.5) * self.dt)
+        amount, age = self._retried.get(n, (0.0, 0.0))
+        self._retried[n] = (amount + share, (amount * age + lost_age) / (amount + share))
+        return share
 
     def advance(self, first: int, last: int) -> list[tuple[int, float]]:
         """Serve steps [first, last) with the current ready replicas: completions, then FCFS
@@ -578,11 +639,36 @@ class FluidServing:
         waits = self._waits()
         waits = np.where(np.isfinite(waits), waits, np.maximum(0.0, end - starts - dt / 2))
         rows = self._ttft_rows(0, steps)
+        itl = np.array(self._itl[:steps])
+        weights = np.array(self._counts[:steps])
+        for n, (amount, _) in self._retried.items():
+            weights[n] -= amount
+        for j, lost in self._lost.items():
+            weights[j] -= lost
         records = LatencyRecords(group=PROMPT_POINTS)
         records.add(np.repeat(starts, PROMPT_POINTS), (waits[:, None] + rows).ravel(),
-                    np.repeat(np.array(self._itl[:steps]), PROMPT_POINTS),
-                    np.repeat(np.array(self._counts[:steps]) / PROMPT_POINTS, PROMPT_POINTS))
+                    np.repeat(itl, PROMPT_POINTS),
+                    np.repeat(np.maximum(weights, 0.0) / PROMPT_POINTS, PROMPT_POINTS))
+        if self._retried:  # retried requests, from their first arrival
+            at = np.array(sorted(self._retried))
+            amount, age = (np.array([self._retried[n][k] for n in at]) for k in (0, 1))
+            records.add(np.repeat(at * dt - age, PROMPT_POINTS),
+                        ((waits[at] + age)[:, None] + rows[at]).ravel(),
+                        np.repeat(itl[at], PROMPT_POINTS), np.repeat(amount / PROMPT_POINTS, PROMPT_POINTS))
         return records
+
+
+def _arrival_overlaps(cum_in: list[float], steps: int, low: float, high: float) -> list[tuple[int, float]]:
+    """(arrival step, requests) of the FCFS positions (low, high]: the steps whose arrivals
+    [cum_in[j], cum_in[j + 1]) overlap them, among the first `steps`."""
+    out = []
+    j = max(0, bisect.bisect_right(cum_in, low, 0, steps + 1) - 1)
+    while j < steps and cum_in[j] < high:
+        overlap = min(high, cum_in[j + 1]) - max(low, cum_in[j])
+        if overlap > 0:
+            out.append((j, overlap))
+        j += 1
+    return out
 
 
 def fluid_mix(trace_prompt_sum: float, trace_output_sum: float, requests: int) -> tuple[float, float]:

@@ -12,23 +12,43 @@ from importlib import resources
 
 from ebbtide.api.manifest import InvalidSpec, load_manifests
 from ebbtide.api.spec import InferenceServiceSpec
+from ebbtide.policy.decision import Entries, Memory
+from ebbtide.policy.lifecycle import plan
 from ebbtide.policy.observation import FleetState, Signals
+from ebbtide.policy.spot import PodView, Split, SpotPods, classify, split
 from ebbtide.sim import baselines, report, traces
 from ebbtide.sim.capacity import PRESETS, CapacityModel, get_preset
-from ebbtide.sim.fleet import PolicyRun, SimSettings, simulate
+from ebbtide.sim.fleet import PolicyRun, SimSettings, SpotMarket, SpotReplica, simulate
 
 DEFAULT_SPEC = "chat-llama-8b.yaml"
 DEFAULT_TRACE = "conv-week"
 ALL_POLICIES = ("ebbtide", "static", "hpa", "keda", "aibrix", "oracle")
 # Not in the default set: Ebbtide starting with the per-replica limit a previous replay of the
-# same trace taught it (see EbbtidePolicy.learned_capacity).
-EXTRA_POLICIES = ("ebbtide-warm",)
+# same trace taught it (see EbbtidePolicy.learned_capacity), and Ebbtide placing replicas on spot
+# capacity (EbbtideSpotPolicy), which meets the spot market below.
+EXTRA_POLICIES = ("ebbtide-warm", "ebbtide-spot")
 ORACLE_SLO = 0.99
+
+# The spot market's defaults (docs/simulator.md, "Spot capacity"). No public figure gives
+# reclaims per hour for a GPU pool; AWS's Spot Instance Advisor puts instance types in bands
+# of the share of instances interrupted over the trailing month (<5 %, 5-10 %, 10-15 %,
+# 15-20 %, >20 %), and GPU types commonly sit in the top one, an open-ended band whose floor,
+# 0.2 per instance-month, would give a 12-replica fleet one reclaim a fortnight: a week would
+# often see none. The default is far more pessimistic, so that a week exercises the fallback:
+# a reclaim event every 20 hours on average (8 a week), each taking 3 replicas on average
+# (capacity is reclaimed by pool, and SkyServe's traces show preemptions correlated within a
+# zone), about 20 times a month per spot replica of a 6-replica spot fleet. The notice is AWS's
+# two minutes (Karpenter and EKS relay it; GKE gives 30 s, AKS at least 30 s).
+SPOT_PREEMPTIONS_PER_HOUR = 0.05
+SPOT_BURST = 3.0
+SPOT_NOTICE_S = 120.0
 
 
 @dataclass
 class EbbtidePolicy:
-    """The operator's own decision core, called exactly as the operator calls it.
+    """The operator's own decision, called exactly as the operator calls it:
+    `policy.lifecycle.plan` (schedule windows, then the reactive core), with the replay's cold
+    start as the startup time a schedule's floor is started ahead by.
 
     `learned_capacity` (tokens/s a replica serves at the service's limit) starts it as an
     operator that has run the service before: the capacity is kept in the InferenceService's
@@ -38,21 +58,16 @@ class EbbtidePolicy:
     spec: InferenceServiceSpec
     name: str = "ebbtide"
     learned_capacity: float | None = None
+    startup_seconds: float | None = None  # None: the spec's warmup.defaultStartupSeconds
 
     def __post_init__(self) -> None:
-        from ebbtide.policy.autoscaling import decide
-        from ebbtide.policy.decision import Memory
-
-        self._decide = decide
         self._memory: Memory | None = None
         self.interval_s = float(self.spec.scaling.behavior.interval_seconds)
 
     def decide(self, signals: Signals, fleet: FleetState, now: float) -> int:
-        from ebbtide.policy.decision import Memory
-
         if self._memory is None:
             self._memory = Memory(since=now, capacity=self.learned_capacity)
-        decision = self._decide(self.spec, signals, fleet, self._memory, now)
+        decision = plan(self.spec, signals, fleet, self._memory, now, self.startup_seconds)
         self._memory = decision.memory
         return decision.desired
 
@@ -60,6 +75,67 @@ class EbbtidePolicy:
     def capacity(self) -> float | None:
         """The per-replica limit it has learned so far."""
         return None if self._memory is None else self._memory.capacity
+
+
+def with_spot(spec: InferenceServiceSpec) -> InferenceServiceSpec:
+    """The spec with placement.spot enabled (its other spot settings as they are)."""
+    if spec.placement.spot.enabled:
+        return spec
+    spot = spec.placement.spot.model_copy(update={"enabled": True})
+    return spec.model_copy(update={"placement": spec.placement.model_copy(update={"spot": spot})})
+
+
+@dataclass
+class EbbtideSpotPolicy(EbbtidePolicy):
+    """Ebbtide on spot capacity, as the operator runs it: plan() decides the awake target,
+    `policy.spot.split` divides it into on-demand and spot replicas (an on-demand base, spot
+    for the rest, on-demand covering spot replicas that are not there), with the spot pods
+    classified by `policy.spot.classify` from what the fleet shows, as the operator classifies
+    pods and nodes. The core compares its recommendation with the target it last set (not
+    with the replicas the two Deployments hold, which include the cover), as the operator does.
+
+    A spec that does not enable placement.spot is run with it enabled (`spot_enabled_here`).
+    """
+
+    name: str = "ebbtide-spot"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.spot_enabled_here = not self.spec.placement.spot.enabled
+        self.spec = with_spot(self.spec)
+        self._target: int | None = None
+        self._cover: Entries = ()
+
+    def initial_placement(self, size: int, now: float) -> tuple[int, int]:
+        """A warm start: `size` awake, its spot share ready (no cover), as a service that has
+        been running for a while would be."""
+        self._target = size
+        spot = self._split(size, SpotPods(), now).spot
+        placed = self._split(size, SpotPods(ready=spot), now)
+        self._cover = placed.cover
+        return placed.on_demand, placed.spot
+
+    def place(self, signals: Signals, fleet: FleetState, spot: tuple[SpotReplica, ...],
+              now: float) -> tuple[int, int]:
+        current = self._target if self._target is not None else fleet.current
+        self._target = self.decide(signals, replace(fleet, current=current), now)
+        pods = spot_pods(spot, self.spec.placement.spot.pending_timeout_seconds, now)
+        placed = self._split(self._target, pods, now)
+        self._cover = placed.cover
+        return placed.on_demand, placed.spot
+
+    def _split(self, target: int, pods: SpotPods, now: float) -> Split:
+        return split(target, self.spec.placement.spot, pods, self._cover, now,
+                     self.spec.scaling.behavior.scale_down.stabilization_seconds)
+
+
+def spot_pods(replicas: tuple[SpotReplica, ...], pending_timeout: float, now: float) -> SpotPods:
+    """The spot replicas as the operator classifies spot pods: each replica with a node on a
+    node of its own, Pending while it has none; reclaimed ones sit on a reclaimed node."""
+    views = [PodView(name=r.name, ready=r.ready, phase="Running" if r.scheduled else "Pending",
+                     created_at=r.created, node=f"node-{r.name}" if r.scheduled else None) for r in replicas]
+    reclaimed = {f"node-{r.name}" for r in replicas if r.reclaimed}
+    return classify(views, reclaimed, pending_timeout, now)
 
 
 def load_spec(path: str | None) -> tuple[str, InferenceServiceSpec]:
@@ -94,12 +170,15 @@ def per_replica_rate(capacity: CapacityModel, spec: InferenceServiceSpec, mean_p
     return capacity.max_request_rate(mean_p, mean_o, itl)
 
 
-def build_policies(names: list[str], spec: InferenceServiceSpec, trace: traces.Trace, capacity: CapacityModel):
+def build_policies(names: list[str], spec: InferenceServiceSpec, trace: traces.Trace, capacity: CapacityModel,
+                   startup_seconds: float | None = None):
+    """The policies by name; Ebbtide's are told the replay's cold start as their startup time."""
     oracle = make_oracle(spec, trace, oracle_rate_limit(spec, trace, capacity))
     lo, hi = max(1, spec.replicas.min), spec.replicas.max
     make = {
-        "ebbtide": lambda: EbbtidePolicy(spec),
-        "ebbtide-warm": lambda: EbbtidePolicy(spec, name="ebbtide-warm"),
+        "ebbtide": lambda: EbbtidePolicy(spec, startup_seconds=startup_seconds),
+        "ebbtide-warm": lambda: EbbtidePolicy(spec, name="ebbtide-warm", startup_seconds=startup_seconds),
+        "ebbtide-spot": lambda: EbbtideSpotPolicy(spec, startup_seconds=startup_seconds),
         "static": lambda: baselines.Static(replicas=min(hi, oracle.peak)),
         "hpa": lambda: baselines.Hpa(min_replicas=lo, max_replicas=hi),
         "keda": lambda: baselines.Keda(min_replicas=lo, max_replicas=hi),
@@ -208,20 +287,23 @@ def run(args: argparse.Namespace) -> int:
         capacity = get_preset(args.preset)
         trace = load_trace(args.trace, capacity, spec, args.peak_replicas, args.scale, args.seed, args.hours)
         names = args.policies or list(ALL_POLICIES)
-        policies = build_policies(names, spec, trace, capacity)
+        cold_start = float(spec.warmup.default_startup_seconds if args.cold_start is None else args.cold_start)
+        policies = build_policies(names, spec, trace, capacity, startup_seconds=cold_start)
+        market = spot_market(args)
     except (InvalidSpec, traces.TraceError, ValueError, OSError) as e:
         print(f"ebbtide simulate: {e}", file=sys.stderr)
         return 2
     targets = spec.scaling.targets
     settings = SimSettings(
         capacity=capacity,
-        cold_start_s=args.cold_start if args.cold_start is not None else spec.warmup.default_startup_seconds,
+        cold_start_s=cold_start,
         scrape_interval_s=args.scrape_interval,
         metrics_window_s=spec.scaling.behavior.metrics_window_seconds,
         ttft_quantile=targets.ttft.quantile if targets.ttft else None,
         tpot_quantile=targets.tpot.quantile if targets.tpot else None,
         gpus_per_replica=max(1, spec.engine.gpus),
         seed=args.seed,
+        spot=market,
     )
     mode = "request by request" if trace.per_request else f"fluid, {settings.fluid_step_s:g} s steps"
     console.print(f"[bold]{spec_name}[/] on [bold]{trace.name}[/]: {trace.requests:,} requests over "
@@ -246,7 +328,7 @@ def run(args: argparse.Namespace) -> int:
             else:
                 if isinstance(policy, EbbtidePolicy) and policy.name == "ebbtide-warm":
                     if learned is None:  # learn it as a new service would, in a replay not reported
-                        cold = EbbtidePolicy(spec)
+                        cold = EbbtidePolicy(spec, startup_seconds=cold_start)
                         simulate(trace, cold, settings)
                         learned = cold.capacity
                     policy.learned_capacity = learned
@@ -260,7 +342,14 @@ def run(args: argparse.Namespace) -> int:
             del result  # millions of latency points per week-long run
             bar.advance(task)
     elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_started
-    console.print(report.table(results, f"{trace.name} - {spec_name} ({elapsed:.1f} s, CPU {cpu:.1f} s)"))
+    spotted = [p for p in policies if isinstance(p, EbbtideSpotPolicy)]
+    title = f"{trace.name} - {spec_name} ({elapsed:.1f} s, CPU {cpu:.1f} s)"
+    if spotted and spotted[0].spot_enabled_here:
+        title += "; ebbtide-spot: the spec with placement.spot enabled"
+    console.print(report.table(results, title))
+    if spotted:
+        extra.update(spot_enabled_by_simulator=spotted[0].spot_enabled_here)
+        console.print(f"spot market: {describe_market(market)}; {report.spot_note(results)}")
     if extra.get("oracle_rate_per_replica") is not None and extra["oracle_rate_per_replica"] != extra["oracle_rate_limit"]:
         console.print(f"oracle: {extra['oracle_rate_per_replica']:.2f} requests/s per replica meets "
                       f"{args.oracle_slo:.0%} of the SLO (the capacity model allows {extra['oracle_rate_limit']:.2f})")
@@ -273,6 +362,56 @@ def run(args: argparse.Namespace) -> int:
         report.plot(args.plot, trace, series, spec)
         console.print(f"wrote {args.plot}")
     return 0
+
+
+def spot_market(args: argparse.Namespace) -> SpotMarket:
+    if args.spot_preemptions_per_hour < 0:
+        raise ValueError("--spot-preemptions-per-hour must not be negative")
+    if args.spot_burst < 1:
+        raise ValueError("--spot-burst is the mean number of replicas a reclaim takes: at least 1")
+    if args.spot_notice < 0:
+        raise ValueError("--spot-notice must not be negative")
+    return SpotMarket(preemptions_per_hour=args.spot_preemptions_per_hour, burst=args.spot_burst,
+                      notice_s=args.spot_notice, outages=tuple(parse_outage(o) for o in args.spot_outage or ()))
+
+
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from '90', '90s', '30m', '2h', '1.5d'."""
+    text = text.strip().lower()
+    scale = _UNITS.get(text[-1:], None)
+    number = text[:-1] if scale else text
+    try:
+        value = float(number) * (scale or 1.0)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a duration (a number with s, m, h or d)") from None
+    if value < 0 or value != value:
+        raise ValueError(f"{text!r}: a duration must not be negative")
+    return value
+
+
+def parse_outage(text: str) -> tuple[float, float]:
+    """'DURATION@START' (both from the trace's start, e.g. '1h@30h') -> (start, end) seconds."""
+    duration, at, start = text.partition("@")
+    if not at:
+        raise ValueError(f"--spot-outage {text!r}: expected DURATION@START, e.g. 1h@30h")
+    begin = parse_duration(start)
+    return begin, begin + parse_duration(duration)
+
+
+def _human(seconds: float) -> str:
+    for unit, size in (("d", 86400.0), ("h", 3600.0), ("m", 60.0)):
+        if seconds >= size and (seconds / size * 10) % 1 == 0:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds:g}s"
+
+
+def describe_market(market: SpotMarket) -> str:
+    outages = ", ".join(f"{_human(b - a)} from {_human(a)}" for a, b in market.outages) or "none"
+    return (f"{market.preemptions_per_hour:g} reclaim events/h taking {market.burst:g} replicas on average, "
+            f"notice {market.notice_s:g} s, outages: {outages}")
 
 
 def _settings_json(settings: SimSettings, args: argparse.Namespace) -> dict:
@@ -289,7 +428,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"a bundled trace ({', '.join(traces.BUNDLED)}) or a CSV path (default: {DEFAULT_TRACE})")
     parser.add_argument("--policies", nargs="+", metavar="NAME",
                         help=f"policies to compare (default: {' '.join(ALL_POLICIES)}; also: "
-                        f"{' '.join(EXTRA_POLICIES)}, Ebbtide with the per-replica limit a first replay taught it)")
+                        "ebbtide-warm, Ebbtide with the per-replica limit a first replay taught it; "
+                        "ebbtide-spot, Ebbtide on spot with on-demand fallback, the spec's placement.spot "
+                        "enabled if it is not)")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON (schema in sim/report.py)")
     parser.add_argument("--plot", metavar="PATH", help="write a PNG: load, replicas and TTFT over time")
     parser.add_argument("--seed", type=int, default=1, help="seed for rate expansion and routing (default: 1)")
@@ -303,6 +444,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scale", type=int, default=1,
                         help="request logs: overlay this many time-shifted copies (default: 1)")
     parser.add_argument("--hours", type=float, default=None, help="rate traces: replay only the first HOURS")
+    spot = parser.add_argument_group(
+        "spot market", "what spot capacity does to policies that use it (ebbtide-spot); see docs/simulator.md")
+    spot.add_argument("--spot-preemptions-per-hour", type=float, default=SPOT_PREEMPTIONS_PER_HOUR, metavar="R",
+                      help="reclaim events per hour, a Poisson process (default: "
+                      f"{SPOT_PREEMPTIONS_PER_HOUR:g}: one every 20 h, a pessimistic reading of AWS's top "
+                      "interruption band for GPU instances)")
+    spot.add_argument("--spot-burst", type=float, default=SPOT_BURST, metavar="B",
+                      help="mean spot replicas one reclaim event takes, 1 + Poisson(B - 1) "
+                      f"(default: {SPOT_BURST:g})")
+    spot.add_argument("--spot-notice", type=float, default=SPOT_NOTICE_S, metavar="S",
+                      help="seconds a reclaimed replica keeps serving after the reclaim is announced "
+                      f"(default: {SPOT_NOTICE_S:g}, AWS's two-minute warning; GKE and AKS give 30)")
+    spot.add_argument("--spot-outage", action="append", metavar="DURATION@START",
+                      help="a period with no spot capacity to be had, from the trace's start, e.g. 1h@30h "
+                      "(units s, m, h, d; repeatable; default: none)")
     parser.add_argument("--oracle-slo", type=float, default=ORACLE_SLO,
                         help="run the oracle at the highest per-replica rate, and the static fleet at the smallest "
                         "size, that meet the SLO for this share of requests (default: "

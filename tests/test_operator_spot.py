@@ -1,0 +1,114 @@
+"""Spot placement in the emulated cluster: the real operator, the pod runner's spot and on-demand
+nodes (labelled as Karpenter labels them), engine simulators as pods.
+
+No Prometheus answers here, so the autoscaler holds the size (min = max = 3) and everything
+that moves is placement: on-demand covering spot that is not there, and giving the cover back.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.testbed.operator import ISVC, isvc, running_operator
+from tests.testbed.waiting import wait_for
+
+DEPLOYMENTS = "apps/v1/deployments"
+PENDING_LIMIT = 4
+GIVE_BACK_WINDOW = 8
+TICK = 1
+SPOT_NODE = "runner-node-spot-0"
+PRICES = {"onDemandPerGpuHour": 4.0, "spotPerGpuHour": 1.6}
+
+pytestmark = pytest.mark.slow
+
+
+def replicas(server, name):
+    deployment = server.get_object(DEPLOYMENTS, "default", name)
+    return deployment["spec"]["replicas"] if deployment else None
+
+
+def status(server):
+    return (server.get_object(ISVC, "default", "chat") or {}).get("status", {})
+
+
+def condition(server, type):
+    return next((c for c in status(server).get("conditions", []) if c["type"] == type), None)
+
+
+def events(server, reason):
+    found = server.list_objects("v1/events", "default", field_selector="involvedObject.name=chat")
+    return [e for e in found if e["reason"] == reason]
+
+
+def ready_pods(runner, deployment):
+    return [p for p in runner.pods("default", deployment) if p.ready]
+
+
+def test_on_demand_covers_pending_and_reclaimed_spot_and_gives_it_back(apiserver, pod_runner_factory):
+    server = apiserver.server
+    runner = pod_runner_factory()  # one on-demand and one spot node
+    runner.set_capacity("spot", False)  # the spot pool has no capacity at first
+    with running_operator(apiserver, EBBTIDE_TICK_SECONDS="0.25"):
+        server.create_object(isvc(
+            "chat", replicas={"min": 3, "max": 3}, pricing=PRICES,
+            placement={"spot": {"enabled": True, "onDemandBase": 1, "provider": "karpenter",
+                                "pendingTimeoutSeconds": PENDING_LIMIT}},
+            scaling={"behavior": {"intervalSeconds": TICK,
+                                  "scaleDown": {"stabilizationSeconds": GIVE_BACK_WINDOW}}}))
+        wait_for(lambda: replicas(server, "chat-spot") == 2, what="the spot Deployment with 2 replicas")
+        assert replicas(server, "chat") == 1, "the on-demand base only, while spot pods are on their way"
+
+        # No spot capacity: the spot pods stay Pending; once past the limit, on-demand covers them.
+        created = time.monotonic()
+        wait_for(lambda: replicas(server, "chat") == 3, timeout=PENDING_LIMIT + 15, what="on-demand cover")
+        assert time.monotonic() - created >= PENDING_LIMIT - TICK, "no cover before the pending limit"
+        fallback = wait_for(lambda: events(server, "SpotFallback"), what="a SpotFallback event")
+        assert "on-demand" in fallback[0]["message"], fallback
+        wait_for(lambda: (condition(server, "SpotAvailable") or {}).get("status") == "False",
+                 what="SpotAvailable=False")
+        wait_for(lambda: len(ready_pods(runner, "chat")) == 3, timeout=30, what="3 on-demand replicas ready")
+
+        # Spot capacity returns: the spot pods start; the cover is given back one window later.
+        runner.set_capacity("spot", True)
+        wait_for(lambda: len(ready_pods(runner, "chat-spot")) == 2, timeout=30, what="2 spot replicas ready")
+        spot_ready = time.monotonic()
+        wait_for(lambda: replicas(server, "chat") == 1, timeout=GIVE_BACK_WINDOW + 20, what="the cover given back")
+        assert time.monotonic() - spot_ready >= GIVE_BACK_WINDOW - 2 * TICK, "cover held for the window"
+        wait_for(lambda: events(server, "SpotRecovered"), what="a SpotRecovered event")
+        wait_for(lambda: (condition(server, "SpotAvailable") or {}).get("status") == "True", what="SpotAvailable")
+
+        # A reclaim notice on the spot node: on-demand replaces its pods at once, not after a limit.
+        runner.taint_node(SPOT_NODE, {"key": "karpenter.sh/disrupted", "effect": "NoSchedule"})
+        tainted = time.monotonic()
+        wait_for(lambda: replicas(server, "chat") == 3, timeout=10, what="an on-demand replacement")
+        assert time.monotonic() - tainted < PENDING_LIMIT, "a reclaim is acted on at once"
+        wait_for(lambda: (condition(server, "SpotAvailable") or {}).get("status") == "False",
+                 what="SpotAvailable=False after the reclaim")
+
+        # What it costs, as `kubectl get` shows it: the GPUs held, at their prices.
+        def usd_per_hour_of_pods():
+            on_demand = sum(1 for p in runner.pods("default", "chat") if p.node)
+            spot = sum(1 for p in runner.pods("default", "chat-spot") if p.node)
+            return on_demand * 4.0 + spot * 1.6
+
+        cost = wait_for(lambda: (c := status(server).get("cost", {})) and c.get("usdPerHour") == pytest.approx(
+            usd_per_hour_of_pods()) and c, timeout=10, what="status.cost at the pods' prices")
+        assert cost["gpuHours"]["onDemand"] > 0 and cost["gpuHours"]["spot"] > 0, cost
+        assert cost["usdTotal"] > 0
+        counts = status(server)["replicas"]
+        assert (counts["onDemand"], counts["spot"]) == (3, 2), counts
+
+
+def test_turning_spot_off_removes_the_spot_deployment(apiserver):
+    server = apiserver.server
+    with running_operator(apiserver):
+        server.create_object(isvc("chat", replicas={"min": 3, "max": 4},
+                                  placement={"spot": {"enabled": True, "onDemandBase": 1}}))
+        wait_for(lambda: replicas(server, "chat-spot") == 2, what="the spot Deployment")
+        server.patch_object(ISVC, "default", "chat", {"spec": {"placement": {"spot": {"enabled": False}}}})
+        wait_for(lambda: server.get_object(DEPLOYMENTS, "default", "chat-spot") is None,
+                 what="the spot Deployment gone")
+        assert server.get_object(DEPLOYMENTS, "default", "chat") is not None
+        assert replicas(server, "chat") == 3, "the spot replicas moved to on-demand before it went"
