@@ -15,7 +15,7 @@ import pytest
 from ebbtide.sim import report
 from ebbtide.sim.capacity import LLAMA_3_1_8B_H100
 from ebbtide.sim.fleet import SPOT, SimSettings, SpotMarket, simulate
-from ebbtide.sim.simulate import EbbtidePolicy, EbbtideSpotPolicy, load_spec, parse_outage
+from ebbtide.sim.simulate import EbbtidePolicy, EbbtideSpotPolicy, SpotOnlyPolicy, load_spec, parse_outage
 from ebbtide.sim.traces import Trace
 
 from .test_fleet import ENV
@@ -96,8 +96,8 @@ def test_reclaimed_spot_replicas_are_replaced_and_on_demand_covers_them():
 
 
 def test_during_an_outage_on_demand_carries_the_load_and_no_request_is_lost():
-    """Request by request: at minute 6 every spot replica is reclaimed while no spot capacity is
-    to be had (minutes 5 to 20). The replacements stay Pending (not charged), on-demand covers
+    """Request by request: no spot capacity is to be had from minute 5 to 20, and the outage
+    begins by reclaiming every spot replica (the reclaim planned at minute 6 finds none left). The replacements stay Pending (not charged), on-demand covers
     them after the pending timeout, every request is served in the end, and once the cover is
     ready the SLO holds again with no spot replica at all."""
     spec = spec_with(enabled=True, on_demand_base=1, pending_timeout_seconds=120)
@@ -119,11 +119,30 @@ def test_during_an_outage_on_demand_carries_the_load_and_no_request_is_lost():
     assert run.tokens_served == pytest.approx(trace.requests * (PROMPT + OUTPUT))
     late = (arrival >= 15 * 60) & (arrival < 20 * 60)
     assert report.slo_met(ttft[late], itl[late], spec).mean() >= 0.99, "the cover meets the SLO on its own"
-    # Pending replicas cost nothing: the two spot replicas are charged until their reclaim (360 s
-    # + 30 s notice), their replacements from the end of the outage; the spot replicas the core
-    # asked for during it never got a node.
+    # Pending replicas cost nothing: the two spot replicas are charged until their reclaim (the
+    # outage's start, 300 s, + 30 s notice), their replacements from the end of the outage; the
+    # spot replicas the core asked for during it never got a node.
     spot_hours = report.summarize(run, spec).gpu_hours_by_type["spot"]
-    assert spot_hours == pytest.approx(2 * (390 + seconds - 1200) / 3600, abs=0.002)
+    assert spot_hours == pytest.approx(2 * (330 + seconds - 1200) / 3600, abs=0.002)
+
+
+def test_without_the_fallback_an_outage_breaks_the_slo():
+    """The same outage as above: with every replica on spot and nothing covering, requests wait
+    for spot to come back; with the on-demand fallback, once the cover has started (one cold
+    start after the reclaim), they are served within the SLO."""
+    spec = spec_with(enabled=True, on_demand_base=1, pending_timeout_seconds=120)
+    seconds, quiet = 30 * 60, 27 * 60
+    trace = steady_trace(0.6 * 3 * SATURATION, seconds, per_request=True, quiet_after=quiet)
+    market = SpotMarket(notice_s=30, outages=((300.0, 1200.0),))
+    met = {}
+    for policy in (spot_policy(spec), SpotOnlyPolicy(spec, learned_capacity=CAPACITY, startup_seconds=COLD_START)):
+        run = simulate(trace, policy, settings(market))
+        arrival, ttft, itl, _ = run.records.arrays()
+        during = (arrival >= 330 + COLD_START + 60) & (arrival < 20 * 60)
+        met[policy.name] = report.slo_met(ttft[during], itl[during], spec).mean()
+        if policy.name == "spot-only":
+            assert report.summarize(run, spec).gpu_hours_by_type["on-demand"] == 0.0
+    assert met["spot-only"] < 0.5 and met["ebbtide-spot"] >= 0.99, met
 
 
 @dataclass

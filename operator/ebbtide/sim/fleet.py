@@ -249,6 +249,9 @@ class _Fleet:
                                   + max(0.0, until - replica.scheduled_at) * self.gpus)
 
 
+_ALL = 1 << 30  # a reclaim event that takes every spot replica
+
+
 class _SpotClock:
     """The spot market's events over one replay: reclaim notices, the reclaims that follow
     them, and outage boundaries. The reclaim times and burst sizes depend only on the seed and
@@ -265,10 +268,13 @@ class _SpotClock:
                 times.append(t)
                 t += float(rng.exponential(mean_gap))
         sizes = 1 + rng.poisson(max(0.0, market.burst - 1.0), len(times))
-        # Pending events (time, replicas to take), in time order.
-        self.notices = sorted([*zip(times, sizes.tolist(), strict=True), *market.reclaims])
-        self.reclaims: list[tuple[float, Replica]] = []  # (when, replica), noticed, in time order
         self.outages = sorted((float(a), float(b)) for a, b in market.outages if b > a)
+        # An outage is a pool out of capacity: the provider takes back every spot replica it
+        # runs (with the usual notice), and new ones stay Pending until it ends.
+        everything = [(a, _ALL) for a, _ in self.outages]
+        # Pending events (time, replicas to take), in time order.
+        self.notices = sorted([*zip(times, sizes.tolist(), strict=True), *market.reclaims, *everything])
+        self.reclaims: list[tuple[float, Replica]] = []  # (when, replica), noticed, in time order
         self._victims = random.Random(seed * 7919 + 0x5B07)
         self.stats = SpotStats()
 

@@ -302,8 +302,10 @@ class RequestServing:
         for pool in (self.engines, self.draining):
             for engine in pool.values():
                 for req in list(engine._requests.values()):  # noqa: SLF001  (end-of-run census)
+                    # As for finished requests: the time held at the gateway counts too.
+                    held = self._held.get(req.rid, 0.0)
                     ttft = (req.first_token_at - req.arrival) if req.first_token_at else end - req.arrival
-                    self.records.add_request(req.arrival, ttft, 0.0)
+                    self.records.add_request(req.arrival - held, ttft + held, 0.0)
         return self.records
 
     def scrape(self, t: float, epoch: float, window: float, ttft_q: float | None, itl_q: float | None,

@@ -26,7 +26,7 @@ ALL_POLICIES = ("ebbtide", "static", "hpa", "keda", "aibrix", "oracle")
 # Not in the default set: Ebbtide starting with the per-replica limit a previous replay of the
 # same trace taught it (see EbbtidePolicy.learned_capacity), and Ebbtide placing replicas on spot
 # capacity (EbbtideSpotPolicy), which meets the spot market below.
-EXTRA_POLICIES = ("ebbtide-warm", "ebbtide-spot")
+EXTRA_POLICIES = ("ebbtide-warm", "ebbtide-spot", "spot-only")
 ORACLE_SLO = 0.99
 
 # The spot market's defaults (docs/simulator.md, "Spot capacity"). No public figure gives
@@ -129,6 +129,18 @@ class EbbtideSpotPolicy(EbbtidePolicy):
                      self.spec.scaling.behavior.scale_down.stabilization_seconds)
 
 
+@dataclass
+class SpotOnlyPolicy(EbbtideSpotPolicy):
+    """The same core with every replica on spot and nothing covering: what a spot node pool
+    behind a plain autoscaler gives. It shows what the fallback buys during reclaims and outages."""
+
+    name: str = "spot-only"
+
+    def _split(self, target: int, pods: SpotPods, now: float) -> Split:
+        spot = target + self.spec.placement.spot.overprovision if target else 0
+        return Split(on_demand=0, spot=spot, cover=(), message=f"all {spot} on spot, no on-demand fallback")
+
+
 def spot_pods(replicas: tuple[SpotReplica, ...], pending_timeout: float, now: float) -> SpotPods:
     """The spot replicas as the operator classifies spot pods: each replica with a node on a
     node of its own, Pending while it has none; reclaimed ones sit on a reclaimed node."""
@@ -179,6 +191,7 @@ def build_policies(names: list[str], spec: InferenceServiceSpec, trace: traces.T
         "ebbtide": lambda: EbbtidePolicy(spec, startup_seconds=startup_seconds),
         "ebbtide-warm": lambda: EbbtidePolicy(spec, name="ebbtide-warm", startup_seconds=startup_seconds),
         "ebbtide-spot": lambda: EbbtideSpotPolicy(spec, startup_seconds=startup_seconds),
+        "spot-only": lambda: SpotOnlyPolicy(spec, startup_seconds=startup_seconds),
         "static": lambda: baselines.Static(replicas=min(hi, oracle.peak)),
         "hpa": lambda: baselines.Hpa(min_replicas=lo, max_replicas=hi),
         "keda": lambda: baselines.Keda(min_replicas=lo, max_replicas=hi),
