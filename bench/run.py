@@ -36,9 +36,10 @@ POLICIES = ["ebbtide", "ebbtide-warm", "static", "hpa", "keda", "aibrix", "oracl
 # replica carries it, and there would be nothing to scale.
 # The week also runs Ebbtide on spot (the spec's spot placement switched on, the default spot
 # market of docs/simulator.md, and one hour with no spot capacity at all, 32 h into the week),
-# so the table shows what spot saves and what reclaims and an outage cost in SLO.
+# so the table shows what spot saves and what reclaims and an outage cost in SLO, with and
+# without the on-demand fallback (spot-only).
 RUNS = [
-    ("conv-week", ["--trace", "conv-week", "--spot-outage", "1h@32h"], ["ebbtide-spot"]),
+    ("conv-week", ["--trace", "conv-week", "--spot-outage", "1h@32h"], ["ebbtide-spot", "spot-only"]),
     ("conv-1h", ["--trace", "conv-1h", "--scale", "14"], []),
     ("code-1h", ["--trace", "code-1h", "--scale", "12"], []),
 ]

@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from tests.test_describe import KUBECTL, kubectl
 from tests.testbed.operator import ISVC, isvc, running_operator
 from tests.testbed.waiting import wait_for
 
@@ -99,6 +100,10 @@ def test_on_demand_covers_pending_and_reclaimed_spot_and_gives_it_back(apiserver
         assert cost["usdTotal"] > 0
         counts = status(server)["replicas"]
         assert (counts["onDemand"], counts["spot"]) == (3, 2), counts
+        if KUBECTL.exists():  # and `kubectl get` shows it, through the CRD's printer columns
+            header, row = kubectl(apiserver, "get", "isvc", "chat", "-n", "default").splitlines()
+            cells = dict(zip(header.split(), row.split(), strict=False))
+            assert float(cells["USD/H"]) == pytest.approx(status(server)["cost"]["usdPerHour"]), (header, row)
 
 
 def test_turning_spot_off_removes_the_spot_deployment(apiserver):

@@ -72,8 +72,7 @@ def test_reclaimed_spot_replicas_are_replaced_and_on_demand_covers_them():
     """3 of 4 spot replicas get a reclaim notice at minute 60: on-demand covers them at the next
     tick; with a notice (120 s) longer than a cold start (100 s here) the cover is ready before
     they go, so the service never runs short. The spot Deployment recreates them when they are
-    gone, and the cover is given back once the scale-down window has passed since it was last
-    needed."""
+    gone, and the cover is given back a scale-down window after the replacements are ready."""
     spec = spec_with(enabled=True, on_demand_base=1)
     trace = steady_trace(0.7 * 5 * SATURATION, 2 * 3600)  # 5 replicas at 88 % of the core's target
     market = SpotMarket(notice_s=120, reclaims=((3600.0, 3),))
@@ -86,9 +85,11 @@ def test_reclaimed_spot_replicas_are_replaced_and_on_demand_covers_them():
     assert ready[61] == 8, "the cover is ready while the reclaimed replicas still serve"
     assert (spot[62], spot_ready[62], on_demand[62]) == (4, 1, 4), "gone, and recreated by the spot Deployment"
     assert spot_ready[63] == 4, "the replacements are ready a cold start later"
-    back = int((3705 + give_back) // 60)  # 3705: the last tick before the reclaimed replicas went
-    assert on_demand[back - 1] == 4 and on_demand[back] == 1, \
-        "the cover is given back a scale-down window after the last tick that needed it"
+    # The cover stays until the replacements are ready, then for one scale-down window.
+    replaced = next(m for m in range(62, len(spot_ready)) if spot_ready[m] == 4)
+    back = replaced + int(give_back // 60)
+    assert all(on_demand[m] == 4 for m in range(60, back - 1)), on_demand[58:back + 3]
+    assert on_demand[back + 1] == 1, "the cover is given back a scale-down window after the replacements are ready"
     assert min(ready) >= 5 and max(r - s for r, s in zip(run.timeline.replicas, spot, strict=True)) == 4
     assert run.spot.reclaim_events == 1 and run.spot.replicas_reclaimed == 3
     assert run.spot.requests_retried > 0

@@ -20,8 +20,9 @@ Run it in-process with `ApiServerThread` (see the ``apiserver`` fixture in
 
 Known gaps (deliberate, for now): no controllers (Deployments get no pods or status); no
 schema validation or pruning of custom resources (defaults are applied); no auth, RBAC,
-admission, OpenAPI, Table output, protobuf or CBOR bodies (kubectl writes built-in types
-as protobuf: use ``kubectl apply --validate=false``); server-side apply is a strategic
+admission, OpenAPI, Tables for built-in kinds (custom resources get theirs, from the CRD's
+printer columns), protobuf or CBOR bodies (kubectl writes built-in types as protobuf: use
+``kubectl apply --validate=false``); server-side apply is a strategic
 merge plus create; Foreground deletion acts as Background, and the garbage collector runs
 synchronously; objects may be created in namespaces that do not exist; every API version
 of a resource is stored apart (no conversion); ``dryRun`` is refused with 400; lists
@@ -381,6 +382,26 @@ def apply_schema_defaults(value: Any, schema: Mapping[str, Any]) -> None:
     elif isinstance(value, list) and isinstance(schema.get('items'), dict):
         for item in value:
             apply_schema_defaults(item, schema['items'])
+
+
+def _wants_table(request: rendering.Request) -> bool:
+    """kubectl get asks for a server-side Table (Accept: application/json;as=Table;...)."""
+    accept = next((v for k, v in request.headers.items() if k.lower() == 'accept'), '')
+    return 'as=Table' in accept
+
+
+def _as_table(columns: list[Body], items: list[Body], metadata: Body) -> Body:
+    """A meta.k8s.io/v1 Table as the API server renders custom resources: Name, then the CRD's
+    printer columns (simple .a.b.c paths), each row carrying the object's metadata."""
+    definitions = [{'name': 'Name', 'type': 'string', 'format': 'name', 'priority': 0,
+                    'description': 'Name must be unique within a namespace.'}]
+    definitions += [{'name': c['name'], 'type': c.get('type', 'string'), 'format': c.get('format', ''),
+                     'description': c.get('description', ''), 'priority': c.get('priority', 0)} for c in columns]
+    rows = [{'cells': [body['metadata']['name'], *(_get_path(body, c['jsonPath']) for c in columns)],
+             'object': {'kind': 'PartialObjectMetadata', 'apiVersion': 'meta.k8s.io/v1',
+                        'metadata': body['metadata']}} for body in items]
+    return {'kind': 'Table', 'apiVersion': 'meta.k8s.io/v1', 'metadata': metadata,
+            'columnDefinitions': definitions, 'rows': rows}
 
 
 def _get_path(body: Any, dotted: str) -> Any:
@@ -743,6 +764,9 @@ class EmulatedApiServer(kmock.KubernetesEmulator):
             metadata['continue'] = str(offset + limit) if remaining > 0 else ''
             if remaining > 0:
                 metadata['remainingItemCount'] = remaining
+        columns = self._printer_columns(resource) if _wants_table(request) else None
+        if columns is not None:
+            return _as_table(columns, items, metadata)
         return {'apiVersion': _api_version(resource), 'kind': f'{info.kind or "Unknown"}List',
                 'metadata': metadata, 'items': items}
 
@@ -756,7 +780,21 @@ class EmulatedApiServer(kmock.KubernetesEmulator):
             return self._scale_view(resource, body)
         if request.subresource not in (None, 'status'):
             raise not_found(resource, request.name)
+        columns = self._printer_columns(resource) if _wants_table(request) else None
+        if columns is not None:
+            return _as_table(columns, [body], {'resourceVersion': body['metadata'].get('resourceVersion', '')})
         return body
+
+    def _printer_columns(self, resource: kmock.resource) -> list[Body] | None:
+        """A custom resource's additionalPrinterColumns (None for built-in kinds: no Table for them)."""
+        for (kind, _, _), crd in self._live_items():
+            spec = crd.get('spec') or {} if kind == CRD_RESOURCE else {}
+            if spec.get('group') != resource.group or (spec.get('names') or {}).get('plural') != resource.plural:
+                continue
+            for version in spec.get('versions') or []:
+                if version.get('name') == resource.version:
+                    return version.get('additionalPrinterColumns') or []
+        return None
 
     async def _serve_create(self, request: rendering.Request) -> kmock.Response:
         resource = self._known(request.resource)

@@ -136,8 +136,9 @@ def split(target: int, placement: SpotPlacement, pods: SpotPods, cover: Entries,
     seconds of a scale-up; covering it would start an on-demand replica on every scale-up and
     hold it for the whole give-back window), so the cover is at most the pods seen unavailable.
 
-    Give-back: the cover is the highest needed over the last `give_back_after` seconds (the
-    scale-down stabilization window), kept as (time, cover) entries like the autoscaler's
+    Give-back: a cover in place is needed until the spot replicas it stands in for are ready;
+    then it is the highest needed over the last `give_back_after` seconds (the scale-down
+    stabilization window), kept as (time, cover) entries like the autoscaler's
     down_recommendations. Only the cover is held, not the on-demand count: the base follows
     the current target, and the held cover is capped by the spot replicas wanted now and the
     room left under the target. So when the autoscaler scales down (after its own window) the
@@ -151,8 +152,12 @@ def split(target: int, placement: SpotPlacement, pods: SpotPods, cover: Entries,
     share = shares(target, placement)
     room = target - share.base
     missing = max(0, share.spot - pods.ready - pods.starting)
-    needed = min(pods.unavailable, missing, room)
     history = prune(cover, now - give_back_after) if give_back_after > 0 else ()
+    # A cover in place keeps covering while the spot replicas it stands in for are starting:
+    # the give-back window starts once they are ready, not once they have a node (a cold start
+    # can outlast the window, and handing back then would leave the service short).
+    in_place = history[0][1] if history else 0
+    needed = min(max(min(pods.unavailable, missing), min(in_place, max(0, share.spot - pods.ready))), room)
     held = max(needed, history[0][1]) if history else needed
     covering = min(held, share.spot, room)
     if give_back_after > 0 and needed > 0:  # a zero never decides the highest: not stored
