@@ -123,3 +123,4 @@ def test_plain_get_shows_the_printer_columns_with_the_cost(apiserver, described_
     assert cells[0] == "chat" and cells[1:3] == ["3", "3"], row
     assert "9.2" in cells and "0.31" in cells, row
     assert "1->3" in row and "QueueBacklog" in row, row
+    assert names[-1] == "AGE" and re.fullmatch(r"\d+[smhd]", cells[-1]), row  # an age, as servers render dates

@@ -94,8 +94,12 @@ def test_on_demand_covers_pending_and_reclaimed_spot_and_gives_it_back(apiserver
             spot = sum(1 for p in runner.pods("default", "chat-spot") if p.node)
             return on_demand * 4.0 + spot * 1.6
 
+        wait_for(lambda: sum(1 for p in runner.pods("default", "chat") if p.node) == 3, timeout=20,
+                 what="the replacements on a node")
+        expected = usd_per_hour_of_pods()
+        assert expected == pytest.approx(3 * 4.0 + 2 * 1.6)
         cost = wait_for(lambda: (c := status(server).get("cost", {})) and c.get("usdPerHour") == pytest.approx(
-            usd_per_hour_of_pods()) and c, timeout=10, what="status.cost at the pods' prices")
+            expected) and c, timeout=10, what="status.cost at the pods' prices")
         assert cost["gpuHours"]["onDemand"] > 0 and cost["gpuHours"]["spot"] > 0, cost
         assert cost["usdTotal"] > 0
         counts = status(server)["replicas"]
@@ -103,7 +107,7 @@ def test_on_demand_covers_pending_and_reclaimed_spot_and_gives_it_back(apiserver
         if KUBECTL.exists():  # and `kubectl get` shows it, through the CRD's printer columns
             header, row = kubectl(apiserver, "get", "isvc", "chat", "-n", "default").splitlines()
             cells = dict(zip(header.split(), row.split(), strict=False))
-            assert float(cells["USD/H"]) == pytest.approx(status(server)["cost"]["usdPerHour"]), (header, row)
+            assert float(cells["USD/H"]) == pytest.approx(expected), (header, row)
 
 
 def test_turning_spot_off_removes_the_spot_deployment(apiserver):

@@ -397,11 +397,27 @@ def _as_table(columns: list[Body], items: list[Body], metadata: Body) -> Body:
                     'description': 'Name must be unique within a namespace.'}]
     definitions += [{'name': c['name'], 'type': c.get('type', 'string'), 'format': c.get('format', ''),
                      'description': c.get('description', ''), 'priority': c.get('priority', 0)} for c in columns]
-    rows = [{'cells': [body['metadata']['name'], *(_get_path(body, c['jsonPath']) for c in columns)],
+    rows = [{'cells': [body['metadata']['name'], *(_cell(body, c) for c in columns)],
              'object': {'kind': 'PartialObjectMetadata', 'apiVersion': 'meta.k8s.io/v1',
                         'metadata': body['metadata']}} for body in items]
     return {'kind': 'Table', 'apiVersion': 'meta.k8s.io/v1', 'metadata': metadata,
             'columnDefinitions': definitions, 'rows': rows}
+
+
+def _cell(body: Body, column: Body) -> Any:
+    """One printer column's value; dates as the API server renders them, as an age ("5m")."""
+    value = _get_path(body, column['jsonPath'])
+    if column.get('type') != 'date' or not isinstance(value, str):
+        return value
+    try:
+        then = datetime.datetime.fromisoformat(value.replace('Z', '+00:00'))
+    except ValueError:
+        return value
+    seconds = max(0, int((datetime.datetime.now(datetime.UTC) - then).total_seconds()))
+    for unit, size in (('d', 86400), ('h', 3600), ('m', 60)):
+        if seconds >= 2 * size:
+            return f'{seconds // size}{unit}'
+    return f'{seconds}s'
 
 
 def _get_path(body: Any, dotted: str) -> Any:
