@@ -28,8 +28,8 @@ class Registry:
     """
 
     services: dict[tuple[str, str], tuple[ServiceRef, InferenceServiceSpec]] = field(default_factory=dict)
-    # What the scaling loop keeps in status.scaler (its memory, cost ledger, spot cover), as
-    # found when a service is first seen after a restart; the scaling loop takes it over.
+    # The status a service had when first seen after a restart: the scaling loop restores its
+    # state from it (status.scaler: memory, cost ledger, spot cover; status.startup).
     stored: dict[tuple[str, str], dict] = field(default_factory=dict)
 
     def put(self, ref: ServiceRef, spec: InferenceServiceSpec) -> None:
@@ -45,10 +45,8 @@ class Registry:
     def recall(self, ref: ServiceRef, status: dict | None) -> None:
         """Keep the scaling state persisted in status, for a service not seen before."""
         key = (ref.namespace, ref.name)
-        if key not in self.services and key not in self.stored:
-            stored = (status or {}).get("scaler")
-            if isinstance(stored, dict):
-                self.stored[key] = stored
+        if key not in self.services and key not in self.stored and status:
+            self.stored[key] = status
 
 
 async def last_applied_spec(kube: Kube, ref: ServiceRef) -> InferenceServiceSpec | None:

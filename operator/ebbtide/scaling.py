@@ -61,22 +61,25 @@ class ServiceState:
     last_advice: int | None = None
 
     @classmethod
-    def restore(cls, stored: dict | None, now: float) -> ServiceState:
-        """From what status.scaler held (after a restart), or fresh; unreadable parts start over."""
-        stored = stored or {}
+    def restore(cls, status: dict | None, now: float) -> ServiceState:
+        """From the status a restarted operator found, or fresh; unreadable parts start over."""
+        stored = (status or {}).get("scaler")
+        stored = stored if isinstance(stored, dict) else {}
         spot = stored.get("spot") if isinstance(stored.get("spot"), dict) else {}
         try:
             target = None if spot.get("target") is None else max(0, int(spot["target"]))
             cover = tuple((float(t), int(r)) for t, r in spot.get("cover", []))
         except (TypeError, ValueError):
             target, cover = None, ()
+        startup = (status or {}).get("startup")
         return cls(memory=Memory.load(stored or None, now), ledger=Ledger.load(stored.get("cost"), now),
-                   target=target, spot_cover=cover, startup=StartupEstimate.load(stored.get("startup")))
+                   target=target, spot_cover=cover,
+                   startup=StartupEstimate.load(startup if isinstance(startup, dict) else None))
 
     def to_json(self) -> dict:
+        """status.scaler (the startup estimate has a status field of its own)."""
         return {**self.memory.to_json(), "cost": self.ledger.to_json(),
-                "spot": {"target": self.target, "cover": [list(e) for e in self.spot_cover]},
-                "startup": self.startup.to_json()}
+                "spot": {"target": self.target, "cover": [list(e) for e in self.spot_cover]}}
 
 
 def rfc3339(ts: float) -> str:
@@ -155,8 +158,10 @@ class ScalingLoop:
             state.ledger = accrue(state.ledger, now, mine.held, spec.engine.gpus, spec.pricing, spec.sleep)
             news = decision.changed and (spec.mode == "Active" or decision.desired != state.last_advice)
             state.last_advice = decision.desired if decision.changed else None
+            per_hour = usd_per_hour(state.ledger.held, spec.engine.gpus, spec.pricing, spec.sleep)
+            spend = (per_hour, usd_per_million_tokens(per_hour, signals.tokens_per_second))
             await self._act_and_explain(ref, spec, state,
-                                        Tick(fleet, signals, decision, placed, spot_pods, workload, news, now))
+                                        Tick(fleet, signals, decision, placed, spot_pods, workload, news, now, spend))
 
     async def _act_and_explain(self, ref: ServiceRef, spec: InferenceServiceSpec, state: ServiceState,
                                tick: Tick) -> None:
@@ -212,7 +217,7 @@ class ScalingLoop:
         m.metrics_unavailable.labels(*labels).set(0 if tick.signals.sampled_at and not tick.signals.error else 1)
         for name, value in tick.decision.signals.items():
             m.signal.labels(*labels, name).set(value)
-        per_hour, per_million = _spend(spec, ledger, tick.signals)
+        per_hour, per_million = tick.spend
         m.usd_per_hour.labels(*labels).set(per_hour)
         m.usd_per_million_tokens.labels(*labels).set(math.nan if per_million is None else per_million)
         for capacity, hours in (("on-demand", ledger.gpu_hours_on_demand), ("spot", ledger.gpu_hours_spot),
@@ -253,7 +258,7 @@ class ScalingLoop:
                               "onDemand": tick.placed.on_demand, "spot": tick.placed.spot}
         status["phase"] = _phase(fleet, decision)
         ledger = state.ledger
-        per_hour, per_million = _spend(spec, ledger, tick.signals)
+        per_hour, per_million = tick.spend
         status["cost"] = {
             "since": rfc3339(ledger.since),
             "gpuHours": {"onDemand": round(ledger.gpu_hours_on_demand, 4), "spot": round(ledger.gpu_hours_spot, 4),
@@ -287,6 +292,7 @@ class Tick:
     workload: Workload
     news: bool  # False for advice already given
     now: float
+    spend: tuple[float, float | None]  # (dollars per hour now, per million tokens over the metrics window)
 
 
 def _current(spec: InferenceServiceSpec, state: ServiceState, workload: Workload) -> int:
@@ -304,12 +310,6 @@ def _current(spec: InferenceServiceSpec, state: ServiceState, workload: Workload
         return state.target
     spot = workload.spot or 0
     return max(workload.on_demand, workload.on_demand + spot - spec.placement.spot.overprovision)
-
-
-def _spend(spec: InferenceServiceSpec, ledger: Ledger, signals: Signals) -> tuple[float, float | None]:
-    """(dollars per hour now, dollars per million tokens over the metrics window)."""
-    per_hour = usd_per_hour(ledger.held, spec.engine.gpus, spec.pricing, spec.sleep)
-    return per_hour, usd_per_million_tokens(per_hour, signals.tokens_per_second)
 
 
 def _spot_condition(pods: SpotPods, placed: Split) -> ConditionReport:

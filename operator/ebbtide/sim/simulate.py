@@ -264,16 +264,9 @@ def calibrate_oracle(spec: InferenceServiceSpec, trace: traces.Trace, settings: 
         return oracle, result, limit
     best: tuple[baselines.Oracle, PolicyRun, float] | None = None
     high, low, used = limit, None, 1
-    while low is None and used < runs:
-        rate = high * 0.7
-        candidate, candidate_run, ok = attempt(rate)
-        used += 1
-        if ok:
-            low, best = rate, (candidate, candidate_run, rate)
-        else:
-            high = rate
-    while low is not None and used < runs:
-        rate = (low + high) / 2
+    while used < runs:
+        # Step down by 30 % until a rate meets the SLO, then bisect between it and the last miss.
+        rate = high * 0.7 if low is None else (low + high) / 2
         candidate, candidate_run, ok = attempt(rate)
         used += 1
         if ok:
