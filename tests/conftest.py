@@ -3,6 +3,7 @@ vLLM exporter, and the emulated cluster (pod runner, load balancer)."""
 
 from tests.testbed.fixtures import (  # noqa: F401
     apiserver,
+    cluster,
     fake_vllm_exporter,
     load_balancer_factory,
     pod_runner,

@@ -263,6 +263,34 @@ def test_generation_and_status_subresource(apps: kubernetes.client.AppsV1Api) ->
     assert again.metadata.resource_version == status_patched.metadata.resource_version
 
 
+def test_pod_status_conditions_merge_by_type(core: kubernetes.client.CoreV1Api) -> None:
+    """A readiness-gate owner and the kubelet write one pod's conditions; neither erases the other's."""
+    core.create_namespaced_pod('default', {'metadata': {'name': 'p'}, 'spec': {
+        'containers': [{'name': 'server', 'image': 'vllm:1'}],
+        'readinessGates': [{'conditionType': 'ebbtide.dev/warmed-up'}]}})
+    strategic = 'application/strategic-merge-patch+json'
+
+    def conditions() -> dict[str, str]:
+        return {c.type: c.status for c in core.read_namespaced_pod('p', 'default').status.conditions}
+
+    core.patch_namespaced_pod_status('p', 'default', {'status': {'phase': 'Running', 'conditions': [
+        {'type': 'ContainersReady', 'status': 'True'}, {'type': 'Ready', 'status': 'False'}]}},
+        _content_type=strategic)
+    core.patch_namespaced_pod_status('p', 'default', {'status': {'conditions': [
+        {'type': 'ebbtide.dev/warmed-up', 'status': 'True', 'reason': 'WarmedUp'}]}}, _content_type=strategic)
+    assert conditions() == {'ContainersReady': 'True', 'Ready': 'False', 'ebbtide.dev/warmed-up': 'True'}
+    core.patch_namespaced_pod_status('p', 'default', {'status': {'conditions': [{'type': 'Ready', 'status': 'True'}]}},
+                                     _content_type=strategic)
+    assert conditions() == {'ContainersReady': 'True', 'Ready': 'True', 'ebbtide.dev/warmed-up': 'True'}
+    # The status endpoint writes the status only.
+    (gate,) = core.read_namespaced_pod('p', 'default').spec.readiness_gates
+    assert gate.condition_type == 'ebbtide.dev/warmed-up'
+    # A merge patch replaces the list as a whole (which is why the kubelet writes a strategic one).
+    core.patch_namespaced_pod_status('p', 'default', {'status': {'conditions': [{'type': 'Ready', 'status': 'True'}]}},
+                                     _content_type='application/merge-patch+json')
+    assert conditions() == {'Ready': 'True'}
+
+
 def test_scale_subresource(apps: kubernetes.client.AppsV1Api, custom: kubernetes.client.CustomObjectsApi,
                            apiserver: ApiServerThread) -> None:
     apps.create_namespaced_deployment('default', deployment('d', replicas=2))

@@ -10,14 +10,12 @@ from __future__ import annotations
 import re
 import time
 import urllib.request
-from datetime import datetime
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from ebbtide.sim.engine_server import free_port
 from tests.testbed.loadgen import LoadGenerator
-from tests.testbed.operator import ISVC, isvc, running_operator
+from tests.testbed.operator import condition, events, isvc, replicas, seconds, status
 from tests.testbed.waiting import wait_for
 
 pytestmark = [pytest.mark.prometheus, pytest.mark.slow]
@@ -32,52 +30,6 @@ SCALING = {
     "behavior": {"intervalSeconds": TICK, "metricsWindowSeconds": 10, "staleAfterSeconds": 10,
                  "scaleDown": {"stabilizationSeconds": DOWN_WINDOW, "periodSeconds": 5}},
 }
-
-
-def replicas(server, name="chat"):
-    deployment = server.get_object(DEPLOYMENTS, "default", name)
-    return deployment["spec"]["replicas"] if deployment else None
-
-
-def status(server, name="chat"):
-    return (server.get_object(ISVC, "default", name) or {}).get("status", {})
-
-
-def condition(server, type, name="chat"):
-    return next((c for c in status(server, name).get("conditions", []) if c["type"] == type), None)
-
-
-def seconds(timestamp: str) -> float:
-    return datetime.fromisoformat(timestamp.replace("Z", "+00:00")).timestamp()
-
-
-def events(server, name="chat"):
-    found = server.list_objects("v1/events", "default", field_selector=f"involvedObject.name={name}")
-    return sorted(found, key=lambda e: e["metadata"]["resourceVersion"])
-
-
-@pytest.fixture()
-def cluster(apiserver, prometheus_server, pod_runner_factory, load_balancer_factory):
-    """The emulated cluster with Prometheus scraping every engine the pod runner starts."""
-    runner = pod_runner_factory(publish_targets=prometheus_server.set_targets, nodes=[])
-
-    class Cluster:
-        server = apiserver.server
-        prometheus = prometheus_server
-        pods = runner
-
-        metrics_port = free_port()
-
-        @staticmethod
-        def operator():
-            return running_operator(apiserver, EBBTIDE_PROMETHEUS_URL=prometheus_server.url,
-                                    EBBTIDE_TICK_SECONDS="0.5", EBBTIDE_METRICS_PORT=str(Cluster.metrics_port))
-
-        @staticmethod
-        def balancer(name="chat"):
-            return load_balancer_factory(name)
-
-    return Cluster
 
 
 def start_service(cluster, **spec):

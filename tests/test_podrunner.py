@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ebbtide.api.manifest import parse_spec
 from ebbtide.api.ref import ServiceRef
-from ebbtide.cluster.render import LABEL_SERVING, render_deployment
+from ebbtide.cluster.render import CONDITION_WARMED_UP, LABEL_SERVING, render_deployment
 from tests.testbed import fixtures
 from tests.testbed.loadgen import LoadGenerator, percentile
 from tests.testbed.podrunner import (
@@ -38,7 +38,9 @@ PODS = 'v1/pods'
 
 def deployment(name='chat', replicas=2, **spec):
     ref = ServiceRef(name=name, namespace=NS, uid=f'uid-{name}')
-    parsed = parse_spec({'model': {'name': 'meta-llama/Llama-3.1-8B-Instruct', 'servedName': name}, **spec})
+    # No warm-up readiness gate unless a test asks for one: no operator warms these pods up.
+    parsed = parse_spec({'model': {'name': 'meta-llama/Llama-3.1-8B-Instruct', 'servedName': name},
+                         'warmup': {'requests': 0}, **spec})
     return render_deployment(ref, parsed, replicas=replicas)
 
 
@@ -246,6 +248,41 @@ def test_spot_pool_unavailable_leaves_pods_pending_and_noexecute_evicts(apiserve
     runner.untaint_node('runner-node-spot-0', 'karpenter.sh/disrupted')
     runner.set_capacity('spot', available=True)
     wait_until(lambda: runner.pod(NS, replacement) and runner.pod(NS, replacement).ready, timeout=10)
+
+
+def test_readiness_gate_holds_ready_until_its_condition_is_true(apiserver, pod_runner_factory):
+    """As a kubelet: Ready = containers ready and every readiness gate's condition True."""
+    runner = pod_runner_factory(startup_delay=0.2)
+    apiserver.server.create_object(deployment(replicas=1, warmup={'requests': 3}))
+    (name,) = wait_until(lambda: list(api_pods(apiserver)), timeout=5)
+    wait_until(lambda: condition(api_pods(apiserver)[name], 'ContainersReady') == 'True', timeout=10)
+    runner.sync()
+    pod = api_pods(apiserver)[name]
+    ready = next(c for c in pod['status']['conditions'] if c['type'] == 'Ready')
+    assert ready['status'] == 'False' and ready['reason'] == 'ReadinessGatesNotReady'
+    assert not runner.pod(NS, name).ready
+    assert not (apiserver.server.get_object(DEPLOYMENTS, NS, 'chat')['status'] or {}).get('readyReplicas')
+    # The engine answers on podIP:containerPort, as in a cluster (the port annotation agrees).
+    (port,) = pod['spec']['containers'][0]['ports']
+    assert str(port['containerPort']) == pod['metadata']['annotations'][PORT_ANNOTATION]
+    assert get(f"http://{pod['status']['podIP']}:{port['containerPort']}/health")[0] == 200
+
+    def set_gate(status):
+        apiserver.server.patch_object(PODS, NS, name, {'status': {'conditions': [
+            {'type': CONDITION_WARMED_UP, 'status': status, 'reason': 'Test'}]}},
+            subresource='status', content_type='application/strategic-merge-patch+json')
+
+    set_gate('True')
+    wait_until(lambda: condition(api_pods(apiserver)[name], 'Ready') == 'True', timeout=5)
+    wait_until(lambda: apiserver.server.get_object(DEPLOYMENTS, NS, 'chat')['status'].get('readyReplicas') == 1,
+               timeout=5)
+    assert runner.pod(NS, name).ready
+    runner.sync()  # the runner's own status writes keep the gate's condition
+    assert condition(api_pods(apiserver)[name], CONDITION_WARMED_UP) == 'True'
+
+    set_gate('False')
+    wait_until(lambda: condition(api_pods(apiserver)[name], 'Ready') == 'False', timeout=5)
+    assert condition(api_pods(apiserver)[name], 'ContainersReady') == 'True'
 
 
 def test_load_balancer_spreads_over_ready_serving_pods(apiserver, pod_runner, load_balancer_factory):

@@ -13,6 +13,7 @@ from ebbtide.api.manifest import parse_spec
 from ebbtide.api.ref import ServiceRef
 from ebbtide.cluster.render import (
     ANNOTATION_SPEC,
+    CONDITION_WARMED_UP,
     LABEL_CAPACITY,
     LABEL_SERVICE,
     LABEL_SERVING,
@@ -78,6 +79,17 @@ def test_service_selects_only_serving_pods():
     assert svc["spec"]["selector"] == {LABEL_SERVICE: "chat", LABEL_SERVING: "true"}
     d = render_workload(REF, spec())[0]
     assert d["spec"]["template"]["metadata"]["labels"][LABEL_SERVING] == "true"
+
+
+def test_warm_up_gates_readiness_of_every_deployments_pods():
+    """New replicas serve their warm-up requests before they are Ready (cluster/warmup.py)."""
+    gate = [{"conditionType": CONDITION_WARMED_UP}]
+    assert render_deployment(REF, spec())["spec"]["template"]["spec"]["readinessGates"] == gate  # default: 3
+    for d in render_workload(REF, spec(placement={"spot": {"enabled": True}}, replicas={"min": 3, "max": 4})):
+        if d["kind"] == "Deployment":
+            assert d["spec"]["template"]["spec"]["readinessGates"] == gate, capacity_of(d)
+    off = render_deployment(REF, spec(warmup={"requests": 0}))["spec"]["template"]["spec"]
+    assert "readinessGates" not in off
 
 
 def test_deployment_remembers_the_spec_it_was_rendered_from():

@@ -3,7 +3,8 @@
 One tick:
     observe  one list of pods, one list of Deployments, one batched Prometheus observation
     decide   ebbtide.policy.autoscaling.decide(...) for each service that is due
-    act      patch the Deployment's replicas when the decision changes them (never in Advisory)
+    act      with sleep mode, wake, drain and put to sleep per the warm pool (sleep_pool.py);
+             patch the Deployments' replicas when they change (never in Advisory)
     explain  an Event per change, status (last decision, history, conditions, memory), metrics
 
 The policy lives in the pure core; this module only moves values between it and the cluster.
@@ -17,25 +18,32 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kubernetes.client.rest import ApiException
 
 from ebbtide.api.conditions import set_condition
 from ebbtide.api.ref import ServiceRef
 from ebbtide.api.spec import InferenceServiceSpec
-from ebbtide.cluster.kube import Kube
+from ebbtide.cluster.engine import EngineClient
+from ebbtide.cluster.kube import Conflict, Kube
 from ebbtide.cluster.pods import ServicePods, reclaimed_nodes, summarize
-from ebbtide.cluster.render import LABEL_SERVICE, MANAGED_BY, SPOT, deployment_name
+from ebbtide.cluster.profile_store import configmap_name, read_profile, render_profile
+from ebbtide.cluster.render import LABEL_SERVICE, MANAGED_BY, ON_DEMAND, SPOT, deployment_name
+from ebbtide.cluster.warmup import warm_up
 from ebbtide.operator_metrics import OperatorMetrics
+from ebbtide.policy.activation import activate
 from ebbtide.policy.cost import Ledger, accrue, usd_per_hour, usd_per_million_tokens
 from ebbtide.policy.decision import ConditionReport, Decision, Entries, Memory
 from ebbtide.policy.lifecycle import plan
 from ebbtide.policy.observation import FleetState, Signals
+from ebbtide.policy.profile import Profile, bin_of
 from ebbtide.policy.spot import RECLAIM_TAINTS, Split, SpotPods, classify, split
 from ebbtide.policy.startup import StartupEstimate, observe_startups
+from ebbtide.policy.warm_pool import PoolPlan
 from ebbtide.reconcile import Registry
-from ebbtide.signals.prometheus import PrometheusSource, ServiceQuery
+from ebbtide.signals.prometheus import PrometheusSource, PrometheusUnavailable, ServiceQuery
+from ebbtide.sleep_pool import act, idle_since, plan_for
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +57,8 @@ class ServiceState:
 
     memory: Memory
     ledger: Ledger
-    # Spot placement: the awake size last asked for (the two Deployments together hold more:
-    # the spot over-provisioning and the on-demand cover), and the cover's give-back history.
+    # The awake size last asked for. With spot or sleep the Deployments hold more than that
+    # (spot over-provisioning, on-demand cover, sleepers). And spot's cover give-back history.
     target: int | None = None
     spot_cover: Entries = ()
     # Measured startup time (pod created to ready): the lead time for floors started early.
@@ -59,6 +67,13 @@ class ServiceState:
     # Advisory mode never changes the Deployment, so the same advice would repeat every tick;
     # it is reported when it changes, not on every tick.
     last_advice: int | None = None
+    # Pod -> since when it has served nothing (warm pool). Not persisted: after a restart the
+    # idle time starts over, which only delays a sleep.
+    idle: dict[str, float] = field(default_factory=dict)
+    # The learned demand profile (pre-warming), read from its ConfigMap on the first tick, and
+    # the profile bin it was last saved in (it is saved once per bin).
+    profile: Profile | None = None
+    profile_saved_bin: tuple[int, int] | None = None
 
     @classmethod
     def restore(cls, status: dict | None, now: float) -> ServiceState:
@@ -96,6 +111,8 @@ class ScalingLoop:
         self.tick_seconds = tick_seconds
         self.clock = clock
         self.states: dict[tuple[str, str], ServiceState] = {}
+        self.engines = EngineClient()
+        self._warming: asyncio.Task | None = None
 
     async def run(self, stopped: asyncio.Event) -> None:
         while not stopped.is_set():
@@ -110,6 +127,9 @@ class ScalingLoop:
                 await asyncio.wait_for(stopped.wait(), timeout=self.tick_seconds)
             except TimeoutError:
                 pass
+        if self._warming is not None:
+            self._warming.cancel()
+        await self.engines.close()
 
     def _due(self, now: float) -> list[tuple[ServiceRef, InferenceServiceSpec, ServiceState]]:
         due = []
@@ -126,9 +146,13 @@ class ScalingLoop:
 
     async def tick(self, now: float) -> None:
         due = self._due(now)
+        # Pods are listed every tick, due or not: a new replica waits at most one tick for its
+        # warm-up (its readiness gate), whatever the services' intervals.
+        listed = await self.kube.list_pods(LABEL_SERVICE)
+        self._warm_up(listed)
         if not due:
             return
-        pods = summarize(await self.kube.list_pods(LABEL_SERVICE))
+        pods = summarize(listed)
         replicas = {(d["metadata"]["namespace"], d["metadata"]["name"]): d["spec"].get("replicas", 0)
                     for d in await self.kube.list_deployments(_selector(MANAGED_BY))}
         # Nodes are read only when some service runs on spot: their taints announce reclaims.
@@ -145,23 +169,90 @@ class ScalingLoop:
                 continue  # the workload is not there (yet): the reconciler will create it
             workload = Workload(on_demand, replicas.get((ref.namespace, deployment_name(ref, SPOT))))
             mine = pods.get(key, ServicePods())
-            fleet = FleetState(current=_current(spec, state, workload), ready=mine.ready, starting=mine.starting,
+            fleet = FleetState(current=_current(spec, state, workload, mine), ready=mine.ready, starting=mine.starting,
                                asleep=mine.asleep, pod_names=tuple(mine.names))
             signals = observed.get(key) or Signals.missing("no observation")
             state.startup = observe_startups(state.startup, mine.startups, now=now)
-            decision = plan(spec, signals, fleet, state.memory, now, startup_seconds=state.startup.seconds)
+            profile = await self._profile(ref, spec, state)
+            decision = plan(spec, signals, fleet, state.memory, now, startup_seconds=state.startup.seconds,
+                            profile=profile)
+            decision = activate(decision, spec, fleet, await self._activation(ref, spec, fleet, now), now)
             state.memory = decision.memory
+            if profile is not None:
+                state.profile = decision.profile
+                await self._save_profile(ref, state, now)
             state.last_evaluated = now
             spot_pods = classify(mine.spot, reclaimed, spec.placement.spot.pending_timeout_seconds, now)
             placed = split(decision.desired, spec.placement.spot, spot_pods, state.spot_cover, now,
                            spec.scaling.behavior.scale_down.stabilization_seconds)
+            pools = self._pools(spec, state, mine, signals, placed, now)
             state.ledger = accrue(state.ledger, now, mine.held, spec.engine.gpus, spec.pricing, spec.sleep)
             news = decision.changed and (spec.mode == "Active" or decision.desired != state.last_advice)
             state.last_advice = decision.desired if decision.changed else None
             per_hour = usd_per_hour(state.ledger.held, spec.engine.gpus, spec.pricing, spec.sleep)
             spend = (per_hour, usd_per_million_tokens(per_hour, signals.tokens_per_second))
             await self._act_and_explain(ref, spec, state,
-                                        Tick(fleet, signals, decision, placed, spot_pods, workload, news, now, spend))
+                                        Tick(fleet, signals, decision, placed, spot_pods, workload, news, now, spend,
+                                             pools, mine))
+
+    async def _activation(self, ref: ServiceRef, spec: InferenceServiceSpec, fleet: FleetState,
+                          now: float) -> float | None:
+        """The activation query's value while no replica is awake (policy/activation.py), else None."""
+        if spec.scaling.activation is None or fleet.ready + fleet.starting > 0:
+            return None
+        try:
+            return await asyncio.to_thread(self.source.read_value, spec.scaling.activation.query, now)
+        except PrometheusUnavailable as e:
+            log.warning("%s/%s: %s; staying at zero", ref.namespace, ref.name, e)
+            return None
+
+    async def _profile(self, ref: ServiceRef, spec: InferenceServiceSpec, state: ServiceState) -> Profile | None:
+        """The service's demand profile with pre-warming on, read from its ConfigMap the first
+        time; None with it off, or while the ConfigMap cannot be read (starting an empty one then
+        would overwrite what was learned at the next save)."""
+        predictive = spec.warmup.predictive
+        if not predictive.enabled:
+            state.profile = None
+            return None
+        if state.profile is None or state.profile.timezone != predictive.timezone:
+            try:
+                stored = await self.kube.read("ConfigMap", ref.namespace, configmap_name(ref))
+            except ApiException as e:
+                log.warning("%s/%s: demand profile not read (%s); pre-warming waits", ref.namespace, ref.name,
+                            e.reason)
+                return None
+            state.profile = Profile.load(read_profile(stored), predictive.lookback_weeks, predictive.timezone)
+            state.profile_saved_bin = bin_of(state.profile.updated or 0.0, predictive.timezone)
+        return state.profile
+
+    async def _save_profile(self, ref: ServiceRef, state: ServiceState, now: float) -> None:
+        """Write the profile to its ConfigMap once per bin (see cluster/profile_store.py)."""
+        profile = state.profile
+        if profile is None or profile.updated is None:
+            return
+        current = bin_of(now, profile.timezone)
+        if current == state.profile_saved_bin:
+            return
+        try:
+            await self.kube.apply(render_profile(ref, profile), ref)
+            state.profile_saved_bin = current
+        except (ApiException, Conflict) as e:
+            log.warning("%s/%s: demand profile not saved (%s); retrying next tick", ref.namespace, ref.name, e)
+
+    @staticmethod
+    def _pools(spec: InferenceServiceSpec, state: ServiceState, mine: ServicePods, signals: Signals, placed: Split,
+               now: float) -> dict[str, PoolPlan]:
+        """Warm pool plans by capacity type: with sleep mode on, or while sleepers or draining
+        replicas are left from when it was (they are woken or released)."""
+        if not (spec.sleep.enabled or mine.asleep or mine.draining):
+            state.idle = {}
+            return {}
+        state.idle = idle_since(state.idle, signals, now)
+        targets = {ON_DEMAND: placed.on_demand, SPOT: placed.spot} if spec.placement.spot.enabled else {
+            ON_DEMAND: placed.on_demand}
+        return {capacity: plan_for(spec, [m for m in mine.members if m.capacity == capacity], target,
+                                   state.idle, now)
+                for capacity, target in targets.items()}
 
     async def _act_and_explain(self, ref: ServiceRef, spec: InferenceServiceSpec, state: ServiceState,
                                tick: Tick) -> None:
@@ -170,9 +261,14 @@ class ScalingLoop:
         active = spec.mode == "Active"
         applied = False
         if active:
-            wanted = [(deployment_name(ref), workload.on_demand, placed.on_demand)]
+            wanted = [(deployment_name(ref), workload.on_demand, self._count(tick, ON_DEMAND, placed.on_demand))]
             if workload.spot is not None:  # absent: the reconciler is creating it, with its own count
-                wanted.append((deployment_name(ref, SPOT), workload.spot, placed.spot))
+                wanted.append((deployment_name(ref, SPOT), workload.spot, self._count(tick, SPOT, placed.spot)))
+            for capacity, pool in tick.pools.items():
+                members = [m for m in tick.pods.members if m.capacity == capacity]
+                done = await act(self.kube, self.engines, ref, spec, members, pool, tick.now)
+                for kind, reason, message in done.events:
+                    await self.kube.post_event(ref, kind, reason, message)
             applied = await self._scale(ref, [(name, want) for name, have, want in wanted if want != have])
             if applied:
                 state.target, state.spot_cover = decision.desired, placed.cover
@@ -195,6 +291,26 @@ class ScalingLoop:
                 await self.kube.post_event(ref, "Normal", "SpotRecovered", placed.message)
         self._export(ref, spec, tick, state.ledger)
         await self.kube.update_status(ref, lambda status: self._status(status, spec, state, tick, applied))
+
+    def _warm_up(self, pods: list[dict]) -> None:
+        """Warm new replicas (cluster/warmup.py) in the background: an engine that does not
+        answer must not hold the tick. One round at a time; the next tick starts the next."""
+        if self._warming is not None and not self._warming.done():
+            return
+        specs = {key: spec for key, (_, spec) in self.registry.services.items()}
+        self._warming = asyncio.get_running_loop().create_task(self._warm_up_round(pods, specs))
+
+    async def _warm_up_round(self, pods: list[dict], specs: dict) -> None:
+        try:
+            await warm_up(self.kube, pods, specs)
+        except Exception:  # the next tick tries again; the failure must not go unseen
+            log.exception("warm-up round failed")
+
+    @staticmethod
+    def _count(tick: Tick, capacity: str, awake: int) -> int:
+        """A Deployment's replicas: its awake share, plus its sleepers when there is a warm pool."""
+        pool = tick.pools.get(capacity)
+        return awake if pool is None else pool.replicas
 
     async def _scale(self, ref: ServiceRef, changes: list[tuple[str, int]]) -> bool:
         """Patch each Deployment's replicas; False (with an Event) if any patch failed."""
@@ -254,7 +370,7 @@ class ScalingLoop:
             conditions = [c for c in conditions if c.get("type") != SPOT_AVAILABLE]
         status["conditions"] = conditions
         status["replicas"] = {**(status.get("replicas") or {}), "desired": decision.desired, "ready": fleet.ready,
-                              "starting": fleet.starting, "asleep": fleet.asleep,
+                              "starting": fleet.starting, "asleep": fleet.asleep, "draining": tick.pods.draining,
                               "onDemand": tick.placed.on_demand, "spot": tick.placed.spot}
         status["phase"] = _phase(fleet, decision)
         ledger = state.ledger
@@ -268,6 +384,10 @@ class ScalingLoop:
             "usdPerMillionTokens": None if per_million is None else round(per_million, 4),
         }
         status["startup"] = state.startup.to_json()
+        if state.profile is not None:
+            status["demandProfile"] = _profile_status(state.profile)
+        else:
+            status["demandProfile"] = None  # a merge patch removes it
         status["scaler"] = state.to_json()
         return status
 
@@ -293,23 +413,35 @@ class Tick:
     news: bool  # False for advice already given
     now: float
     spend: tuple[float, float | None]  # (dollars per hour now, per million tokens over the metrics window)
+    pools: dict[str, PoolPlan]  # warm pool plans by capacity type; empty without sleep mode
+    pods: ServicePods
 
 
-def _current(spec: InferenceServiceSpec, state: ServiceState, workload: Workload) -> int:
+def _current(spec: InferenceServiceSpec, state: ServiceState, workload: Workload, pods: ServicePods) -> int:
     """The awake size last asked for: what the core compares its recommendation with.
 
-    Without spot that is the Deployment's count (a hand scale counts, as with the HPA). With
-    spot the two Deployments hold more than that (over-provisioning, on-demand cover), so it is
-    the size the operator last asked for; without one (spot just enabled, status lost, or
-    Advisory mode, which asks for nothing) it is estimated from the Deployments, high rather
-    than low: a size too high shrinks after the scale-down window, one too low would shrink now.
+    Without spot or sleep that is the Deployment's count (a hand scale counts, as with the HPA).
+    With them the Deployments hold more than that (over-provisioning, on-demand cover,
+    sleepers), so it is the size the operator last asked for; without one (just enabled, status
+    lost, or Advisory mode, which asks for nothing) it is estimated from the Deployments less
+    the sleepers, high rather than low: a size too high shrinks after the scale-down window, one
+    too low would shrink now.
     """
-    if not spec.placement.spot.enabled:
+    if not (spec.placement.spot.enabled or spec.sleep.enabled or pods.asleep):
         return workload.on_demand
     if spec.mode == "Active" and state.target is not None:
         return state.target
     spot = workload.spot or 0
-    return max(workload.on_demand, workload.on_demand + spot - spec.placement.spot.overprovision)
+    held = max(workload.on_demand, workload.on_demand + spot - spec.placement.spot.overprovision)
+    return max(0, held - pods.asleep)
+
+
+def _profile_status(profile: Profile) -> dict:
+    """What pre-warming has learned, in a few numbers (the profile itself is in its ConfigMap)."""
+    learned = sum(1 for w in profile.weight if w > 0)
+    return {"timezone": profile.timezone, "learningSince": None if profile.since is None else rfc3339(profile.since),
+            "binsLearned": learned, "predicting": profile.since is not None and profile.updated is not None
+            and profile.updated - profile.since >= 7 * 24 * 3600}
 
 
 def _spot_condition(pods: SpotPods, placed: Split) -> ConditionReport:

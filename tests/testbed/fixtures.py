@@ -122,3 +122,32 @@ def load_balancer_factory(apiserver: ApiServerThread) -> Iterator[Callable[..., 
         balancer.stop()
         client.close()
 # --- end of the emulated cluster's fixtures ---
+
+
+# --- the whole loop: API, pod runner, Prometheus, operator (closed-loop and lifecycle tests) ---
+from ebbtide.sim.engine_server import free_port  # noqa: E402
+from tests.testbed.operator import running_operator  # noqa: E402
+
+
+@pytest.fixture()
+def cluster(apiserver, prometheus_server, pod_runner_factory, load_balancer_factory):
+    """The emulated cluster with Prometheus scraping every engine the pod runner starts."""
+    runner = pod_runner_factory(publish_targets=prometheus_server.set_targets, nodes=[])
+
+    class Cluster:
+        server = apiserver.server
+        prometheus = prometheus_server
+        pods = runner
+
+        metrics_port = free_port()
+
+        @staticmethod
+        def operator():
+            return running_operator(apiserver, EBBTIDE_PROMETHEUS_URL=prometheus_server.url,
+                                    EBBTIDE_TICK_SECONDS="0.5", EBBTIDE_METRICS_PORT=str(Cluster.metrics_port))
+
+        @staticmethod
+        def balancer(name="chat"):
+            return load_balancer_factory(name)
+
+    return Cluster

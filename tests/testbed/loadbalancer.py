@@ -89,12 +89,14 @@ class LoadBalancer:
     or ``kubeconfig``, else the default kubeconfig) with ``selector`` (default: the Service's),
     or from ``endpoints``, a callable returning `Endpoint`s (then no API is used). ``port`` 0
     picks a free one (see ``url`` after start). ``request_timeout`` bounds a forwarded request.
+    ``hold_seconds`` > 0 holds a request that finds no endpoint until one appears (up to that
+    long); ``GET /metrics`` shows how many are held, for an activation query.
     """
 
     def __init__(self, service: str, namespace: str = 'default', *, api_client: Any = None,
                  kubeconfig: str | os.PathLike | None = None, selector: Mapping[str, str] | None = None,
                  endpoints: Callable[[], list[Endpoint]] | None = None, host: str = '127.0.0.1', port: int = 0,
-                 refresh_interval: float = 0.5, request_timeout: float = 300.0) -> None:
+                 refresh_interval: float = 0.5, request_timeout: float = 300.0, hold_seconds: float = 0.0) -> None:
         self.service = service
         self.namespace = namespace
         self.selector = dict(selector) if selector is not None else service_selector(service)
@@ -103,6 +105,10 @@ class LoadBalancer:
         self.host, self.port = host, port
         self.refresh_interval = refresh_interval
         self.request_timeout = request_timeout
+        # Like an activator (Knative's, or a gateway in front of a scaled-to-zero service): a
+        # request that finds no endpoint waits up to this long for one before the 503.
+        self.hold_seconds = hold_seconds
+        self.held = 0  # requests waiting for an endpoint now (exported on /metrics)
         self.url = ''
 
         self._endpoints: list[Endpoint] = []
@@ -239,12 +245,37 @@ class LoadBalancer:
         least = min(self._outstanding[e.name] for e in self._endpoints)
         return random.choice([e for e in self._endpoints if self._outstanding[e.name] == least])
 
+    def metrics_text(self) -> str:
+        labels = f'service="{self.service}",namespace="{self.namespace}"'
+        return ('# HELP gateway_pending_requests Requests held waiting for an endpoint.\n'
+                '# TYPE gateway_pending_requests gauge\n'
+                f'gateway_pending_requests{{{labels}}} {self.held}\n'
+                '# HELP gateway_requests_total Requests received.\n'
+                '# TYPE gateway_requests_total counter\n'
+                f'gateway_requests_total{{{labels}}} {self.requests_total}\n')
+
+    async def _wait_for_endpoint(self) -> Endpoint | None:
+        endpoint = self._pick()
+        if endpoint is not None or self.hold_seconds <= 0:
+            return endpoint
+        self.held += 1
+        try:
+            deadline = asyncio.get_running_loop().time() + self.hold_seconds
+            while endpoint is None and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.05)
+                endpoint = self._pick()
+            return endpoint
+        finally:
+            self.held -= 1
+
     async def _handle(self, request: web.Request) -> web.StreamResponse:
+        if request.path == '/metrics':
+            return web.Response(text=self.metrics_text(), content_type='text/plain')
         if not request.path.startswith('/v1/'):
             return web.json_response({'error': {'message': f'{request.path}: only /v1/* is forwarded',
                                                 'code': 404}}, status=404)
         self.requests_total += 1
-        endpoint = self._pick()
+        endpoint = await self._wait_for_endpoint()
         if endpoint is None:
             self.no_endpoint += 1
             self._statuses[503] += 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import yaml
@@ -47,3 +48,30 @@ def running_operator(apiserver, **env: str) -> Iterator[KopfRunner]:
 
 def example(name: str) -> dict:
     return next(d for d in yaml.safe_load_all((ROOT / "examples" / name).read_text()) if d)
+
+
+# --- reading what the operator did, from the emulated API ---
+
+DEPLOYMENTS = "apps/v1/deployments"
+
+
+def replicas(server, name="chat"):
+    deployment = server.get_object(DEPLOYMENTS, "default", name)
+    return deployment["spec"]["replicas"] if deployment else None
+
+
+def status(server, name="chat"):
+    return (server.get_object(ISVC, "default", name) or {}).get("status", {})
+
+
+def condition(server, type, name="chat"):
+    return next((c for c in status(server, name).get("conditions", []) if c["type"] == type), None)
+
+
+def seconds(timestamp: str) -> float:
+    return datetime.fromisoformat(timestamp.replace("Z", "+00:00")).timestamp()
+
+
+def events(server, name="chat"):
+    found = server.list_objects("v1/events", "default", field_selector=f"involvedObject.name={name}")
+    return sorted(found, key=lambda e: e["metadata"]["resourceVersion"])

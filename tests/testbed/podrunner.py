@@ -20,8 +20,13 @@ and, for every Deployment labelled ``app.kubernetes.io/managed-by=ebbtide``:
   vLLM flags the simulator models: ``--max-model-len``, ``--max-num-seqs``,
   ``--max-num-batched-tokens``, ``--block-size``), probes ``/health`` and writes the pod status
   through ``/status`` as a kubelet does (phase, podIP 127.0.0.1, conditions, containerStatuses);
-  the port is in the annotation ``testbed.ebbtide.dev/port``; a crashed engine is restarted
-  (``restartCount`` + 1);
+  the engine's loopback port is the container's ``containerPort`` (so ``podIP:containerPort``
+  reaches it, as in a cluster) and the annotation ``testbed.ebbtide.dev/port``; a crashed engine
+  is restarted (``restartCount`` + 1);
+- honours readiness gates as the kubelet does: ``ContainersReady`` follows the engine's health,
+  ``Ready`` needs that and every ``spec.readinessGates`` condition True; those conditions belong
+  to someone else (the operator's ``ebbtide.dev/warmed-up``), so the status is written as a
+  strategic merge patch, which merges conditions by type and leaves them alone;
 - writes the Deployment status (replicas, updated/ready/available/unavailable, observedGeneration);
 - publishes the scrape targets of every pod whose engine runs (ready or not) through the
   ``publish_targets`` callback, in Prometheus file_sd format.
@@ -45,7 +50,8 @@ As a process (writes the file_sd targets file itself, atomically)::
         --preset tiny --startup-delay 2
 
 Known gaps: no ReplicaSet objects (pods are owned by the Deployment directly, and their names
-lack the ReplicaSet hash); nodes have unlimited capacity (resources are not checked); the
+lack the ReplicaSet hash); a re-allocated port rewrites the pod's containerPort (immutable in
+Kubernetes); nodes have unlimited capacity (resources are not checked); the
 readiness rule is the runner's (two failed probes), not the container's probe settings;
 preStop hooks run only with ``honor_prestop`` (and only ``sleep N``); ``minReadySeconds``,
 ``paused`` and ``progressDeadlineSeconds`` are ignored.
@@ -91,6 +97,7 @@ DELETION_COST_ANNOTATION = 'controller.kubernetes.io/pod-deletion-cost'
 TEMPLATE_HASH_LABEL = 'pod-template-hash'
 CAPACITY_TYPE_LABEL = 'karpenter.sh/capacity-type'
 MERGE_PATCH = 'application/merge-patch+json'
+STRATEGIC_MERGE_PATCH = 'application/strategic-merge-patch+json'
 POD_IP = '127.0.0.1'
 # As Kubernetes' names.SimpleNameGenerator: no vowels, no look-alike digits.
 NAME_ALPHABET = 'bcdfghjklmnpqrstvwxz2456789'
@@ -187,6 +194,30 @@ def pod_port(pod: Mapping[str, Any]) -> int | None:
             if port.get('containerPort'):
                 return int(port['containerPort'])
     return None
+
+
+def set_engine_port(pod_spec: dict[str, Any], port: int) -> None:
+    """Make the engine container's port (named http, else its first) the loopback port it runs on."""
+    containers = pod_spec.get('containers') or []
+    container = next((c for c in containers if c.get('name') == 'vllm'), containers[0] if containers else {})
+    ports = container.get('ports') or []
+    target = next((p for p in ports if p.get('name') == 'http'), ports[0] if ports else None)
+    if target is not None:
+        target['containerPort'] = port
+
+
+def _port_patch(pod_spec: dict[str, Any], port: int) -> Body:
+    """A merge patch moving a pod to another port: the annotation and the containerPort."""
+    set_engine_port(pod_spec, port)
+    return {'metadata': {'annotations': {PORT_ANNOTATION: str(port)}},
+            'spec': {'containers': pod_spec.get('containers') or []}}
+
+
+def readiness_gates_passed(pod: Mapping[str, Any]) -> bool:
+    """True when the condition of every ``spec.readinessGates`` entry is True (none: True)."""
+    gates = {g.get('conditionType') for g in (pod.get('spec') or {}).get('readinessGates') or []}
+    conditions = {c.get('type'): c.get('status') for c in (pod.get('status') or {}).get('conditions') or []}
+    return all(conditions.get(gate) == 'True' for gate in gates)
 
 
 def write_targets_file(path: str | os.PathLike, groups: TargetGroups) -> None:
@@ -497,6 +528,7 @@ class _Pod:
     ready: bool = False
     ready_since: float | None = None  # monotonic
     failures: int = 0
+    gates_passed: bool = True  # every readiness gate's condition True (as last read from the API)
     restart_count: int = 0
     last_state: dict[str, Any] | None = None
     restart_after: float | None = None  # monotonic: crash-loop back-off
@@ -512,6 +544,15 @@ class _Pod:
     @property
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+    @property
+    def containers_ready(self) -> bool:
+        return self.ready and self.alive
+
+    @property
+    def pod_ready(self) -> bool:
+        """The pod's Ready condition: containers ready and every readiness gate passed."""
+        return self.containers_ready and self.gates_passed
 
     def transition(self, condition: str, status: bool) -> str:
         """The lastTransitionTime of a condition, bumped when its status changes."""
@@ -845,6 +886,7 @@ class PodRunner:
                 if self._owner_uid(body) not in by_uid:
                     continue
                 pod = self._adopt(body, by_uid[self._owner_uid(body)])
+            pod.gates_passed = readiness_gates_passed(body)
             if meta.get('deletionTimestamp') and not pod.terminating:
                 self._begin_termination(pod)
                 continue
@@ -863,8 +905,7 @@ class PodRunner:
         if port in self._reserved_ports or not _port_free(port):
             port = self._allocate_port()
             self._spawn_task(self._api_quiet(self._core.patch_namespaced_pod, meta['name'], meta['namespace'],
-                                             {'metadata': {'annotations': {PORT_ANNOTATION: str(port)}}},
-                                             _content_type=MERGE_PATCH))
+                                             _port_patch(spec, port), _content_type=MERGE_PATCH))
         self._reserved_ports.add(port)
         statuses = (body.get('status') or {}).get('containerStatuses') or [{}]
         pod = _Pod(namespace=meta['namespace'], name=meta['name'], uid=meta['uid'],
@@ -944,8 +985,7 @@ class PodRunner:
                 pod.port = self._allocate_port()
                 self._reserved_ports.add(pod.port)
                 await self._api_quiet(self._core.patch_namespaced_pod, pod.name, pod.namespace,
-                                      {'metadata': {'annotations': {PORT_ANNOTATION: str(pod.port)}}},
-                                      _content_type=MERGE_PATCH)
+                                      _port_patch(pod.spec, pod.port), _content_type=MERGE_PATCH)
             logger.warning('engine of %s/%s exited with %s; restarting', pod.namespace, pod.name, code)
             pod.proc = None
             return
@@ -977,16 +1017,19 @@ class PodRunner:
         status: Body = {'phase': 'Pending', 'conditions': conditions, 'qosClass': 'Burstable'}
         if not scheduled:
             return status
-        ready = pod.ready and pod.alive
+        ready = pod.containers_ready
         for condition in ('Initialized', 'PodReadyToStartContainers'):
             conditions.append({'type': condition, 'status': 'True',
                                'lastTransitionTime': pod.transition(condition, True)})
-        for condition in ('ContainersReady', 'Ready'):
-            item = {'type': condition, 'status': 'True' if ready else 'False',
-                    'lastTransitionTime': pod.transition(condition, ready)}
+        for condition, true in (('ContainersReady', ready), ('Ready', pod.pod_ready)):
+            item = {'type': condition, 'status': 'True' if true else 'False',
+                    'lastTransitionTime': pod.transition(condition, true)}
             if not ready:
                 item['reason'] = 'ContainersNotReady'
                 item['message'] = 'containers with unready status: [vllm]'
+            elif not true:
+                item['reason'] = 'ReadinessGatesNotReady'
+                item['message'] = 'the conditions of some readiness gates are not True'
             conditions.append(item)
         container = pod.container
         if pod.alive:
@@ -1025,8 +1068,9 @@ class PodRunner:
         if status == pod.last_status:
             return
         patch = {'status': {**{k: None for k in (current or pod.last_status or {}) if k not in status}, **status}}
+        # Strategic: conditions merge by type, so the readiness-gate conditions others set stay.
         if await self._api_quiet(self._core.patch_namespaced_pod_status, pod.name, pod.namespace, patch,
-                                 _content_type=MERGE_PATCH) is not None:
+                                 _content_type=STRATEGIC_MERGE_PATCH) is not None:
             pod.last_status = status
 
     # ------------------------------------------------------------------------------- termination
@@ -1189,7 +1233,7 @@ class PodRunner:
     def _ready(self, body: Body) -> bool:
         pod = self._pods.get(_key(body))
         if pod is not None and pod.uid == body['metadata'].get('uid'):
-            return pod.ready and pod.alive
+            return pod.pod_ready
         return is_pod_ready(body)
 
     def _ranked_for_deletion(self, bodies: list[Body]) -> list[Body]:
@@ -1236,6 +1280,7 @@ class PodRunner:
             spec['nodeName'] = node
         port = self._allocate_port()
         self._reserved_ports.add(port)
+        set_engine_port(spec, port)
         body = {
             'apiVersion': 'v1', 'kind': 'Pod',
             'metadata': {
@@ -1265,7 +1310,7 @@ class PodRunner:
         pod = _Pod(namespace=cmeta['namespace'], name=cmeta['name'], uid=cmeta['uid'], deployment=meta['name'],
                    owner_uid=meta['uid'], port=port, seq=next(self._seq), grace=self._grace(spec),
                    container=self._container(spec), spec=spec, template_hash=template_hash,
-                   node=node, unschedulable=message,
+                   node=node, unschedulable=message, gates_passed=readiness_gates_passed(created),
                    scheduled_at=now_rfc3339() if node else None)
         self._pods[pod.key] = pod
         logger.info('created %s/%s on %s', pod.namespace, pod.name, node or '(unschedulable)')
@@ -1280,7 +1325,7 @@ class PodRunner:
         template_hash = pod_template_hash(spec.get('template') or {})
         mine = [p for p in self._pods.values() if p.owner_uid == meta['uid'] and not p.terminating]
         updated = sum(1 for p in mine if p.template_hash == template_hash)
-        ready = sum(1 for p in mine if p.ready and p.alive)
+        ready = sum(1 for p in mine if p.pod_ready)
         available = ready
         is_available = available >= replicas - _resolve_int_or_percent(
             ((spec.get('strategy') or {}).get('rollingUpdate') or {}).get('maxUnavailable', '25%'),
@@ -1341,7 +1386,7 @@ class PodRunner:
             PodInfo(namespace=p.namespace, name=p.name, deployment=p.deployment, port=p.port,
                     pid=p.proc.pid if p.proc is not None and p.alive else None,
                     phase=self._pod_status(p)['phase'] if not p.terminating else 'Terminating',
-                    ready=p.ready and p.alive, node=p.node, terminating=p.terminating,
+                    ready=p.pod_ready, node=p.node, terminating=p.terminating,
                     restart_count=p.restart_count)
             for p in sorted(self._pods.values(), key=lambda p: p.seq)
         ]

@@ -217,6 +217,14 @@ class TargetOverrides(ApiModel):
     running_per_replica: float | None = Field(default=None, gt=0, description="Overrides scaling.targets.runningPerReplica.")
 
 
+def known_timezone(timezone: str) -> str:
+    try:
+        zoneinfo.ZoneInfo(timezone)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"{timezone!r} is not an IANA time zone") from None
+    return timezone
+
+
 class ScheduleWindow(ApiModel):
     name: str = Field(min_length=1, max_length=63, description="A name for Events and status.")
     cron: str = Field(min_length=1, description="When the window opens, in cron syntax (5 fields).")
@@ -237,20 +245,20 @@ class ScheduleWindow(ApiModel):
             raise ValueError(f"{cron!r} is not a 5-field cron expression")
         return cron
 
-    @field_validator("timezone")
-    @classmethod
-    def known_timezone(cls, timezone: str) -> str:
-        try:
-            zoneinfo.ZoneInfo(timezone)
-        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"{timezone!r} is not an IANA time zone") from None
-        return timezone
+    known_timezone = field_validator("timezone")(lambda cls, timezone: known_timezone(timezone))
 
 
 class Predictive(ApiModel):
     enabled: bool = Field(default=True, description="Scale ahead of the ramp the learned profile predicts.")
     lookback_weeks: int = Field(default=2, ge=1, le=8, description="Weeks of history the profile remembers.")
     headroom: float = Field(default=1.1, ge=1, le=3, description="Predicted demand is multiplied by this.")
+    timezone: str = Field(
+        default="UTC",
+        description="IANA time zone of the profile's days: a ramp at 08:00 local time stays at 08:00 across "
+        "daylight-saving changes.",
+    )
+
+    known_timezone = field_validator("timezone")(lambda cls, timezone: known_timezone(timezone))
 
 
 class Warmup(ApiModel):

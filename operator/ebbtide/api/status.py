@@ -25,6 +25,7 @@ class ReplicaCounts(ApiModel):
     ready: int = Field(default=0, description="Replicas ready to serve.")
     starting: int = Field(default=0, description="Replicas created but not ready yet.")
     asleep: int = Field(default=0, description="Replicas in vLLM sleep (the warm pool).")
+    draining: int = Field(default=0, description="Awake replicas out of the Service, on their way to sleep or deletion.")
     on_demand: int = Field(default=0, description="Replicas on on-demand capacity.")
     spot: int = Field(default=0, description="Replicas on spot capacity.")
 
@@ -73,6 +74,15 @@ class Startup(ApiModel):
     )
 
 
+class DemandProfile(ApiModel):
+    timezone: str = Field(description="IANA time zone of the profile's time-of-week bins.")
+    learning_since: str | None = Field(default=None, description="First demand sample learned (RFC 3339).")
+    bins_learned: int = Field(default=0, description="Quarter-hours of the week (of 672) with demand learned.")
+    predicting: bool = Field(
+        default=False, description="A week of history is learned: pre-warming can act on predicted ramps."
+    )
+
+
 class InferenceServiceStatus(ApiModel):
     model_config = ApiModel.model_config | {"extra": "ignore"}
 
@@ -87,6 +97,9 @@ class InferenceServiceStatus(ApiModel):
     )
     cost: Cost = Field(default_factory=Cost, description="GPU-hours and dollars.")
     startup: Startup = Field(default_factory=Startup, description="Measured replica startup time.")
+    demand_profile: DemandProfile | None = Field(
+        default=None, description="What pre-warming has learned (the profile itself: ConfigMap NAME-demand-profile)."
+    )
     scaler: dict[str, Any] | None = Field(
         default=None,
         description="The autoscaler's recent history (stabilization windows, rate limits), kept here "

@@ -27,9 +27,13 @@ _KINDS = {
     "Deployment": (kubernetes.client.AppsV1Api, "deployment"),
     "Service": (kubernetes.client.CoreV1Api, "service"),
     "PodDisruptionBudget": (kubernetes.client.PolicyV1Api, "pod_disruption_budget"),
+    "ConfigMap": (kubernetes.client.CoreV1Api, "config_map"),
 }
 
 MERGE_PATCH = "application/merge-patch+json"
+# Strategic merge: lists such as status.conditions merge item by item (by type), so writing
+# one condition leaves the kubelet's conditions alone.
+STRATEGIC_MERGE_PATCH = "application/strategic-merge-patch+json"
 
 
 def now_rfc3339() -> str:
@@ -192,6 +196,11 @@ class Kube:
         result = await self._call(self.core.list_pod_for_all_namespaces, label_selector=label_selector)
         return result.get("items", []) if result else []
 
+    async def patch_pod_status(self, namespace: str, name: str, status: dict) -> None:
+        """Strategic merge patch of a pod's status (pods/status): e.g. one readiness-gate condition."""
+        await self._call(self.core.patch_namespaced_pod_status, name, namespace, {"status": status},
+                         _content_type=STRATEGIC_MERGE_PATCH)
+
     async def list_deployments(self, label_selector: str) -> list[dict]:
         apps = kubernetes.client.AppsV1Api(self.client)
         result = await self._call(apps.list_deployment_for_all_namespaces, label_selector=label_selector)
@@ -200,3 +209,24 @@ class Kube:
     async def list_nodes(self) -> list[dict]:
         result = await self._call(self.core.list_node)
         return result.get("items", []) if result else []
+
+    async def patch_pod_metadata(self, namespace: str, name: str, labels: dict[str, str | None] | None = None,
+                                 annotations: dict[str, str | None] | None = None) -> None:
+        """Set (or, with None, remove) labels and annotations of a pod: the serving label, the
+        sleep annotation, the deletion cost."""
+        metadata: dict[str, Any] = {}
+        if labels:
+            metadata["labels"] = labels
+        if annotations:
+            metadata["annotations"] = annotations
+        if metadata:
+            await self._call(self.core.patch_namespaced_pod, name, namespace, {"metadata": metadata},
+                             _content_type=MERGE_PATCH)
+
+    async def delete_pod(self, namespace: str, name: str) -> None:
+        """Delete a pod (its ReplicaSet starts a replacement unless the count drops too)."""
+        try:
+            await self._call(self.core.delete_namespaced_pod, name, namespace)
+        except ApiException as e:
+            if e.status != 404:
+                raise

@@ -9,9 +9,17 @@ from __future__ import annotations
 import datetime
 from dataclasses import dataclass, field
 
-from ebbtide.cluster.render import LABEL_CAPACITY, LABEL_SERVICE, LABEL_SERVING, SPOT
+from ebbtide.cluster.engine import engine_url
+from ebbtide.cluster.render import LABEL_CAPACITY, LABEL_SERVICE, LABEL_SERVING, ON_DEMAND, SPOT
 from ebbtide.policy.cost import Held
 from ebbtide.policy.spot import PodView
+from ebbtide.policy.warm_pool import State
+
+# Set by the operator on a pod it put to sleep (unix seconds), removed when it wakes it: the
+# pod's own record, so a restarted operator knows its sleepers and how long they have slept.
+ANNOTATION_ASLEEP_SINCE = "ebbtide.dev/asleep-since"
+# Read by the ReplicaSet controller: on a scale-down, pods with the lowest cost go first.
+ANNOTATION_DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
 
 
 def parse_time(stamp: str | None) -> float | None:
@@ -24,16 +32,38 @@ def parse_time(stamp: str | None) -> float | None:
         return None
 
 
+@dataclass(frozen=True)
+class PodRecord:
+    """One live pod, as the warm pool sees it."""
+
+    name: str
+    capacity: str  # on-demand or spot: which Deployment it belongs to
+    state: State  # starting (not Ready), awake, or asleep
+    serving: bool  # in the Service's endpoints (the serving label)
+    asleep_since: float | None
+    deletion_cost: str | None
+    url: str | None  # the engine's address, for /sleep and /wake_up
+
+
 @dataclass
 class ServicePods:
-    ready: int = 0  # Ready and serving (not asleep, not warming)
+    ready: int = 0  # Ready and serving (not asleep, not draining)
     starting: int = 0  # created, not Ready yet: capacity on its way
-    asleep: int = 0  # Ready but taken out of the Service (vLLM sleep)
+    asleep: int = 0  # in vLLM sleep (warm pool), out of the Service
+    draining: int = 0  # awake but taken out of the Service: surplus on its way to sleep or deletion
     names: list[str] = field(default_factory=list)
     held: Held = Held()  # replicas holding a GPU, by what they cost
     spot: list[PodView] = field(default_factory=list)  # the spot Deployment's pods, for the fallback
     # (created, ready) of pods Ready now: the startup times the lead time is measured from.
     startups: list[tuple[float, float]] = field(default_factory=list)
+    members: list[PodRecord] = field(default_factory=list)  # every live pod, for the warm pool
+
+
+def parse_float(text: str | None) -> float | None:
+    try:
+        return float(text) if text else None
+    except ValueError:
+        return None
 
 
 def _ready_since(pod: dict) -> float | None:
@@ -65,7 +95,9 @@ def summarize(pods: list[dict]) -> dict[tuple[str, str], ServicePods]:
         on_spot = labels.get(LABEL_CAPACITY) == SPOT
         ready_at = _ready_since(pod)
         serving = labels.get(LABEL_SERVING, "true") == "true"
-        asleep = ready_at is not None and not serving
+        annotations = meta.get("annotations") or {}
+        asleep_since = parse_float(annotations.get(ANNOTATION_ASLEEP_SINCE))
+        asleep = ready_at is not None and asleep_since is not None
         if _holds_gpu(pod):
             s.held = Held(on_demand=s.held.on_demand + (not on_spot and not asleep),
                           spot=s.held.spot + (on_spot and not asleep),
@@ -76,13 +108,19 @@ def summarize(pods: list[dict]) -> dict[tuple[str, str], ServicePods]:
             continue  # on its way out: holds a GPU until gone, but is no capacity
         s.names.append(meta["name"])
         created = parse_time(meta.get("creationTimestamp")) or 0.0
-        if ready_at is None:
+        state: State = "starting" if ready_at is None else "asleep" if asleep else "awake"
+        if state == "starting":
             s.starting += 1
         elif asleep:
             s.asleep += 1
+        elif not serving:
+            s.draining += 1
         else:
             s.ready += 1
             s.startups.append((created, ready_at))
+        s.members.append(PodRecord(meta["name"], SPOT if on_spot else ON_DEMAND, state, serving,
+                                   asleep_since if asleep else None,
+                                   annotations.get(ANNOTATION_DELETION_COST), engine_url(pod)))
         if on_spot:
             s.spot.append(PodView(name=meta["name"], ready=ready_at is not None,
                                   phase=pod.get("status", {}).get("phase", "Pending"), created_at=created,

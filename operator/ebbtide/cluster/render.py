@@ -28,6 +28,10 @@ LABEL_SERVING = "ebbtide.dev/serving"
 MANAGED_BY = {"app.kubernetes.io/managed-by": "ebbtide"}
 ANNOTATION_SPEC = "ebbtide.dev/applied-spec"
 ANNOTATION_SPEC_HASH = "ebbtide.dev/spec-hash"
+# The pod readiness gate a new replica passes once it has served its warm-up requests
+# (cluster/warmup.py sets it): the pod is not Ready, and so not in the Service's endpoints,
+# until its first real requests (CUDA graphs, caches) are behind it.
+CONDITION_WARMED_UP = "ebbtide.dev/warmed-up"
 
 ON_DEMAND = "on-demand"
 SPOT = "spot"
@@ -254,6 +258,8 @@ def render_deployment(ref: ServiceRef, spec: InferenceServiceSpec, capacity: str
         "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory"}}],
         **_placement(spec, capacity, selector),
     }
+    if spec.warmup.requests > 0:
+        pod_spec["readinessGates"] = [{"conditionType": CONDITION_WARMED_UP}]
     metadata = _metadata(ref, deployment_name(ref, capacity), _labels(ref) | {LABEL_CAPACITY: capacity})
     metadata["annotations"] = {
         ANNOTATION_SPEC_HASH: spec_hash(spec),

@@ -198,6 +198,27 @@ class PrometheusSource:
             "gpu_utilization": f"avg {by} (DCGM_FI_DEV_GPU_UTIL{{{scope}}})",
         }
 
+    def read_value(self, promql: str, now: float) -> float:
+        """The sum of a user's query (an activation query) at `now`; 0 when it returns no
+        series, as KEDA reads it. Raises PrometheusUnavailable with the reason.
+
+        One HTTP query per call: it is asked only for services with no replica awake, and a
+        user's query cannot be batched with others without one bad query failing them all.
+        """
+        self.queries_made += 1
+        try:
+            result = self._client.custom_query(promql, params={"time": f"{now:.3f}"}, timeout=self.timeout)
+        except (PrometheusApiClientException, requests.RequestException, ValueError, KeyError) as error:
+            raise PrometheusUnavailable(f"activation query failed at {self.url}: {str(error)[:300]}") from None
+        try:
+            if result and not isinstance(result[0], dict):  # a scalar result: [time, "value"]
+                values = [float(result[1])]
+            else:  # a vector: the series' values
+                values = [float(r["value"][1]) for r in result]
+        except (TypeError, ValueError, KeyError, IndexError) as error:
+            raise PrometheusUnavailable(f"activation query returned something unreadable: {error!r}") from None
+        return sum(v for v in values if math.isfinite(v))
+
     # --- HTTP ---
 
     def _query(self, promql: str, now: float, deadline: float) -> list[dict]:

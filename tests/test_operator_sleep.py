@@ -1,0 +1,164 @@
+"""Sleep mode as a warm pool, in the emulated cluster: the real operator, engine simulators as
+pods (their /ebbtide/stats count every /sleep, /wake_up and refused request), a real
+Prometheus, and the load balancer that routes like a Service (serving pods only).
+
+The story: three replicas, the floor drops to one, the two surplus replicas leave the Service
+and go to sleep; a load wakes them (no new pod); the load ends, they sleep again, and the
+pool's TTL removes them.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+
+import pytest
+
+from tests.test_closed_loop import load
+from tests.testbed.operator import ISVC, events, isvc, replicas, running_operator, status
+from tests.testbed.waiting import wait_for
+
+pytestmark = [pytest.mark.prometheus, pytest.mark.slow]
+
+TICK = 1
+DOWN_WINDOW = 6
+IDLE = 2
+TTL = 20
+
+SPEC = {
+    "replicas": {"min": 3, "max": 3},
+    "scaling": {
+        "targets": {"waitingPerReplica": 2, "ttft": None, "tpot": None},
+        "behavior": {"intervalSeconds": TICK, "metricsWindowSeconds": 10, "staleAfterSeconds": 10,
+                     "scaleDown": {"stabilizationSeconds": DOWN_WINDOW, "periodSeconds": 2}},
+    },
+    "sleep": {"enabled": True, "idleSeconds": IDLE, "maxPool": 2, "ttlSeconds": TTL},
+    "warmup": {"requests": 0},
+}
+
+
+def engine_stats(pod) -> dict:
+    with urllib.request.urlopen(f"{pod.url}/ebbtide/stats", timeout=5) as response:
+        return json.loads(response.read())
+
+
+def live_pods(cluster):
+    return [p for p in cluster.pods.pods("default", "chat") if not p.terminating]
+
+
+def annotations(cluster, name):
+    pod = cluster.server.get_object("v1/pods", "default", name) or {}
+    return pod.get("metadata", {}).get("annotations") or {}
+
+
+def asleep(cluster):
+    return sorted(p.name for p in live_pods(cluster) if engine_stats(p)["is_sleeping"])
+
+
+def test_idle_replicas_sleep_wake_on_load_and_expire(cluster):
+    server = cluster.server
+    with cluster.operator():
+        server.create_object(isvc("chat", **SPEC))
+        wait_for(lambda: len([p for p in live_pods(cluster) if p.ready]) == 3, timeout=40, what="3 replicas ready")
+        balancer = cluster.balancer()
+        balancer.wait_for_endpoints(3)
+        cluster.prometheus.wait_for_targets_up(3)
+        pods = {p.name: p for p in live_pods(cluster)}
+
+        # The floor drops: after the scale-down window two replicas are surplus. They leave the
+        # Service first, then sleep (drained, idle), and the Deployment keeps them.
+        server.patch_object(ISVC, "default", "chat", {"spec": {"replicas": {"min": 1, "max": 3}}})
+        sleepers = wait_for(lambda: len(asleep(cluster)) == 2 and asleep(cluster), timeout=DOWN_WINDOW + 20,
+                            what="two replicas asleep")
+        awake = next(name for name in pods if name not in sleepers)
+        assert balancer.wait_for_endpoints(1) == [awake], "sleepers are out of the Service"
+        assert replicas(server) == 3, "sleepers stay in the Deployment (the warm pool)"
+        for name in sleepers:
+            assert engine_stats(pods[name])["sleep_calls"] == 1
+            assert "ebbtide.dev/asleep-since" in annotations(cluster, name)
+        wait_for(lambda: status(server).get("replicas", {}).get("asleep") == 2, what="status.replicas.asleep 2")
+        assert {e["reason"] for e in events(server)} >= {"Draining", "Sleeping"}
+        # Deletion costs rank the sleepers below the awake replica: they go first on a scale-down.
+        costs = {name: int(annotations(cluster, name)["controller.kubernetes.io/pod-deletion-cost"])
+                 for name in pods}
+        assert max(costs[s] for s in sleepers) < costs[awake], costs
+
+        # A load that needs three replicas: the sleepers wake (no pod is created) and serve.
+        balancer.reset_stats()
+        generator = load(balancer.url, rate=40, duration=25)
+        woken = wait_for(lambda: all(engine_stats(pods[s])["wake_up_calls"] == 1 for s in sleepers)
+                         and time.monotonic(), timeout=30, interval=0.2, what="/wake_up on both sleepers")
+        balancer.wait_for_endpoints(3, timeout=5)
+        served = wait_for(lambda: all(balancer.stats()["per_pod"].get(s, 0) > 0 for s in sleepers)
+                          and time.monotonic(), timeout=10, interval=0.1, what="woken replicas serving")
+        assert served - woken < 5, "traffic reaches the woken replicas within seconds"
+        assert {p.name for p in live_pods(cluster)} == set(pods), "woken, not created"
+        wait_for(lambda: any(e["reason"] == "Woken" for e in events(server)), what="a Woken event")
+        generator.wait(timeout=40)
+
+        # No request ever reached a sleeping engine, and no /sleep found requests in flight.
+        for pod in pods.values():
+            stats = engine_stats(pod)
+            assert stats["requests_refused_asleep"] == 0 and stats["sleeps_refused"] == 0, (pod.name, stats)
+        assert balancer.stats()["no_endpoint"] == 0
+
+        # The load is gone: two replicas sleep again, and after the TTL the pool lets them go.
+        wait_for(lambda: len(asleep(cluster)) == 2, timeout=DOWN_WINDOW + 30, what="two replicas asleep again")
+        slept = time.monotonic()
+        wait_for(lambda: replicas(server) == 1, timeout=TTL + 20, what="the TTL removes the sleepers")
+        assert time.monotonic() - slept >= TTL - 3, "sleepers kept until their TTL"
+        wait_for(lambda: len(live_pods(cluster)) == 1, timeout=20, what="one pod left")
+        (last,) = live_pods(cluster)
+        assert not engine_stats(last)["is_sleeping"], "the awake replica stays; the sleepers went"
+        wait_for(lambda: any(e["reason"] == "Released" and "ttl" in e["message"] for e in events(server)),
+                 what="a Released event naming the TTL")
+
+
+def timed_request(url: str) -> float:
+    """Seconds one completion took through the gateway (it must succeed)."""
+    started = time.monotonic()
+    body = json.dumps({"model": "tiny-model", "prompt": "hello", "max_tokens": 4}).encode()
+    request = urllib.request.Request(f"{url}/v1/completions", data=body, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        assert response.status == 200
+    return time.monotonic() - started
+
+
+def test_activation_starts_from_none_then_the_last_replica_sleeps_and_wakes(
+        apiserver, prometheus_server, pod_runner_factory, load_balancer_factory):
+    """min 0 without allowScaleToZero. A request held by the gateway (the load balancer holds
+    requests while no endpoint exists, like an activator) shows in the activation query: from
+    no replica at all the operator starts one (a cold start); once idle, that last replica
+    sleeps rather than disappears, and the next request wakes it (seconds)."""
+    server = apiserver.server
+    gateway = load_balancer_factory("chat", hold_seconds=60)
+    gateway_target = {"targets": [f"127.0.0.1:{gateway.port}"], "labels": {"job": "gateway"}}
+    prometheus_server.set_targets([gateway_target])
+    runner = pod_runner_factory(nodes=[],
+                                publish_targets=lambda groups: prometheus_server.set_targets([*groups, gateway_target]))
+    spec = {**SPEC, "replicas": {"min": 0, "max": 2},
+            "sleep": {"enabled": True, "idleSeconds": IDLE, "maxPool": 1, "ttlSeconds": 600}}
+    spec["scaling"] = {**spec["scaling"], "activation": {"query": 'sum(gateway_pending_requests{service="chat"})'}}
+    with running_operator(apiserver, EBBTIDE_PROMETHEUS_URL=prometheus_server.url, EBBTIDE_TICK_SECONDS="0.5"):
+        server.create_object(isvc("chat", **spec))
+        wait_for(lambda: status(server).get("lastDecision"), what="a first decision")
+        assert replicas(server) == 0
+
+        from_none = timed_request(gateway.url)
+        (pod,) = runner.pods("default", "chat")
+        decision = status(server)["decisions"][-1]
+        assert decision["reason"] == "Activated" and "starting a replica" in decision["message"], decision
+
+        wait_for(lambda: engine_stats(pod)["is_sleeping"], timeout=DOWN_WINDOW + 20, what="the last replica asleep")
+        assert replicas(server) == 1, "it sleeps rather than disappears"
+        gateway.wait_for_endpoints(0)
+
+        from_sleep = timed_request(gateway.url)
+        assert engine_stats(pod)["wake_up_calls"] == 1
+        decision = status(server)["decisions"][-1]
+        assert decision["reason"] == "Activated" and "waking a sleeping replica" in decision["message"], decision
+        assert engine_stats(pod)["requests_refused_asleep"] == 0
+        # From sleep: a scrape, a tick and a wake. From none: the same plus a cold start (1 s here).
+        assert from_sleep < 10 and from_none < 15, (from_sleep, from_none)
+        print(f"waited {from_none:.1f} s from no replica, {from_sleep:.1f} s from a sleeping one")

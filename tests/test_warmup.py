@@ -1,0 +1,139 @@
+"""Warm before traffic: the operator's warm-up against the emulated cluster.
+
+The emulated API, the pod runner (a kubelet that honours readiness gates) and engine
+simulators as pods; `warm_up` is called as the scaling tick calls it, with the pods it listed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import urllib.request
+
+import pytest
+
+from ebbtide.api.manifest import parse_spec
+from ebbtide.api.ref import ServiceRef
+from ebbtide.cluster.engine import engine_url
+from ebbtide.cluster.kube import Kube
+from ebbtide.cluster.render import CONDITION_WARMED_UP, LABEL_SERVICE, render_deployment
+from ebbtide.cluster.warmup import warm_up
+from tests.testbed import fixtures
+from tests.testbed.waiting import wait_for
+
+pod_runner_factory = fixtures.pod_runner_factory
+
+NS = "default"
+PODS = "v1/pods"
+SERVICE = (NS, "chat")
+
+
+def spec(requests: int = 3):
+    return parse_spec({"model": {"name": "tiny-model", "servedName": "chat"}, "warmup": {"requests": requests}})
+
+
+@pytest.fixture()
+def kube(apiserver):
+    client = apiserver.api_client()
+    yield Kube(client)
+    client.close()
+
+
+def start(apiserver, replicas: int, requests: int = 3):
+    ref = ServiceRef(name="chat", namespace=NS, uid="uid-chat")
+    apiserver.server.create_object(render_deployment(ref, spec(requests), replicas=replicas))
+
+
+def pods(apiserver) -> dict[str, dict]:
+    return {p["metadata"]["name"]: p for p in apiserver.server.list_objects(PODS, NS)}
+
+
+def condition(pod: dict, type_: str) -> dict:
+    return next((c for c in pod.get("status", {}).get("conditions") or [] if c["type"] == type_), {})
+
+
+def containers_ready(apiserver, count: int) -> dict[str, dict]:
+    """Wait until `count` pods have their engine up; those pods, as the API shows them."""
+    return wait_for(lambda: (found := pods(apiserver)) and len(found) == count
+                    and all(condition(p, "ContainersReady").get("status") == "True" for p in found.values())
+                    and found, what=f"{count} pods with ready containers")
+
+
+def stats(pod: dict) -> dict:
+    with urllib.request.urlopen(f"{engine_url(pod)}/ebbtide/stats", timeout=5) as response:
+        return json.loads(response.read())
+
+
+def tick(kube: Kube, requests: int = 3, **kwargs):
+    """What the scaling tick does: list the pods once, warm those that wait for it."""
+    async def run():
+        return await warm_up(kube, await kube.list_pods(LABEL_SERVICE), {SERVICE: spec(requests)}, **kwargs)
+    return asyncio.run(run())
+
+
+def test_new_replicas_serve_their_warm_up_requests_before_they_are_ready(apiserver, pod_runner_factory, kube):
+    runner = pod_runner_factory(startup_delay=1.0)
+    start(apiserver, replicas=2)
+    wait_for(lambda: len(pods(apiserver)) == 2, what="2 pods")
+    assert tick(kube) == [], "engines still starting: nothing to warm yet"
+
+    before = containers_ready(apiserver, 2)
+    runner.sync()
+    for pod in pods(apiserver).values():  # the gate holds them back, with their engines up
+        assert condition(pod, "Ready")["status"] == "False", pod["status"]
+        assert stats(pod)["requests_received"] == 0
+
+    results = tick(kube)
+    assert sorted(r.pod for r in results) == sorted(before) and all(r.ok for r in results), results
+    for name, pod in wait_for(lambda: (found := pods(apiserver)) and all(
+            condition(p, "Ready").get("status") == "True" for p in found.values()) and found,
+            what="both pods Ready after their warm-up").items():
+        warmed = condition(pod, CONDITION_WARMED_UP)
+        assert warmed["status"] == "True" and warmed["reason"] == "WarmedUp"
+        assert warmed["message"].startswith("served 3 warm-up requests in "), warmed
+        served = stats(pod)
+        assert served["requests_received"] == served["requests_finished"] == 3, (name, served)
+
+    # Warm pods are left alone: no more requests on the next ticks.
+    assert tick(kube) == []
+    assert all(stats(p)["requests_received"] == 3 for p in pods(apiserver).values())
+
+
+def test_an_engine_that_does_not_answer_stays_out_until_a_later_tick_warms_it(apiserver, pod_runner_factory, kube,
+                                                                              caplog):
+    runner = pod_runner_factory(startup_delay=0.2)
+    start(apiserver, replicas=1)
+    (name,) = containers_ready(apiserver, 1)
+    listed = asyncio.run(kube.list_pods(LABEL_SERVICE))  # the tick's list: the engine looked fine
+    pid = runner.kill_engine(NS, name, signal.SIGSTOP)  # frozen: accepts connections, never answers
+    try:
+        (result,) = asyncio.run(warm_up(kube, listed, {SERVICE: spec()}, timeout=1.0))
+    finally:
+        runner.kill_engine(NS, name, signal.SIGCONT)
+    assert runner.pod(NS, name).pid == pid
+    assert not result.ok and "no answer to 3 requests within 1 s" in result.message, result
+    pod = pods(apiserver)[name]
+    warmed = condition(pod, CONDITION_WARMED_UP)
+    assert warmed["status"] == "False" and warmed["reason"] == "WarmUpFailed"
+    assert warmed["message"] == result.message
+    assert f"{NS}/{name}: {result.message}; retrying next tick" in caplog.text
+    runner.sync()
+    assert condition(pods(apiserver)[name], "Ready")["status"] == "False"
+
+    # The next tick tries again, once the engine is up.
+    containers_ready(apiserver, 1)
+    (result,) = tick(kube)
+    assert result.ok, result
+    wait_for(lambda: condition(pods(apiserver)[name], "Ready").get("status") == "True", what="Ready after the retry")
+
+
+def test_a_gated_pod_is_let_through_when_warm_up_was_switched_off(apiserver, pod_runner_factory, kube):
+    """requests: 0 after the pods were created: a merge patch leaves the gate, so the condition opens it."""
+    pod_runner_factory(startup_delay=0.2)
+    start(apiserver, replicas=1, requests=3)
+    (name,) = containers_ready(apiserver, 1)
+    (result,) = tick(kube, requests=0)
+    assert result.ok and "warm-up is off" in result.message
+    wait_for(lambda: condition(pods(apiserver)[name], "Ready").get("status") == "True", what="Ready")
+    assert stats(pods(apiserver)[name])["requests_received"] == 0
