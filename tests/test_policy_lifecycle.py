@@ -247,3 +247,45 @@ def test_the_floor_covers_the_ramp_from_one_lead_time_ahead(lead):
     assert ramp_ahead(spec(), taught(), CAPACITY, EIGHT - lead - 1, lead) is None
     ramp = ramp_ahead(spec(), taught(), CAPACITY, EIGHT - lead + 1, lead)
     assert ramp is not None and ramp.floor == 7 and ramp.at == EIGHT
+
+
+# --- off-peak consolidation ---------------------------------------------------------------------
+
+NIGHT = {"schedules": [{"name": "night", "cron": "0 22 * * *", "durationMinutes": 480, "offPeak": True,
+                        "minReplicas": 1}],
+         "sleep": {"enabled": True, "idleSeconds": 300},
+         "placement": {"spot": {"enabled": True, "onDemandBase": 2}}}
+MIDNIGHT = datetime.datetime(2026, 3, 3, 0, 0, tzinfo=datetime.UTC).timestamp()
+
+
+def busy(now, tokens, ready=9):
+    pods = tuple(PodSignals(pod=f"p{i}", sampled_at=now, running=4, kv_cache_usage=0.2) for i in range(ready))
+    return Signals(source="test", sampled_at=now, pods=pods, ttft_seconds=0.1, tpot_seconds=0.02,
+                   tokens_per_second=tokens)
+
+
+def test_an_off_peak_window_packs_replicas_tighter_sleeps_sooner_and_prefers_spot():
+    from ebbtide.policy.schedules import OFF_PEAK_THROUGHPUT, consolidated, effective_spec
+
+    s = spec(**NIGHT)
+    night, day = effective_spec(s, MIDNIGHT), effective_spec(s, MIDNIGHT + 12 * 3600)
+    assert night.scaling.targets.throughput == OFF_PEAK_THROUGHPUT > s.scaling.targets.throughput
+    assert night.sleep.idle_seconds == 0 and night.placement.spot.on_demand_base == 0
+    assert day.scaling.targets.throughput == s.scaling.targets.throughput and day.sleep.idle_seconds == 300
+    assert consolidated(s).scaling.targets.throughput == OFF_PEAK_THROUGHPUT
+
+    # The same load at the same learned capacity: 7,200 tokens/s over 1,000 a replica serves at
+    # its limit is 9 replicas at 80 % and 8 at 90 %. Off-peak consolidates onto 8.
+    memory = dataclasses.replace(Memory.empty(MIDNIGHT - 3600), capacity=1000.0)
+    fleet = FleetState(current=9, ready=9)
+    at_night = plan(s, busy(MIDNIGHT, 7200.0), fleet, memory, MIDNIGHT)
+    by_day = plan(s, busy(MIDNIGHT + 12 * 3600, 7200.0), fleet,
+                  dataclasses.replace(Memory.empty(MIDNIGHT + 11 * 3600), capacity=1000.0), MIDNIGHT + 12 * 3600)
+    assert at_night.signals["recommended"] == 8 and by_day.signals["recommended"] == 9, (at_night, by_day)
+
+
+def test_a_window_s_own_throughput_target_beats_consolidation():
+    from ebbtide.policy.schedules import effective_spec
+
+    s = spec(schedules=[{**NIGHT["schedules"][0], "targets": {"throughput": 0.85}}])
+    assert effective_spec(s, MIDNIGHT).scaling.targets.throughput == 0.85

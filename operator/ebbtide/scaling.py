@@ -38,6 +38,7 @@ from ebbtide.policy.decision import ConditionReport, Decision, Entries, Memory
 from ebbtide.policy.lifecycle import plan
 from ebbtide.policy.observation import FleetState, Signals
 from ebbtide.policy.profile import Profile, bin_of
+from ebbtide.policy.schedules import consolidated, effective_bounds
 from ebbtide.policy.spot import RECLAIM_TAINTS, Split, SpotPods, classify, split
 from ebbtide.policy.startup import StartupEstimate, observe_startups
 from ebbtide.policy.warm_pool import PoolPlan
@@ -183,9 +184,11 @@ class ScalingLoop:
                 await self._save_profile(ref, state, now)
             state.last_evaluated = now
             spot_pods = classify(mine.spot, reclaimed, spec.placement.spot.pending_timeout_seconds, now)
-            placed = split(decision.desired, spec.placement.spot, spot_pods, state.spot_cover, now,
+            # Off-peak, the fleet is also placed and pooled as consolidation says (more spot, sleep sooner).
+            acting = consolidated(spec) if spec.schedules and effective_bounds(spec, now).off_peak else spec
+            placed = split(decision.desired, acting.placement.spot, spot_pods, state.spot_cover, now,
                            spec.scaling.behavior.scale_down.stabilization_seconds)
-            pools = self._pools(spec, state, mine, signals, placed, now)
+            pools = self._pools(acting, state, mine, signals, placed, now)
             state.ledger = accrue(state.ledger, now, mine.held, spec.engine.gpus, spec.pricing, spec.sleep)
             news = decision.changed and (spec.mode == "Active" or decision.desired != state.last_advice)
             state.last_advice = decision.desired if decision.changed else None

@@ -147,6 +147,13 @@ class ScalingTargets(ApiModel):
         default_factory=lambda: LatencySlo(quantile=0.9, target_seconds=0.1),
         description="Time-per-output-token (inter-token latency) SLO, as a quantile over the metrics window.",
     )
+    throughput: float = Field(
+        default=0.8,  # why 0.8: policy/autoscaling.py, THROUGHPUT_TARGET
+        gt=0,
+        le=1,
+        description="Share of a replica's learned token-throughput limit each replica should run at. "
+        "Higher packs load onto fewer replicas; lower leaves room for bursts.",
+    )
 
 
 class ScaleUpBehavior(ApiModel):
@@ -215,6 +222,7 @@ class TargetOverrides(ApiModel):
     waiting_per_replica: float | None = Field(default=None, ge=0, description="Overrides scaling.targets.waitingPerReplica.")
     kv_cache_usage: float | None = Field(default=None, gt=0, le=1, description="Overrides scaling.targets.kvCacheUsage.")
     running_per_replica: float | None = Field(default=None, gt=0, description="Overrides scaling.targets.runningPerReplica.")
+    throughput: float | None = Field(default=None, gt=0, le=1, description="Overrides scaling.targets.throughput.")
 
 
 def known_timezone(timezone: str) -> str:

@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
-from ebbtide.api.spec import InferenceServiceSpec, LatencySlo, ScalingBehavior
+from ebbtide.api.spec import InferenceServiceSpec, LatencySlo, ScalingBehavior, ScalingTargets
 from ebbtide.policy.behavior import (
     Stabilized,
     prune,
@@ -83,7 +83,9 @@ LATENCY_MAX_STEP = 2.0
 # with 1429 / 1347 / 1270 GPU-hours for the week and 8.2 / 8.0 / 8.2 for the hour. 0.8 stays:
 # 0.85 is 6 % cheaper on the week, but it lets more of the day's ripples reach the queue, and
 # a cheaper week that misses the SLO more often is not what this default is for.
-THROUGHPUT_TARGET = 0.8
+# It is the default of scaling.targets.throughput (read from there: one number); off-peak
+# windows raise it (schedules.py).
+THROUGHPUT_TARGET: float = ScalingTargets.model_fields["throughput"].default
 # Until that limit has been seen, the fleet is only ever shrunk by utilization signals, which
 # read far too low (above), so it is shrunk by probing: one replica at a time, a metrics window
 # apart, and only while the service reports its token rate (otherwise nothing can be learned).
@@ -332,10 +334,11 @@ def _recommend(spec: InferenceServiceSpec, signals: Signals, fleet: FleetState, 
                     f"replica = {need:.1f} replicas")
             out.append(_utilization(CONCURRENCY, text, need, current, unseen, tolerance))
     tokens = signals.tokens_per_second
-    if capacity is not None and capacity * THROUGHPUT_TARGET > 0 and tokens is not None and math.isfinite(
+    share = targets.throughput
+    if capacity is not None and capacity * share > 0 and tokens is not None and math.isfinite(
             tokens) and tokens >= 0:
-        need = tokens / (capacity * THROUGHPUT_TARGET)
-        text = (f"throughput {tokens:.0f} tokens/s / ({THROUGHPUT_TARGET:.0%} of the {capacity:.0f} tokens/s "
+        need = tokens / (capacity * share)
+        text = (f"throughput {tokens:.0f} tokens/s / ({share:.0%} of the {capacity:.0f} tokens/s "
                 f"a replica serves at its limit) = {need:.1f} replicas")
         # The rate counts every replica's tokens, so no replica is unseen.
         out.append(_utilization(THROUGHPUT, text, need, current, 0, tolerance))

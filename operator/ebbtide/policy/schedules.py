@@ -60,6 +60,28 @@ class Effective:
     off_peak: bool
     windows: tuple[str, ...]  # names of the open windows, in listing order
     note: str = ""  # how a conflict between a floor and a ceiling was resolved, if one was
+    throughput: float | None = None  # a window's scaling.targets.throughput, if one sets it
+
+
+# Off-peak consolidation (a window with offPeak, or a valley the demand profile knows): the load
+# is low and changes slowly, so each replica may run closer to its limit (0.9 of it: at peak
+# that let queues through on every ripple, bench/notes.md; in a valley a ripple is a few
+# requests, and the reactive core still adds a replica on a queue or an SLO breach). Surplus
+# replicas go to sleep once drained instead of idling awake first, and spot placement keeps no
+# on-demand base (the fallback still covers a reclaim).
+OFF_PEAK_THROUGHPUT = 0.9
+
+
+def consolidated(spec: InferenceServiceSpec) -> InferenceServiceSpec:
+    """The spec as off-peak consolidation runs it (see OFF_PEAK_THROUGHPUT)."""
+    targets = spec.scaling.targets
+    spot = spec.placement.spot
+    return spec.model_copy(update={
+        "scaling": spec.scaling.model_copy(update={"targets": targets.model_copy(
+            update={"throughput": max(targets.throughput, OFF_PEAK_THROUGHPUT)})}),
+        "sleep": spec.sleep.model_copy(update={"idle_seconds": 0}),
+        "placement": spec.placement.model_copy(update={"spot": spot.model_copy(update={"on_demand_base": 0})}),
+    })
 
 
 @lru_cache(maxsize=256)
@@ -189,9 +211,12 @@ def effective_bounds(spec: InferenceServiceSpec, now: float) -> Effective:
             note = f"window ceiling {hi} beats replicas.min {lo}"
             lo = hi
     waiting, kv, running = targets.waiting_per_replica, targets.kv_cache_usage, targets.running_per_replica
+    throughput = None
     for w in open_windows:
         if w.targets is None:
             continue
+        if w.targets.throughput is not None:
+            throughput = w.targets.throughput
         if w.targets.waiting_per_replica is not None:
             waiting = w.targets.waiting_per_replica
         if w.targets.kv_cache_usage is not None:
@@ -201,21 +226,26 @@ def effective_bounds(spec: InferenceServiceSpec, now: float) -> Effective:
     return Effective(
         min_replicas=lo, max_replicas=hi, waiting_per_replica=waiting, kv_cache_usage=kv,
         running_per_replica=running, off_peak=any(w.off_peak for w in open_windows),
-        windows=tuple(w.name for w in open_windows), note=note,
+        windows=tuple(w.name for w in open_windows), note=note, throughput=throughput,
     )
 
 
-def effective_spec(spec: InferenceServiceSpec, now: float, floor: int | None = None) -> InferenceServiceSpec:
+def effective_spec(spec: InferenceServiceSpec, now: float, floor: int | None = None,
+                   off_peak: bool = False) -> InferenceServiceSpec:
     """The spec with the open windows applied, for decide(); the same object when none is open.
 
     `floor` (from floor_ahead) raises replicas.min further, and the ceiling with it when a
     window's ceiling (a night cap) is still in force while the morning's replicas start.
+    An off-peak window, or `off_peak` (a valley the demand profile knows), consolidates (see
+    consolidated()); a window's explicit targets still win.
     """
     eff = effective_bounds(spec, now)
     lo, hi = eff.min_replicas, eff.max_replicas
     if floor is not None and floor > lo:
         lo = min(floor, spec.replicas.max)
         hi = max(hi, lo)
+    if eff.off_peak or off_peak:
+        spec = consolidated(spec)
     targets = spec.scaling.targets
     if not eff.windows and lo == spec.replicas.min and hi == spec.replicas.max:
         return spec
@@ -223,6 +253,7 @@ def effective_spec(spec: InferenceServiceSpec, now: float, floor: int | None = N
         "waiting_per_replica": eff.waiting_per_replica,
         "kv_cache_usage": eff.kv_cache_usage,
         "running_per_replica": eff.running_per_replica,
+        "throughput": targets.throughput if eff.throughput is None else eff.throughput,
     })
     return spec.model_copy(update={
         "replicas": spec.replicas.model_copy(update={"min": lo, "max": hi}),
