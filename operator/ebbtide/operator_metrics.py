@@ -8,6 +8,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 SERVICE = ("namespace", "service")
+TIERS = ("on-demand", "spot", "starting", "draining", "asleep")  # ebbtide_replicas{tier}
 
 
 class OperatorMetrics:
@@ -17,6 +18,8 @@ class OperatorMetrics:
         self.desired = Gauge("ebbtide_desired_replicas", "Replicas the autoscaler wants", SERVICE, registry=r)
         self.ready = Gauge("ebbtide_ready_replicas", "Replicas ready to serve", SERVICE, registry=r)
         self.asleep = Gauge("ebbtide_asleep_replicas", "Replicas in vLLM sleep", SERVICE, registry=r)
+        self.replicas = Gauge("ebbtide_replicas", "Pods by tier: serving on-demand or spot, starting, draining, asleep",
+                              (*SERVICE, "tier"), registry=r)
         self.signal = Gauge("ebbtide_signal_value", "Signal values the last decision used",
                             (*SERVICE, "signal"), registry=r)
         self.decisions = Counter("ebbtide_scaling_decisions_total", "Decisions that changed the size, by reason",
@@ -44,5 +47,10 @@ class OperatorMetrics:
                        self.usd_per_million_tokens):
             try:
                 metric.remove(namespace, service)
+            except KeyError:
+                pass
+        for tier in TIERS:
+            try:
+                self.replicas.remove(namespace, service, tier)
             except KeyError:
                 pass

@@ -31,7 +31,7 @@ from ebbtide.cluster.pods import ServicePods, reclaimed_nodes, summarize
 from ebbtide.cluster.profile_store import configmap_name, read_profile, render_profile
 from ebbtide.cluster.render import LABEL_SERVICE, MANAGED_BY, ON_DEMAND, SPOT, deployment_name
 from ebbtide.cluster.warmup import warm_up
-from ebbtide.operator_metrics import OperatorMetrics
+from ebbtide.operator_metrics import TIERS, OperatorMetrics
 from ebbtide.policy.activation import activate
 from ebbtide.policy.cost import Ledger, accrue, usd_per_hour, usd_per_million_tokens
 from ebbtide.policy.decision import ConditionReport, Decision, Entries, Memory
@@ -333,6 +333,12 @@ class ScalingLoop:
         m.desired.labels(*labels).set(tick.decision.desired)
         m.ready.labels(*labels).set(tick.fleet.ready)
         m.asleep.labels(*labels).set(tick.fleet.asleep)
+        tiers = dict.fromkeys(TIERS, 0)
+        for pod in tick.pods.members:
+            tiers[pod.capacity if pod.state == "awake" and pod.serving else
+                  "draining" if pod.state == "awake" else pod.state] += 1
+        for tier, count in tiers.items():
+            m.replicas.labels(*labels, tier).set(count)
         m.metrics_unavailable.labels(*labels).set(0 if tick.signals.sampled_at and not tick.signals.error else 1)
         for name, value in tick.decision.signals.items():
             m.signal.labels(*labels, name).set(value)
