@@ -4,7 +4,8 @@
 The operator renders model-server pods with command ["vllm", "serve"] and vLLM's options.
 This shim keeps the options the simulator understands, drops the ones it does not (for
 example --tensor-parallel-size or --gpu-memory-utilization), and appends the words of
-$EBBTIDE_ENGINE_SIM_ARGS (for example "--preset tiny --startup-s 5").
+$EBBTIDE_ENGINE_SIM_ARGS (for example "--preset tiny --startup-delay 5": the port binds after
+5 s, as vLLM's binds after the weights are loaded).
 """
 
 import os
