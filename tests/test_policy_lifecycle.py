@@ -251,7 +251,7 @@ def test_the_floor_covers_the_ramp_from_one_lead_time_ahead(lead):
 
 # --- off-peak consolidation ---------------------------------------------------------------------
 
-NIGHT = {"schedules": [{"name": "night", "cron": "0 22 * * *", "durationMinutes": 480, "offPeak": True,
+OFF_PEAK = {"schedules": [{"name": "night", "cron": "0 22 * * *", "durationMinutes": 480, "offPeak": True,
                         "minReplicas": 1}],
          "sleep": {"enabled": True, "idleSeconds": 300},
          "placement": {"spot": {"enabled": True, "onDemandBase": 2}}}
@@ -267,7 +267,7 @@ def busy(now, tokens, ready=9):
 def test_an_off_peak_window_packs_replicas_tighter_sleeps_sooner_and_prefers_spot():
     from ebbtide.policy.schedules import OFF_PEAK_THROUGHPUT, consolidated, effective_spec
 
-    s = spec(**NIGHT)
+    s = spec(**OFF_PEAK)
     night, day = effective_spec(s, MIDNIGHT), effective_spec(s, MIDNIGHT + 12 * 3600)
     assert night.scaling.targets.throughput == OFF_PEAK_THROUGHPUT > s.scaling.targets.throughput
     assert night.sleep.idle_seconds == 0 and night.placement.spot.on_demand_base == 0
@@ -287,5 +287,5 @@ def test_an_off_peak_window_packs_replicas_tighter_sleeps_sooner_and_prefers_spo
 def test_a_window_s_own_throughput_target_beats_consolidation():
     from ebbtide.policy.schedules import effective_spec
 
-    s = spec(schedules=[{**NIGHT["schedules"][0], "targets": {"throughput": 0.85}}])
+    s = spec(schedules=[{**OFF_PEAK["schedules"][0], "targets": {"throughput": 0.85}}])
     assert effective_spec(s, MIDNIGHT).scaling.targets.throughput == 0.85
