@@ -18,11 +18,20 @@ EBBTIDE = ("ebbtide", "ebbtide-warm")
 SLO_TARGET = 0.99
 ORACLE_RATIO = 1.25
 SAVING = 0.20
+# Pre-warming and the sleep pool (bench/run.py LIFECYCLE_RUNS): the issue's target for all
+# features together against reactive only. "Far below" is read as at most half.
+LIFECYCLE = ("code-week-lifecycle", "code-week-lifecycle-rotated", "conv-week-lifecycle",
+             "conv-week-lifecycle-rotated")
+REACTIVE, ALL_FEATURES = "ebbtide-reactive", "ebbtide-lifecycle"
+RAMP_RATIO = 0.5
+GPU_HOURS_RATIO = 1.10
 
 
 def render(results: Path) -> str:
     machine = json.loads((results / "machine.json").read_text())
     runs = {key: json.loads((results / f"{key}.json").read_text()) for key in (*TRACES, "speed")}
+    lifecycle = {key: json.loads((results / f"{key}.json").read_text()) for key in LIFECYCLE
+                 if (results / f"{key}.json").exists()}
     notes = _notes(BENCH / "notes.md")
     out = [
         "# Benchmark results",
@@ -45,8 +54,8 @@ def render(results: Path) -> str:
         "| run | requests | model | wall | CPU user | CPU sys |",
         "|---|---:|---|---:|---:|---:|",
     ]
-    for key in (*TRACES, "speed"):
-        doc = runs[key]
+    for key in (*TRACES, "speed", *lifecycle):
+        doc = runs.get(key) or lifecycle[key]
         mode = "fluid, 5 s steps" if doc["duration_s"] > 86_400 else "request by request"
         out.append(f"| `{doc['bench']['command']}` | {doc['requests']:,} | {mode} | {doc['bench']['wall_s']:.1f} s | "
                    f"{doc['bench']['user_s']:.1f} s | {doc['bench']['sys_s']:.1f} s |")
@@ -66,6 +75,8 @@ def render(results: Path) -> str:
                 _table(doc["policies"]), "", f"![{key}]({key}.png)", ""]
         if key in notes:
             out += [notes[key], ""]
+    if lifecycle:
+        out += _lifecycle(lifecycle, notes)
     tuned = results / "tuned.json"
     if tuned.exists():
         out += [_tuned(json.loads(tuned.read_text()), runs["conv-week"]["policies"]), ""]
@@ -134,6 +145,50 @@ def _table(policies: dict) -> str:
                      f"{r['itl_p90_s'] * 1000:.0f} ms | {100 * r['slo_attainment']:.2f} % | {r['scale_actions']} | "
                      f"{r['peak_replicas']} |")
     return "\n".join(lines)
+
+
+def _lifecycle(docs: dict[str, dict], notes: dict[str, str]) -> list[str]:
+    """The four Ebbtide rows per week: GPU-hours, SLO, and TTFT p99 during the morning ramps."""
+    out = ["## Pre-warming and the sleep pool", "",
+           f"Ebbtide reactive only, with pre-warming, with the sleep pool, and with both, each starting as an "
+           f"operator that served the same traffic the week before (`--train-profile`). Ramps: each day's two "
+           f"hours whose request rate rises most over the hour before (sim/report.py `ramp_hours`). Target, for "
+           f"both features against reactive only: TTFT p99 during the ramps at most {RAMP_RATIO:g}x, GPU-hours at "
+           f"most {GPU_HOURS_RATIO:g}x.", "",
+           "| week | training | ramp TTFT p99 (both / reactive) | GPU-h (both / reactive) |",
+           "|---|---|---|---|"]
+    for doc in docs.values():
+        policies = doc["policies"]
+        if REACTIVE not in policies or ALL_FEATURES not in policies:
+            continue
+        me, base = policies[ALL_FEATURES], policies[REACTIVE]
+        ramp = me["ttft_p99_ramps_s"] / base["ttft_p99_ramps_s"]
+        hours = me["gpu_hours"] / base["gpu_hours"]
+        out.append(f"| {doc['trace']} | {_training(doc)} | {me['ttft_p99_ramps_s']:.2f} / "
+                   f"{base['ttft_p99_ramps_s']:.2f} s = {ramp:.2f}: {_mark(ramp <= RAMP_RATIO)} | "
+                   f"{me['gpu_hours']:.1f} / {base['gpu_hours']:.1f} = {hours:.3f}: "
+                   f"{_mark(hours <= GPU_HOURS_RATIO)} |")
+    for key, doc in docs.items():
+        out += ["", f"### {key}", "", f"    {doc['bench']['command']}", "",
+                f"{_describe(doc)[:-1]}; {_training(doc)}.", "",
+                "| policy | GPU-h | asleep GPU-h | USD | TTFT p50 | TTFT p99 | ramp TTFT p99 | SLO met | actions | peak |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for name, r in doc["policies"].items():
+            out.append(f"| {name} | {r['gpu_hours']:.1f} | {r['gpu_hours_by_type']['asleep']:.1f} | "
+                       f"{r['cost_usd']:,.0f} | {r['ttft_p50_s']:.2f} s | {r['ttft_p99_s']:.2f} s | "
+                       f"{r['ttft_p99_ramps_s']:.2f} s | {100 * r['slo_attainment']:.2f} % | {r['scale_actions']} | "
+                       f"{r['peak_replicas']} |")
+        if key in notes:
+            out += ["", notes[key]]
+    return [*out, ""]
+
+
+def _training(doc: dict) -> str:
+    s = doc["settings"]
+    if not s.get("trained_profile"):
+        return "untrained"
+    rotate = s.get("train_rotate_s") or 0
+    return "the same week" if not rotate else f"the week shifted by {rotate / 86400:g} day"
 
 
 def _tuned(doc: dict, week: dict) -> str:

@@ -31,3 +31,16 @@ def test_every_trace_was_run_with_every_policy_and_timed():
         assert (BENCH / f"{key}.png").stat().st_size > 10_000
     speed = json.loads((BENCH / "results" / "speed.json").read_text())
     assert speed["bench"]["command"] == "ebbtide simulate --trace conv-week --json bench/results/speed.json"
+
+
+def test_the_lifecycle_runs_compare_the_four_ebbtide_rows_on_the_ramps():
+    render = load_render()
+    for key in render.LIFECYCLE:
+        document = json.loads((BENCH / "results" / f"{key}.json").read_text())
+        policies = document["policies"]
+        assert {render.REACTIVE, render.ALL_FEATURES, "ebbtide-prewarm"} <= set(policies)
+        assert document["settings"]["trained_profile"] and document["settings"]["cold_start_s"] == 180
+        assert all(p["ttft_p99_ramps_s"] is not None for p in policies.values())
+        assert policies[render.REACTIVE]["gpu_hours_by_type"]["asleep"] == 0
+        assert policies[render.ALL_FEATURES]["gpu_hours_by_type"]["asleep"] > 0
+        assert document["bench"]["command"].startswith("ebbtide simulate --trace ")

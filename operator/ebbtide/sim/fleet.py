@@ -16,6 +16,15 @@ replicas at once (after a notice), and during outages new spot replicas stay Pen
 
 GPU time is charged per capacity type from the moment a replica has a node (on demand: at
 creation; on spot: once capacity is found) to the end of its drain, its reclaim, or the trace.
+
+A policy with a warm pool (one whose `pool` is not None: Ebbtide with spec.sleep enabled) is
+carried out as the operator carries it out: its decision is the awake target, and
+`policy.warm_pool.plan_pool` (through `policy.pool`) turns it into replicas to wake, put to
+sleep, delete or create. Surplus replicas first leave the endpoints and drain (they finish
+what they hold and take nothing new, and can rejoin at once); idle long enough, they sleep.
+A sleeping replica holds its GPU (charged as "asleep"), serves nothing, and wakes in the
+capacity model's wake time for the spec's sleep level instead of a cold start. (A policy that
+places replicas on spot runs without the pool: the two are not simulated together yet.)
 """
 
 from __future__ import annotations
@@ -29,12 +38,15 @@ from typing import Protocol
 import numpy as np
 
 from ebbtide.policy.observation import FleetState, Signals
+from ebbtide.policy.warm_pool import PoolPlan
+from ebbtide.policy.warm_pool import Replica as PoolReplica
 from ebbtide.sim.capacity import CapacityModel
 from ebbtide.sim.serving import ALL_SIGNALS, FluidServing, LatencyRecords, RequestServing, fluid_mix
 from ebbtide.sim.traces import Trace
 
 ON_DEMAND = "on-demand"
 SPOT = "spot"
+ASLEEP = "asleep"  # GPU time of sleeping replicas (report.py prices it with sleep.reclaimedFraction)
 
 
 @dataclass(frozen=True)
@@ -54,7 +66,9 @@ class Policy(Protocol):
     start), `initial(guess) -> int` (its own starting size), and, for a policy that uses spot
     capacity, `place(signals, fleet, spot, now) -> (on_demand, spot)` (called instead of
     decide; `spot` is its spot replicas as SpotReplica views) and
-    `initial_placement(size, now) -> (on_demand, spot)` (its warm start)."""
+    `initial_placement(size, now) -> (on_demand, spot)` (its warm start). A policy with a warm
+    pool has `pool(desired, replicas, now) -> PoolPlan` (policy.warm_pool.plan_pool with its
+    sleep settings) and `wake_level` (its sleep level); `pool` None: no warm pool."""
 
     name: str
     interval_s: float
@@ -107,9 +121,19 @@ class Replica:
     ready: bool = False
     scheduled_at: float | None = None  # got a node (GPU time is charged from here); None: Pending
     reclaimed_at: float | None = None  # its node announced a reclaim
+    # Warm pool only (see simulate): in the endpoints; out of them, idle from `idle_since` (the
+    # end of its drain; inf while that is not known yet); asleep since `asleep_since`.
+    serving: bool = False
+    idle_since: float | None = None
+    asleep_since: float | None = None
+    charged_to: float | None = None  # GPU time before this is charged already (sleep and wake split it)
+
+    @property
+    def name(self) -> str:
+        return f"replica-{self.rid}"
 
     def view(self, epoch: float) -> SpotReplica:
-        return SpotReplica(name=f"replica-{self.rid}", created=epoch + self.created, ready=self.ready,
+        return SpotReplica(name=self.name, created=epoch + self.created, ready=self.ready,
                            scheduled=self.scheduled_at is not None, reclaimed=self.reclaimed_at is not None)
 
 
@@ -123,6 +147,7 @@ class Timeline:
     ready: list[int] = field(default_factory=list)
     spot: list[int] = field(default_factory=list)  # of `replicas`, on spot (Pending ones included)
     spot_ready: list[int] = field(default_factory=list)
+    asleep: list[int] = field(default_factory=list)  # of `replicas`, asleep (warm pool)
 
 
 @dataclass(frozen=True)
@@ -170,13 +195,20 @@ class _Fleet:
 
     def add(self, now: float, ready: bool = False, kind: str = ON_DEMAND, obtainable: bool = True) -> Replica:
         """A new pod. One that finds no capacity (`obtainable` False) stays Pending."""
-        replica = Replica(rid=self._next_rid, created=now, capacity_type=kind, ready=ready,
+        replica = Replica(rid=self._next_rid, created=now, capacity_type=kind, ready=ready, serving=ready,
                           ready_at=now if ready else (now + self.cold_start if obtainable else math.inf),
                           scheduled_at=now if ready or obtainable else None)
         self._next_rid += 1
         self.replicas.append(replica)
         self.ready += ready
         return replica
+
+    def get(self, rid: int) -> Replica | None:
+        return next((r for r in self.replicas if r.rid == rid), None)
+
+    def ready_serving(self) -> int:
+        """Ready replicas in the endpoints (without a warm pool: every ready replica)."""
+        return sum(1 for r in self.replicas if r.ready and r.serving)
 
     def count(self, kind: str) -> int:
         return sum(1 for r in self.replicas if r.capacity_type == kind)
@@ -188,7 +220,7 @@ class _Fleet:
         """The replicas whose cold start is over by `now`, marked ready."""
         done = [r for r in self.replicas if not r.ready and r.ready_at <= now]
         for r in done:
-            r.ready = True
+            r.ready = r.serving = True
         self.ready += len(done)
         return done
 
@@ -230,7 +262,31 @@ class _Fleet:
         return True
 
     def drained(self, rid: int, now: float) -> None:
-        replica, _ = self.draining.pop(rid)
+        """A replica finished its drain: gone if it was removed, else (warm pool) idle from now."""
+        if rid in self.draining:
+            replica, _ = self.draining.pop(rid)
+            self._charge(replica, now)
+            return
+        replica = self.get(rid)
+        if replica is not None and not replica.serving and replica.asleep_since is None:
+            replica.idle_since = now
+
+    def sleep(self, replica: Replica, now: float) -> None:
+        """It holds its GPU, now charged as asleep, and serves nothing."""
+        self._charge(replica, now)
+        self.ready -= replica.ready
+        replica.ready, replica.serving, replica.asleep_since = False, False, now
+        replica.ready_at = math.inf  # promote() leaves it alone until it is woken
+
+    def wake(self, replica: Replica, now: float, wake_seconds: float) -> None:
+        """Awake again after `wake_seconds` (promote() then puts it in the endpoints)."""
+        self._charge(replica, now)
+        replica.asleep_since, replica.ready_at, replica.idle_since = None, now + wake_seconds, None
+
+    def delete(self, replica: Replica, now: float) -> None:
+        """Gone now (asleep, starting, or awake and done with its work)."""
+        self.replicas.remove(replica)
+        self.ready -= replica.ready
         self._charge(replica, now)
 
     def finish(self, end: float) -> dict[str, float]:
@@ -242,11 +298,14 @@ class _Fleet:
         return self.gpu_seconds
 
     def _charge(self, replica: Replica, until: float) -> None:
+        """GPU time from where the last charge stopped (or the node was found) to `until`, as
+        asleep or as its capacity type."""
         if replica.scheduled_at is None:  # a Pending pod on no node costs nothing
             return
-        kind = replica.capacity_type
-        self.gpu_seconds[kind] = (self.gpu_seconds.get(kind, 0.0)
-                                  + max(0.0, until - replica.scheduled_at) * self.gpus)
+        since = replica.scheduled_at if replica.charged_to is None else replica.charged_to
+        kind = ASLEEP if replica.asleep_since is not None else replica.capacity_type
+        self.gpu_seconds[kind] = self.gpu_seconds.get(kind, 0.0) + max(0.0, until - since) * self.gpus
+        replica.charged_to = max(since, until)
 
 
 _ALL = 1 << 30  # a reclaim event that takes every spot replica
@@ -327,6 +386,62 @@ def _resize(fleet: _Fleet, serving: RequestServing | FluidServing, kind: str, de
         fleet.remove(victim, t, drain_end)
 
 
+def _pool_tick(fleet: _Fleet, serving: RequestServing | FluidServing, policy: Policy, signals: Signals,
+               t: float, epoch: float, wake_seconds: float) -> bool:
+    """One tick of a policy with a warm pool: the awake target from `decide`, then its pool
+    plan carried out. Returns whether it moved any replica (a scale action).
+
+    The core sees the awake target it set as `current` (the replicas in the endpoints plus those
+    starting or waking), not the ones draining out of them: those are surplus it already dropped.
+    """
+    starting = sum(1 for r in fleet.replicas if not r.ready and r.asleep_since is None)
+    state = FleetState(current=fleet.ready_serving() + starting, ready=fleet.ready_serving(), starting=starting)
+    desired = max(0, policy.decide(signals, state, epoch + t))
+    plan: PoolPlan = policy.pool(desired, [_pool_view(r, serving, t, epoch) for r in fleet.replicas], epoch + t)
+    by_name = {r.name: r for r in fleet.replicas}
+    for name in plan.delete:
+        replica = by_name[name]
+        if replica.serving:  # sleep disabled or maxPool 0: it drains, then it is gone
+            fleet.remove(replica, t, serving.remove_replica(replica.rid, t))
+        elif replica.ready and replica.idle_since is not None and replica.idle_since > t:
+            fleet.remove(replica, t, None if math.isinf(replica.idle_since) else replica.idle_since)
+        else:  # starting, asleep, or idle: its GPU is free at once
+            fleet.delete(replica, t)
+    for name in plan.sleep:
+        replica = by_name[name]
+        if replica.serving:  # idle in the endpoints: nothing to drain
+            serving.remove_replica(replica.rid, t)
+        fleet.sleep(replica, t)
+    for name in plan.wake:
+        fleet.wake(by_name[name], t, wake_seconds)
+    for _ in range(plan.create):
+        fleet.add(t)
+    left = rejoined = 0
+    for name in plan.draining:
+        replica = by_name[name]
+        if replica.serving:
+            left += 1  # leaves the endpoints; idle once its drain is over
+            drain_end = serving.remove_replica(replica.rid, t)
+            replica.serving, replica.idle_since = False, math.inf if drain_end is None else drain_end
+    for name in plan.serving:
+        replica = by_name.get(name)
+        if replica is not None and replica.ready and not replica.serving:  # back in the endpoints
+            serving.add_replica(replica.rid, t)
+            replica.serving, replica.idle_since = True, None
+            rejoined += 1
+    return bool(plan.delete or plan.sleep or plan.wake or plan.create or rejoined or left)
+
+
+def _pool_view(replica: Replica, serving: RequestServing | FluidServing, t: float, epoch: float) -> PoolReplica:
+    """A replica as the operator shows it to plan_pool (times as unix seconds)."""
+    if replica.asleep_since is not None:
+        return PoolReplica(replica.name, "asleep", asleep_since=epoch + replica.asleep_since)
+    if not replica.ready:  # starting, or waking (both not ready yet)
+        return PoolReplica(replica.name, "starting")
+    idle = serving.idle_since(replica.rid, t) if replica.serving else replica.idle_since
+    return PoolReplica(replica.name, "awake", idle_since=None if idle is None or idle > t else epoch + idle)
+
+
 def simulate(trace: Trace, policy: Policy, settings: SimSettings, per_request: bool | None = None) -> PolicyRun:
     per_request = trace.per_request if per_request is None else per_request
     dt = 1.0 if per_request else settings.fluid_step_s
@@ -345,6 +460,8 @@ def simulate(trace: Trace, policy: Policy, settings: SimSettings, per_request: b
     fleet = _Fleet(settings.gpus_per_replica,
                    0.0 if getattr(policy, "instant_start", False) else settings.cold_start_s)
     place = getattr(policy, "place", None)
+    pool = getattr(policy, "pool", None) if place is None else None
+    wake_s = settings.capacity.wake_seconds(policy.wake_level) if pool is not None else 0.0
     # Only a fleet that can hold spot replicas meets the spot market (and pays for its events).
     market = _SpotClock(settings.spot, end, settings.seed) if place is not None else None
     size = _initial_replicas(policy, trace, settings)
@@ -356,7 +473,7 @@ def simulate(trace: Trace, policy: Policy, settings: SimSettings, per_request: b
     snapshot = Signals.missing("no scrape yet")
     next_scrape = next_tick = 0.0
     scale_actions = 0
-    changes: list[tuple[int, int, int, int, int]] = []  # (step, replicas, ready, spot, spot ready) on change
+    changes: list[tuple[int, ...]] = []  # (step, replicas, ready, spot, spot ready, asleep) on change
     n = 0
     while n < steps:
         t = n * dt
@@ -368,7 +485,10 @@ def simulate(trace: Trace, policy: Policy, settings: SimSettings, per_request: b
             snapshot = serving.scrape(t, epoch, settings.metrics_window_s, settings.ttft_quantile,
                                       settings.tpot_quantile, observes)
             next_scrape += settings.scrape_interval_s
-        if t >= next_tick:
+        if t >= next_tick and pool is not None:
+            scale_actions += _pool_tick(fleet, serving, policy, snapshot, t, epoch, wake_s)
+            next_tick += policy.interval_s
+        elif t >= next_tick:
             current = len(fleet.replicas)
             state = FleetState(current=current, ready=fleet.ready, starting=current - fleet.ready)
             if place is not None:
@@ -385,7 +505,8 @@ def simulate(trace: Trace, policy: Policy, settings: SimSettings, per_request: b
             next_tick += policy.interval_s
         spot_now = (0, 0) if market is None else (
             fleet.count(SPOT), sum(1 for r in fleet.replicas if r.capacity_type == SPOT and r.ready))
-        row = (len(fleet.replicas), fleet.ready, *spot_now)
+        asleep = 0 if pool is None else sum(1 for r in fleet.replicas if r.asleep_since is not None)
+        row = (len(fleet.replicas), fleet.ready, *spot_now, asleep)
         if not changes or changes[-1][1:] != row:
             changes.append((n, *row))
         upcoming = min(next_scrape, next_tick, fleet.next_ready_at(),
@@ -428,9 +549,9 @@ def _binned(counts: np.ndarray, dt: float, steps: int) -> np.ndarray:
     return padded.reshape(steps, factor).sum(axis=1)
 
 
-def _timeline(trace: Trace, changes: list[tuple[int, int, int, int, int]], dt: float, steps: int) -> Timeline:
-    """Per minute (and the last, partial one): arrivals per second, and the replicas (all and
-    spot) and ready replicas during the minute's last step."""
+def _timeline(trace: Trace, changes: list[tuple[int, ...]], dt: float, steps: int) -> Timeline:
+    """Per minute (and the last, partial one): arrivals per second, and the replicas (all, spot
+    and asleep) and ready replicas during the minute's last step."""
     end = steps * dt
     minute_ends = np.arange(60.0, end + 1e-9, 60.0)
     if not len(minute_ends) or minute_ends[-1] < end - 1e-9:
@@ -438,7 +559,7 @@ def _timeline(trace: Trace, changes: list[tuple[int, int, int, int, int]], dt: f
     last_steps = np.maximum(0, np.ceil(minute_ends / dt - 1e-9).astype(int) - 1)
     at = np.array([c[0] for c in changes])
     index = np.searchsorted(at, last_steps, side="right") - 1
-    replicas, ready, spot, spot_ready = (np.array([c[k] for c in changes])[index] for k in (1, 2, 3, 4))
+    replicas, ready, spot, spot_ready, asleep = (np.array([c[k] for c in changes])[index] for k in (1, 2, 3, 4, 5))
     per_second = np.pad(trace.counts.astype(float), (0, max(0, int(math.ceil(end)) - len(trace.counts))))
     cumulative = np.concatenate([[0.0], np.cumsum(per_second)])
     seconds = np.minimum(np.ceil(minute_ends - 1e-9).astype(int), len(per_second))
@@ -446,4 +567,4 @@ def _timeline(trace: Trace, changes: list[tuple[int, int, int, int, int]], dt: f
     arrivals = np.diff(np.concatenate([[0.0], cumulative[seconds]])) / lengths
     return Timeline(minute=(minute_ends / 60.0).tolist(), arrivals_per_s=arrivals.tolist(),
                     replicas=replicas.tolist(), ready=ready.tolist(), spot=spot.tolist(),
-                    spot_ready=spot_ready.tolist())
+                    spot_ready=spot_ready.tolist(), asleep=asleep.tolist())

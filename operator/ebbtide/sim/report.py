@@ -9,13 +9,18 @@ The JSON schema (`ebbtide simulate --json`) is stable; fields are only ever adde
                          "ttft_p50_s": float, "ttft_p90_s": float, "ttft_p99_s": float,
                          "itl_p90_s": float, "slo_attainment": float, "scale_actions": int,
                          "peak_replicas": int, "tokens": float, "spot_reclaim_events": int,
-                         "spot_replicas_reclaimed": int, "requests_retried": float}}}
+                         "spot_replicas_reclaimed": int, "requests_retried": float,
+                         "ttft_p99_ramps_s": float | null}}}
 
 GPU-hours count from the moment a replica has a node (a spot pod Pending for want of capacity
 costs nothing) to the end of its drain or its reclaim, so the GPU time spent on requests in
 flight on a reclaimed replica, which are then served again elsewhere, is charged, and their
 tokens count once. The spot fields are zero for policies that place nothing on spot;
 `requests_retried` is fractional in the fluid model.
+
+`ttft_p99_ramps_s` is the TTFT p99 of the requests that arrive during the trace's ramps
+(`ramp_hours`: each day's two hours whose request rate rises most over the hour before); null
+for a trace shorter than two hours.
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ class PolicyResult:
     spot_reclaim_events: int = 0  # reclaim events that took some of its replicas
     spot_replicas_reclaimed: int = 0
     requests_retried: float = 0.0  # in flight on a reclaimed replica, served again elsewhere
+    ttft_p99_ramps_s: float | None = None  # requests arriving during the ramps (ramp_hours)
 
     def to_json(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k != "name"}
@@ -69,8 +75,33 @@ def slo_met(ttft: np.ndarray, itl: np.ndarray, spec: InferenceServiceSpec) -> np
     return ok
 
 
-def summarize(run: PolicyRun, spec: InferenceServiceSpec) -> PolicyResult:
-    _, ttft, itl, weight = run.records.arrays()
+RAMP_HOURS_PER_DAY = 2
+
+
+def ramp_hours(trace: Trace, per_day: int = RAMP_HOURS_PER_DAY) -> list[tuple[float, float]]:
+    """The trace's ramps, from its own load: for each day (24 h from the trace's start), the
+    `per_day` whole hours (from the trace's start) whose mean request rate rises most over the
+    hour before, if it rises at all. (start, end) in trace seconds, in time order. On the
+    bundled weeks these are the mornings: code 11:00-14:00 UTC on weekdays (the rate doubles
+    hour on hour), conversation's rises are gentler and less regular."""
+    hours = int(trace.duration_s // 3600)
+    if hours < 2:
+        return []
+    per_hour = np.asarray(trace.counts[: hours * 3600], dtype=float).reshape(hours, 3600).sum(axis=1)
+    rise = np.diff(per_hour, prepend=np.inf)  # the first hour has no hour before it
+    ramps = []
+    for first in range(0, hours, 24):
+        day = range(first, min(first + 24, hours))
+        best = sorted(day, key=lambda h: -rise[h])[:per_day]
+        ramps += [(h * 3600.0, (h + 1) * 3600.0) for h in best if rise[h] > 0]
+    return sorted(ramps)
+
+
+def summarize(run: PolicyRun, spec: InferenceServiceSpec, ramps: list[tuple[float, float]] | None = None
+              ) -> PolicyResult:
+    """The numbers of one run; with `ramps` (ramp_hours of its trace), also the TTFT p99 of the
+    requests that arrived during them."""
+    arrival, ttft, itl, weight = run.records.arrays()
     hours = {kind: run.gpu_seconds.get(kind, 0.0) / 3600.0 for kind in CAPACITY_TYPES}
     prices = {"on-demand": spec.pricing.on_demand_per_gpu_hour, "spot": spec.pricing.spot_per_gpu_hour,
               # A sleeping replica still holds its GPU; the reclaimed share is used by others.
@@ -105,7 +136,20 @@ def summarize(run: PolicyRun, spec: InferenceServiceSpec) -> PolicyResult:
         spot_reclaim_events=run.spot.reclaim_events,
         spot_replicas_reclaimed=run.spot.replicas_reclaimed,
         requests_retried=round(run.spot.requests_retried, 1),
+        ttft_p99_ramps_s=_ramp_p99(arrival, ttft, weight, ramps),
     )
+
+
+def _ramp_p99(arrival: np.ndarray, ttft: np.ndarray, weight: np.ndarray,
+              ramps: list[tuple[float, float]] | None) -> float | None:
+    if not ramps:
+        return None
+    starts = np.array([a for a, _ in ramps])
+    ends = np.array([b for _, b in ramps])
+    index = np.searchsorted(starts, arrival, side="right") - 1
+    inside = (index >= 0) & (arrival < ends[np.maximum(index, 0)])
+    p99 = weighted_quantiles(ttft[inside], weight[inside], (0.99,))[0]
+    return None if p99 is None else round(p99, 4)
 
 
 def spot_note(results: list[PolicyResult]) -> str:
@@ -136,13 +180,14 @@ def table(results: list[PolicyResult], title: str):
 
     t = Table(title=title, title_justify="left")
     for header in ("policy", "GPU-h", "on-demand", "spot", "asleep", "USD", "USD/1M tok", "TTFT p50", "p90",
-                   "p99", "ITL p90", "SLO met", "actions", "peak"):
+                   "p99", "ramp p99", "ITL p90", "SLO met", "actions", "peak"):
         t.add_column(header, justify="left" if header == "policy" else "right")
     for r in results:
         t.add_row(r.name, f"{r.gpu_hours:.1f}", f"{r.gpu_hours_by_type['on-demand']:.1f}",
                   f"{r.gpu_hours_by_type['spot']:.1f}", f"{r.gpu_hours_by_type['asleep']:.1f}",
                   f"{r.cost_usd:,.0f}", f"{r.usd_per_million_tokens:.3f}", f"{r.ttft_p50_s:.2f}s",
-                  f"{r.ttft_p90_s:.2f}s", f"{r.ttft_p99_s:.2f}s", f"{r.itl_p90_s * 1000:.0f}ms",
+                  f"{r.ttft_p90_s:.2f}s", f"{r.ttft_p99_s:.2f}s",
+                  "-" if r.ttft_p99_ramps_s is None else f"{r.ttft_p99_ramps_s:.2f}s", f"{r.itl_p90_s * 1000:.0f}ms",
                   f"{100 * r.slo_attainment:.2f}%", str(r.scale_actions), str(r.peak_replicas))
     return t
 

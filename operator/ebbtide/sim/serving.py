@@ -202,12 +202,25 @@ class RequestServing:
         self._held: dict[str, float] = {}  # request id -> seconds it waited at the gateway
         self.tokens_served = 0.0
         self._tokens_of_gone = 0.0  # vLLM's token counters of replicas that have drained
+        self._idle: dict[int, float] = {}  # replica -> first tick it was seen idle (see idle_since)
 
     def add_replica(self, rid: int, now: float) -> None:
-        engine = EngineCore(self.capacity)
-        engine.advance(now)
+        """A replica joins (or, still draining, rejoins with what it holds) the endpoints."""
+        engine = self.draining.pop(rid, None)
+        if engine is None:
+            engine = EngineCore(self.capacity)
+            engine.advance(now)
+            self._outstanding[rid] = 0
         self.engines[rid] = engine
-        self._outstanding[rid] = 0
+
+    def idle_since(self, rid: int, now: float) -> float | None:
+        """When the replica last had nothing running or waiting, or None if it has something
+        now. Looked at when asked (each policy tick): a replica found idle counts as idle from
+        that moment, so idle time is under-counted by at most one tick."""
+        if self.engines[rid].idle:
+            return self._idle.setdefault(rid, now)
+        self._idle.pop(rid, None)
+        return None
 
     def remove_replica(self, rid: int, now: float) -> float | None:
         """Stop routing to it; it finishes what it holds (drains), then is gone: `advance`
@@ -215,6 +228,7 @@ class RequestServing:
         engine = self.engines.pop(rid, None)
         if engine is not None:
             self.draining[rid] = engine
+        self._idle.pop(rid, None)
         return None
 
     def preempt_replica(self, rid: int, now: float) -> int:
@@ -399,6 +413,7 @@ class FluidServing:
         self._cum_tokens = [0.0] * (steps + 1)
         self._n = 0  # steps served
         self._queued_at = -1  # the last step that ended with requests waiting
+        self._busy_at = -1  # the last step that ended with requests running or waiting
         self._pool: set[int] = set()  # the replicas serving (draining ones have left it)
         # Preempted work, for the latency records (see preempt_replica): step -> requests
         # retried from it, and their mean age then; arrival step -> share of its requests
@@ -409,6 +424,13 @@ class FluidServing:
     def add_replica(self, rid: int, now: float) -> None:
         self.ready += 1
         self._pool.add(rid)
+
+    def idle_since(self, rid: int, now: float) -> float | None:
+        """The pool's replicas share its load, so they are busy or idle together: idle since the
+        end of the last step that ended with a request running or waiting (None if that is the
+        last step served). Under load a fluid replica is never idle: a surplus replica becomes
+        idle only once it has left the pool and its drain is over (see remove_replica)."""
+        return None if self._busy_at >= self._n - 1 else (self._busy_at + 1) * self.dt
 
     def remove_replica(self, rid: int, now: float) -> float:
         """Leaves the pool; it keeps its GPU while its in-flight requests finish (about one
@@ -476,7 +498,7 @@ class FluidServing:
                                if ready else 0.0)
         top_level = int(RHO_MAX * RHO_LEVELS)
         counts, itls, levels = self._counts, self._itl, self._rho_level
-        queued_at = self._queued_at
+        queued_at, busy_at = self._queued_at, self._busy_at
         cum_in, cum_adm, cum_tokens = self._cum_in, self._cum_admitted, self._cum_tokens
         running, queue, completed_total, tokens = self.running, self.queue, self._completed, self.tokens_served
         counted = self._tokens_counted
@@ -530,9 +552,12 @@ class FluidServing:
             levels[n] = level if level < top_level else top_level
             if queue > 1e-6:
                 queued_at = n
+                busy_at = n
+            elif running > 1e-6:
+                busy_at = n
         self.running, self.queue, self._completed, self.tokens_served = running, queue, completed_total, tokens
         self._tokens_counted = counted
-        self._queued_at = queued_at
+        self._queued_at, self._busy_at = queued_at, busy_at
         self._n = last
         return []
 

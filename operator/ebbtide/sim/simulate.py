@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import math
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -15,7 +16,10 @@ from ebbtide.api.spec import InferenceServiceSpec
 from ebbtide.policy.decision import Entries, Memory
 from ebbtide.policy.lifecycle import plan
 from ebbtide.policy.observation import FleetState, Signals
+from ebbtide.policy.profile import WEEK_SECONDS, Profile
+from ebbtide.policy.schedules import consolidated, effective_bounds
 from ebbtide.policy.spot import PodView, Split, SpotPods, classify, split
+from ebbtide.policy.warm_pool import PoolPlan, Replica, plan_pool
 from ebbtide.sim import baselines, report, traces
 from ebbtide.sim.capacity import PRESETS, CapacityModel, get_preset
 from ebbtide.sim.fleet import PolicyRun, SimSettings, SpotMarket, SpotReplica, simulate
@@ -26,7 +30,11 @@ ALL_POLICIES = ("ebbtide", "static", "hpa", "keda", "aibrix", "oracle")
 # Not in the default set: Ebbtide starting with the per-replica limit a previous replay of the
 # same trace taught it (see EbbtidePolicy.learned_capacity), and Ebbtide placing replicas on spot
 # capacity (EbbtideSpotPolicy), which meets the spot market below.
-EXTRA_POLICIES = ("ebbtide-warm", "ebbtide-spot", "spot-only")
+# The lifecycle variants (issue #5): the spec with pre-warming (warmup.predictive) and the
+# sleep pool (sleep) switched off or on, whatever it says: (pre-warming, sleep).
+LIFECYCLE = {"ebbtide-reactive": (False, False), "ebbtide-prewarm": (True, False),
+             "ebbtide-sleep": (False, True), "ebbtide-lifecycle": (True, True)}
+EXTRA_POLICIES = ("ebbtide-warm", "ebbtide-spot", "spot-only", *LIFECYCLE)
 ORACLE_SLO = 0.99
 
 # The spot market's defaults (docs/simulator.md, "Spot capacity"). No public figure gives
@@ -47,34 +55,91 @@ SPOT_NOTICE_S = 120.0
 @dataclass
 class EbbtidePolicy:
     """The operator's own decision, called exactly as the operator calls it:
-    `policy.lifecycle.plan` (schedule windows, then the reactive core), with the replay's cold
-    start as the startup time a schedule's floor is started ahead by.
+    `policy.lifecycle.plan` (schedule windows, pre-warming from the learned demand profile,
+    then the reactive core), with the replay's cold start as the startup time a schedule's
+    floor or a predicted ramp is started ahead by. With spec.sleep enabled, its decision is the
+    awake target and `pool` (policy.warm_pool.plan_pool) keeps the warm pool (sim/fleet.py).
 
-    `learned_capacity` (tokens/s a replica serves at the service's limit) starts it as an
-    operator that has run the service before: the capacity is kept in the InferenceService's
-    status, so a restart keeps it; everything else starts empty, as after a restart.
+    `learned_capacity` (tokens/s a replica serves at the service's limit) and `profile` (the
+    demand profile) start it as an operator that has run the service before: both are kept in
+    the InferenceService's status, so a restart keeps them; everything else starts empty, as
+    after a restart. Without a profile it starts an empty one (with warmup.predictive enabled),
+    which predicts nothing until it has seen a week.
     """
 
     spec: InferenceServiceSpec
     name: str = "ebbtide"
     learned_capacity: float | None = None
     startup_seconds: float | None = None  # None: the spec's warmup.defaultStartupSeconds
+    profile: Profile | None = None
 
     def __post_init__(self) -> None:
         self._memory: Memory | None = None
         self.interval_s = float(self.spec.scaling.behavior.interval_seconds)
+        predictive = self.spec.warmup.predictive
+        if self.profile is None and predictive.enabled:
+            self.profile = Profile.empty(predictive.lookback_weeks, profile_timezone(self.spec))
+        self.wake_level = self.spec.sleep.level
+        if not self.spec.sleep.enabled:
+            self.pool = None  # no warm pool: the fleet resizes as a Deployment would (fleet.Policy)
 
     def decide(self, signals: Signals, fleet: FleetState, now: float) -> int:
         if self._memory is None:
             self._memory = Memory(since=now, capacity=self.learned_capacity)
-        decision = plan(self.spec, signals, fleet, self._memory, now, self.startup_seconds)
+        predictive = self.profile if self.spec.warmup.predictive.enabled else None
+        decision = plan(self.spec, signals, fleet, self._memory, now, self.startup_seconds, predictive)
         self._memory = decision.memory
+        if predictive is not None:
+            self.profile = decision.profile
         return decision.desired
+
+    def pool(self, desired: int, replicas: list[Replica], now: float) -> PoolPlan:
+        """The warm pool's moves for the awake target `desired`, as the operator plans them
+        (in an off-peak window with the consolidated spec: surplus sleeps once drained)."""
+        spec = self.spec
+        acting = consolidated(spec) if spec.schedules and effective_bounds(spec, now).off_peak else spec
+        return plan_pool(desired, replicas, acting.sleep, now, spec.replicas.allow_scale_to_zero)
 
     @property
     def capacity(self) -> float | None:
         """The per-replica limit it has learned so far."""
         return None if self._memory is None else self._memory.capacity
+
+
+def profile_timezone(spec: InferenceServiceSpec) -> str:
+    """The zone the demand profile's time-of-week bins are kept in, as the operator keeps them:
+    warmup.predictive.timezone (a field added with the operator's pre-warming; UTC before it)."""
+    return getattr(spec.warmup.predictive, "timezone", "UTC")
+
+
+def with_lifecycle(spec: InferenceServiceSpec, prewarm: bool, sleep: bool) -> InferenceServiceSpec:
+    """The spec with pre-warming and the sleep pool on or off (their other settings as they are)."""
+    predictive = spec.warmup.predictive.model_copy(update={"enabled": prewarm})
+    return spec.model_copy(update={
+        "warmup": spec.warmup.model_copy(update={"predictive": predictive}),
+        "sleep": spec.sleep.model_copy(update={"enabled": sleep}),
+    })
+
+
+def train(spec: InferenceServiceSpec, trace: traces.Trace, settings: SimSettings, startup_seconds: float | None,
+          rotate_s: float = 0.0) -> tuple[Profile, float | None]:
+    """What an operator that served the trace's traffic the week before would know: the demand
+    profile and the per-replica limit (both kept in the InferenceService's status).
+
+    The trace is replayed once, ending where the measured replay starts (shifted back by whole
+    weeks: the time-of-week bins line up and the profile has a week behind it), by Ebbtide with
+    pre-warming on (it learns; a profile predicts nothing in its first week) and no sleep pool.
+    `rotate_s` shifts the training week's load that much later first: with one day, each day is
+    predicted from the day before, not from itself.
+    """
+    weeks = max(1, math.ceil(trace.duration_s / WEEK_SECONDS))
+    start = (trace.start_utc or datetime.datetime(2024, 1, 1)) - datetime.timedelta(weeks=weeks)
+    earlier = replace(traces.rotate(trace, rotate_s) if rotate_s else trace, start_utc=start)
+    learner = EbbtidePolicy(with_lifecycle(spec, prewarm=True, sleep=False), name="training",
+                            startup_seconds=startup_seconds)
+    simulate(earlier, learner, settings)
+    assert learner.profile is not None
+    return learner.profile, learner.capacity
 
 
 def with_spot(spec: InferenceServiceSpec) -> InferenceServiceSpec:
@@ -190,6 +255,9 @@ def build_policies(names: list[str], spec: InferenceServiceSpec, trace: traces.T
     make = {
         "ebbtide": lambda: EbbtidePolicy(spec, startup_seconds=startup_seconds),
         "ebbtide-warm": lambda: EbbtidePolicy(spec, name="ebbtide-warm", startup_seconds=startup_seconds),
+        **{name: (lambda name=name, on=on: EbbtidePolicy(with_lifecycle(spec, *on), name=name,
+                                                           startup_seconds=startup_seconds))
+           for name, on in LIFECYCLE.items()},
         "ebbtide-spot": lambda: EbbtideSpotPolicy(spec, startup_seconds=startup_seconds),
         "spot-only": lambda: SpotOnlyPolicy(spec, startup_seconds=startup_seconds),
         "static": lambda: baselines.Static(replicas=min(hi, oracle.peak)),
@@ -296,6 +364,9 @@ def run(args: argparse.Namespace) -> int:
         cold_start = float(spec.warmup.default_startup_seconds if args.cold_start is None else args.cold_start)
         policies = build_policies(names, spec, trace, capacity, startup_seconds=cold_start)
         market = spot_market(args)
+        if args.train_rotate and not args.train_profile:
+            raise ValueError("--train-rotate shifts the training replay: it needs --train-profile")
+        rotate = parse_duration(args.train_rotate) if args.train_rotate else 0.0
     except (InvalidSpec, traces.TraceError, ValueError, OSError) as e:
         print(f"ebbtide simulate: {e}", file=sys.stderr)
         return 2
@@ -317,7 +388,19 @@ def run(args: argparse.Namespace) -> int:
     results: list[report.PolicyResult] = []
     series: list[report.PlotSeries] = []
     extra: dict[str, float | None] = {}
+    ramps = report.ramp_hours(trace)
     started, cpu_started = time.perf_counter(), time.process_time()
+    if args.train_profile:
+        # An operator that served the same traffic the week before: its demand profile and
+        # per-replica limit, for every Ebbtide policy of the run (ebbtide-warm's pass is then moot).
+        profile, learned_capacity = train(spec, trace, settings, cold_start, rotate)
+        for policy in policies:
+            if isinstance(policy, EbbtidePolicy):
+                policy.learned_capacity = learned_capacity
+                if policy.spec.warmup.predictive.enabled:
+                    policy.profile = profile
+        extra.update(trained_profile=True, train_rotate_s=rotate,
+                     trained_capacity_tokens_per_s=None if learned_capacity is None else round(learned_capacity, 1))
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=console, transient=True, disable=not console.is_terminal) as bar:
         task = bar.add_task("simulating", total=len(policies))
@@ -332,7 +415,7 @@ def run(args: argparse.Namespace) -> int:
                 policy, result, rate = calibrate_oracle(spec, trace, settings, limit, args.oracle_slo)
                 extra.update(oracle_rate_per_replica=round(rate, 4), oracle_rate_limit=round(limit, 4))
             else:
-                if isinstance(policy, EbbtidePolicy) and policy.name == "ebbtide-warm":
+                if isinstance(policy, EbbtidePolicy) and policy.name == "ebbtide-warm" and not args.train_profile:
                     if learned is None:  # learn it as a new service would, in a replay not reported
                         cold = EbbtidePolicy(spec, startup_seconds=cold_start)
                         simulate(trace, cold, settings)
@@ -342,7 +425,7 @@ def run(args: argparse.Namespace) -> int:
                 result = simulate(trace, policy, settings)
                 if isinstance(policy, EbbtidePolicy) and policy.name == "ebbtide" and learned is None:
                     learned = policy.capacity
-            results.append(report.summarize(result, spec))
+            results.append(report.summarize(result, spec, ramps))
             if args.plot:
                 series.append(report.plot_series(result, trace))
             del result  # millions of latency points per week-long run
@@ -450,6 +533,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scale", type=int, default=1,
                         help="request logs: overlay this many time-shifted copies (default: 1)")
     parser.add_argument("--hours", type=float, default=None, help="rate traces: replay only the first HOURS")
+    lifecycle = parser.add_argument_group(
+        "lifecycle", "pre-warming and the sleep pool (spec.warmup.predictive, spec.sleep; the policies "
+        f"{', '.join(LIFECYCLE)} switch them off and on whatever the spec says)")
+    lifecycle.add_argument("--train-profile", action="store_true",
+                           help="start Ebbtide as an operator that served the trace's traffic the week before: "
+                           "replay it once, one week earlier, to learn the demand profile (pre-warming predicts "
+                           "nothing from less than a week) and the per-replica limit, then measure the replay")
+    lifecycle.add_argument("--train-rotate", metavar="DURATION", default=None,
+                           help="with --train-profile: shift the training week's load this much later first, "
+                           "e.g. 1d (each day predicted from the day before instead of itself)")
     spot = parser.add_argument_group(
         "spot market", "what spot capacity does to policies that use it (ebbtide-spot); see docs/simulator.md")
     spot.add_argument("--spot-preemptions-per-hour", type=float, default=SPOT_PREEMPTIONS_PER_HOUR, metavar="R",

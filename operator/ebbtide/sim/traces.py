@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import csv
 import datetime
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 
@@ -227,3 +227,17 @@ def superpose(trace: Trace, copies: int, seed: int) -> Trace:
     return Trace(name=f"{trace.name} x{copies}", duration_s=float(seconds), counts=counts, prompt_sum=p_sum,
                  output_sum=o_sum, arrivals=all_arrivals, prompt_tokens=prompt, output_tokens=output,
                  start_utc=trace.start_utc)
+
+
+def rotate(trace: Trace, seconds: float) -> Trace:
+    """The trace shifted circularly `seconds` later (what arrived at t arrives at t + seconds,
+    the end wrapping round to the start), on the same clock: with one day, each day of a week
+    carries the day before's load."""
+    shift = int(round(seconds)) % max(1, len(trace.counts))
+    rolled = {k: np.roll(getattr(trace, k), shift) for k in ("counts", "prompt_sum", "output_sum")}
+    if trace.arrivals is None:
+        return replace(trace, **rolled)
+    arrivals = (trace.arrivals + shift) % trace.duration_s
+    order = np.argsort(arrivals, kind="stable")
+    return replace(trace, **rolled, arrivals=arrivals[order], prompt_tokens=trace.prompt_tokens[order],
+                   output_tokens=trace.output_tokens[order])
