@@ -249,6 +249,24 @@ def test_the_floor_covers_the_ramp_from_one_lead_time_ahead(lead):
     assert ramp is not None and ramp.floor == 7 and ramp.at == EIGHT
 
 
+def test_a_day_below_its_profile_sees_no_ramp_at_every_quarter_hour_and_a_smaller_real_one():
+    """Mid-morning of a quiet day (a third of the learned demand): the quarter-hour this week
+    has visited blends today's demand in, the next one still holds last week's. Read as last
+    week left them, the plateau is no ramp. And the 08:00 ramp of a day running at a third of
+    its profile's night level is pre-warmed to a third of its height."""
+    s = spec()
+    profile, t = taught(), EIGHT + 2 * 3600 + 600  # 10:10, ten minutes into the 10:00 quarter-hour
+    for moment in (EIGHT + 2 * 3600, EIGHT + 2 * 3600 + 300, t):
+        profile = observe(profile, moment, DAY / 3)
+    assert predict(profile, t) < predict(profile, t + 900) / 1.1, "the blended bin looks like a rise"
+    assert ramp_ahead(s, profile, CAPACITY, t, 600, observed=DAY / 3) is None
+
+    now = EIGHT - 150
+    full = ramp_ahead(s, taught(), CAPACITY, now, 180, observed=NIGHT)
+    quiet = ramp_ahead(s, taught(), CAPACITY, now, 180, observed=NIGHT / 3)
+    assert full.floor == 7 and quiet.floor == 3, (full, quiet)  # ceil(2480 x 1.1 / 400) and a third of it
+
+
 # --- off-peak consolidation ---------------------------------------------------------------------
 
 OFF_PEAK = {"schedules": [{"name": "night", "cron": "0 22 * * *", "durationMinutes": 480, "offPeak": True,

@@ -144,6 +144,10 @@ def test_restart_round_trip_is_small_and_lossless_enough():
     assert Profile.load(json.loads(text), lookback_weeks=3, timezone="Europe/Berlin").lookback_weeks == 3
     assert Profile.load({"version": 99}, timezone="UTC") == Profile.empty(timezone="UTC")
     assert Profile.load(json.loads(text), timezone="UTC") == Profile.empty(timezone="UTC")  # other zone's weeks
+    # A version-1 document (before `prior`) still loads: what it learned is all last week's.
+    v1 = {k: v for k, v in json.loads(text).items() if k != "prior"} | {"version": 1}
+    old = Profile.from_json(v1)
+    assert old.mean == back.mean and old.prior == old.mean
 
 
 def test_bins_follow_local_time_across_dst():

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import math
 from typing import NamedTuple
 from zoneinfo import ZoneInfo
 
@@ -57,7 +58,7 @@ def plan(spec: InferenceServiceSpec, signals: Signals, fleet: FleetState, memory
     if profile.lookback_weeks != predictive.lookback_weeks:  # the spec changed: forget at its pace
         profile = dataclasses.replace(profile, lookback_weeks=predictive.lookback_weeks)
     scheduled_floor = floor_ahead(spec, now, lead) if spec.schedules else spec.replicas.min
-    ramp = ramp_ahead(spec, profile, memory.capacity, now, lead)
+    ramp = ramp_ahead(spec, profile, memory.capacity, now, lead, _observed(signals, fleet))
     if ramp is None or ramp.floor <= scheduled_floor:
         decision = _scheduled(spec, signals, fleet, memory, now, lead, scheduled_floor)
     else:
@@ -73,7 +74,7 @@ def plan(spec: InferenceServiceSpec, signals: Signals, fleet: FleetState, memory
 
 
 def ramp_ahead(spec: InferenceServiceSpec, profile: Profile, capacity: float | None, now: float,
-               lead_seconds: float) -> Ramp | None:
+               lead_seconds: float, observed: float | None = None) -> Ramp | None:
     """The ramp to pre-warm for now, or None.
 
     The profile holds tokens/s (see _learn), which become replicas as the reactive core counts
@@ -82,7 +83,15 @@ def ramp_ahead(spec: InferenceServiceSpec, profile: Profile, capacity: float | N
 
     Only a rise counts: the demand predicted ahead (the highest in (now, now + lead]) must exceed
     the level already reached, the lower of the predictions for the previous 15 minutes and the
-    current ones, by more than the reactive core's tolerance. Without that test the floor would
+    current ones, by more than the reactive core's tolerance. Those levels are read as they
+    stood before this week's visits (profile.predict(before_this_week=True)): the bins ahead
+    have not been visited yet, and on a day below its profile the visited ones already hold
+    today's lower demand, which made every quarter-hour boundary look like a rise.
+
+    A day running below its profile (a holiday, a quiet Saturday) rises less too: with the
+    demand `observed` now (tokens/s) below the level predicted by more than the
+    tolerance, the ramp is scaled by the same ratio (now: the level the ramp rises from). Above
+    it, the reactive core sees the extra load itself. Without that test the floor would
     sit at the prediction x headroom all day on a plateau (about 10 % more GPU-hours for replicas
     the reactive core already provides), and a day that runs far below its profile (a holiday)
     would be held at a normal day's size. Comparing with the previous 15 minutes keeps the floor
@@ -96,18 +105,38 @@ def ramp_ahead(spec: InferenceServiceSpec, profile: Profile, capacity: float | N
         return None
     per_replica = capacity * THROUGHPUT_TARGET
     headroom = spec.warmup.predictive.headroom
-    target = prewarm_target(profile, now, lead_seconds, headroom, per_replica)
+    # Everything is read as last week left it (before_this_week): the bins ahead and the ones
+    # this week has already visited then compare like with like; today's own level enters
+    # through `observed` below.
+    target = prewarm_target(profile, now, lead_seconds, headroom, per_replica, before_this_week=True)
     if target is None:
         return None
     replicas, at = target
-    demand = predict(profile, at)
+    demand = predict(profile, at, before_this_week=True)
     if demand is None:  # prewarm_target found it, so this does not happen; never pre-warm on nothing
         return None
-    levels = [p for p in (predict(profile, now - BIN_SECONDS), predict(profile, now)) if p is not None]
-    if levels and demand <= min(levels) * (1.0 + spec.scaling.behavior.tolerance):
+    tolerance = spec.scaling.behavior.tolerance
+    levels = [p for p in (predict(profile, now - BIN_SECONDS, before_this_week=True),
+                          predict(profile, now, before_this_week=True)) if p is not None]
+    if levels and demand <= min(levels) * (1.0 + tolerance):
         return None
+    # The level the ramp starts from (the lower of the two bins) is what today's demand is
+    # compared with: inside the ramp's first quarter-hour the metrics window still reads that
+    # level, and must not be taken for a quiet day.
+    start = min(levels) if levels else None
+    if observed is not None and start and observed < start * (1.0 - tolerance):
+        demand *= observed / start
+        replicas = math.ceil(demand * headroom / per_replica - 1e-9)
+        if replicas <= 0:
+            return None
     ceiling = effective_bounds(spec, at).max_replicas
     return Ramp(min(replicas, ceiling), replicas, demand, demand / per_replica, at, headroom)
+
+
+def _observed(signals: Signals, fleet: FleetState) -> float | None:
+    """This tick's demand in tokens/s, when it can be read as demand (see _learn)."""
+    fair = signals.error is None and signals.sampled_at is not None and fleet.ready > 0
+    return signals.tokens_per_second if fair else None
 
 
 def _learn(profile: Profile, decision: Decision, signals: Signals, fleet: FleetState, now: float) -> Profile:

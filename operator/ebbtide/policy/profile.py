@@ -12,6 +12,11 @@ profile is unit-free: tokens/s (divided by a replica's capacity in tokens/s) or 
 capacity 1). Its size does not depend on how long it has learned: about 15 KB of JSON at most,
 small enough for the service's status or an annotation, so a restarted operator keeps it.
 
+Each bin also keeps `prior`, its mean as it stood before this week's first visit: what last
+week taught about that time. A bin already visited this week blends today's demand in, while
+the next bin still holds last week's; comparing the two would see a rise at every boundary of
+a day that runs below its profile. predict(..., before_this_week=True) compares like with like.
+
 Forgetting is per week: each time a bin is visited in a new week, the weight of what it held
 is multiplied by (N - 1) / (N + 1) per week passed, N = warmup.predictive.lookbackWeeks. That
 is an exponential moving average over weeks with a span of N: with N = 1 only the last week
@@ -26,7 +31,8 @@ from datetime import datetime
 from functools import lru_cache
 from zoneinfo import ZoneInfo
 
-PROFILE_VERSION = 1
+PROFILE_VERSION = 2  # 2 adds `prior`; version 1 is read with prior = mean
+NO_PRIOR = -1.0
 BIN_SECONDS = 900
 WEEK_SECONDS = 7 * 24 * 3600
 BINS = WEEK_SECONDS // BIN_SECONDS  # 672
@@ -76,6 +82,13 @@ class Profile:
     var: tuple[float, ...]
     weight: tuple[float, ...]  # seconds of observation behind the bin, after forgetting
     week: tuple[int, ...]  # local week the bin was last seen in
+    # Mean before this week's first visit (see the module docstring); NO_PRIOR when the bin
+    # had no history before this week (then its mean is all there is).
+    prior: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.prior:
+            object.__setattr__(self, "prior", self.mean)
 
     @classmethod
     def empty(cls, lookback_weeks: int = 2, timezone: str = "UTC") -> Profile:
@@ -97,25 +110,27 @@ class Profile:
             "var": [_short(x) for x in self.var],
             "weight": [round(x, 1) if x else 0 for x in self.weight],
             "week": list(self.week),
+            "prior": [_short(x) for x in self.prior],
         }
 
     @classmethod
     def from_json(cls, data: dict) -> Profile:
         """The inverse of to_json (values rounded as stored); ValueError on anything else."""
-        if not isinstance(data, dict) or data.get("version") != PROFILE_VERSION:
-            raise ValueError("not a demand profile of version 1")
+        if not isinstance(data, dict) or data.get("version") not in (1, PROFILE_VERSION):
+            raise ValueError(f"not a demand profile of version 1 or {PROFILE_VERSION}")
         try:
             if data["binSeconds"] != BIN_SECONDS:
                 raise ValueError(f"bins of {data['binSeconds']} s, expected {BIN_SECONDS}")
-            columns = [data["mean"], data["var"], data["weight"], data["week"]]
+            columns = [data["mean"], data["var"], data["weight"], data["week"], data.get("prior", data["mean"])]
             if any(len(c) != BINS for c in columns):
                 raise ValueError(f"expected {BINS} bins")
-            mean, var, weight = (tuple(_finite(x) for x in c) for c in columns[:3])
+            mean, var, weight, prior = (tuple(_finite(x) for x in c) for c in (*columns[:3], columns[4]))
             if any(v < 0 for v in var) or any(w < 0 for w in weight):
                 raise ValueError("negative variance or weight")
             profile = cls.empty(int(data["lookbackWeeks"]), str(data["timezone"]))
             return replace(profile, since=_optional(data["since"]), updated=_optional(data["updated"]),
-                           mean=mean, var=var, weight=weight, week=tuple(int(w) for w in columns[3]))
+                           mean=mean, var=var, weight=weight, week=tuple(int(w) for w in columns[3]),
+                           prior=prior)
         except (KeyError, TypeError, ValueError, LookupError) as e:
             raise ValueError(f"demand profile is malformed: {e!r}") from None
 
@@ -167,8 +182,11 @@ def observe(profile: Profile, now: float, demand: float, seconds: float | None =
         return replace(profile, since=since, updated=now)
     i, week = bin_of(now, profile.timezone)
     w, mean, var = profile.weight[i], profile.mean[i], profile.var[i]
-    if week > profile.week[i] and w > 0:
-        w *= _decay(profile.lookback_weeks) ** (week - profile.week[i])
+    prior = profile.prior[i]
+    if week > profile.week[i]:
+        prior = mean if w > 0 else NO_PRIOR  # the first visit this week: keep what the weeks before taught
+        if w > 0:
+            w *= _decay(profile.lookback_weeks) ** (week - profile.week[i])
     total = w + seconds
     share = seconds / total
     delta = demand - mean
@@ -178,6 +196,7 @@ def observe(profile: Profile, now: float, demand: float, seconds: float | None =
         profile, since=since, updated=now,
         mean=_put(profile.mean, i, mean), var=_put(profile.var, i, var),
         weight=_put(profile.weight, i, total), week=_put(profile.week, i, max(week, profile.week[i])),
+        prior=_put(profile.prior, i, prior),
     )
 
 
@@ -185,10 +204,11 @@ def _put(values: tuple, i: int, value: object) -> tuple:
     return values[:i] + (value,) + values[i + 1:]
 
 
-def predict(profile: Profile, at: float, high: bool = False) -> float | None:
+def predict(profile: Profile, at: float, high: bool = False, before_this_week: bool = False) -> float | None:
     """The expected demand at `at` (with high=True: its 90th percentile), or None when the
     profile has not seen that time of week in the past `lookback_weeks` weeks, or has learned
-    for less than a week."""
+    for less than a week. With before_this_week, a bin already visited in at's week answers
+    with what it held before (its `prior`)."""
     if profile.since is None or at - profile.since < WEEK_SECONDS:
         return None
     i, week = bin_of(at, profile.timezone)
@@ -198,12 +218,14 @@ def predict(profile: Profile, at: float, high: bool = False) -> float | None:
         w *= _decay(profile.lookback_weeks) ** weeks_unseen
     if w < _MIN_BIN_WEIGHT:
         return None
-    mean = profile.mean[i]
+    prior = profile.prior[i]
+    mean = prior if before_this_week and profile.week[i] == week and prior != NO_PRIOR else profile.mean[i]
     return mean + _HIGH_Z * math.sqrt(profile.var[i]) if high else mean
 
 
 def prewarm_target(profile: Profile, now: float, lead_seconds: float, headroom: float,
-                   capacity_per_replica: float, high: bool = False) -> tuple[int, float] | None:
+                   capacity_per_replica: float, high: bool = False,
+                   before_this_week: bool = False) -> tuple[int, float] | None:
     """(replicas, when) for the highest demand predicted in (now, now + lead].
 
     replicas = ceil(demand x headroom / capacity per replica); `when` is the first moment
@@ -219,7 +241,7 @@ def prewarm_target(profile: Profile, now: float, lead_seconds: float, headroom: 
     end = now + lead_seconds
     while start <= end:
         moment = max(start, now)
-        demand = predict(profile, moment, high=high)
+        demand = predict(profile, moment, high=high, before_this_week=before_this_week)
         if demand is not None and (best is None or demand > best[0]):
             best = (demand, moment)
         start += BIN_SECONDS
