@@ -9,13 +9,17 @@ A backend is a running cluster with the Ebbtide operator and a Prometheus in it:
 * ``service_url(name, namespace)``: a base URL on this machine that reaches the model server's
   Service (a load balancer process on the emulated cluster, a port-forward on kind);
 * ``prometheus_url``: the Prometheus the operator reads;
-* ``engine``: what the scenario puts in ``spec.engine`` so replicas run the engine simulator.
+* ``engine``: what the scenario puts in ``spec.engine`` so replicas run the engine simulator;
+* ``engine_get(pod, path)``: a GET on a pod's engine (``/is_sleeping``), where the backend can reach it;
+* ``reclaim_spot_node()`` / ``end_spot_reclaim(node)``: the reclaim notice Karpenter puts on a spot
+  node (the taint ``karpenter.sh/disrupted:NoSchedule``), and its removal.
 """
 
 from __future__ import annotations
 
 import abc
 import datetime
+import json
 import shutil
 import subprocess
 import time
@@ -29,6 +33,11 @@ from kubernetes.dynamic.exceptions import NotFoundError
 
 ROOT = Path(__file__).resolve().parents[1]
 MERGE_PATCH = "application/merge-patch+json"
+# Both backends label one node as Karpenter labels its spot nodes (the pod runner's
+# runner-node-spot-0, the kind worker in e2e/kind-cluster.yaml).
+SPOT_NODE_SELECTOR = "karpenter.sh/capacity-type=spot"
+# What Karpenter v1 puts on a node it is about to take back (a spot interruption included).
+RECLAIM_TAINT = {"key": "karpenter.sh/disrupted", "effect": "NoSchedule"}
 
 
 def kubectl_binary() -> str | None:
@@ -50,6 +59,11 @@ class StoryLog:
         line = f"{now} +{time.monotonic() - self.started:6.1f}s  {message}\n"
         with self.path.open("a") as f:
             f.write(line)
+
+    def heading(self, title: str) -> None:
+        """The start of a scenario: one log holds every scenario of the session."""
+        with self.path.open("a") as f:
+            f.write(f"\n##### {title}\n")
 
     def section(self, title: str, text: str) -> None:
         with self.path.open("a") as f:
@@ -80,6 +94,10 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def service_url(self, name: str, namespace: str = "default") -> str:
         """A base URL on this machine for the model server's Service."""
+
+    @abc.abstractmethod
+    def set_taint(self, node: str, taint: dict, present: bool) -> None:
+        """Add (present) or remove a taint on a node, as `kubectl taint` does."""
 
     def __enter__(self) -> Backend:
         try:
@@ -147,3 +165,37 @@ class Backend(abc.ABC):
         if done.returncode != 0:
             return f"(kubectl {' '.join(args)} failed with {done.returncode})\n{done.stdout}{done.stderr}"
         return done.stdout
+
+    # ------------------------------------------------------------------------------ nodes and engines
+
+    def spot_node(self) -> str:
+        nodes = self.list("v1", "Node", label_selector=SPOT_NODE_SELECTOR)
+        assert nodes, f"no node labelled {SPOT_NODE_SELECTOR}"
+        return nodes[0]["metadata"]["name"]
+
+    def reclaim_spot_node(self) -> str:
+        """Announce that the spot node is going away (RECLAIM_TAINT); its name."""
+        node = self.spot_node()
+        self.set_taint(node, RECLAIM_TAINT, present=True)
+        return node
+
+    def end_spot_reclaim(self, node: str) -> None:
+        self.set_taint(node, RECLAIM_TAINT, present=False)
+
+    def engine_get(self, pod: dict, path: str) -> dict | None:
+        """GET `path` on a pod's engine through the API server's pod proxy, as JSON; None if no answer."""
+        meta = pod["metadata"]
+        answer = self.kubectl("get", "--raw", f"/api/v1/namespaces/{meta['namespace']}/pods/"
+                                              f"{meta['name']}:{engine_port(pod)}/proxy{path}", timeout=10)
+        try:
+            return json.loads(answer)
+        except ValueError:
+            return None
+
+
+def engine_port(pod: dict) -> int | None:
+    """The engine container's port (the pod runner sets it to the engine's own loopback port)."""
+    containers = pod["spec"].get("containers") or []
+    container = next((c for c in containers if c.get("name") == "vllm"), containers[0] if containers else {})
+    ports = container.get("ports") or [{}]
+    return ports[0].get("containerPort")

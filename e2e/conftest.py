@@ -1,5 +1,6 @@
 """Fixtures of the end-to-end scenarios: the backend chosen by ``E2E_CLUSTER`` (``emulated``, the
-default, or ``kind``) and the end-to-end log, ``artifacts/e2e-<backend>.log``."""
+default, or ``kind``) and the end-to-end log, ``artifacts/e2e-<backend>.log``, one for all the
+scenarios of a session."""
 
 from __future__ import annotations
 
@@ -32,6 +33,6 @@ def backend() -> Iterator[Backend]:
         yield started
 
 
-@pytest.fixture()
+@pytest.fixture(scope="session")
 def story(backend: Backend) -> StoryLog:
     return StoryLog(artifacts_dir() / f"e2e-{backend.name}.log")

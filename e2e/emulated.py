@@ -4,7 +4,8 @@
 * a real Prometheus (``python -m tests.testbed.prometheus``) scraping the file_sd targets the
   pod runner writes;
 * the pod runner (``python -m tests.testbed.podrunner``): engine-simulator processes for the
-  pods of each Deployment, like kwok with real pods;
+  pods of each Deployment, like kwok with real pods, on two fake Nodes labelled as Karpenter
+  labels an on-demand and a spot node; its control port taints them (a spot reclaim);
 * the operator exactly as the chart runs it: ``ebbtide run --prometheus-url ... --metrics-port
   ... --health-port ...`` with ``KUBECONFIG`` and ``EBBTIDE_TICK_SECONDS`` in its environment;
 * a load balancer per Service (in-process, from tests/testbed/loadbalancer.py).
@@ -14,15 +15,17 @@ Logs of every process go to ``artifacts/e2e-emulated/`` (one file each, engines 
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
 from tests.testbed.loadbalancer import LoadBalancer
 from tests.testbed.waiting import wait_for
 
-from e2e.backend import ROOT, Backend
+from e2e.backend import ROOT, Backend, engine_port
 from e2e.processes import ManagedProcess
 from ebbtide.sim.engine_server import free_port
 
@@ -56,6 +59,7 @@ class EmulatedBackend(Backend):
         self.balancers: dict[tuple[str, str], LoadBalancer] = {}
         self.kubeconfig = self.logs / "kubeconfig"
         self.prometheus_url = ""
+        self.runner_control = ""  # the pod runner's node API (taints)
         self.metrics_port = self.health_port = 0
 
     def _spawn(self, name: str, argv: list[str], **env: str) -> ManagedProcess:
@@ -80,9 +84,10 @@ class EmulatedBackend(Backend):
 
         runner = self._spawn("podrunner", [python, "-m", "tests.testbed.podrunner", "--kubeconfig",
                                            str(self.kubeconfig), "--targets-file", str(targets), "--preset", "tiny",
-                                           "--startup-delay", "1", "--max-grace-seconds", "5", "--no-nodes",
-                                           "--log-dir", str(self.logs / "pods")])
+                                           "--startup-delay", "1", "--max-grace-seconds", "5",
+                                           "--control-port", "0", "--log-dir", str(self.logs / "pods")])
         runner.wait_for_line(r"pod runner ready")
+        self.runner_control = runner.wait_for_line(r"pod runner control at (\S+)").group(1)
 
         self.metrics_port, self.health_port = free_port(), free_port()
         operator = self._spawn("operator", [ebbtide_command(), "run", "--prometheus-url", self.prometheus_url,
@@ -105,6 +110,27 @@ class EmulatedBackend(Backend):
         if key not in self.balancers:
             self.balancers[key] = LoadBalancer(name, namespace, kubeconfig=self.kubeconfig).start()
         return self.balancers[key].url
+
+    def set_taint(self, node: str, taint: dict, present: bool) -> None:
+        # The pod runner owns its fake Nodes (it schedules by their taints and writes them to the API).
+        url = f"{self.runner_control}/nodes/{node}/taints"
+        if present:
+            request = urllib.request.Request(url, data=json.dumps(taint).encode(), method="POST",
+                                             headers={"Content-Type": "application/json"})
+        else:
+            request = urllib.request.Request(f"{url}?{urllib.parse.urlencode({'key': taint['key']})}",
+                                             method="DELETE")
+        with urllib.request.urlopen(request, timeout=30) as response:
+            response.read()
+
+    def engine_get(self, pod: dict, path: str) -> dict | None:
+        # No API server proxy here, but every engine listens on this machine: podIP:containerPort.
+        try:
+            with urllib.request.urlopen(f"http://{pod['status']['podIP']}:{engine_port(pod)}{path}",
+                                        timeout=5) as response:
+                return json.loads(response.read())
+        except (OSError, KeyError, ValueError):
+            return None
 
     def stop(self) -> None:
         for balancer in self.balancers.values():

@@ -1,10 +1,14 @@
 """The kind backend (``E2E_CLUSTER=kind``): the real thing, where Docker exists.
 
-Builds the two images from docker/, creates a kind cluster, loads the images into it, installs
-Prometheus (the prometheus-community chart: its ``kubernetes-pods`` job scrapes the
-``prometheus.io/*`` annotations the operator puts on engine pods) and charts/ebbtide with
-helm, then reaches Prometheus and the model servers through ``kubectl port-forward``.
-Command output goes to ``artifacts/e2e-kind/``. ``E2E_KEEP_CLUSTER=1`` keeps the cluster.
+Runs `install_commands()`, which README.md shows verbatim under "Install on a cluster"
+(e2e/test_install_docs.py compares them): builds the two images from docker/, creates a kind
+cluster from e2e/kind-cluster.yaml (one worker labelled as a Karpenter spot node, one as
+on-demand), loads the images into it, installs Prometheus (the prometheus-community chart: its
+``kubernetes-pods`` job scrapes the ``prometheus.io/*`` annotations the operator puts on engine
+pods) and charts/ebbtide with helm. It reaches Prometheus through ``kubectl port-forward``, and
+the model servers through ``kubectl proxy`` (the API server's service proxy: each request goes to
+one of the Service's endpoints, as in the cluster) and the engines through its pod proxy. Command
+output goes to ``artifacts/e2e-kind/``. ``E2E_KEEP_CLUSTER=1`` keeps the cluster.
 """
 
 from __future__ import annotations
@@ -24,6 +28,36 @@ CLUSTER = os.environ.get("E2E_KIND_CLUSTER", "ebbtide-e2e")
 VERSION = yaml.safe_load((ROOT / "charts" / "ebbtide" / "Chart.yaml").read_text())["appVersion"]
 OPERATOR_IMAGE = f"ebbtide/operator:{VERSION}"
 ENGINE_IMAGE = f"ebbtide/engine-sim:{VERSION}"
+CLUSTER_CONFIG = "e2e/kind-cluster.yaml"
+
+
+def install_commands(cluster: str = CLUSTER) -> list[list[str]]:
+    """What installs Ebbtide on a new kind cluster, run from the repository root with KUBECONFIG set.
+
+    README.md's "Install on a cluster" is a copy (e2e/test_install_docs.py checks it).
+    `operator.tickSeconds=1` (default 5) is the scenarios' faster loop.
+    """
+    return [
+        ["docker", "build", "-f", "docker/operator.Dockerfile", "-t", OPERATOR_IMAGE, "."],
+        ["docker", "build", "-f", "docker/engine-sim.Dockerfile", "-t", ENGINE_IMAGE, "."],
+        ["kind", "create", "cluster", "--name", cluster, "--config", CLUSTER_CONFIG, "--wait", "180s"],
+        ["kind", "load", "docker-image", OPERATOR_IMAGE, "--name", cluster],
+        ["kind", "load", "docker-image", ENGINE_IMAGE, "--name", cluster],
+        ["helm", "repo", "add", "prometheus-community", "https://prometheus-community.github.io/helm-charts",
+         "--force-update"],
+        ["helm", "upgrade", "--install", "prometheus", "prometheus-community/prometheus",
+         "--namespace", "monitoring", "--create-namespace", "--wait", "--timeout", "5m",
+         "--set", "alertmanager.enabled=false", "--set", "prometheus-pushgateway.enabled=false",
+         "--set", "kube-state-metrics.enabled=false", "--set", "prometheus-node-exporter.enabled=false",
+         "--set", "server.persistentVolume.enabled=false", "--set", "server.global.scrape_interval=5s",
+         "--set", "server.global.evaluation_interval=5s"],
+        # The chart's default prometheus.url is this release's Service: http://prometheus-server.monitoring.svc:80
+        ["helm", "upgrade", "--install", "ebbtide", "charts/ebbtide", "--namespace", "ebbtide-system",
+         "--create-namespace", "--wait", "--timeout", "5m", "--set", f"image.tag={VERSION}",
+         "--set", "operator.tickSeconds=1"],
+        ["kubectl", "rollout", "status", "deployment", "-n", "ebbtide-system", "--timeout", "180s",
+         "-l", "app.kubernetes.io/instance=ebbtide"],
+    ]
 
 
 def helm_binary() -> str | None:
@@ -60,9 +94,13 @@ class KindBackend(Backend):
         self.kubeconfig = self.logs / "kubeconfig"
         self.prometheus_url = ""
         self.forwards: dict[tuple[str, str], tuple[ManagedProcess, str]] = {}
+        self.proxy: ManagedProcess | None = None
+        self.proxy_url = ""
         self.created = False
 
     def _run(self, *argv: str, timeout: float = 900) -> None:
+        # helm and kubectl from tools/bin/ when there (see helm_binary, kubectl_binary)
+        argv = ({"helm": helm_binary(), "kubectl": kubectl_binary()}.get(argv[0]) or argv[0], *argv[1:])
         with (self.logs / "commands.log").open("a") as log:
             log.write(f"\n$ {' '.join(argv)}\n")
             log.flush()
@@ -71,30 +109,16 @@ class KindBackend(Backend):
 
     def start(self) -> None:
         self.logs.mkdir(parents=True, exist_ok=True)
-        helm, kubectl = helm_binary(), kubectl_binary()
-        self._run("docker", "build", "-f", "docker/operator.Dockerfile", "-t", OPERATOR_IMAGE, ".")
-        self._run("docker", "build", "-f", "docker/engine-sim.Dockerfile", "-t", ENGINE_IMAGE, ".")
         self._run("kind", "delete", "cluster", "--name", CLUSTER)
         self.created = True
-        self._run("kind", "create", "cluster", "--name", CLUSTER, "--kubeconfig", str(self.kubeconfig),
-                  "--wait", "180s")
-        for image in (OPERATOR_IMAGE, ENGINE_IMAGE):
-            self._run("kind", "load", "docker-image", image, "--name", CLUSTER)
-        self._run(helm, "repo", "add", "prometheus-community", "https://prometheus-community.github.io/helm-charts",
-                  "--force-update")
-        self._run(helm, "upgrade", "--install", "prometheus", "prometheus-community/prometheus",
-                  "--namespace", "monitoring", "--create-namespace", "--wait", "--timeout", "5m",
-                  "--set", "alertmanager.enabled=false", "--set", "prometheus-pushgateway.enabled=false",
-                  "--set", "kube-state-metrics.enabled=false", "--set", "prometheus-node-exporter.enabled=false",
-                  "--set", "server.persistentVolume.enabled=false", "--set", "server.global.scrape_interval=5s",
-                  "--set", "server.global.evaluation_interval=5s")
-        # The chart's default prometheus.url is this release's Service: http://prometheus-server.monitoring.svc:80
-        self._run(helm, "upgrade", "--install", "ebbtide", "charts/ebbtide", "--namespace", "ebbtide-system",
-                  "--create-namespace", "--wait", "--timeout", "5m", "--set", f"image.tag={VERSION}",
-                  "--set", "operator.tickSeconds=1")
-        self._run(kubectl, "rollout", "status", "deployment", "-n", "ebbtide-system", "--timeout", "180s",
-                  "-l", "app.kubernetes.io/instance=ebbtide")
+        for command in install_commands():  # kind writes the cluster's kubeconfig to $KUBECONFIG
+            self._run(*command)
         self.prometheus_url = self._forward("monitoring", "prometheus-server", 80)
+        port = free_port()
+        self.proxy = ManagedProcess("kubectl-proxy", [kubectl_binary(), "--kubeconfig", str(self.kubeconfig),
+                                                      "proxy", "--port", str(port)], self.logs / "kubectl-proxy.log")
+        self.proxy.wait_for_line(r"Starting to serve on", timeout=60)
+        self.proxy_url = f"http://127.0.0.1:{port}"
 
     def _forward(self, namespace: str, service: str, port: int) -> str:
         """`kubectl port-forward svc/...` on a free local port; its URL."""
@@ -110,13 +134,18 @@ class KindBackend(Backend):
         return self.forwards[key][1]
 
     def service_url(self, name: str, namespace: str = "default") -> str:
-        # A port-forward to a Service sticks to one pod: new replicas get no load through it.
-        # The scenario only needs the backlog it builds on the first replica.
-        return self._forward(namespace, name, int((self.engine or {}).get("port", 8000)))
+        # Not a port-forward: that sticks to one pod, which may be the one put to sleep.
+        return f"{self.proxy_url}/api/v1/namespaces/{namespace}/services/{name}:http/proxy"
+
+    def set_taint(self, node: str, taint: dict, present: bool) -> None:
+        self._run("kubectl", "taint", "node", node, f"{taint['key']}:{taint['effect']}{'' if present else '-'}")
 
     def stop(self) -> None:
         for process, _ in self.forwards.values():
             process.stop(grace=5)
         self.forwards.clear()
+        if self.proxy is not None:
+            self.proxy.stop(grace=5)
+            self.proxy = None
         if self.created and not os.environ.get("E2E_KEEP_CLUSTER"):
             self._run("kind", "delete", "cluster", "--name", CLUSTER, timeout=300)

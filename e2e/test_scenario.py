@@ -1,10 +1,18 @@
-"""The life of one InferenceService, end to end, on any backend (see e2e/backend.py).
+"""The end-to-end scenarios, written once for every backend (see e2e/backend.py).
 
-Apply it, watch its Deployment appear, drive a load ramp and see it scale up, drop the load
-and see it scale down after the stabilization window, edit the spec and see the bounds
-followed, delete it and see everything go. Timings are scaled down as in
-tests/test_closed_loop.py. Every step goes to ``artifacts/e2e-<backend>.log`` with a
-timestamp and the replica counts, and the log ends with ``kubectl describe`` of the service.
+1. The life of one InferenceService, sleep mode on: apply it, drive a load ramp and see it scale
+   up (every new replica passes the warm-up readiness gate first); drop the load and see the
+   surplus leave the Service and go to sleep after the stabilization window (the warm pool); a
+   second, shorter burst wakes the sleepers (no pod is created) and is served; edit the spec
+   (bounds 2..2, a short pool TTL) and see the surplus sleep and the TTL release it; delete it and
+   see everything go.
+2. Spot placement: an on-demand base plus spot replicas on the spot node; a reclaim notice on
+   that node (Karpenter's taint) makes on-demand cover them at once (SpotFallback), and once the
+   notice is gone the cover is given back after the window (SpotRecovered).
+
+Timings are scaled down as in tests/test_closed_loop.py. Every step goes to
+``artifacts/e2e-<backend>.log`` with a timestamp, the replica counts and the pods, and each
+scenario ends with ``kubectl describe`` of its service.
 """
 
 from __future__ import annotations
@@ -15,81 +23,159 @@ import pytest
 from tests.testbed.loadgen import LoadGenerator
 from tests.testbed.waiting import wait_for
 
-from e2e.backend import Backend, StoryLog
+from e2e.backend import RECLAIM_TAINT, Backend, StoryLog
 
 pytestmark = pytest.mark.slow
 
-NAME, NAMESPACE = "chat", "default"
+NAMESPACE = "default"
 ISVC = ("ebbtide.dev/v1alpha1", "InferenceService")
 DEPLOYMENT = ("apps/v1", "Deployment")
 SERVICE = ("v1", "Service")
 POD = ("v1", "Pod")
+EVENT = ("v1", "Event")
+# The operator's contract with the cluster, as a user sees it on pods.
+LABEL_SERVING = "ebbtide.dev/serving"
+ANNOTATION_ASLEEP_SINCE = "ebbtide.dev/asleep-since"
+CONDITION_WARMED_UP = "ebbtide.dev/warmed-up"
+
+NAME = "chat"
 TICK = 2
-DOWN_WINDOW = 20
+DOWN_WINDOW = 12
+IDLE = 2  # seconds a surplus replica is idle (and out of the Service) before it sleeps
+POOL_TTL = 600  # longer than the scenario: the spec edit shortens it
+SHORT_TTL = 2
+
+SPOT_NAME = "hedge"
+SPOT_TICK = 1
+GIVE_BACK_WINDOW = 6  # the scale-down window: how long the on-demand cover outlives the reclaim
 
 SCALING = {
     "targets": {"waitingPerReplica": 2, "ttft": {"quantile": 0.9, "targetSeconds": 0.5}, "tpot": None},
     "behavior": {"intervalSeconds": TICK, "metricsWindowSeconds": 10, "staleAfterSeconds": 10,
-                 "scaleDown": {"stabilizationSeconds": DOWN_WINDOW, "periodSeconds": 5}},
+                 "scaleDown": {"stabilizationSeconds": DOWN_WINDOW, "periodSeconds": 2}},
+}
+# spec.warmup is left out on purpose: its default (3 requests before Ready) is part of the scenario.
+CHAT_SPEC = {
+    "model": {"name": "tiny-model"}, "replicas": {"min": 1, "max": 4}, "scaling": SCALING,
+    # Room for every replica above the floor, so that the burst only wakes (never creates).
+    "sleep": {"enabled": True, "idleSeconds": IDLE, "maxPool": 3, "ttlSeconds": POOL_TTL},
+}
+SPOT_SPEC = {
+    "model": {"name": "tiny-model"}, "replicas": {"min": 2, "max": 2},
+    "placement": {"spot": {"enabled": True, "onDemandBase": 1, "provider": "karpenter"}},
+    "pricing": {"onDemandPerGpuHour": 4.0, "spotPerGpuHour": 1.6},
+    "scaling": {"behavior": {"intervalSeconds": SPOT_TICK,
+                             "scaleDown": {"stabilizationSeconds": GIVE_BACK_WINDOW}}},
 }
 
 
-def manifest(backend: Backend) -> dict:
-    spec = {"model": {"name": "tiny-model"}, "replicas": {"min": 1, "max": 4}, "scaling": SCALING}
+def manifest(backend: Backend, name: str, spec: dict) -> dict:
     if backend.engine:
-        spec["engine"] = backend.engine
-    return {"apiVersion": ISVC[0], "kind": ISVC[1], "metadata": {"name": NAME, "namespace": NAMESPACE},
+        spec = {**spec, "engine": backend.engine}
+    return {"apiVersion": ISVC[0], "kind": ISVC[1], "metadata": {"name": name, "namespace": NAMESPACE},
             "spec": spec}
 
 
-class Observer:
-    """Reads the cluster for the scenario and logs every change of the replica counts."""
+def condition(conditions: list[dict] | None, type_: str) -> dict:
+    return next((c for c in conditions or [] if c.get("type") == type_), {})
 
-    def __init__(self, backend: Backend, story: StoryLog) -> None:
-        self.backend, self.story = backend, story
-        self.last: tuple | None = None
-        self.last_pods: list[str] | None = None
+
+def pod_summary(pod: dict) -> str:
+    """name(phase, ready, out of the Service, asleep, node): what the scenarios follow on a pod."""
+    meta, status = pod["metadata"], pod.get("status") or {}
+    flags = [status.get("phase") or "?"]
+    if condition(status.get("conditions"), "Ready").get("status") == "True":
+        flags.append("ready")
+    if meta.get("deletionTimestamp"):
+        flags.append("Terminating")
+    if (meta.get("labels") or {}).get(LABEL_SERVING) == "false":
+        flags.append("out of the Service")
+    if ANNOTATION_ASLEEP_SINCE in (meta.get("annotations") or {}):
+        flags.append("asleep")
+    if node := (pod.get("spec") or {}).get("nodeName"):
+        flags.append(f"on {node}")
+    return f"{meta['name']}({', '.join(flags)})"
+
+
+class Observer:
+    """Reads the cluster for a scenario and logs every change of the replica counts and the pods."""
+
+    def __init__(self, backend: Backend, story: StoryLog, name: str, spot: bool = False) -> None:
+        self.backend, self.story, self.name = backend, story, name
+        self.deployments = (name, f"{name}-spot") if spot else (name,)
+        self.last: str | None = None
+        self.last_pods: str | None = None
 
     def isvc(self) -> dict | None:
-        return self.backend.get(*ISVC, NAME, NAMESPACE)
+        return self.backend.get(*ISVC, self.name, NAMESPACE)
 
-    def deployment(self) -> dict | None:
-        return self.backend.get(*DEPLOYMENT, NAME, NAMESPACE)
+    def status(self) -> dict:
+        return (self.isvc() or {}).get("status") or {}
+
+    def replicas(self, deployment: str | None = None) -> int:
+        """The spec.replicas of a Deployment (the on-demand one by default), logging the counts."""
+        return self.counts().get(deployment or self.name) or 0
 
     def counts(self) -> dict:
-        """Deployment spec.replicas and readyReplicas, the service's status.replicas and last decision."""
-        deployment, isvc = self.deployment() or {}, self.isvc() or {}
-        status = isvc.get("status") or {}
-        counts = {"deployment": (deployment.get("spec") or {}).get("replicas"),
-                  "deploymentReady": (deployment.get("status") or {}).get("readyReplicas", 0) if deployment else None,
-                  "desired": (status.get("replicas") or {}).get("desired"),
-                  "ready": (status.get("replicas") or {}).get("ready"),
-                  "phase": status.get("phase"),
-                  "lastDecision": status.get("lastDecisionSummary")}
-        key = tuple(counts.values())
-        if key != self.last:
-            self.last = key
-            self.story.step("  replicas " + " ".join(f"{k}={v}" for k, v in counts.items()))
+        """spec.replicas and readyReplicas of each Deployment, status.replicas, phase, last decision."""
+        counts: dict = {}
+        for name in self.deployments:
+            if deployment := self.backend.get(*DEPLOYMENT, name, NAMESPACE):
+                counts[name] = deployment["spec"].get("replicas")
+                counts[f"{name}.ready"] = (deployment.get("status") or {}).get("readyReplicas", 0)
+        status = self.status()
+        counts |= {f"status.{k}": v for k, v in (status.get("replicas") or {}).items() if v}
+        counts |= {"phase": status.get("phase"), "last": status.get("lastDecisionSummary")}
+        line = " ".join(f"{k}={v}" for k, v in counts.items())
+        if line != self.last:
+            self.last = line
+            self.story.step(f"  replicas {line}")
+        self.pods()
         return counts
 
-    def pods(self) -> list[str]:
-        """The service's pods, logged when they change: name, phase, Terminating."""
-        pods = self.backend.list(*POD, NAMESPACE, label_selector=f"ebbtide.dev/service={NAME}")
-        seen = sorted(f"{p['metadata']['name']}:{(p.get('status') or {}).get('phase')}"
-                      f"{':Terminating' if p['metadata'].get('deletionTimestamp') else ''}" for p in pods)
-        if seen != self.last_pods:
-            self.last_pods = seen
-            self.story.step(f"  pods {' '.join(seen) or '(none)'}")
-        return seen
+    def pods(self) -> list[dict]:
+        """The service's pods (both Deployments), logged when they change."""
+        pods = self.backend.list(*POD, NAMESPACE, label_selector=f"ebbtide.dev/service={self.name}")
+        line = " ".join(sorted(pod_summary(p) for p in pods)) or "(none)"
+        if line != self.last_pods:
+            self.last_pods = line
+            self.story.step(f"  pods {line}")
+        return pods
 
-    def replicas(self) -> int:
-        return self.counts()["deployment"] or 0
+    def live_pods(self) -> list[dict]:
+        return [p for p in self.pods() if not p["metadata"].get("deletionTimestamp")]
 
-    def wait(self, probe, what: str, timeout: float = 60, interval: float = 0.5):
+    def events(self, reason: str) -> list[dict]:
+        """The service's Events with this reason (filtered here: both backends list the namespace)."""
+        about = {"kind": ISVC[1], "name": self.name}
+        return [e for e in self.backend.list(*EVENT, NAMESPACE) if e.get("reason") == reason
+                and {k: (e.get("involvedObject") or {}).get(k) for k in about} == about]
+
+    def engines_asleep(self) -> dict[str, bool | None]:
+        """Pod -> what its engine's /is_sleeping says (None where the backend cannot ask)."""
+        return {p["metadata"]["name"]: (self.backend.engine_get(p, "/is_sleeping") or {}).get("is_sleeping")
+                for p in self.live_pods()}
+
+    def wait(self, probe, what: str, timeout: float = 60, interval: float = 1.0):
         self.story.step(f"waiting for {what}")
         found = wait_for(probe, timeout=timeout, interval=interval, what=what)
         self.story.step(f"seen: {what}")
         return found
+
+
+def drain(generator: LoadGenerator) -> dict:
+    """No new arrivals; let the requests in flight finish rather than cancel them; the summary."""
+    generator.set_rate(0)
+    deadline = time.monotonic() + 30
+    while generator.in_flight and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return generator.stop()
+
+
+def describe_load(summary: dict) -> str:
+    served_by = f", served by {summary['per_pod']}" if summary["per_pod"] else ""
+    return (f"sent {summary['sent']}, ok {summary['ok']}, errors {summary['errors']}, "
+            f"TTFT p90 {summary['ttft_p90'] or 0:.2f} s{served_by}")
 
 
 def dangling(backend: Backend, obj: dict) -> bool:
@@ -106,37 +192,72 @@ def wait_gone(backend: Backend, watch: Observer, what: str, left) -> None:
     deleted, still owned by the deleted uid (the operator's ``owned_changed`` handler restores
     an owned object before it sees its owner's deletion; the pod runner creates pods for a
     Deployment it has not yet seen go). A real garbage collector deletes such dependents; the
-    emulated API collects only at the moment an owner is deleted. Then the scenario does what
-    the collector would, and says so in the log.
+    emulated API collects only at the moment an owner is deleted, so nothing ever would. Once
+    only such objects are left (and none is already on its way out), the scenario does what the
+    collector would, and says so in the log.
     """
-    try:
-        watch.wait(lambda: not left(), what, timeout=20)
+    def orphans(objects: list[dict]) -> bool:
+        return backend.name == "emulated" and all(
+            dangling(backend, o) and not o["metadata"].get("deletionTimestamp") for o in objects)
+
+    def settled() -> tuple[list[dict]] | None:
+        """(what is left,) once nothing or only orphans are left; None while waiting."""
+        objects = left()
+        return (objects,) if not objects or orphans(objects) else None
+
+    (remaining,) = watch.wait(settled, what, timeout=60)
+    if not remaining:
         return
-    except AssertionError:
-        remaining = left()
-        if not remaining:
-            return
-        if backend.name != "emulated" or not all(dangling(backend, obj) for obj in remaining):
-            raise AssertionError(f"{what}: still there: {[o['metadata'] for o in remaining]}") from None
-        for obj in remaining:
-            meta = obj["metadata"]
-            watch.story.step(f"KNOWN ISSUE (emulated GC): {obj.get('kind', 'Pod')} {meta['name']} created at "
-                             f"{meta.get('creationTimestamp')} is owned only by deleted objects; deleting it as "
-                             "a garbage collector would")
-            backend.delete(obj.get("apiVersion", "v1"), obj.get("kind", "Pod"), meta["name"], NAMESPACE)
+    for obj in remaining:
+        meta = obj["metadata"]
+        watch.story.step(f"KNOWN ISSUE (emulated GC): {obj.get('kind', 'Pod')} {meta['name']} created at "
+                         f"{meta.get('creationTimestamp')} is owned only by deleted objects; deleting it as "
+                         "a garbage collector would")
+        backend.delete(obj.get("apiVersion", "v1"), obj.get("kind", "Pod"), meta["name"], NAMESPACE)
     watch.wait(lambda: not left(), what, timeout=60)
 
 
-def test_lifecycle_apply_scale_up_scale_down_edit_delete(backend: Backend, story: StoryLog):
-    watch = Observer(backend, story)
+def describe_and_delete(backend: Backend, watch: Observer) -> None:
+    """`kubectl describe` the service, delete it, wait until all it owned is gone; then log the
+    kubectl output after the scenario's steps."""
+    story, name = watch.story, watch.name
+    story.step("kubectl describe inferenceservice (kept for the end of this scenario)")
+    described = backend.kubectl("describe", "inferenceservice", name, "-n", NAMESPACE)
+    listed = backend.kubectl("get", "inferenceservice", name, "-n", NAMESPACE, "-o", "wide")
+
+    owner_uid = watch.isvc()["metadata"]["uid"]
+    story.step(f"delete InferenceService {NAMESPACE}/{name} (uid {owner_uid})")
+    backend.delete(*ISVC, name, NAMESPACE)
+    watch.wait(lambda: watch.isvc() is None, "the InferenceService gone (finalizer released)", timeout=60)
+    for kind, owned in [(DEPLOYMENT, d) for d in watch.deployments] + [(SERVICE, name)]:
+        wait_gone(backend, watch, f"the {kind[1]} {owned} gone",
+                  lambda k=kind, o=owned: [obj for obj in [backend.get(*k, o, NAMESPACE)] if obj])
+    wait_gone(backend, watch, "its pods gone", watch.pods)
+    story.step("done")
+
+    story.section(f"kubectl get inferenceservice {name} -o wide (before the delete)", listed)
+    story.section(f"kubectl describe inferenceservice {name} (before the delete)", described)
+    assert "Events:" in described or described.startswith("(no kubectl"), described
+
+
+def test_lifecycle_scale_up_sleep_wake_edit_delete(backend: Backend, story: StoryLog):
+    story.heading(f"scenario 1: the life of InferenceService {NAMESPACE}/{NAME}, sleep mode on")
+    watch = Observer(backend, story, NAME)
     story.step(f"backend {backend.name}: kubeconfig {backend.kubeconfig}, Prometheus {backend.prometheus_url}")
 
-    story.step(f"apply InferenceService {NAMESPACE}/{NAME} (replicas 1..4, tick {TICK} s, "
-               f"scale-down window {DOWN_WINDOW} s)")
-    backend.apply(manifest(backend))
-    watch.wait(lambda: watch.deployment(), "the Deployment")
+    story.step(f"apply InferenceService {NAMESPACE}/{NAME} (replicas 1..4, tick {TICK} s, scale-down window "
+               f"{DOWN_WINDOW} s; sleep after {IDLE} s idle, pool of 3, TTL {POOL_TTL} s; warm-up: the default)")
+    backend.apply(manifest(backend, NAME, CHAT_SPEC))
+    watch.wait(lambda: backend.get(*DEPLOYMENT, NAME, NAMESPACE), "the Deployment")
     assert backend.get(*SERVICE, NAME, NAMESPACE), "the Service comes with the Deployment"
-    watch.wait(lambda: (watch.counts()["ready"] or 0) >= 1, "the first replica ready", timeout=120)
+    watch.wait(lambda: watch.counts().get("status.ready", 0) >= 1, "the first replica ready", timeout=120)
+    # The warm-up gate is on by default: the replica became Ready only once it had served its warm-up.
+    (first,) = watch.live_pods()
+    gates = [g["conditionType"] for g in first["spec"].get("readinessGates") or []]
+    warmed = condition(first["status"].get("conditions"), CONDITION_WARMED_UP)
+    story.step(f"{first['metadata']['name']} readiness gates {gates}; {CONDITION_WARMED_UP}="
+               f"{warmed.get('status')}: {warmed.get('message')}")
+    assert CONDITION_WARMED_UP in gates and warmed.get("status") == "True", (gates, warmed)
 
     url = backend.service_url(NAME, NAMESPACE)
     story.step(f"load ramp through {url}: 5 -> 20 -> 40 requests/s")
@@ -148,44 +269,105 @@ def test_lifecycle_apply_scale_up_scale_down_edit_delete(backend: Backend, story
             generator.set_rate(rate)
             story.step(f"load at {rate} requests/s")
         watch.wait(lambda: watch.replicas() > 1, "a scale-up", timeout=60)
-        watch.wait(lambda: (watch.counts()["ready"] or 0) >= 2, "2 replicas ready", timeout=60)
+        watch.wait(lambda: watch.counts().get("status.ready", 0) >= 2, "2 replicas ready", timeout=60)
         peak = watch.replicas()
         story.step(f"scaled up to {peak}")
     finally:
-        generator.set_rate(0)  # no new arrivals; let the requests in flight finish rather than cancel them
-        drained = time.monotonic() + 30
-        while generator.in_flight and time.monotonic() < drained:
-            time.sleep(0.2)
-        summary = generator.stop()
-    story.step(f"load dropped; it sent {summary['sent']}, ok {summary['ok']}, errors {summary['errors']}, "
-               f"TTFT p90 {summary['ttft_p90']}")
+        summary = drain(generator)
+    story.step(f"load dropped; ramp {describe_load(summary)}")
     assert summary["ok"] > 0, summary
 
-    watch.wait(lambda: watch.replicas() < peak, "a scale-down after the window", timeout=DOWN_WINDOW + 60)
-    decisions = (watch.isvc().get("status") or {}).get("decisions") or []
-    story.step("decisions: " + "; ".join(f"{d['fromReplicas']}->{d['toReplicas']} {d['reason']}" for d in decisions))
-    assert any(d["toReplicas"] > d["fromReplicas"] for d in decisions), decisions
+    # The warm pool: after the window the surplus leaves the Service, sleeps once idle, and stays
+    # in the Deployment (deletion costs rank the sleepers first for a later scale-down).
+    def pool_settled() -> bool:
+        counts = watch.counts()
+        asleep = counts.get("status.asleep", 0)
+        return (counts.get("status.desired") == 1 and asleep >= 1 and not counts.get("status.draining")
+                and counts[NAME] == 1 + asleep)
 
-    story.step("edit the spec: replicas min 2, max 2")
-    backend.patch(*ISVC, NAME, {"spec": {"replicas": {"min": 2, "max": 2}}}, NAMESPACE)
-    watch.wait(lambda: watch.replicas() == 2, "the Deployment at the new bounds (2)", timeout=60)
-    watch.wait(lambda: (watch.counts()["ready"] or 0) == 2, "2 replicas ready", timeout=60)
+    watch.wait(pool_settled, "the surplus asleep (status.replicas.asleep) and the floor of 1 awake",
+               timeout=DOWN_WINDOW + 60)
+    asleep = watch.status()["replicas"]["asleep"]
+    sleepers = sorted(p["metadata"]["name"] for p in watch.live_pods()
+                      if ANNOTATION_ASLEEP_SINCE in (p["metadata"].get("annotations") or {}))
+    engines = watch.engines_asleep()
+    story.step(f"asleep: {asleep} ({', '.join(sleepers)}); engines' /is_sleeping: {engines}")
+    assert len(sleepers) == asleep, (sleepers, asleep)
+    if None not in engines.values():  # the backend reaches the engines: they really sleep
+        assert sorted(pod for pod, sleeping in engines.items() if sleeping) == sleepers, engines
+    assert watch.events("Draining") and watch.events("Sleeping"), "the pool's moves are Events"
+    pool = {p["metadata"]["name"] for p in watch.live_pods()}
 
-    story.step("kubectl describe inferenceservice (kept for the end of the log)")
-    described = backend.kubectl("describe", "inferenceservice", NAME, "-n", NAMESPACE)
-    listed = backend.kubectl("get", "inferenceservice", "-n", NAMESPACE, "-o", "wide")
+    story.step("a second, shorter burst at 40 requests/s: it should wake the sleepers")
+    generator = LoadGenerator(url, rate=40, duration=60, prompt_tokens=100, max_tokens=32, seed=2).start()
+    try:
+        woken = watch.wait(lambda: watch.counts() and watch.events("Woken"), "sleepers woken (Woken events)",
+                           timeout=40)
+        story.step(f"woken: {'; '.join(e['message'] for e in woken)}")
+        time.sleep(3)  # some more of the burst, for the woken replicas to serve
+    finally:
+        summary = drain(generator)
+    story.step(f"burst over; {describe_load(summary)}")
+    assert summary["ok"] > 0 and summary["errors"] == 0, summary
+    assert {p["metadata"]["name"] for p in watch.live_pods()} == pool, "woken, not created"
+    if summary["per_pod"]:  # the backend names the pod that served each request
+        assert set(summary["per_pod"]) & set(sleepers), ("the woken replicas served", summary["per_pod"])
 
-    owner_uid = watch.isvc()["metadata"]["uid"]
-    story.step(f"delete InferenceService {NAMESPACE}/{NAME} (uid {owner_uid})")
-    backend.delete(*ISVC, NAME, NAMESPACE)
-    watch.wait(lambda: watch.isvc() is None, "the InferenceService gone (finalizer released)", timeout=60)
-    for kind in (DEPLOYMENT, SERVICE):
-        wait_gone(backend, watch, f"the {kind[1]} gone",
-                  lambda k=kind: [o for o in [backend.get(*k, NAME, NAMESPACE)] if o])
-    wait_gone(backend, watch, "its pods gone",
-              lambda: watch.pods() and backend.list(*POD, NAMESPACE, label_selector=f"ebbtide.dev/service={NAME}"))
-    story.step("done")
+    story.step(f"edit the spec: replicas min 2, max 2, sleep.ttlSeconds {SHORT_TTL}: "
+               "the surplus sleeps and the TTL releases it")
+    backend.patch(*ISVC, NAME, {"spec": {"replicas": {"min": 2, "max": 2}, "sleep": {"ttlSeconds": SHORT_TTL}}},
+                  NAMESPACE)
+    watch.wait(lambda: watch.replicas() == 2 and len(watch.live_pods()) == 2,
+               "the Deployment and its pods at the new bounds (2)", timeout=DOWN_WINDOW + 60)
+    released = watch.wait(lambda: [e for e in watch.events("Released") if "ttl" in e["message"]],
+                          "a Released event naming the TTL")
+    story.step(f"released: {released[-1]['message']}")
+    watch.wait(lambda: watch.counts().get("status.ready") == 2, "2 replicas ready", timeout=60)
 
-    story.section("kubectl get inferenceservice -o wide (before the delete)", listed)
-    story.section(f"kubectl describe inferenceservice {NAME} (before the delete)", described)
-    assert "Events:" in described or described.startswith("(no kubectl"), described
+    describe_and_delete(backend, watch)
+
+
+def test_spot_reclaim_falls_back_to_on_demand_and_recovers(backend: Backend, story: StoryLog):
+    story.heading(f"scenario 2: spot placement of InferenceService {NAMESPACE}/{SPOT_NAME}, a reclaim and back")
+    watch = Observer(backend, story, SPOT_NAME, spot=True)
+    on_demand, spot = watch.deployments
+    spot_node = backend.spot_node()
+    story.step(f"apply InferenceService {NAMESPACE}/{SPOT_NAME} (replicas 2, spot via karpenter with an on-demand "
+               f"base of 1, give-back window {GIVE_BACK_WINDOW} s); the spot node is {spot_node}")
+    backend.apply(manifest(backend, SPOT_NAME, SPOT_SPEC))
+
+    def ready(counts: dict, deployment: str, replicas: int) -> bool:
+        return counts.get(deployment) == replicas and counts.get(f"{deployment}.ready") == replicas
+
+    watch.wait(lambda: (c := watch.counts()) and ready(c, on_demand, 1) and ready(c, spot, 1),
+               "1 on-demand and 1 spot replica ready", timeout=120)
+    nodes = {p["metadata"]["name"]: p["spec"].get("nodeName") for p in watch.live_pods()}
+    assert all((node == spot_node) == pod.startswith(f"{spot}-") for pod, node in nodes.items()), nodes
+
+    story.step(f"reclaim notice: taint {spot_node} {RECLAIM_TAINT['key']}:{RECLAIM_TAINT['effect']}")
+    noticed = time.monotonic()
+    backend.reclaim_spot_node()
+    taints = watch.wait(lambda: (backend.get("v1", "Node", spot_node, "") or {}).get("spec", {}).get("taints"),
+                        f"the taint on Node {spot_node} in the API (what the operator reads)", timeout=30)
+    story.step(f"node {spot_node} taints: {taints}")
+    watch.wait(lambda: watch.replicas(on_demand) == 2, "on-demand covering the spot replica", timeout=30)
+    story.step(f"covered {time.monotonic() - noticed:.1f} s after the notice (no pending limit to wait for)")
+    fallback = watch.wait(lambda: watch.events("SpotFallback"), "a SpotFallback event")
+    story.step(f"SpotFallback: {fallback[-1]['message']}")
+    watch.wait(lambda: condition(watch.status().get("conditions"), "SpotAvailable").get("status") == "False",
+               "SpotAvailable=False")
+
+    story.step(f"the notice is withdrawn: untaint {spot_node}")
+    backend.end_spot_reclaim(spot_node)
+    withdrawn = time.monotonic()
+    watch.wait(lambda: watch.replicas(on_demand) == 1, "the cover given back after the window",
+               timeout=GIVE_BACK_WINDOW + 40)
+    held = time.monotonic() - withdrawn
+    story.step(f"cover held {held:.1f} s after the notice was withdrawn (window {GIVE_BACK_WINDOW} s)")
+    assert held >= GIVE_BACK_WINDOW - 2 * SPOT_TICK, "the cover is held for the window"
+    recovered = watch.wait(lambda: watch.events("SpotRecovered"), "a SpotRecovered event")
+    story.step(f"SpotRecovered: {recovered[-1]['message']}")
+    watch.wait(lambda: condition(watch.status().get("conditions"), "SpotAvailable").get("status") == "True",
+               "SpotAvailable=True")
+
+    describe_and_delete(backend, watch)

@@ -113,6 +113,7 @@ def test_idle_replicas_sleep_wake_on_load_and_expire(cluster):
         assert not engine_stats(last)["is_sleeping"], "the awake replica stays; the sleepers went"
         wait_for(lambda: any(e["reason"] == "Released" and "ttl" in e["message"] for e in events(server)),
                  what="a Released event naming the TTL")
+        assert not [e for e in events(server) if e["reason"].startswith("Spot")], "spot is off: no spot Events"
 
 
 def timed_request(url: str) -> float:

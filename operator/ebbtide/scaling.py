@@ -38,7 +38,7 @@ from ebbtide.policy.decision import ConditionReport, Decision, Entries, Memory
 from ebbtide.policy.lifecycle import plan
 from ebbtide.policy.observation import FleetState, Signals
 from ebbtide.policy.profile import Profile, bin_of
-from ebbtide.policy.schedules import consolidated, effective_bounds
+from ebbtide.policy.schedules import consolidated
 from ebbtide.policy.spot import RECLAIM_TAINTS, Split, SpotPods, classify, split
 from ebbtide.policy.startup import StartupEstimate, observe_startups
 from ebbtide.policy.warm_pool import PoolPlan
@@ -62,6 +62,7 @@ class ServiceState:
     # (spot over-provisioning, on-demand cover, sleepers). And spot's cover give-back history.
     target: int | None = None
     spot_cover: Entries = ()
+    covering: int = 0  # on-demand replicas covering spot at the last applied split (for the Events)
     # Measured startup time (pod created to ready): the lead time for floors started early.
     startup: StartupEstimate = StartupEstimate()
     last_evaluated: float = float("-inf")
@@ -185,7 +186,7 @@ class ScalingLoop:
             state.last_evaluated = now
             spot_pods = classify(mine.spot, reclaimed, spec.placement.spot.pending_timeout_seconds, now)
             # Off-peak, the fleet is also placed and pooled as consolidation says (more spot, sleep sooner).
-            acting = consolidated(spec) if spec.schedules and effective_bounds(spec, now).off_peak else spec
+            acting = consolidated(spec) if decision.off_peak else spec
             placed = split(decision.desired, acting.placement.spot, spot_pods, state.spot_cover, now,
                            spec.scaling.behavior.scale_down.stabilization_seconds)
             pools = self._pools(acting, state, mine, signals, placed, now)
@@ -285,13 +286,16 @@ class ScalingLoop:
             await self.kube.post_event(ref, "Normal", kind,
                                        f"{prefix}{decision.message} [{decision.source}]{spot_note}")
             self.metrics.decisions.labels(ref.namespace, ref.name, decision.reason, str(applied).lower()).inc()
-        elif active and applied and not decision.changed and placed.on_demand != workload.on_demand:
+        elif active and applied and spec.placement.spot.enabled and placed.covering != state.covering:
             # Same size, other capacity: on-demand covers spot replicas that are not there, or
-            # gives the cover back once they are.
-            if placed.on_demand > workload.on_demand:
+            # gives the cover back once they are. (Compared with the cover last applied, not the
+            # Deployment's count, which also holds sleepers.)
+            if placed.covering > state.covering:
                 await self.kube.post_event(ref, "Warning", "SpotFallback", placed.message)
             else:
                 await self.kube.post_event(ref, "Normal", "SpotRecovered", placed.message)
+        if applied:
+            state.covering = placed.covering
         self._export(ref, spec, tick, state.ledger)
         await self.kube.update_status(ref, lambda status: self._status(status, spec, state, tick, applied))
 

@@ -744,6 +744,8 @@ class PodRunner:
             self._spawn_task(coro)  # called from the runner's own loop (e.g. a publish callback)
         elif thread is not None and thread.running:
             thread.run(coro, timeout=30)
+        elif thread is None and self._stop is not None and _in_running_loop():
+            self._spawn_task(coro)  # run() in the caller's own loop (the CLI), called from that loop
         else:
             coro.close()  # not started: the first tick syncs the nodes anyway
 
@@ -1416,6 +1418,14 @@ def _prestop_seconds(container: Mapping[str, Any]) -> float:
     return 0.0
 
 
+def _in_running_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind((POD_IP, 0))
@@ -1445,6 +1455,29 @@ def _parse_override(text: str) -> tuple[str, float | int]:
     return name.replace('-', '_'), int(number) if number.is_integer() and '.' not in value else number
 
 
+async def _serve_control(runner: PodRunner, port: int) -> Any:
+    """The runner's node API over HTTP (`taint_node`, `untaint_node`), for a runner in its own process."""
+    from aiohttp import web
+
+    async def taint(request: web.Request) -> web.Response:
+        runner.taint_node(request.match_info['name'], await request.json())
+        return web.json_response(runner.nodes[request.match_info['name']].taints)
+
+    async def untaint(request: web.Request) -> web.Response:
+        runner.untaint_node(request.match_info['name'], request.query['key'])
+        return web.json_response(runner.nodes[request.match_info['name']].taints)
+
+    app = web.Application()
+    app.router.add_post('/nodes/{name}/taints', taint)
+    app.router.add_delete('/nodes/{name}/taints', untaint)
+    app_runner = web.AppRunner(app)
+    await app_runner.setup()
+    port = port or _free_port()
+    await web.TCPSite(app_runner, '127.0.0.1', port).start()
+    print(f'pod runner control at http://127.0.0.1:{port}', flush=True)
+    return app_runner
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog='python -m tests.testbed.podrunner',
                                      description="Run the pods of ebbtide's Deployments as engine-simulator "
@@ -1462,6 +1495,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument('--namespace', default=None)
     parser.add_argument('--no-nodes', action='store_true', help='create no Node objects, schedule anywhere')
     parser.add_argument('--log-dir', type=pathlib.Path, default=None, help='one engine log per pod')
+    parser.add_argument('--control-port', type=int, default=None, metavar='PORT',
+                        help='serve POST /nodes/NAME/taints (a taint as JSON) and DELETE '
+                             '/nodes/NAME/taints?key=KEY on 127.0.0.1:PORT (0: any free port), for tests '
+                             'that run the runner as a process')
     parser.add_argument('--verbose', action='store_true')
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
@@ -1487,8 +1524,13 @@ def main(argv: list[str] | None = None) -> None:
         task = loop.create_task(runner.run(stop))
         while runner._ticks == 0 and not task.done():
             await asyncio.sleep(0.05)
+        control = await _serve_control(runner, args.control_port) if args.control_port is not None else None
         print('pod runner ready', flush=True)
-        await task
+        try:
+            await task
+        finally:
+            if control is not None:
+                await control.cleanup()
 
     asyncio.run(run())
 
