@@ -114,7 +114,8 @@ def test_a_learned_ramp_is_pre_warmed_one_startup_time_ahead():
 def test_before_the_lead_time_nothing_is_pre_warmed():
     s, now = spec(), EIGHT - 240  # the ramp is 4 minutes away, a startup takes 3
     decision, reactive = both(s, now, load(now, NIGHT), FleetState(current=2, ready=2), taught())
-    assert dataclasses.replace(decision, profile=None) == reactive
+    assert decision.desired == reactive.desired and decision.reason == reactive.reason != PRE_WARMING
+    assert decision.off_peak, "still the night's valley: consolidated until the ramp is within reach"
     longer, _ = both(s, now, load(now, NIGHT), FleetState(current=2, ready=2), taught(), lead=300)
     assert longer.desired == 7  # a measured 5-minute startup starts it earlier
 
@@ -280,6 +281,22 @@ def busy(now, tokens, ready=9):
     pods = tuple(PodSignals(pod=f"p{i}", sampled_at=now, running=4, kv_cache_usage=0.2) for i in range(ready))
     return Signals(source="test", sampled_at=now, pods=pods, ttft_seconds=0.1, tpot_seconds=0.02,
                    tokens_per_second=tokens)
+
+
+def test_a_valley_the_profile_knows_is_consolidated_like_an_off_peak_window():
+    """At 03:00 the profile expects a twelfth of the day's demand until long after one startup
+    time: off-peak, with the consolidated targets, and said so. At noon it is not."""
+    s = spec()
+    night, noon = EIGHT - 5 * 3600, EIGHT + 4 * 3600
+    heavy = dataclasses.replace(memory(night), capacity=120.0)  # 200 tokens/s: 2.08 replicas at 80 %, 1.85 at 90 %
+    decision = plan(s, load(night, NIGHT), FleetState(current=4, ready=2), heavy, night, 180, taught())
+    assert decision.off_peak and decision.signals["recommended"] == 2
+    assert "off-peak: the demand profile expects under 30%" in decision.message
+    day = plan(s, load(noon, DAY), FleetState(current=7, ready=7), memory(noon), noon, 180, taught())
+    assert not day.off_peak
+    switched_off = plan(spec(warmup={"predictive": {"enabled": False}}), load(night, NIGHT),
+                        FleetState(current=4, ready=2), heavy, night, 180, taught())
+    assert not switched_off.off_peak and switched_off.signals["recommended"] == 3
 
 
 def test_an_off_peak_window_packs_replicas_tighter_sleeps_sooner_and_prefers_spot():

@@ -158,6 +158,9 @@ class Decision:
     # The demand profile after this tick (lifecycle.plan() with a profile), for the shell to
     # persist like the memory; None when plan() was given none.
     profile: Profile | None = field(default=None, repr=False)
+    # Off-peak consolidation in force (a window with offPeak, or a valley the profile knows):
+    # the shell then places and pools the fleet as schedules.consolidated(spec) says.
+    off_peak: bool = False
 
     @property
     def changed(self) -> bool:

@@ -27,10 +27,14 @@ from ebbtide.policy.autoscaling import (
 )
 from ebbtide.policy.decision import ConditionReport, Decision, Memory
 from ebbtide.policy.observation import FleetState, Signals
-from ebbtide.policy.profile import BIN_SECONDS, Profile, observe, predict, prewarm_target
-from ebbtide.policy.schedules import effective_bounds, effective_spec, floor_ahead, next_change
+from ebbtide.policy.profile import BIN_SECONDS, Profile, in_valley, observe, predict, prewarm_target
+from ebbtide.policy.schedules import consolidated, effective_bounds, effective_spec, floor_ahead, next_change
 
 PRE_WARMING = "PreWarming"
+# A valley the profile knows: every quarter-hour through one startup time ahead below this
+# share of the week's busiest. The coding week swings about 10x between night and day, so its
+# nights sit near 10 %; 30 % leaves the shoulders of the day to the normal targets.
+VALLEY_SHARE = 0.3
 
 
 class Ramp(NamedTuple):
@@ -53,14 +57,19 @@ def plan(spec: InferenceServiceSpec, signals: Signals, fleet: FleetState, memory
     predictive = spec.warmup.predictive
     if profile is None or not predictive.enabled:
         decision = _scheduled(spec, signals, fleet, memory, now, lead)
+        decision = dataclasses.replace(decision, off_peak=_window_off_peak(spec, now))
         return decision if profile is None else dataclasses.replace(decision, profile=profile)
 
     if profile.lookback_weeks != predictive.lookback_weeks:  # the spec changed: forget at its pace
         profile = dataclasses.replace(profile, lookback_weeks=predictive.lookback_weeks)
     scheduled_floor = floor_ahead(spec, now, lead) if spec.schedules else spec.replicas.min
     ramp = ramp_ahead(spec, profile, memory.capacity, now, lead, _observed(signals, fleet))
+    valley = ramp is None and in_valley(profile, now, lead, VALLEY_SHARE)
     if ramp is None or ramp.floor <= scheduled_floor:
-        decision = _scheduled(spec, signals, fleet, memory, now, lead, scheduled_floor)
+        decision = _scheduled(spec, signals, fleet, memory, now, lead, scheduled_floor, valley)
+        if valley and decision.changed:
+            decision = dataclasses.replace(decision, message=f"{decision.message} (off-peak: the demand profile "
+                                                             f"expects under {VALLEY_SHARE:.0%} of the week's peak)")
     else:
         decision = decide(effective_spec(spec, now, floor=ramp.floor), signals, fleet, memory, now)
         if decision.reason == MAX_REPLICAS and spec.schedules:
@@ -70,7 +79,12 @@ def plan(spec: InferenceServiceSpec, signals: Signals, fleet: FleetState, memory
     if ramp is not None:
         signals_used = {**decision.signals, "predictedTokensPerSecond": ramp.demand, "prewarmReplicas": ramp.floor}
         decision = dataclasses.replace(decision, signals=signals_used)
-    return dataclasses.replace(decision, profile=_learn(profile, decision, signals, fleet, now))
+    return dataclasses.replace(decision, profile=_learn(profile, decision, signals, fleet, now),
+                               off_peak=valley or _window_off_peak(spec, now))
+
+
+def _window_off_peak(spec: InferenceServiceSpec, now: float) -> bool:
+    return bool(spec.schedules) and effective_bounds(spec, now).off_peak
 
 
 def ramp_ahead(spec: InferenceServiceSpec, profile: Profile, capacity: float | None, now: float,
@@ -192,13 +206,14 @@ def _explain_ramp(decision: Decision, ramp: Ramp, timezone: str, now: float) -> 
 
 
 def _scheduled(spec: InferenceServiceSpec, signals: Signals, fleet: FleetState, memory: Memory, now: float,
-               lead: float, floor: int | None = None) -> Decision:
-    """The schedules and the reactive core (plan() as it was before pre-warming)."""
+               lead: float, floor: int | None = None, valley: bool = False) -> Decision:
+    """The schedules and the reactive core (plan() as it was before pre-warming); in a valley
+    the profile knows, consolidated as in an off-peak window."""
     if not spec.schedules:
-        return decide(spec, signals, fleet, memory, now)
+        return decide(consolidated(spec) if valley else spec, signals, fleet, memory, now)
     if floor is None:
         floor = floor_ahead(spec, now, lead)
-    decision = decide(effective_spec(spec, now, floor=floor), signals, fleet, memory, now)
+    decision = decide(effective_spec(spec, now, floor=floor, off_peak=valley), signals, fleet, memory, now)
     if decision.reason not in (MIN_REPLICAS, MAX_REPLICAS):
         return decision
     return dataclasses.replace(decision, message=f"{decision.message} ({_why(spec, now, floor)})")

@@ -17,7 +17,7 @@ from ebbtide.policy.decision import Entries, Memory
 from ebbtide.policy.lifecycle import plan
 from ebbtide.policy.observation import FleetState, Signals
 from ebbtide.policy.profile import WEEK_SECONDS, Profile
-from ebbtide.policy.schedules import consolidated, effective_bounds
+from ebbtide.policy.schedules import consolidated
 from ebbtide.policy.spot import PodView, Split, SpotPods, classify, split
 from ebbtide.policy.warm_pool import PoolPlan, Replica, plan_pool
 from ebbtide.sim import baselines, report, traces
@@ -75,6 +75,7 @@ class EbbtidePolicy:
 
     def __post_init__(self) -> None:
         self._memory: Memory | None = None
+        self._off_peak = False  # the last decision's: the warm pool consolidates with it
         self.interval_s = float(self.spec.scaling.behavior.interval_seconds)
         predictive = self.spec.warmup.predictive
         if self.profile is None and predictive.enabled:
@@ -89,15 +90,17 @@ class EbbtidePolicy:
         predictive = self.profile if self.spec.warmup.predictive.enabled else None
         decision = plan(self.spec, signals, fleet, self._memory, now, self.startup_seconds, predictive)
         self._memory = decision.memory
+        self._off_peak = decision.off_peak
         if predictive is not None:
             self.profile = decision.profile
         return decision.desired
 
     def pool(self, desired: int, replicas: list[Replica], now: float) -> PoolPlan:
         """The warm pool's moves for the awake target `desired`, as the operator plans them
-        (in an off-peak window with the consolidated spec: surplus sleeps once drained)."""
+        (off-peak, in a window or a valley of the profile, with the consolidated spec: surplus
+        sleeps once drained)."""
         spec = self.spec
-        acting = consolidated(spec) if spec.schedules and effective_bounds(spec, now).off_peak else spec
+        acting = consolidated(spec) if self._off_peak else spec
         return plan_pool(desired, replicas, acting.sleep, now, spec.replicas.allow_scale_to_zero)
 
     @property
