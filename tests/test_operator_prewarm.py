@@ -68,7 +68,8 @@ def test_prewarms_ahead_of_a_learned_ramp_from_the_stored_profile(apiserver):
         scaled = wait_for(lambda: [e for e in events(server) if e["reason"] == "ScaledUp"], what="a ScaledUp event")
         message = scaled[0]["message"]
         assert f"pre-warming 1 -> {expected} for the ramp expected at" in message, message
-        assert status(server)["lastDecision"]["reason"] == "PreWarming"
+        wait_for(lambda: status(server).get("lastDecision", {}).get("reason") == "PreWarming",
+                 what="status.lastDecision PreWarming")  # written just after the Event
         learned = wait_for(lambda: status(server).get("demandProfile"), what="status.demandProfile")
         assert learned["predicting"] and learned["binsLearned"] > 90, learned
 
