@@ -126,6 +126,13 @@ def timed_request(url: str) -> float:
     return time.monotonic() - started
 
 
+def activated(server, what: str) -> dict:
+    """The decision that woke the service (status is written just after the tick's moves)."""
+    return wait_for(lambda: next((d for d in status(server).get("decisions", [])
+                                  if d["reason"] == "Activated" and what in d["message"]), None),
+                    timeout=5, what=f"an Activated decision: {what}")
+
+
 def test_activation_starts_from_none_then_the_last_replica_sleeps_and_wakes(
         apiserver, prometheus_server, pod_runner_factory, load_balancer_factory):
     """min 0 without allowScaleToZero. A request held by the gateway (the load balancer holds
@@ -148,8 +155,7 @@ def test_activation_starts_from_none_then_the_last_replica_sleeps_and_wakes(
 
         from_none = timed_request(gateway.url)
         (pod,) = runner.pods("default", "chat")
-        decision = status(server)["decisions"][-1]
-        assert decision["reason"] == "Activated" and "starting a replica" in decision["message"], decision
+        activated(server, "starting a replica")
 
         wait_for(lambda: engine_stats(pod)["is_sleeping"], timeout=DOWN_WINDOW + 20, what="the last replica asleep")
         assert replicas(server) == 1, "it sleeps rather than disappears"
@@ -157,8 +163,7 @@ def test_activation_starts_from_none_then_the_last_replica_sleeps_and_wakes(
 
         from_sleep = timed_request(gateway.url)
         assert engine_stats(pod)["wake_up_calls"] == 1
-        decision = status(server)["decisions"][-1]
-        assert decision["reason"] == "Activated" and "waking a sleeping replica" in decision["message"], decision
+        activated(server, "waking a sleeping replica")
         assert engine_stats(pod)["requests_refused_asleep"] == 0
         # From sleep: a scrape, a tick and a wake. From none: the same plus a cold start (1 s here).
         assert from_sleep < 10 and from_none < 15, (from_sleep, from_none)
