@@ -168,3 +168,32 @@ def test_activation_starts_from_none_then_the_last_replica_sleeps_and_wakes(
         # From sleep: a scrape, a tick and a wake. From none: the same plus a cold start (1 s here).
         assert from_sleep < 10 and from_none < 15, (from_sleep, from_none)
         print(f"waited {from_none:.1f} s from no replica, {from_sleep:.1f} s from a sleeping one")
+
+
+def test_a_wake_up_that_keeps_failing_gets_the_replica_replaced(apiserver, prometheus_server, pod_runner_factory):
+    """Engines whose wake-up outlasts the operator's timeout (6 s against 1 s): /wake_up fails
+    three times, the operator says so (Warning WakeFailed) and deletes the pod, and its
+    ReplicaSet starts a fresh replica in its place."""
+    server = apiserver.server
+    runner = pod_runner_factory(nodes=[], publish_targets=prometheus_server.set_targets,
+                                capacity_overrides={"wake_level1_s": 6.0})
+    spec = {**SPEC, "replicas": {"min": 2, "max": 2}, "sleep": {"enabled": True, "idleSeconds": IDLE, "maxPool": 1}}
+    with running_operator(apiserver, EBBTIDE_PROMETHEUS_URL=prometheus_server.url, EBBTIDE_TICK_SECONDS="0.5",
+                          EBBTIDE_ENGINE_TIMEOUT_SECONDS="1"):
+        server.create_object(isvc("chat", **spec))
+        wait_for(lambda: len([p for p in runner.pods("default", "chat") if p.ready]) == 2, timeout=40,
+                 what="2 replicas ready")
+        prometheus_server.wait_for_targets_up(2)
+        server.patch_object(ISVC, "default", "chat", {"spec": {"replicas": {"min": 1, "max": 1}}})
+        (sleeper,) = wait_for(lambda: [p for p in runner.pods("default", "chat") if engine_stats(p)["is_sleeping"]],
+                              timeout=30, what="one replica asleep")
+
+        server.patch_object(ISVC, "default", "chat", {"spec": {"replicas": {"min": 2, "max": 2}}})
+        failed = wait_for(lambda: [e for e in events(server) if e["reason"] == "WakeFailed"], timeout=30,
+                          what="a WakeFailed event")
+        assert failed[0]["type"] == "Warning" and sleeper.name in failed[0]["message"], failed
+        assert "POST /wake_up failed 3 times" in failed[0]["message"]
+        wait_for(lambda: sleeper.name not in {p.name for p in runner.pods("default", "chat") if not p.terminating},
+                 timeout=20, what="the sleeper replaced")
+        wait_for(lambda: len([p for p in runner.pods("default", "chat") if p.ready and not p.terminating]) == 2,
+                 timeout=40, what="2 replicas serving again")

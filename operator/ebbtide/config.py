@@ -11,6 +11,9 @@ class OperatorConfig:
     prometheus_url: str = "http://prometheus-server.monitoring.svc:80"
     metrics_port: int = 9090  # the operator's own /metrics; 0 turns it off
     tick_seconds: float = 5.0  # how often the scaling loop wakes; each service has its own interval
+    # The longest one POST /sleep or /wake_up may take before it counts as failed (and is
+    # retried, then the replica replaced): a level-2 wake reloads the weights from disk.
+    engine_timeout_seconds: float = 120.0
 
     @classmethod
     def from_env(cls) -> OperatorConfig:
@@ -18,4 +21,6 @@ class OperatorConfig:
             prometheus_url=os.environ.get("EBBTIDE_PROMETHEUS_URL", cls.prometheus_url),
             metrics_port=int(os.environ.get("EBBTIDE_METRICS_PORT", cls.metrics_port)),
             tick_seconds=float(os.environ.get("EBBTIDE_TICK_SECONDS", cls.tick_seconds)),
+            engine_timeout_seconds=float(os.environ.get("EBBTIDE_ENGINE_TIMEOUT_SECONDS",
+                                                        cls.engine_timeout_seconds)),
         )

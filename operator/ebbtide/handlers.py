@@ -37,7 +37,8 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: lo
     memo.metrics.serve(memo.config.metrics_port)
     memo.source = PrometheusSource(memo.config.prometheus_url)
     memo.stopped = asyncio.Event()
-    loop = ScalingLoop(memo.kube, memo.registry, memo.source, memo.metrics, memo.config.tick_seconds)
+    loop = ScalingLoop(memo.kube, memo.registry, memo.source, memo.metrics, memo.config.tick_seconds,
+                       engine_timeout_seconds=memo.config.engine_timeout_seconds)
     memo.loop_task = asyncio.create_task(loop.run(memo.stopped), name="ebbtide-scaling-loop")
     logger.info("ebbtide operator started with %s", memo.config)
 

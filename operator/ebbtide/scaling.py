@@ -105,7 +105,7 @@ def rfc3339(ts: float) -> str:
 
 class ScalingLoop:
     def __init__(self, kube: Kube, registry: Registry, source: PrometheusSource, metrics: OperatorMetrics,
-                 tick_seconds: float, clock: Callable[[], float] = time.time):
+                 tick_seconds: float, clock: Callable[[], float] = time.time, engine_timeout_seconds: float = 120.0):
         self.kube = kube
         self.registry = registry
         self.source = source
@@ -113,7 +113,7 @@ class ScalingLoop:
         self.tick_seconds = tick_seconds
         self.clock = clock
         self.states: dict[tuple[str, str], ServiceState] = {}
-        self.engines = EngineClient()
+        self.engines = EngineClient(engine_timeout_seconds)
         self._warming: asyncio.Task | None = None
 
     async def run(self, stopped: asyncio.Event) -> None:

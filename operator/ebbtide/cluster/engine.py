@@ -14,9 +14,6 @@ import aiohttp
 
 ATTEMPTS = 3
 BACKOFF_SECONDS = 0.5
-# /wake_up answers once the weights are back on the GPU: seconds at level 1 (0.3-6 s measured,
-# reference/vllm.md), longer at level 2, which reloads them from disk.
-TIMEOUT_SECONDS = {"sleep": 30.0, "wake_up": 120.0}
 
 
 def engine_url(pod: dict) -> str | None:
@@ -35,7 +32,10 @@ def engine_url(pod: dict) -> str | None:
 class EngineClient:
     """One HTTP session for every engine the operator talks to."""
 
-    def __init__(self, attempts: int = ATTEMPTS, backoff_seconds: float = BACKOFF_SECONDS):
+    def __init__(self, timeout_seconds: float, attempts: int = ATTEMPTS, backoff_seconds: float = BACKOFF_SECONDS):
+        """`timeout_seconds` bounds one call: /wake_up answers once the weights are back on the
+        GPU, in seconds at level 1 (0.3-6 s measured, reference/vllm.md), longer at level 2."""
+        self.timeout = aiohttp.ClientTimeout(total=timeout_seconds)
         self.attempts = attempts
         self.backoff_seconds = backoff_seconds
         self._session: aiohttp.ClientSession | None = None
@@ -58,12 +58,11 @@ class EngineClient:
             self._session = aiohttp.ClientSession()
         started = time.monotonic()
         error = "not tried"
-        timeout = aiohttp.ClientTimeout(total=TIMEOUT_SECONDS[what])
         for attempt in range(self.attempts):
             if attempt:
                 await asyncio.sleep(self.backoff_seconds * 2 ** (attempt - 1))
             try:
-                async with self._session.post(url, params=params, timeout=timeout) as response:
+                async with self._session.post(url, params=params, timeout=self.timeout) as response:
                     if response.status < 300:
                         return time.monotonic() - started, None
                     body = (await response.text())[:200]
