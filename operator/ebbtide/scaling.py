@@ -254,8 +254,7 @@ class ScalingLoop:
         state.idle = idle_since(state.idle, signals, now)
         targets = {ON_DEMAND: placed.on_demand, SPOT: placed.spot} if spec.placement.spot.enabled else {
             ON_DEMAND: placed.on_demand}
-        return {capacity: plan_for(spec, [m for m in mine.members if m.capacity == capacity], target,
-                                   state.idle, now)
+        return {capacity: plan_for(spec, mine.of(capacity), target, state.idle, now)
                 for capacity, target in targets.items()}
 
     async def _act_and_explain(self, ref: ServiceRef, spec: InferenceServiceSpec, state: ServiceState,
@@ -269,8 +268,7 @@ class ScalingLoop:
             if workload.spot is not None:  # absent: the reconciler is creating it, with its own count
                 wanted.append((deployment_name(ref, SPOT), workload.spot, self._count(tick, SPOT, placed.spot)))
             for capacity, pool in tick.pools.items():
-                members = [m for m in tick.pods.members if m.capacity == capacity]
-                done = await act(self.kube, self.engines, ref, spec, members, pool, tick.now)
+                done = await act(self.kube, self.engines, ref, spec, tick.pods.of(capacity), pool, tick.now)
                 for kind, reason, message in done.events:
                     await self.kube.post_event(ref, kind, reason, message)
             applied = await self._scale(ref, [(name, want) for name, have, want in wanted if want != have])

@@ -58,6 +58,10 @@ class ServicePods:
     startups: list[tuple[float, float]] = field(default_factory=list)
     members: list[PodRecord] = field(default_factory=list)  # every live pod, for the warm pool
 
+    def of(self, capacity: str) -> list[PodRecord]:
+        """The live pods of one Deployment (on-demand or spot)."""
+        return [m for m in self.members if m.capacity == capacity]
+
 
 def parse_float(text: str | None) -> float | None:
     try:

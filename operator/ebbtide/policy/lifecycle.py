@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import math
 from typing import NamedTuple
 from zoneinfo import ZoneInfo
 
@@ -22,12 +21,19 @@ from ebbtide.policy.autoscaling import (
     MAX_REPLICAS,
     METRICS_AVAILABLE,
     MIN_REPLICAS,
-    THROUGHPUT_TARGET,
     decide,
 )
 from ebbtide.policy.decision import ConditionReport, Decision, Memory
 from ebbtide.policy.observation import FleetState, Signals
-from ebbtide.policy.profile import BIN_SECONDS, Profile, in_valley, observe, predict, prewarm_target
+from ebbtide.policy.profile import (
+    BIN_SECONDS,
+    Profile,
+    in_valley,
+    observe,
+    predict,
+    prewarm_target,
+    replicas_for,
+)
 from ebbtide.policy.schedules import consolidated, effective_bounds, effective_spec, floor_ahead, next_change
 
 PRE_WARMING = "PreWarming"
@@ -92,7 +98,7 @@ def ramp_ahead(spec: InferenceServiceSpec, profile: Profile, capacity: float | N
     """The ramp to pre-warm for now, or None.
 
     The profile holds tokens/s (see _learn), which become replicas as the reactive core counts
-    them: at THROUGHPUT_TARGET of what one replica serves at its limit (memory.capacity). Until
+    them: at scaling.targets.throughput of what one replica serves at its limit (memory.capacity). Until
     that limit has been seen, tokens/s cannot be turned into replicas and nothing is pre-warmed.
 
     Only a rise counts: the demand predicted ahead (the highest in (now, now + lead]) must exceed
@@ -100,24 +106,25 @@ def ramp_ahead(spec: InferenceServiceSpec, profile: Profile, capacity: float | N
     current ones, by more than the reactive core's tolerance. Those levels are read as they
     stood before this week's visits (profile.predict(before_this_week=True)): the bins ahead
     have not been visited yet, and on a day below its profile the visited ones already hold
-    today's lower demand, which made every quarter-hour boundary look like a rise.
+    today's lower demand, which made every quarter-hour boundary look like a rise. Without the
+    rise test the floor would sit at the prediction x headroom all day on a plateau (about 10 %
+    more GPU-hours for replicas the reactive core already provides), and a day that runs far
+    below its profile (a holiday) would be held at a normal day's size. Comparing with the
+    previous 15 minutes keeps the floor up through the first quarter-hour of the new level,
+    until the reactive core's metrics windows have seen the load and its scale-down window
+    holds the replicas on its own.
 
     A day running below its profile (a holiday, a quiet Saturday) rises less too: with the
-    demand `observed` now (tokens/s) below the level predicted by more than the
-    tolerance, the ramp is scaled by the same ratio (now: the level the ramp rises from). Above
-    it, the reactive core sees the extra load itself. Without that test the floor would
-    sit at the prediction x headroom all day on a plateau (about 10 % more GPU-hours for replicas
-    the reactive core already provides), and a day that runs far below its profile (a holiday)
-    would be held at a normal day's size. Comparing with the previous 15 minutes keeps the floor
-    up through the first quarter-hour of the new level, until the reactive core's metrics
-    windows have seen the load and its scale-down window holds the replicas on its own.
+    demand `observed` now (tokens/s) below the level the ramp rises from by more than the
+    tolerance, the ramp is scaled by the same ratio. Above it, the reactive core sees the extra
+    load itself.
 
     The floor is bounded by the ceiling in force when the demand is expected (replicas.max, or a
     window's): a night cap must not stop the morning's replicas from starting before morning.
     """
     if capacity is None:
         return None
-    per_replica = capacity * THROUGHPUT_TARGET
+    per_replica = capacity * spec.scaling.targets.throughput
     headroom = spec.warmup.predictive.headroom
     # Everything is read as last week left it (before_this_week): the bins ahead and the ones
     # this week has already visited then compare like with like; today's own level enters
@@ -140,7 +147,7 @@ def ramp_ahead(spec: InferenceServiceSpec, profile: Profile, capacity: float | N
     start = min(levels) if levels else None
     if observed is not None and start and observed < start * (1.0 - tolerance):
         demand *= observed / start
-        replicas = math.ceil(demand * headroom / per_replica - 1e-9)
+        replicas = replicas_for(demand, headroom, per_replica)
         if replicas <= 0:
             return None
     ceiling = effective_bounds(spec, at).max_replicas

@@ -264,4 +264,9 @@ def prewarm_target(profile: Profile, now: float, lead_seconds: float, headroom: 
     if best is None:
         return None
     demand, moment = best
-    return math.ceil(demand * headroom / capacity_per_replica - 1e-9), moment
+    return replicas_for(demand, headroom, capacity_per_replica), moment
+
+
+def replicas_for(demand: float, headroom: float, capacity_per_replica: float) -> int:
+    """ceil(demand x headroom / capacity per replica), without float noise adding a replica."""
+    return math.ceil(demand * headroom / capacity_per_replica - 1e-9)

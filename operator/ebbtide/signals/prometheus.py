@@ -205,11 +205,7 @@ class PrometheusSource:
         One HTTP query per call: it is asked only for services with no replica awake, and a
         user's query cannot be batched with others without one bad query failing them all.
         """
-        self.queries_made += 1
-        try:
-            result = self._client.custom_query(promql, params={"time": f"{now:.3f}"}, timeout=self.timeout)
-        except (PrometheusApiClientException, requests.RequestException, ValueError, KeyError) as error:
-            raise PrometheusUnavailable(f"activation query failed at {self.url}: {str(error)[:300]}") from None
+        result = self._query(promql, now, time.monotonic() + self.timeout)
         try:
             if result and not isinstance(result[0], dict):  # a scalar result: [time, "value"]
                 values = [float(result[1])]
