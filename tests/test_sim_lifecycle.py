@@ -46,6 +46,15 @@ def phases(*parts: tuple[float, int], seed: int = 4) -> Trace:
                  output_sum=counts * float(OUTPUT), start_utc=MONDAY)
 
 
+def per_request(counts: np.ndarray, seed: int = 2) -> Trace:
+    """The same load request by request: each second's arrivals at uniform times within it."""
+    rng = np.random.default_rng(seed)
+    arrivals = np.sort(np.concatenate([s + rng.uniform(0, 1, c) for s, c in enumerate(counts)]))
+    return Trace(name="phases", duration_s=float(len(counts)), counts=counts, prompt_sum=counts * float(PROMPT),
+                 output_sum=counts * float(OUTPUT), arrivals=arrivals, prompt_tokens=np.full(len(arrivals), PROMPT),
+                 output_tokens=np.full(len(arrivals), OUTPUT), start_utc=MONDAY)
+
+
 def settings(cold_start: float) -> SimSettings:
     return SimSettings(capacity=LLAMA_3_1_8B_H100, cold_start_s=cold_start, seed=1)
 
@@ -138,12 +147,7 @@ def test_the_request_by_request_model_keeps_the_pool_too():
     """The same pool, every request through the engine scheduler: sleepers wake in the wake
     time, and no request is lost on the way (draining replicas finish what they hold)."""
     cold = 600.0
-    counts = phases((3, 6), (0.5, 8), (3, 4), (0, 1)).counts  # a quiet minute: all finish
-    rng = np.random.default_rng(2)
-    arrivals = np.sort(np.concatenate([s + rng.uniform(0, 1, c) for s, c in enumerate(counts)]))
-    trace = Trace(name="phases", duration_s=float(len(counts)), counts=counts, prompt_sum=counts * float(PROMPT),
-                  output_sum=counts * float(OUTPUT), arrivals=arrivals, prompt_tokens=np.full(len(arrivals), PROMPT),
-                  output_tokens=np.full(len(arrivals), OUTPUT), start_utc=MONDAY)
+    trace = per_request(phases((3, 6), (0.5, 8), (3, 4), (0, 1)).counts)  # a quiet minute: all finish
     spec = spec_with(sleep=True, idle_seconds=15, max_pool=4)
     run = simulate(trace, ebbtide(spec, cold), settings(cold))
     t = run.timeline

@@ -14,11 +14,12 @@ import pytest
 
 from ebbtide.sim import report
 from ebbtide.sim.capacity import LLAMA_3_1_8B_H100
-from ebbtide.sim.fleet import SPOT, SimSettings, SpotMarket, simulate
+from ebbtide.sim.fleet import ASLEEP, ASLEEP_SPOT, SPOT, SimSettings, SpotMarket, simulate
 from ebbtide.sim.simulate import EbbtidePolicy, EbbtideSpotPolicy, SpotOnlyPolicy, load_spec, parse_outage
 from ebbtide.sim.traces import Trace
 
 from .test_fleet import ENV
+from .test_sim_lifecycle import phases
 
 PROMPT, OUTPUT = 1000, 200
 SATURATION = LLAMA_3_1_8B_H100.saturation_rate(PROMPT, OUTPUT)  # requests/s per replica
@@ -263,3 +264,124 @@ def test_simulate_command_shows_spot_rows(tmp_path):
     assert document["settings"]["spot_enabled_by_simulator"] is True
     assert "ebbtide-spot" in result.stdout and "placement.spot enabled" in result.stdout
     assert "reclaim events" in result.stdout
+
+
+# -- spot with the sleep pool ---------------------------------------------------------------------
+# Six replicas' worth for 15 minutes, then one for 45: with an on-demand base of 3, the busy
+# fleet is 3 on demand and the rest on spot; the quiet one needs a single on-demand replica.
+BUSY_THEN_QUIET = ((6, 15), (1, 45))
+
+
+def spot_and_sleep():
+    """Spot with an on-demand base of 3 and a sleep pool of 4 per Deployment (as the operator
+    keeps one pool per Deployment); sleepers do not expire within the replay."""
+    spec = spec_with(enabled=True, on_demand_base=3)
+    sleep = spec.sleep.model_copy(update={"enabled": True, "idle_seconds": 30, "max_pool": 4, "ttl_seconds": 7200})
+    return spec.model_copy(update={"sleep": sleep})
+
+
+def test_surplus_sleeps_on_both_capacity_types_and_spot_sleepers_cost_the_spot_price():
+    spec = spot_and_sleep()
+    run = simulate(phases(*BUSY_THEN_QUIET), spot_policy(spec), settings())
+    on_demand, spot, spot_ready, ready = by_minute(run)
+    asleep = run.timeline.asleep
+    # Busy: the base on demand, the rest on spot (and the warm start's one replica too many asleep).
+    assert (on_demand[10], spot_ready[10], ready[10], spot[10], asleep[10]) == (3, 3, 6, 4, 1)
+    # Quiet: one on-demand replica awake; the other two on-demand and every spot replica asleep.
+    assert (ready[-1], spot_ready[-1], on_demand[-1], spot[-1], asleep[-1]) == (1, 0, 3, 4, 6)
+    asleep_s, asleep_spot_s = run.gpu_seconds[ASLEEP], run.gpu_seconds[ASLEEP_SPOT]
+    assert 0 < asleep_spot_s < asleep_s
+    # Sampled once a minute, the spot replicas not ready are the spot sleepers (nothing starts).
+    assert asleep_spot_s / 60 == pytest.approx(sum(s - r for s, r in zip(spot, spot_ready, strict=True)), abs=2)
+    result = report.summarize(run, spec)
+    prices, kept = spec.pricing, 1 - spec.sleep.reclaimed_fraction
+    hours = {kind: seconds / 3600 for kind, seconds in run.gpu_seconds.items()}
+    assert result.cost_usd == pytest.approx(
+        hours["on-demand"] * prices.on_demand_per_gpu_hour + hours["spot"] * prices.spot_per_gpu_hour
+        + kept * ((hours[ASLEEP] - hours[ASLEEP_SPOT]) * prices.on_demand_per_gpu_hour
+                  + hours[ASLEEP_SPOT] * prices.spot_per_gpu_hour), abs=0.01)
+
+
+def test_a_reclaimed_spot_sleeper_is_gone_and_its_asleep_time_stops():
+    """Minute 40: two of the four spot sleepers are reclaimed (30 s notice). They are charged
+    asleep until then, and nothing after: the spot ReplicaSet recreates them, and the next
+    pool plan deletes the replacements while they start (surplus: the spot target is 0)."""
+    spec = spot_and_sleep()
+    trace = phases(*BUSY_THEN_QUIET)
+    calm = simulate(trace, spot_policy(spec), settings())
+    market = SpotMarket(notice_s=30, reclaims=((2400.0, 2),))
+    stormy = simulate(trace, spot_policy(spec), settings(market))
+    assert stormy.spot.replicas_reclaimed == 2 and stormy.spot.requests_retried == 0
+    assert calm.timeline.spot[-1] == 4 and stormy.timeline.spot[-1] == 2 and stormy.timeline.asleep[-1] == 4
+    assert stormy.timeline.spot[41:] == [2] * (len(trace.counts) // 60 - 41)
+    ended = 2 * (trace.duration_s - 2430.0)  # two sleepers' time from the reclaim to the end
+    assert calm.gpu_seconds[ASLEEP_SPOT] - stormy.gpu_seconds[ASLEEP_SPOT] == pytest.approx(ended)
+    assert calm.gpu_seconds[ASLEEP] - stormy.gpu_seconds[ASLEEP] == pytest.approx(ended)
+    assert stormy.gpu_seconds[SPOT] - calm.gpu_seconds[SPOT] <= 2 * spec.scaling.behavior.interval_seconds
+
+
+@dataclass
+class Recorded(EbbtideSpotPolicy):
+    """Ebbtide on spot with a warm pool, keeping what each tick asked: the awake target, the
+    cover history it split with, the split, and the replicas each pool plan was given with its
+    plan (on-demand first, as the fleet plans them)."""
+
+    ticks: list = field(default_factory=list)
+
+    def place(self, signals, fleet, spot, now, pending=None):
+        cover = self._cover
+        placed = super().place(signals, fleet, spot, now, pending)
+        self.ticks.append({"now": now, "target": self._target, "cover": cover, "spot": spot, "placed": placed,
+                           "pools": []})
+        return placed
+
+    def pool(self, desired, replicas, now):
+        plan = super().pool(desired, replicas, now)
+        self.ticks[-1]["pools"].append((desired, tuple(replicas), plan))
+        return plan
+
+
+def test_each_tick_splits_and_pools_as_the_operator_would():
+    """Every tick of a replay with reclaims of awake and sleeping spot replicas, recomputed the
+    way the operator computes it from the pods it lists: the split from the spot pods it
+    classifies (a sleeping pod is Ready; a pod on a reclaimed node is unavailable), then the
+    pools per Deployment from `ScalingLoop._pools` itself."""
+    from ebbtide.cluster.pods import PodRecord, ServicePods
+    from ebbtide.policy.cost import Ledger
+    from ebbtide.policy.decision import Memory
+    from ebbtide.policy.observation import PodSignals, Signals
+    from ebbtide.policy.spot import PodView, classify, split
+    from ebbtide.scaling import ScalingLoop, ServiceState
+
+    spec = spot_and_sleep()
+    placement, window = spec.placement.spot, spec.scaling.behavior.scale_down.stabilization_seconds
+    policy = Recorded(spec, learned_capacity=CAPACITY, startup_seconds=COLD_START)
+    market = SpotMarket(notice_s=60, reclaims=((300.0, 2), (2400.0, 3)))
+    simulate(phases(*BUSY_THEN_QUIET), policy, settings(market))
+    assert len(policy.ticks) == 240
+    kinds = {"sleep": set(), "wake": set(), "delete": set()}
+    for tick in policy.ticks:
+        now = tick["now"]
+        (od_target, od_replicas, od_plan), (spot_target, spot_replicas, spot_plan) = tick["pools"]
+        assert (od_target, spot_target) == tick["placed"]
+        reclaimed = {f"node-{r.name}" for r in tick["spot"] if r.reclaimed}
+        pods = [PodView(r.name, ready=r.state != "starting", phase="Running", created_at=now, node=f"node-{r.name}")
+                for r in spot_replicas]
+        placed = split(tick["target"], placement, classify(pods, reclaimed, placement.pending_timeout_seconds, now),
+                       tick["cover"], now, window)
+        assert (placed.on_demand, placed.spot) == tick["placed"], now
+
+        members = [PodRecord(r.name, r.capacity_type, r.state, True, r.asleep_since, None, None)
+                   for r in od_replicas + spot_replicas]
+        idle = {r.name: r.idle_since for r in od_replicas + spot_replicas if r.idle_since is not None}
+        state = ServiceState(memory=Memory(since=now), ledger=Ledger.start(now), idle=idle)
+        signals = Signals(source="test", sampled_at=now, pods=tuple(PodSignals(name, now) for name in idle))
+        pods_of = ServicePods(asleep=sum(m.state == "asleep" for m in members), members=members)
+        assert ScalingLoop._pools(spec, state, pods_of, signals, placed, now) == {"on-demand": od_plan,
+                                                                                 "spot": spot_plan}, now
+        for kind in kinds:
+            kinds[kind] |= {r.capacity_type for r in od_replicas + spot_replicas
+                            if r.name in getattr(od_plan, kind) + getattr(spot_plan, kind)}
+    # Both pools put surplus to sleep; after the first reclaim the spot sleeper is woken for the
+    # replicas lost; replacements of reclaimed sleepers are deleted while they start.
+    assert kinds == {"sleep": {"on-demand", "spot"}, "wake": {"spot"}, "delete": {"spot"}}, kinds

@@ -23,8 +23,18 @@ carried out as the operator carries it out: its decision is the awake target, an
 sleep, delete or create. Surplus replicas first leave the endpoints and drain (they finish
 what they hold and take nothing new, and can rejoin at once); idle long enough, they sleep.
 A sleeping replica holds its GPU (charged as "asleep"), serves nothing, and wakes in the
-capacity model's wake time for the spec's sleep level instead of a cold start. (A policy that
-places replicas on spot runs without the pool: the two are not simulated together yet.)
+capacity model's wake time for the spec's sleep level instead of a cold start. A policy that
+also places replicas on spot has one pool per capacity type, each planned on its share of the
+awake target, as the operator runs one per Deployment: surplus spot and on-demand replicas
+sleep, and a spot sleeper that is reclaimed is gone (its asleep GPU time stops there).
+
+Down to zero and back: with replicas.min 0 the awake target can reach 0 (the last replica
+sleeps, or with allowScaleToZero or no pool, goes). Requests that arrive while no replica is
+in the endpoints wait at the gateway, and that wait counts in their TTFT. A policy that reads
+the gateway (`reads_gateway`: Ebbtide with scaling.activation) is given the count of requests
+pending there as the last scrape saw it, which is what its activation query reads in a
+cluster; policy.activation.activate turns it into one awake replica: a sleeper woken, or a
+cold start.
 """
 
 from __future__ import annotations
@@ -47,6 +57,7 @@ from ebbtide.sim.traces import Trace
 ON_DEMAND = "on-demand"
 SPOT = "spot"
 ASLEEP = "asleep"  # GPU time of sleeping replicas (report.py prices it with sleep.reclaimedFraction)
+ASLEEP_SPOT = "asleep-spot"  # of ASLEEP, the spot sleepers' (a spot GPU costs the spot price asleep too)
 
 
 @dataclass(frozen=True)
@@ -68,7 +79,9 @@ class Policy(Protocol):
     decide; `spot` is its spot replicas as SpotReplica views) and
     `initial_placement(size, now) -> (on_demand, spot)` (its warm start). A policy with a warm
     pool has `pool(desired, replicas, now) -> PoolPlan` (policy.warm_pool.plan_pool with its
-    sleep settings) and `wake_level` (its sleep level); `pool` None: no warm pool."""
+    sleep settings) and `wake_level` (its sleep level); `pool` None: no warm pool. A policy
+    with `reads_gateway` True takes `pending=` in decide and place: the requests held at the
+    gateway at the last scrape (see the module docstring)."""
 
     name: str
     interval_s: float
@@ -119,6 +132,9 @@ class Replica:
     ready_at: float  # inf while Pending
     capacity_type: str = ON_DEMAND
     ready: bool = False
+    # The pod passed its readiness probe: it stays Ready asleep and waking (the engine answers
+    # its health check), which is how the operator sees and classifies it.
+    pod_ready: bool = False
     scheduled_at: float | None = None  # got a node (GPU time is charged from here); None: Pending
     reclaimed_at: float | None = None  # its node announced a reclaim
     # Warm pool only (see simulate): in the endpoints; out of them, idle from `idle_since` (the
@@ -133,7 +149,7 @@ class Replica:
         return f"replica-{self.rid}"
 
     def view(self, epoch: float) -> SpotReplica:
-        return SpotReplica(name=self.name, created=epoch + self.created, ready=self.ready,
+        return SpotReplica(name=self.name, created=epoch + self.created, ready=self.pod_ready,
                            scheduled=self.scheduled_at is not None, reclaimed=self.reclaimed_at is not None)
 
 
@@ -196,6 +212,7 @@ class _Fleet:
     def add(self, now: float, ready: bool = False, kind: str = ON_DEMAND, obtainable: bool = True) -> Replica:
         """A new pod. One that finds no capacity (`obtainable` False) stays Pending."""
         replica = Replica(rid=self._next_rid, created=now, capacity_type=kind, ready=ready, serving=ready,
+                          pod_ready=ready,
                           ready_at=now if ready else (now + self.cold_start if obtainable else math.inf),
                           scheduled_at=now if ready or obtainable else None)
         self._next_rid += 1
@@ -220,7 +237,7 @@ class _Fleet:
         """The replicas whose cold start is over by `now`, marked ready."""
         done = [r for r in self.replicas if not r.ready and r.ready_at <= now]
         for r in done:
-            r.ready = r.serving = True
+            r.ready = r.serving = r.pod_ready = True
         self.ready += len(done)
         return done
 
@@ -303,8 +320,11 @@ class _Fleet:
         if replica.scheduled_at is None:  # a Pending pod on no node costs nothing
             return
         since = replica.scheduled_at if replica.charged_to is None else replica.charged_to
-        kind = ASLEEP if replica.asleep_since is not None else replica.capacity_type
-        self.gpu_seconds[kind] = self.gpu_seconds.get(kind, 0.0) + max(0.0, until - since) * self.gpus
+        seconds = max(0.0, until - since) * self.gpus
+        kinds = (replica.capacity_type,) if replica.asleep_since is None else (
+            (ASLEEP, ASLEEP_SPOT) if replica.capacity_type == SPOT else (ASLEEP,))
+        for kind in kinds:
+            self.gpu_seconds[kind] = self.gpu_seconds.get(kind, 0.0) + seconds
         replica.charged_to = max(since, until)
 
 
@@ -387,18 +407,37 @@ def _resize(fleet: _Fleet, serving: RequestServing | FluidServing, kind: str, de
 
 
 def _pool_tick(fleet: _Fleet, serving: RequestServing | FluidServing, policy: Policy, signals: Signals,
-               t: float, epoch: float, wake_seconds: float) -> bool:
-    """One tick of a policy with a warm pool: the awake target from `decide`, then its pool
-    plan carried out. Returns whether it moved any replica (a scale action).
+               t: float, epoch: float, wake_seconds: float, obtainable: bool, gateway: dict) -> bool:
+    """One tick of a policy with a warm pool: the awake target from `decide` (placed on spot:
+    each capacity type's share of it from `place`), then a pool plan per capacity type carried
+    out, as the operator plans one per Deployment. Returns whether it moved any replica (a
+    scale action).
 
     The core sees the awake target it set as `current` (the replicas in the endpoints plus those
     starting or waking), not the ones draining out of them: those are surplus it already dropped.
     """
     starting = sum(1 for r in fleet.replicas if not r.ready and r.asleep_since is None)
-    state = FleetState(current=fleet.ready_serving() + starting, ready=fleet.ready_serving(), starting=starting)
-    desired = max(0, policy.decide(signals, state, epoch + t))
-    plan: PoolPlan = policy.pool(desired, [_pool_view(r, serving, t, epoch) for r in fleet.replicas], epoch + t)
-    by_name = {r.name: r for r in fleet.replicas}
+    ready = fleet.ready_serving()
+    state = FleetState(current=ready + starting, ready=ready, starting=starting,
+                       asleep=sum(1 for r in fleet.replicas if r.asleep_since is not None))
+    place = getattr(policy, "place", None)
+    if place is None:
+        targets = {ON_DEMAND: policy.decide(signals, state, epoch + t, **gateway)}
+    else:
+        spot = tuple(r.view(epoch) for r in fleet.replicas if r.capacity_type == SPOT)
+        targets = dict(zip((ON_DEMAND, SPOT), place(signals, state, spot, epoch + t, **gateway), strict=True))
+    moved = False
+    for kind, desired in targets.items():
+        mine = [r for r in fleet.replicas if r.capacity_type == kind]
+        plan = policy.pool(max(0, desired), [_pool_view(r, serving, t, epoch) for r in mine], epoch + t)
+        moved |= _carry_out(plan, {r.name: r for r in mine}, fleet, serving, t, wake_seconds,
+                            kind, obtainable or kind != SPOT)
+    return moved
+
+
+def _carry_out(plan: PoolPlan, by_name: dict[str, Replica], fleet: _Fleet, serving: RequestServing | FluidServing,
+               t: float, wake_seconds: float, kind: str, obtainable: bool) -> bool:
+    """One Deployment's pool plan done to its replicas; whether any of them moved."""
     for name in plan.delete:
         replica = by_name[name]
         if replica.serving:  # sleep disabled or maxPool 0: it drains, then it is gone
@@ -415,7 +454,7 @@ def _pool_tick(fleet: _Fleet, serving: RequestServing | FluidServing, policy: Po
     for name in plan.wake:
         fleet.wake(by_name[name], t, wake_seconds)
     for _ in range(plan.create):
-        fleet.add(t)
+        fleet.add(t, kind=kind, obtainable=obtainable)
     left = rejoined = 0
     for name in plan.draining:
         replica = by_name[name]
@@ -435,11 +474,13 @@ def _pool_tick(fleet: _Fleet, serving: RequestServing | FluidServing, policy: Po
 def _pool_view(replica: Replica, serving: RequestServing | FluidServing, t: float, epoch: float) -> PoolReplica:
     """A replica as the operator shows it to plan_pool (times as unix seconds)."""
     if replica.asleep_since is not None:
-        return PoolReplica(replica.name, "asleep", asleep_since=epoch + replica.asleep_since)
+        return PoolReplica(replica.name, "asleep", asleep_since=epoch + replica.asleep_since,
+                           capacity_type=replica.capacity_type)
     if not replica.ready:  # starting, or waking (both not ready yet)
-        return PoolReplica(replica.name, "starting")
+        return PoolReplica(replica.name, "starting", capacity_type=replica.capacity_type)
     idle = serving.idle_since(replica.rid, t) if replica.serving else replica.idle_since
-    return PoolReplica(replica.name, "awake", idle_since=None if idle is None or idle > t else epoch + idle)
+    return PoolReplica(replica.name, "awake", idle_since=None if idle is None or idle > t else epoch + idle,
+                       capacity_type=replica.capacity_type)
 
 
 def simulate(trace: Trace, policy: Policy, settings: SimSettings, per_request: bool | None = None) -> PolicyRun:
@@ -460,7 +501,8 @@ def simulate(trace: Trace, policy: Policy, settings: SimSettings, per_request: b
     fleet = _Fleet(settings.gpus_per_replica,
                    0.0 if getattr(policy, "instant_start", False) else settings.cold_start_s)
     place = getattr(policy, "place", None)
-    pool = getattr(policy, "pool", None) if place is None else None
+    pool = getattr(policy, "pool", None)
+    reads_gateway = getattr(policy, "reads_gateway", False)
     wake_s = settings.capacity.wake_seconds(policy.wake_level) if pool is not None else 0.0
     # Only a fleet that can hold spot replicas meets the spot market (and pays for its events).
     market = _SpotClock(settings.spot, end, settings.seed) if place is not None else None
@@ -471,6 +513,7 @@ def simulate(trace: Trace, policy: Policy, settings: SimSettings, per_request: b
             serving.add_replica(fleet.add(0.0, ready=True, kind=kind).rid, 0.0)
 
     snapshot = Signals.missing("no scrape yet")
+    pending = 0.0  # requests held at the gateway, as the last scrape saw them
     next_scrape = next_tick = 0.0
     scale_actions = 0
     changes: list[tuple[int, ...]] = []  # (step, replicas, ready, spot, spot ready, asleep) on change
@@ -484,18 +527,24 @@ def simulate(trace: Trace, policy: Policy, settings: SimSettings, per_request: b
         if t >= next_scrape:
             snapshot = serving.scrape(t, epoch, settings.metrics_window_s, settings.ttft_quantile,
                                       settings.tpot_quantile, observes)
+            pending = serving.pending()
             next_scrape += settings.scrape_interval_s
+        gateway = {"pending": pending} if reads_gateway else {}
         if t >= next_tick and pool is not None:
-            scale_actions += _pool_tick(fleet, serving, policy, snapshot, t, epoch, wake_s)
+            scale_actions += _pool_tick(fleet, serving, policy, snapshot, t, epoch, wake_s,
+                                        market is None or market.obtainable(t), gateway)
+            # The Deployments hold sleepers too: a reclaimed spot sleeper is recreated by its
+            # ReplicaSet (as a fresh replica), and the next plan deletes it if it is surplus.
+            wanted = (fleet.count(ON_DEMAND), fleet.count(SPOT))
             next_tick += policy.interval_s
         elif t >= next_tick:
             current = len(fleet.replicas)
             state = FleetState(current=current, ready=fleet.ready, starting=current - fleet.ready)
             if place is not None:
                 spot = tuple(r.view(epoch) for r in fleet.replicas if r.capacity_type == SPOT)
-                asked = tuple(max(0, k) for k in place(snapshot, state, spot, epoch + t))
+                asked = tuple(max(0, k) for k in place(snapshot, state, spot, epoch + t, **gateway))
             else:
-                asked = (max(0, policy.decide(snapshot, state, epoch + t)), 0)
+                asked = (max(0, policy.decide(snapshot, state, epoch + t, **gateway)), 0)
             if asked != wanted:
                 scale_actions += 1
             wanted = asked

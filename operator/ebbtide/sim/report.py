@@ -15,7 +15,8 @@ The JSON schema (`ebbtide simulate --json`) is stable; fields are only ever adde
 GPU-hours count from the moment a replica has a node (a spot pod Pending for want of capacity
 costs nothing) to the end of its drain or its reclaim, so the GPU time spent on requests in
 flight on a reclaimed replica, which are then served again elsewhere, is charged, and their
-tokens count once. The spot fields are zero for policies that place nothing on spot;
+tokens count once. Asleep hours cost 1 - sleep.reclaimedFraction of the price of the GPU
+they hold (on demand or spot). The spot fields are zero for policies that place nothing on spot;
 `requests_retried` is fractional in the fluid model.
 
 `ttft_p99_ramps_s` is the TTFT p99 of the requests that arrive during the trace's ramps
@@ -32,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from ebbtide.api.spec import InferenceServiceSpec
-from ebbtide.sim.fleet import PolicyRun, Timeline
+from ebbtide.sim.fleet import ASLEEP_SPOT, PolicyRun, Timeline
 from ebbtide.sim.serving import weighted_quantiles
 from ebbtide.sim.traces import Trace
 
@@ -107,6 +108,9 @@ def summarize(run: PolicyRun, spec: InferenceServiceSpec, ramps: list[tuple[floa
               # A sleeping replica still holds its GPU; the reclaimed share is used by others.
               "asleep": spec.pricing.on_demand_per_gpu_hour * (1 - spec.sleep.reclaimed_fraction)}
     cost = sum(hours[k] * prices[k] for k in CAPACITY_TYPES)
+    # Spot sleepers hold spot GPUs: their asleep hours at the spot price instead.
+    asleep_spot = run.gpu_seconds.get(ASLEEP_SPOT, 0.0) / 3600.0
+    cost -= asleep_spot * (prices["on-demand"] - prices["spot"]) * (1 - spec.sleep.reclaimed_fraction)
     total = float(weight.sum()) or 1.0
     ttft_q = weighted_quantiles(ttft, weight, (0.5, 0.9, 0.99))
     # Points of one group share their ITL: one point per group, with the group's weight.

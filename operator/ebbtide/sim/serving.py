@@ -47,6 +47,11 @@ ALL_SIGNALS = frozenset({"pods", "latency", "tokens"})
 RHO_LEVELS = 10_000
 RHO_MAX = 0.95
 
+# Fewer requests than this in the fluid pool are the residue of its float sums, not a request:
+# the pool counts as idle, and its gauges read 0 (vLLM's count whole requests). A residue read
+# as load would keep a service with replicas.min 0 from ever reaching zero.
+RESIDUE = 1e-6
+
 
 @dataclass
 class LatencyRecords:
@@ -230,6 +235,10 @@ class RequestServing:
             self.draining[rid] = engine
         self._idle.pop(rid, None)
         return None
+
+    def pending(self) -> int:
+        """Requests held at the gateway now: with no replica in the endpoints, every arrival."""
+        return len(self.gateway)
 
     def preempt_replica(self, rid: int, now: float) -> int:
         """Its node is reclaimed: the replica is gone at once, serving or draining. What it had
@@ -440,6 +449,11 @@ class FluidServing:
         self._pool.discard(rid)
         return now + self.O * (self._c0 + self._c1 * min(per_replica, self.n_max))
 
+    def pending(self) -> float:
+        """Requests held at the gateway now: the queue, while no replica is in the pool (with
+        one, the queue waits in the engines, which the gateway has handed it to)."""
+        return 0.0 if self.ready or self.queue <= RESIDUE else self.queue
+
     def preempt_replica(self, rid: int, now: float) -> float:
         """Its node is reclaimed at `now` (a step boundary): the replica leaves the pool with its
         share of the requests in flight, which re-enter at the head of this step's arrivals
@@ -550,10 +564,10 @@ class FluidServing:
             itls[n] = itl
             level = int(admitted * level_per_admission + 0.5)
             levels[n] = level if level < top_level else top_level
-            if queue > 1e-6:
+            if queue > RESIDUE:
                 queued_at = n
                 busy_at = n
-            elif running > 1e-6:
+            elif running > RESIDUE:
                 busy_at = n
         self.running, self.queue, self._completed, self.tokens_served = running, queue, completed_total, tokens
         self._tokens_counted = counted
@@ -570,9 +584,10 @@ class FluidServing:
         n = self._n
         pods: tuple[PodSignals, ...] = ()
         if "pods" in observes and self.ready:
-            per_replica = self.running / self.ready
+            running, queue = (x if x > RESIDUE else 0.0 for x in (self.running, self.queue))
+            per_replica = running / self.ready
             kv = min(1.0, per_replica * (self.P + self.O / 2) / self.capacity.kv_cache_tokens)
-            pods = _pods(self.ready, epoch + t, self.queue / self.ready, per_replica, kv)
+            pods = _pods(self.ready, epoch + t, queue / self.ready, per_replica, kv)
         w = max(1, int(round(window / self.dt)))
         first = max(0, n - w)
         tokens = ttft = itl = None

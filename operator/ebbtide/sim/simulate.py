@@ -13,6 +13,7 @@ from importlib import resources
 
 from ebbtide.api.manifest import InvalidSpec, load_manifests
 from ebbtide.api.spec import InferenceServiceSpec
+from ebbtide.policy.activation import activate
 from ebbtide.policy.decision import Entries, Memory
 from ebbtide.policy.lifecycle import plan
 from ebbtide.policy.observation import FleetState, Signals
@@ -59,6 +60,8 @@ class EbbtidePolicy:
     then the reactive core), with the replay's cold start as the startup time a schedule's
     floor or a predicted ramp is started ahead by. With spec.sleep enabled, its decision is the
     awake target and `pool` (policy.warm_pool.plan_pool) keeps the warm pool (sim/fleet.py).
+    With scaling.activation, it reads the requests pending at the gateway while nothing is
+    awake, as the operator reads the activation query (`policy.activation.activate`).
 
     `learned_capacity` (tokens/s a replica serves at the service's limit) and `profile` (the
     demand profile) start it as an operator that has run the service before: both are kept in
@@ -84,11 +87,18 @@ class EbbtidePolicy:
         if not self.spec.sleep.enabled:
             self.pool = None  # no warm pool: the fleet resizes as a Deployment would (fleet.Policy)
 
-    def decide(self, signals: Signals, fleet: FleetState, now: float) -> int:
+    @property
+    def reads_gateway(self) -> bool:
+        """The fleet passes it the gateway's pending requests (sim/fleet.py) for its activation query."""
+        return self.spec.scaling.activation is not None
+
+    def decide(self, signals: Signals, fleet: FleetState, now: float, pending: float | None = None) -> int:
         if self._memory is None:
             self._memory = Memory(since=now, capacity=self.learned_capacity)
         predictive = self.profile if self.spec.warmup.predictive.enabled else None
         decision = plan(self.spec, signals, fleet, self._memory, now, self.startup_seconds, predictive)
+        # As the operator shell: the activation query is read only while nothing is awake.
+        decision = activate(decision, self.spec, fleet, pending if fleet.ready + fleet.starting == 0 else None, now)
         self._memory = decision.memory
         self._off_peak = decision.off_peak
         if predictive is not None:
@@ -161,6 +171,8 @@ class EbbtideSpotPolicy(EbbtidePolicy):
     classified by `policy.spot.classify` from what the fleet shows, as the operator classifies
     pods and nodes. The core compares its recommendation with the target it last set (not
     with the replicas the two Deployments hold, which include the cover), as the operator does.
+    With spec.sleep enabled, each share is the awake target of that capacity type's own warm
+    pool (`pool`, once per Deployment, as the operator plans them; sim/fleet.py).
 
     A spec that does not enable placement.spot is run with it enabled (`spot_enabled_here`).
     """
@@ -184,9 +196,9 @@ class EbbtideSpotPolicy(EbbtidePolicy):
         return placed.on_demand, placed.spot
 
     def place(self, signals: Signals, fleet: FleetState, spot: tuple[SpotReplica, ...],
-              now: float) -> tuple[int, int]:
+              now: float, pending: float | None = None) -> tuple[int, int]:
         current = self._target if self._target is not None else fleet.current
-        self._target = self.decide(signals, replace(fleet, current=current), now)
+        self._target = self.decide(signals, replace(fleet, current=current), now, pending)
         pods = spot_pods(spot, self.spec.placement.spot.pending_timeout_seconds, now)
         placed = self._split(self._target, pods, now)
         self._cover = placed.cover
