@@ -39,6 +39,15 @@ def test_surplus_idle_long_enough_sleeps_else_drains():
     assert any("putting a to sleep" in r for r in plan.reasons)
 
 
+def test_the_plan_says_why_per_pod_even_when_one_name_prefixes_another():
+    """Events quote what the plan said about their pod: keyed by pod, so "chat-1" is never
+    told what was said about "chat-12"."""
+    plan = plan_pool(1, [awake("chat-12", idle=600), awake("chat-1", idle=30), awake("chat-2")], POLICY, NOW)
+    assert plan.about("chat-12").startswith("putting chat-12 to sleep")
+    assert plan.about("chat-1").startswith("draining chat-1:")
+    assert plan.about("chat-2") == "chat-2"  # nothing said: serving on
+
+
 def test_full_pool_deletes_surplus_and_ttl_deletes_sleepers():
     plan = plan_pool(1, [awake("a", idle=600), awake("b"), asleep("s1", 100), asleep("s2", 200)], POLICY, NOW)
     assert plan.delete == ("a",) and plan.replicas == 3

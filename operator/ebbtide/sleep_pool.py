@@ -69,7 +69,7 @@ async def act(kube: Kube, engines: EngineClient, ref: ServiceRef, spec: Inferenc
     for name in plan.draining:
         if pods[name].serving:
             await kube.patch_pod_metadata(ref.namespace, name, labels={LABEL_SERVING: "false"})
-            actions.events.append(("Normal", "Draining", f"{name} left the Service: {_reason(plan, name)}"))
+            actions.events.append(("Normal", "Draining", f"{name} left the Service: {plan.about(name)}"))
     for name in plan.serving:
         pod = pods[name]
         if not pod.serving and pod.state == "awake":  # drained, then needed again before it slept
@@ -79,7 +79,7 @@ async def act(kube: Kube, engines: EngineClient, ref: ServiceRef, spec: Inferenc
             await kube.patch_pod_metadata(ref.namespace, name, annotations={ANNOTATION_DELETION_COST: str(cost)})
     removed = [n for n in plan.delete if pods[n].state != "starting"]
     if removed:
-        actions.events.append(("Normal", "Released", "; ".join(_reason(plan, n) for n in removed)))
+        actions.events.append(("Normal", "Released", "; ".join(plan.about(n) for n in removed)))
     return actions
 
 
@@ -93,7 +93,7 @@ async def _wake(kube: Kube, engines: EngineClient, ref: ServiceRef, pod: PodReco
     await kube.patch_pod_metadata(ref.namespace, pod.name, labels={LABEL_SERVING: "true"},
                                   annotations={ANNOTATION_ASLEEP_SINCE: None})
     actions.events.append(("Normal", "Woken", f"{pod.name} awake in {took:.1f} s and back in the Service: "
-                                              f"{_reason(plan, pod.name)}"))
+                                              f"{plan.about(pod.name)}"))
 
 
 async def _sleep(kube: Kube, engines: EngineClient, ref: ServiceRef, spec: InferenceServiceSpec, pod: PodRecord,
@@ -101,7 +101,7 @@ async def _sleep(kube: Kube, engines: EngineClient, ref: ServiceRef, spec: Infer
     if pod.serving:  # drain first: out of the endpoints this tick, to sleep at the next
         await kube.patch_pod_metadata(ref.namespace, pod.name, labels={LABEL_SERVING: "false"})
         actions.events.append(("Normal", "Draining", f"{pod.name} left the Service to sleep: "
-                                                     f"{_reason(plan, pod.name)}"))
+                                                     f"{plan.about(pod.name)}"))
         return
     took, error = await engines.sleep(pod.url, spec.sleep.level) if pod.url else (0.0, "the pod has no IP")
     if error:
@@ -109,7 +109,7 @@ async def _sleep(kube: Kube, engines: EngineClient, ref: ServiceRef, spec: Infer
         return
     await kube.patch_pod_metadata(ref.namespace, pod.name, annotations={ANNOTATION_ASLEEP_SINCE: f"{now:.0f}"})
     actions.events.append(("Normal", "Sleeping", f"{pod.name} asleep (level {spec.sleep.level}, {took:.1f} s): "
-                                                 f"{_reason(plan, pod.name)}"))
+                                                 f"{plan.about(pod.name)}"))
 
 
 async def _replace(kube: Kube, ref: ServiceRef, pod: PodRecord, reason: str, error: str,
@@ -119,7 +119,3 @@ async def _replace(kube: Kube, ref: ServiceRef, pod: PodRecord, reason: str, err
     await kube.delete_pod(ref.namespace, pod.name)
     actions.events.append(("Warning", reason, f"{pod.name}: {error}; replacing the replica"))
 
-
-def _reason(plan: PoolPlan, name: str) -> str:
-    """The plan's own words about this pod."""
-    return next((r for r in plan.reasons if f" {name}" in f" {r}"), name)

@@ -52,6 +52,13 @@ class PoolPlan:
     deletion_costs: dict[str, int] = field(hash=False)  # pod -> controller.kubernetes.io/pod-deletion-cost
     reasons: tuple[str, ...] = ()
     starting: int = 0  # replicas still starting that the plan keeps
+    # pod -> the plan's last words about it, for its Events (keyed, not found by name in
+    # `reasons`: one pod's name can be a prefix of another's)
+    said: dict[str, str] = field(default_factory=dict, hash=False)
+
+    def about(self, name: str) -> str:
+        """What the plan said about this pod (its name if nothing)."""
+        return self.said.get(name, name)
 
     @property
     def awake(self) -> int:
@@ -77,6 +84,11 @@ def plan_pool(desired: int, replicas: list[Replica] | tuple[Replica, ...], polic
     desired = max(0, desired)
     pool_size = policy.max_pool if policy.enabled else 0
     reasons: list[str] = []
+    said: dict[str, str] = {}
+
+    def note(r: Replica, words: str) -> None:
+        reasons.append(words)
+        said[r.name] = words
     starting = sorted((r for r in replicas if r.state == "starting"), key=lambda r: r.name)
     awake = [r for r in replicas if r.state == "awake"]
     asleep = sorted((r for r in replicas if r.state == "asleep"), key=lambda r: (-_asleep_for(r, now), r.name))
@@ -93,8 +105,8 @@ def plan_pool(desired: int, replicas: list[Replica] | tuple[Replica, ...], polic
         wake = asleep[:short]
         asleep = asleep[short:]
         for r in wake:
-            reasons.append(f"waking {r.name} (asleep {_asleep_for(r, now):.0f} s): "
-                           f"{len(awake) + len(starting)} awake < {desired} desired")
+            note(r, f"waking {r.name} (asleep {_asleep_for(r, now):.0f} s): "
+                    f"{len(awake) + len(starting)} awake < {desired} desired")
         create = short - len(wake)
         if create:
             reasons.append(f"creating {create}: {desired} desired and no sleeping replica left")
@@ -103,7 +115,7 @@ def plan_pool(desired: int, replicas: list[Replica] | tuple[Replica, ...], polic
         # Newest starting replica first: it has the least of its startup behind it.
         for r in reversed(starting[-surplus:]):
             delete.append(r)
-            reasons.append(f"deleting {r.name}: still starting and {desired} awake are enough")
+            note(r, f"deleting {r.name}: still starting and {desired} awake are enough")
         starting = starting[:max(0, len(starting) - surplus)]
         surplus -= len(delete)
         # Idle longest first; busy replicas (no idle time) last.
@@ -113,21 +125,21 @@ def plan_pool(desired: int, replicas: list[Replica] | tuple[Replica, ...], polic
             idle = _idle_for(r, now)
             if pool_size == 0:
                 delete.append(r)
-                reasons.append(f"deleting {r.name}: surplus ({desired} desired) and sleep is "
-                               + ("disabled" if not policy.enabled else "limited to maxPool 0"))
+                note(r, f"deleting {r.name}: surplus ({desired} desired) and sleep is "
+                        + ("disabled" if not policy.enabled else "limited to maxPool 0"))
             elif idle >= policy.idle_seconds:
                 if len(asleep) + len(sleep) < pool_size:
                     sleep.append(r)
-                    reasons.append(f"putting {r.name} to sleep: surplus, idle {idle:.0f} s >= "
-                                   f"{policy.idle_seconds} s")
+                    note(r, f"putting {r.name} to sleep: surplus, idle {idle:.0f} s >= "
+                            f"{policy.idle_seconds} s")
                 else:
                     delete.append(r)
-                    reasons.append(f"deleting {r.name}: surplus and the pool is full "
-                                   f"({pool_size} asleep)")
+                    note(r, f"deleting {r.name}: surplus and the pool is full "
+                            f"({pool_size} asleep)")
             else:
                 draining.append(r)
                 what = "busy" if idle < 0 else f"idle {idle:.0f} s < {policy.idle_seconds} s"
-                reasons.append(f"draining {r.name}: surplus, {what}")
+                note(r, f"draining {r.name}: surplus, {what}")
 
     # Sleepers that stay asleep: expire past the TTL, and beyond the pool (oldest first).
     kept: list[Replica] = []
@@ -136,13 +148,13 @@ def plan_pool(desired: int, replicas: list[Replica] | tuple[Replica, ...], polic
         if age >= policy.ttl_seconds or not policy.enabled:
             why = f"asleep {age:.0f} s >= ttl {policy.ttl_seconds} s" if policy.enabled else "sleep is disabled"
             delete.append(r)
-            reasons.append(f"deleting {r.name}: {why}")
+            note(r, f"deleting {r.name}: {why}")
         else:
             kept.append(r)
     room = pool_size - len(sleep)
     for r in kept[:max(0, len(kept) - room)]:
         delete.append(r)
-        reasons.append(f"deleting {r.name}: more than maxPool {pool_size} asleep")
+        note(r, f"deleting {r.name}: more than maxPool {pool_size} asleep")
     kept = kept[max(0, len(kept) - room):]
 
     # A deletion waits while something starts (see the module docstring); a starting replica
@@ -154,8 +166,8 @@ def plan_pool(desired: int, replicas: list[Replica] | tuple[Replica, ...], polic
             names = {r.name for r in postponed}
             delete = [r for r in delete if r.name not in names]
             kept = postponed + kept
-            reasons.append(f"keeping {', '.join(r.name for r in postponed)} asleep until "
-                           f"{len(starting)} starting replicas are ready")
+            for r in postponed:
+                note(r, f"keeping {r.name} asleep until {len(starting)} starting replicas are ready")
 
     # The last replica sleeps rather than disappears.
     remaining = len(serving) + len(draining) + len(starting) + len(sleep) + len(kept) + len(wake) + create
@@ -164,16 +176,16 @@ def plan_pool(desired: int, replicas: list[Replica] | tuple[Replica, ...], polic
         delete.remove(last)
         if last.state == "asleep" and pool_size > 0:
             kept.append(last)
-            reasons.append(f"keeping {last.name} asleep: the last replica (allowScaleToZero is off)")
+            note(last, f"keeping {last.name} asleep: the last replica (allowScaleToZero is off)")
         elif last.state == "awake" and pool_size > 0 and _idle_for(last, now) >= policy.idle_seconds:
             sleep.append(last)
-            reasons.append(f"putting {last.name} to sleep instead: the last replica (allowScaleToZero is off)")
+            note(last, f"putting {last.name} to sleep instead: the last replica (allowScaleToZero is off)")
         else:
             {"asleep": wake, "awake": serving, "starting": starting}[last.state].append(last)
-            reasons.append(f"keeping {last.name} {'awake' if last.state != 'starting' else 'starting'}: "
-                           "the last replica (allowScaleToZero is off)")
+            note(last, f"keeping {last.name} {'awake' if last.state != 'starting' else 'starting'}: "
+                       "the last replica (allowScaleToZero is off)")
         # Whatever was said about deleting it no longer holds.
-        reasons = [x for x in reasons if not x.startswith(f"deleting {last.name}:")]
+        reasons[:] = [x for x in reasons if not x.startswith(f"deleting {last.name}:")]
 
     delete_names = [r.name for r in delete]
     order = (delete_names
@@ -190,7 +202,7 @@ def plan_pool(desired: int, replicas: list[Replica] | tuple[Replica, ...], polic
         create=create, replicas=total,
         serving=tuple(r.name for r in serving) + tuple(r.name for r in wake),
         draining=tuple(r.name for r in draining), deletion_costs=costs, reasons=tuple(reasons),
-        starting=len(starting),
+        starting=len(starting), said=said,
     )
 
 
