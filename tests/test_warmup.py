@@ -137,3 +137,34 @@ def test_a_gated_pod_is_let_through_when_warm_up_was_switched_off(apiserver, pod
     assert result.ok and "warm-up is off" in result.message
     wait_for(lambda: condition(pods(apiserver)[name], "Ready").get("status") == "True", what="Ready")
     assert stats(pods(apiserver)[name])["requests_received"] == 0
+
+
+def test_an_engine_that_restarts_after_its_warm_up_is_warmed_again(apiserver, pod_runner_factory, kube):
+    """A warm-up belongs to one run of the engine: after a crash the new engine is cold, so the
+    condition goes back to False (out of the endpoints before the kubelet would route to it)
+    and the new engine gets its own warm-up requests."""
+    runner = pod_runner_factory(startup_delay=1.0)
+    start(apiserver, replicas=1)
+    (name,) = containers_ready(apiserver, 1)
+    (result,) = tick(kube)
+    assert result.ok, result
+    wait_for(lambda: condition(pods(apiserver)[name], "Ready").get("status") == "True", what="Ready")
+    assert tick(kube) == [], "a warm pod whose engine runs on is left alone"
+
+    runner.kill_engine(NS, name)
+    wait_for(lambda: pods(apiserver)[name]["status"]["containerStatuses"][0]["restartCount"] == 1,
+             what="the kubelet noticing the crash")
+    (reset,) = tick(kube)
+    assert not reset.ok and "restarted after its warm-up" in reset.message, reset
+    pod = pods(apiserver)[name]
+    assert condition(pod, CONDITION_WARMED_UP)["reason"] == "EngineRestarted"
+    runner.sync()
+    assert condition(pods(apiserver)[name], "Ready")["status"] == "False", "out until warmed again"
+
+    containers_ready(apiserver, 1)
+    assert stats(pods(apiserver)[name])["requests_received"] == 0, "a fresh engine"
+    (again,) = tick(kube)
+    assert again.ok and again.message.startswith("served 3 warm-up requests"), again
+    wait_for(lambda: condition(pods(apiserver)[name], "Ready").get("status") == "True", what="Ready again")
+    assert stats(pods(apiserver)[name])["requests_received"] == 3
+    assert tick(kube) == []

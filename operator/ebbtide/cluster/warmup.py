@@ -9,6 +9,12 @@ pod runner writes each engine's loopback port as its containerPort), and then se
 condition on the pod's status: True when all were answered, False with the error otherwise
 (retried on the next tick).
 
+A warm-up belongs to one run of the engine container: when the container restarts (a crash,
+an OOM kill), the new engine is as cold as a new replica, yet the condition would still say
+True and the kubelet would route traffic to it the moment it is up. So a True condition older
+than the running container's start (or with no container running) is set back to False at
+once, while the engine is still down, and the pod is warmed again once it is up.
+
 The first real requests are the slow ones (lazy initialisation, cold caches), and they are
 paid by the operator instead of a user. Startup times (cluster/pods.py, pod created to Ready)
 include the warm-up, as they should: it is part of the time a replica takes to be useful.
@@ -29,6 +35,7 @@ from ebbtide.api.conditions import get_condition, set_condition
 from ebbtide.api.spec import InferenceServiceSpec
 from ebbtide.cluster.engine import engine_url
 from ebbtide.cluster.kube import Kube, now_rfc3339
+from ebbtide.cluster.pods import parse_time
 from ebbtide.cluster.render import CONDITION_WARMED_UP, LABEL_SERVICE
 
 log = logging.getLogger(__name__)
@@ -61,17 +68,40 @@ def _containers_ready(pod: dict) -> bool:
 
 
 def needs_warm_up(pod: dict) -> bool:
-    """Gated on warm-up, engine up, not passed yet, and not on its way out."""
+    """Gated on warm-up, not on its way out, and either engine up and not passed yet, or
+    passed by an earlier run of its engine container (see the module docstring)."""
     gates = {g.get("conditionType") for g in (pod.get("spec") or {}).get("readinessGates") or []}
     if CONDITION_WARMED_UP not in gates or pod.get("metadata", {}).get("deletionTimestamp"):
         return False
     warmed = get_condition((pod.get("status") or {}).get("conditions"), CONDITION_WARMED_UP)
-    return _containers_ready(pod) and (warmed is None or warmed.get("status") != "True")
+    if warmed is not None and warmed.get("status") == "True":
+        return warmed_an_earlier_run(pod, warmed)
+    return _containers_ready(pod)
+
+
+def warmed_an_earlier_run(pod: dict, warmed: dict) -> bool:
+    """The True condition predates the engine container now running (or none runs).
+
+    Times are whole seconds: a container that restarts within the second its warm-up ended
+    goes unnoticed (an engine takes far longer than that to load a model).
+    """
+    status = _engine_status(pod)
+    if not status:  # the kubelet has reported no container yet: nothing to compare
+        return False
+    started = parse_time(((status.get("state") or {}).get("running") or {}).get("startedAt"))
+    passed = parse_time(warmed.get("lastTransitionTime"))
+    return started is None or (passed is not None and started > passed)
 
 
 def _engine_container(pod: dict) -> dict:
     containers = (pod.get("spec") or {}).get("containers") or [{}]
     return next((c for c in containers if c.get("name") == "vllm"), containers[0])
+
+
+def _engine_status(pod: dict) -> dict:
+    statuses = (pod.get("status") or {}).get("containerStatuses") or []
+    name = _engine_container(pod).get("name")
+    return next((s for s in statuses if s.get("name") == name), statuses[0] if statuses else {})
 
 
 def served_model(pod: dict, spec: InferenceServiceSpec) -> str:
@@ -100,11 +130,11 @@ async def _send(session: aiohttp.ClientSession, url: str, model: str, requests: 
             raise WarmUpFailed(f"request {i + 1}/{requests} to {url}: {e}") from e
 
 
-async def _set_condition(kube: Kube, pod: dict, ok: bool, message: str) -> None:
+async def _set_condition(kube: Kube, pod: dict, ok: bool, message: str, reason: str | None = None) -> None:
     conditions = (pod.get("status") or {}).get("conditions") or []
     # set_condition keeps lastTransitionTime while the status stays (False after False).
     updated = set_condition(conditions, CONDITION_WARMED_UP, "True" if ok else "False",
-                            "WarmedUp" if ok else "WarmUpFailed", message[:1024], now_rfc3339())
+                            reason or ("WarmedUp" if ok else "WarmUpFailed"), message[:1024], now_rfc3339())
     meta = pod["metadata"]
     await kube.patch_pod_status(meta["namespace"], meta["name"],
                                 {"conditions": [get_condition(updated, CONDITION_WARMED_UP)]})
@@ -116,6 +146,17 @@ async def _warm_one(kube: Kube, session: aiohttp.ClientSession, pod: dict, spec:
     requests = spec.warmup.requests
     url = engine_url(pod)
     started = time.monotonic()
+    warmed = get_condition((pod.get("status") or {}).get("conditions"), CONDITION_WARMED_UP)
+    if warmed is not None and warmed.get("status") == "True":
+        # Warmed by an engine that has restarted since: out of the endpoints now (the kubelet
+        # would route to it the moment it is up), warmed again by a later tick.
+        message = "the engine restarted after its warm-up; warming it again once it is up"
+        try:
+            await _set_condition(kube, pod, False, message, reason="EngineRestarted")
+        except ApiException as e:
+            message = f"could not reset {CONDITION_WARMED_UP}: {e.status} {e.reason}"
+        log.warning("%s/%s: %s", meta["namespace"], meta["name"], message)
+        return WarmUpResult(meta["namespace"], meta["name"], False, message)
     try:
         if requests == 0:
             # Gated, but warm-up was switched off since (a merge patch does not remove the gate

@@ -35,7 +35,10 @@ ALL_POLICIES = ("ebbtide", "static", "hpa", "keda", "aibrix", "oracle")
 # sleep pool (sleep) switched off or on, whatever it says: (pre-warming, sleep).
 LIFECYCLE = {"ebbtide-reactive": (False, False), "ebbtide-prewarm": (True, False),
              "ebbtide-sleep": (False, True), "ebbtide-lifecycle": (True, True)}
-EXTRA_POLICIES = ("ebbtide-warm", "ebbtide-spot", "spot-only", *LIFECYCLE)
+# static-max: every replica the spec allows, all the time. Not a contender (it pays for the
+# peak all week): the lowest latency any policy bounded by replicas.max can reach, the floor a
+# latency target is measured against.
+EXTRA_POLICIES = ("ebbtide-warm", "ebbtide-spot", "spot-only", *LIFECYCLE, "static-max")
 ORACLE_SLO = 0.99
 
 # The spot market's defaults (docs/simulator.md, "Spot capacity"). No public figure gives
@@ -276,6 +279,7 @@ def build_policies(names: list[str], spec: InferenceServiceSpec, trace: traces.T
         "ebbtide-spot": lambda: EbbtideSpotPolicy(spec, startup_seconds=startup_seconds),
         "spot-only": lambda: SpotOnlyPolicy(spec, startup_seconds=startup_seconds),
         "static": lambda: baselines.Static(replicas=min(hi, oracle.peak)),
+        "static-max": lambda: baselines.Static(replicas=hi, name="static-max"),
         "hpa": lambda: baselines.Hpa(min_replicas=lo, max_replicas=hi),
         "keda": lambda: baselines.Keda(min_replicas=lo, max_replicas=hi),
         "aibrix": lambda: baselines.AibrixApa(min_replicas=lo, max_replicas=hi),
@@ -422,7 +426,7 @@ def run(args: argparse.Namespace) -> int:
         learned: float | None = None
         for policy in policies:
             bar.update(task, description=f"simulating {policy.name}")
-            if isinstance(policy, baselines.Static) and args.oracle_slo > 0:
+            if isinstance(policy, baselines.Static) and policy.name == "static-peak" and args.oracle_slo > 0:
                 policy, result = right_size_static(spec, trace, settings, policy.replicas, args.oracle_slo)
                 extra.update(static_replicas=policy.replicas)
             elif isinstance(policy, baselines.Oracle) and args.oracle_slo > 0:
