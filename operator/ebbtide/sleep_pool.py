@@ -73,7 +73,9 @@ async def act(kube: Kube, engines: EngineClient, ref: ServiceRef, spec: Inferenc
     for name in plan.serving:
         pod = pods[name]
         if not pod.serving and pod.state == "awake":  # drained, then needed again before it slept
-            await kube.patch_pod_metadata(ref.namespace, name, labels={LABEL_SERVING: "true"})
+            # (or a sleeper whose engine restarted: its asleep mark no longer holds)
+            await kube.patch_pod_metadata(ref.namespace, name, labels={LABEL_SERVING: "true"},
+                                          annotations={ANNOTATION_ASLEEP_SINCE: None})
     for name, cost in plan.deletion_costs.items():
         if name in pods and pods[name].deletion_cost != str(cost):
             await kube.patch_pod_metadata(ref.namespace, name, annotations={ANNOTATION_DELETION_COST: str(cost)})

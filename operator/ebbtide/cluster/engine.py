@@ -16,13 +16,33 @@ ATTEMPTS = 3
 BACKOFF_SECONDS = 0.5
 
 
+def engine_container(pod: dict) -> dict:
+    """The pod's engine container (named vllm, else the first)."""
+    containers = (pod.get("spec") or {}).get("containers") or []
+    return next((c for c in containers if c.get("name") == "vllm"), containers[0] if containers else {})
+
+
+def engine_status(pod: dict) -> dict:
+    """The kubelet's status of the engine container; {} before it reports one."""
+    statuses = (pod.get("status") or {}).get("containerStatuses") or []
+    name = engine_container(pod).get("name")
+    return next((s for s in statuses if s.get("name") == name), statuses[0] if statuses else {})
+
+
+def engine_started_at(pod: dict) -> str | None:
+    """When the engine container now running started (RFC 3339); None if none runs.
+
+    What the operator records about an engine (asleep, warmed up) holds for one run of the
+    container: a restart brings up a fresh engine, awake and cold.
+    """
+    return ((engine_status(pod).get("state") or {}).get("running") or {}).get("startedAt")
+
+
 def engine_url(pod: dict) -> str | None:
     """http://podIP:port of the pod's engine (its container port named http, else the first),
     or None before the pod has an IP."""
     ip = (pod.get("status") or {}).get("podIP")
-    containers = (pod.get("spec") or {}).get("containers") or []
-    container = next((c for c in containers if c.get("name") == "vllm"), containers[0] if containers else {})
-    ports = container.get("ports") or []
+    ports = engine_container(pod).get("ports") or []
     port = next((p for p in ports if p.get("name") == "http"), ports[0] if ports else {}).get("containerPort")
     if not ip or not port:
         return None

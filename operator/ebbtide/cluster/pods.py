@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime
 from dataclasses import dataclass, field
 
-from ebbtide.cluster.engine import engine_url
+from ebbtide.cluster.engine import engine_started_at, engine_url
 from ebbtide.cluster.render import LABEL_CAPACITY, LABEL_SERVICE, LABEL_SERVING, ON_DEMAND, SPOT
 from ebbtide.policy.cost import Held
 from ebbtide.policy.spot import PodView
@@ -101,6 +101,11 @@ def summarize(pods: list[dict]) -> dict[tuple[str, str], ServicePods]:
         serving = labels.get(LABEL_SERVING, "true") == "true"
         annotations = meta.get("annotations") or {}
         asleep_since = parse_float(annotations.get(ANNOTATION_ASLEEP_SINCE))
+        # A sleeper whose engine restarted since (a crash) runs a fresh engine: awake, and still
+        # out of the Service, so the pool treats it as awake surplus (rejoin, or sleep again).
+        started = parse_time(engine_started_at(pod))
+        if asleep_since is not None and started is not None and started > asleep_since:
+            asleep_since = None
         asleep = ready_at is not None and asleep_since is not None
         if _holds_gpu(pod):
             s.held = Held(on_demand=s.held.on_demand + (not on_spot and not asleep),

@@ -33,7 +33,7 @@ from kubernetes.client.rest import ApiException
 
 from ebbtide.api.conditions import get_condition, set_condition
 from ebbtide.api.spec import InferenceServiceSpec
-from ebbtide.cluster.engine import engine_url
+from ebbtide.cluster.engine import engine_container, engine_started_at, engine_status, engine_url
 from ebbtide.cluster.kube import Kube, now_rfc3339
 from ebbtide.cluster.pods import parse_time
 from ebbtide.cluster.render import CONDITION_WARMED_UP, LABEL_SERVICE
@@ -85,29 +85,19 @@ def warmed_an_earlier_run(pod: dict, warmed: dict) -> bool:
     Times are whole seconds: a container that restarts within the second its warm-up ended
     goes unnoticed (an engine takes far longer than that to load a model).
     """
-    status = _engine_status(pod)
-    if not status:  # the kubelet has reported no container yet: nothing to compare
+    if not engine_status(pod):  # the kubelet has reported no container yet: nothing to compare
         return False
-    started = parse_time(((status.get("state") or {}).get("running") or {}).get("startedAt"))
+    started = parse_time(engine_started_at(pod))
     passed = parse_time(warmed.get("lastTransitionTime"))
     return started is None or (passed is not None and started > passed)
 
 
-def _engine_container(pod: dict) -> dict:
-    containers = (pod.get("spec") or {}).get("containers") or [{}]
-    return next((c for c in containers if c.get("name") == "vllm"), containers[0])
-
-
-def _engine_status(pod: dict) -> dict:
-    statuses = (pod.get("status") or {}).get("containerStatuses") or []
-    name = _engine_container(pod).get("name")
-    return next((s for s in statuses if s.get("name") == name), statuses[0] if statuses else {})
 
 
 def served_model(pod: dict, spec: InferenceServiceSpec) -> str:
     """The name the engine answers to: the pod's own --served-model-name (it may predate a spec
     change), else the spec's."""
-    args = [str(a) for a in _engine_container(pod).get("args") or []]
+    args = [str(a) for a in engine_container(pod).get("args") or []]
     for i, arg in enumerate(args):
         if arg.startswith("--served-model-name="):
             return arg.partition("=")[2]
