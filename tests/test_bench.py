@@ -40,7 +40,12 @@ def test_the_lifecycle_runs_compare_the_four_ebbtide_rows_on_the_ramps():
         policies = document["policies"]
         assert {render.REACTIVE, render.ALL_FEATURES, "ebbtide-prewarm"} <= set(policies)
         assert document["settings"]["trained_profile"] and document["settings"]["cold_start_s"] == 180
-        assert all(p["ttft_p99_ramps_s"] is not None for p in policies.values())
+        assert all(p["ttft_p99_ramps_s"] is not None and p["slo_attainment_ramps"] is not None
+                   for p in policies.values())
+        # The floor the ramp latency target is read against: the spec's maximum all week.
+        floor = policies[render.FLOOR]
+        assert floor["scale_actions"] == 0 and floor["peak_replicas"] == max(p["peak_replicas"] for p in policies.values())
+        assert floor["ttft_p99_ramps_s"] <= policies[render.REACTIVE]["ttft_p99_ramps_s"]
         assert policies[render.REACTIVE]["gpu_hours_by_type"]["asleep"] == 0
         assert policies[render.ALL_FEATURES]["gpu_hours_by_type"]["asleep"] > 0
         assert document["bench"]["command"].startswith("ebbtide simulate --trace ")

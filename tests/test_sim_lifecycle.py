@@ -171,3 +171,21 @@ def test_cli_trains_the_profile_and_reports_the_ramps(tmp_path):
     assert set(policies) == {"ebbtide-reactive", "ebbtide-lifecycle"}
     assert all(p["ttft_p99_ramps_s"] is not None for p in policies.values())
     assert policies["ebbtide-reactive"]["gpu_hours_by_type"]["asleep"] == 0
+
+
+def test_the_ramp_figures_cover_only_the_requests_of_the_ramp_hours():
+    """One quiet hour, then a step to three replicas' worth: the second hour is the ramp. A
+    fixed fleet of one falls behind in it (its SLO misses are all there), a fleet of four does
+    not; the figures of the whole replay dilute what the ramp's own show."""
+    from ebbtide.sim.baselines import Static
+
+    trace = phases((0.5, 60), (3, 60))
+    ramps = report.ramp_hours(trace)
+    assert ramps == [(3600.0, 7200.0)]
+    spec = spec_with()
+    behind = report.summarize(simulate(trace, Static(replicas=1), settings(180)), spec, ramps)
+    ahead = report.summarize(simulate(trace, Static(replicas=4), settings(180)), spec, ramps)
+    assert behind.slo_attainment_ramps < 0.05 < behind.slo_attainment < 0.5, behind  # the quiet hour met it
+    assert ahead.slo_attainment_ramps > 0.99 and ahead.ttft_p99_ramps_s < 1, ahead
+    assert behind.ttft_p99_ramps_s > 10 * ahead.ttft_p99_ramps_s
+    assert report.summarize(simulate(trace, Static(replicas=4), settings(180)), spec).slo_attainment_ramps is None

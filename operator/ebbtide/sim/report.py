@@ -10,7 +10,7 @@ The JSON schema (`ebbtide simulate --json`) is stable; fields are only ever adde
                          "itl_p90_s": float, "slo_attainment": float, "scale_actions": int,
                          "peak_replicas": int, "tokens": float, "spot_reclaim_events": int,
                          "spot_replicas_reclaimed": int, "requests_retried": float,
-                         "ttft_p99_ramps_s": float | null}}}
+                         "ttft_p99_ramps_s": float | null, "slo_attainment_ramps": float | null}}}
 
 GPU-hours count from the moment a replica has a node (a spot pod Pending for want of capacity
 costs nothing) to the end of its drain or its reclaim, so the GPU time spent on requests in
@@ -20,8 +20,11 @@ they hold (on demand or spot). The spot fields are zero for policies that place 
 `requests_retried` is fractional in the fluid model.
 
 `ttft_p99_ramps_s` is the TTFT p99 of the requests that arrive during the trace's ramps
-(`ramp_hours`: each day's two hours whose request rate rises most over the hour before); null
-for a trace shorter than two hours.
+(`ramp_hours`: each day's two hours whose request rate rises most over the hour before), and
+`slo_attainment_ramps` the share of them that meet the SLO; both null for a trace shorter
+than two hours. The p99 of a ramp is mostly the latency at the fleet's operating point (long
+prompts prefilled next to a busy batch); the SLO misses are where a fleet that runs behind the
+ramp shows.
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ class PolicyResult:
     spot_replicas_reclaimed: int = 0
     requests_retried: float = 0.0  # in flight on a reclaimed replica, served again elsewhere
     ttft_p99_ramps_s: float | None = None  # requests arriving during the ramps (ramp_hours)
+    slo_attainment_ramps: float | None = None  # of those, the share that meets the SLO
 
     def to_json(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k != "name"}
@@ -112,6 +116,8 @@ def summarize(run: PolicyRun, spec: InferenceServiceSpec, ramps: list[tuple[floa
     asleep_spot = run.gpu_seconds.get(ASLEEP_SPOT, 0.0) / 3600.0
     cost -= asleep_spot * (prices["on-demand"] - prices["spot"]) * (1 - spec.sleep.reclaimed_fraction)
     total = float(weight.sum()) or 1.0
+    met = slo_met(ttft, itl, spec)
+    ramp = _inside(arrival, ramps)
     ttft_q = weighted_quantiles(ttft, weight, (0.5, 0.9, 0.99))
     # Points of one group share their ITL: one point per group, with the group's weight.
     group = run.records.group
@@ -133,27 +139,32 @@ def summarize(run: PolicyRun, spec: InferenceServiceSpec, ramps: list[tuple[floa
         ttft_p90_s=rounded(ttft_q[1]),
         ttft_p99_s=rounded(ttft_q[2]),
         itl_p90_s=rounded(itl_q[0]),
-        slo_attainment=round(float(weight[slo_met(ttft, itl, spec)].sum()) / total, 5),
+        slo_attainment=round(float(weight[met].sum()) / total, 5),
         scale_actions=run.scale_actions,
         peak_replicas=max(run.timeline.replicas, default=0),
         tokens=round(run.tokens_served),
         spot_reclaim_events=run.spot.reclaim_events,
         spot_replicas_reclaimed=run.spot.replicas_reclaimed,
         requests_retried=round(run.spot.requests_retried, 1),
-        ttft_p99_ramps_s=_ramp_p99(arrival, ttft, weight, ramps),
+        ttft_p99_ramps_s=None if ramp is None else _rounded_or_none(
+            weighted_quantiles(ttft[ramp], weight[ramp], (0.99,))[0]),
+        slo_attainment_ramps=None if ramp is None or not weight[ramp].sum() else round(
+            float(weight[ramp & met].sum() / weight[ramp].sum()), 5),
     )
 
 
-def _ramp_p99(arrival: np.ndarray, ttft: np.ndarray, weight: np.ndarray,
-              ramps: list[tuple[float, float]] | None) -> float | None:
+def _rounded_or_none(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
+
+
+def _inside(arrival: np.ndarray, ramps: list[tuple[float, float]] | None) -> np.ndarray | None:
+    """Which requests arrived during the ramps; None without ramps."""
     if not ramps:
         return None
     starts = np.array([a for a, _ in ramps])
     ends = np.array([b for _, b in ramps])
     index = np.searchsorted(starts, arrival, side="right") - 1
-    inside = (index >= 0) & (arrival < ends[np.maximum(index, 0)])
-    p99 = weighted_quantiles(ttft[inside], weight[inside], (0.99,))[0]
-    return None if p99 is None else round(p99, 4)
+    return (index >= 0) & (arrival < ends[np.maximum(index, 0)])
 
 
 def spot_note(results: list[PolicyResult]) -> str:
