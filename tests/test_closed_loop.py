@@ -14,7 +14,7 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.testbed.loadgen import LoadGenerator
+from tests.testbed.loadgen import steady_load
 from tests.testbed.operator import condition, events, isvc, replicas, seconds, status
 from tests.testbed.waiting import wait_for
 
@@ -48,17 +48,13 @@ def waiting_in_prometheus(prometheus, namespace="default") -> float:
     return float(result[0]["value"][1]) if result else 0.0
 
 
-def load(url: str, rate: float, duration: float) -> LoadGenerator:
-    return LoadGenerator(url, rate=rate, duration=duration, prompt_tokens=100, max_tokens=32, seed=1).start()
-
-
 def test_scales_up_on_backlog_recovers_ttft_and_scales_down_after_the_window(cluster):
     server = cluster.server
     with cluster.operator():
         balancer = start_service(cluster)
 
         # A load step well above one tiny replica's capacity.
-        generator = load(balancer.url, rate=40, duration=45)
+        generator = steady_load(balancer.url, rate=40, duration=45)
         backlog_seen = wait_for(lambda: waiting_in_prometheus(cluster.prometheus) > 0 and time.monotonic(),
                                 timeout=30, interval=0.2, what="backlog in Prometheus")
         scaled = wait_for(lambda: (replicas(server) or 0) > 1 and time.monotonic(), timeout=30, interval=0.2,
@@ -113,7 +109,7 @@ def test_prometheus_outage_holds_the_size_and_says_why(cluster):
     server = cluster.server
     with cluster.operator():
         balancer = start_service(cluster)
-        generator = load(balancer.url, rate=40, duration=20)
+        generator = steady_load(balancer.url, rate=40, duration=20)
         wait_for(lambda: (replicas(server) or 0) > 1, timeout=40, what="a scale-up")
         generator.stop()
 
@@ -141,7 +137,7 @@ def test_advisory_mode_reports_and_never_patches(cluster):
     with cluster.operator():
         balancer = start_service(cluster, mode="Advisory")
         generation = server.get_object(DEPLOYMENTS, "default", "chat")["metadata"]["generation"]
-        generator = load(balancer.url, rate=40, duration=15)
+        generator = steady_load(balancer.url, rate=40, duration=15)
         advice = wait_for(lambda: [e for e in events(server) if e["reason"] == "AdvisoryScaleUp"], timeout=30,
                           what="an advisory scale-up event")
         assert advice[0]["message"].startswith("advisory, not applied: ")

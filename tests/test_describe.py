@@ -11,19 +11,14 @@ additionalPrinterColumns, as a real API server does, so plain ``kubectl get isvc
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-from pathlib import Path
 
 import pytest
 from kubernetes import client
 
 from ebbtide.api.crd import crd
+from tests.testbed.kubectl import KUBECTL, kubectl
 from tests.testbed.operator import ISVC, isvc
-
-ROOT = Path(__file__).resolve().parents[1]
-KUBECTL = ROOT / "tools" / "bin" / "kubectl"
 
 pytestmark = pytest.mark.skipif(not KUBECTL.exists(), reason=f"needs the real kubectl at {KUBECTL}: run `make tools`")
 
@@ -42,13 +37,6 @@ STATUS = {
     "conditions": [{"type": "MetricsAvailable", "status": "True", "reason": "PrometheusAnswered",
                     "message": "signals from Prometheus", "lastTransitionTime": "2025-06-01T12:00:00Z"}],
 }
-
-
-def kubectl(apiserver, *args: str) -> str:
-    done = subprocess.run([str(KUBECTL), *args], capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "KUBECONFIG": str(apiserver.kubeconfig_path)})
-    assert done.returncode == 0, f"kubectl {' '.join(args)}: {done.stderr}"
-    return done.stdout
 
 
 def event(owner: dict, reason: str, message: str, when: str) -> dict:

@@ -15,7 +15,7 @@ import urllib.request
 
 import pytest
 
-from tests.test_closed_loop import load
+from tests.testbed.loadgen import steady_load
 from tests.testbed.operator import ISVC, events, isvc, replicas, running_operator, status
 from tests.testbed.waiting import wait_for
 
@@ -86,7 +86,7 @@ def test_idle_replicas_sleep_wake_on_load_and_expire(cluster):
 
         # A load that needs three replicas: the sleepers wake (no pod is created) and serve.
         balancer.reset_stats()
-        generator = load(balancer.url, rate=40, duration=25)
+        generator = steady_load(balancer.url, rate=40, duration=25)
         woken = wait_for(lambda: all(engine_stats(pods[s])["wake_up_calls"] == 1 for s in sleepers)
                          and time.monotonic(), timeout=30, interval=0.2, what="/wake_up on both sleepers")
         balancer.wait_for_endpoints(3, timeout=5)

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.test_describe import KUBECTL, kubectl
+from tests.testbed.kubectl import KUBECTL, kubectl
 from tests.testbed.operator import ISVC, isvc, running_operator
 from tests.testbed.waiting import wait_for
 

@@ -270,3 +270,8 @@ class LoadGenerator:
             'latency_p99': percentile(latencies, 0.99),
             'output_tokens': sum(r.output_tokens for r in ok),
         }
+
+
+def steady_load(url: str, rate: float, duration: float) -> LoadGenerator:
+    """The operator tests' load: short prompts and answers at a steady rate, started."""
+    return LoadGenerator(url, rate=rate, duration=duration, prompt_tokens=100, max_tokens=32, seed=1).start()
