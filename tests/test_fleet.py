@@ -1,11 +1,9 @@
 """The simulated fleet: fluid and request-by-request agree; baselines behave as documented."""
 
 import json
-import os
 import subprocess
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,13 +15,10 @@ from ebbtide.sim.fleet import SimSettings, simulate
 from ebbtide.sim.serving import weighted_quantile, weighted_quantiles
 from ebbtide.sim.simulate import EbbtidePolicy, calibrate_oracle, load_spec, right_size_static
 from ebbtide.sim.traces import Trace
+from tests.testbed.replays import CLI_ENV
 
 PROMPT, OUTPUT = 1000, 200
 # The CLI runs in a subprocess: make it import this checkout, whatever is installed.
-ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(
-    filter(None, [str(Path(__file__).resolve().parents[1] / "operator"), os.environ.get("PYTHONPATH")])))
-
-
 def poisson_trace(rate: float, seconds: int, seed: int = 3, prompt: int = PROMPT, output: int = OUTPUT) -> Trace:
     rng = np.random.default_rng(seed)
     arrivals = np.sort(rng.uniform(0, seconds, rng.poisson(rate * seconds)))
@@ -266,7 +261,7 @@ def test_simulate_command_writes_every_policy_in_json(tmp_path):
     plot = tmp_path / "out.png"
     result = subprocess.run([sys.executable, "-m", "ebbtide.cli", "simulate", "--trace", "conv-week",
                              "--hours", "6", "--json", str(out), "--plot", str(plot)],
-                            capture_output=True, text=True, timeout=300, env=ENV)
+                            capture_output=True, text=True, timeout=300, env=CLI_ENV)
     assert result.returncode == 0, result.stderr
     document = json.loads(out.read_text())
     assert document["trace"] == "conv-week" and document["requests"] > 0 and document["duration_s"] > 6 * 3500
@@ -288,7 +283,7 @@ def test_simulate_reports_a_malformed_trace(tmp_path):
     bad = tmp_path / "bad.csv"
     bad.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:17:03.9,lots,5\n")
     result = subprocess.run([sys.executable, "-m", "ebbtide.cli", "simulate", "--trace", str(bad)],
-                            capture_output=True, text=True, timeout=120, env=ENV)
+                            capture_output=True, text=True, timeout=120, env=CLI_ENV)
     assert result.returncode == 2
     assert "bad.csv:2: ContextTokens 'lots' is not a whole number" in result.stderr
 
@@ -298,7 +293,7 @@ def test_a_week_with_every_policy_replays_within_the_time_budget(tmp_path):
     depend on what else runs (about 12 s here in November 2025)."""
     out = tmp_path / "week.json"
     result = subprocess.run([sys.executable, "-m", "ebbtide.cli", "simulate", "--trace", "conv-week",
-                             "--json", str(out)], capture_output=True, text=True, timeout=600, env=ENV)
+                             "--json", str(out)], capture_output=True, text=True, timeout=600, env=CLI_ENV)
     assert result.returncode == 0, result.stderr
     document = json.loads(out.read_text())
     assert document["timing"]["cpu_s"] < 40, document["timing"]

@@ -9,8 +9,7 @@ import pytest
 
 from ebbtide.api.spec import Activation
 from ebbtide.sim.fleet import simulate
-
-from .test_sim_lifecycle import WAKE, ebbtide, per_request, phases, settings, spec_with
+from tests.testbed.replays import WAKE, ebbtide, per_request, phases, settings, spec_with
 
 COLD = 300.0
 # The operator's example: the requests a gateway holds while no replica is in the endpoints.

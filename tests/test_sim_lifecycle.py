@@ -5,62 +5,25 @@ Ebbtide starts knowing what a replica serves (learned_capacity), so that its siz
 load from the first tick. The cold start is long (10 minutes) where the point is that a sleeper
 wakes in the capacity model's wake time instead."""
 
-import datetime
 import json
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 from ebbtide.sim import report
-from ebbtide.sim.capacity import LLAMA_3_1_8B_H100
-from ebbtide.sim.fleet import SimSettings, simulate
-from ebbtide.sim.simulate import EbbtidePolicy, load_spec, train, with_lifecycle
-from ebbtide.sim.traces import Trace
-
-from .test_fleet import ENV
-
-PROMPT, OUTPUT = 1000, 200
-SATURATION = LLAMA_3_1_8B_H100.saturation_rate(PROMPT, OUTPUT)  # requests/s per replica
-CAPACITY = SATURATION * (PROMPT + OUTPUT)  # tokens/s per replica at its limit, as the core learns it
-WAKE = LLAMA_3_1_8B_H100.wake_seconds(1)
-# A Monday 08:00 UTC, so that the profile's time-of-week bins start on the trace's quarter-hours.
-MONDAY = datetime.datetime(2024, 5, 13, 8, 0)
-
-
-def spec_with(prewarm=False, sleep=False, **sleep_settings):
-    """The example spec without its schedule windows (they would move the floor), with
-    pre-warming and sleep on or off."""
-    _, spec = load_spec(None)
-    spec = with_lifecycle(spec.model_copy(update={"schedules": []}), prewarm, sleep)
-    return spec.model_copy(update={"sleep": spec.sleep.model_copy(update=sleep_settings)})
-
-
-def phases(*parts: tuple[float, int], seed: int = 4) -> Trace:
-    """Poisson arrivals, 1000 / 200 tokens, in phases of (replicas' worth of load at 70 % of
-    saturation, minutes)."""
-    rng = np.random.default_rng(seed)
-    counts = np.concatenate([rng.poisson(0.7 * replicas * SATURATION, minutes * 60) for replicas, minutes in parts])
-    return Trace(name="phases", duration_s=float(len(counts)), counts=counts, prompt_sum=counts * float(PROMPT),
-                 output_sum=counts * float(OUTPUT), start_utc=MONDAY)
-
-
-def per_request(counts: np.ndarray, seed: int = 2) -> Trace:
-    """The same load request by request: each second's arrivals at uniform times within it."""
-    rng = np.random.default_rng(seed)
-    arrivals = np.sort(np.concatenate([s + rng.uniform(0, 1, c) for s, c in enumerate(counts)]))
-    return Trace(name="phases", duration_s=float(len(counts)), counts=counts, prompt_sum=counts * float(PROMPT),
-                 output_sum=counts * float(OUTPUT), arrivals=arrivals, prompt_tokens=np.full(len(arrivals), PROMPT),
-                 output_tokens=np.full(len(arrivals), OUTPUT), start_utc=MONDAY)
-
-
-def settings(cold_start: float) -> SimSettings:
-    return SimSettings(capacity=LLAMA_3_1_8B_H100, cold_start_s=cold_start, seed=1)
-
-
-def ebbtide(spec, cold_start: float, profile=None) -> EbbtidePolicy:
-    return EbbtidePolicy(spec, learned_capacity=CAPACITY, startup_seconds=cold_start, profile=profile)
+from ebbtide.sim.fleet import simulate
+from ebbtide.sim.simulate import train
+from tests.testbed.replays import (
+    CLI_ENV,
+    OUTPUT,
+    PROMPT,
+    ebbtide,
+    per_request,
+    phases,
+    settings,
+    spec_with,
+)
 
 
 def misses(run, spec, start_min: float, end_min: float) -> float:
@@ -163,7 +126,7 @@ def test_cli_trains_the_profile_and_reports_the_ramps(tmp_path):
     result = subprocess.run([sys.executable, "-m", "ebbtide.cli", "simulate", "--trace", "code-week", "--hours", "20",
                              "--train-profile", "--train-rotate", "1d", "--policies", "ebbtide-reactive",
                              "ebbtide-lifecycle", "--oracle-slo", "0", "--json", str(out)],
-                            capture_output=True, text=True, timeout=120, env=ENV)
+                            capture_output=True, text=True, timeout=120, env=CLI_ENV)
     assert result.returncode == 0, result.stderr
     document = json.loads(out.read_text())
     assert document["settings"]["trained_profile"] and document["settings"]["train_rotate_s"] == 86400

@@ -17,9 +17,7 @@ from ebbtide.sim.capacity import LLAMA_3_1_8B_H100
 from ebbtide.sim.fleet import ASLEEP, ASLEEP_SPOT, SPOT, SimSettings, SpotMarket, simulate
 from ebbtide.sim.simulate import EbbtidePolicy, EbbtideSpotPolicy, SpotOnlyPolicy, load_spec, parse_outage
 from ebbtide.sim.traces import Trace
-
-from .test_fleet import ENV
-from .test_sim_lifecycle import phases
+from tests.testbed.replays import CLI_ENV, phases
 
 PROMPT, OUTPUT = 1000, 200
 SATURATION = LLAMA_3_1_8B_H100.saturation_rate(PROMPT, OUTPUT)  # requests/s per replica
@@ -254,7 +252,7 @@ def test_simulate_command_shows_spot_rows(tmp_path):
     result = subprocess.run([sys.executable, "-m", "ebbtide.cli", "simulate", "--trace", "conv-week", "--hours", "6",
                              "--policies", "ebbtide", "ebbtide-spot", "--spot-preemptions-per-hour", "1",
                              "--spot-burst", "2", "--spot-outage", "1h@2h", "--json", str(out)],
-                            capture_output=True, text=True, timeout=300, env=ENV)
+                            capture_output=True, text=True, timeout=300, env=CLI_ENV)
     assert result.returncode == 0, result.stderr
     document = json.loads(out.read_text())
     ebbtide, spot = document["policies"]["ebbtide"], document["policies"]["ebbtide-spot"]
