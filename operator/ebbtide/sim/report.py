@@ -261,12 +261,12 @@ def plot(path: str | Path, trace: Trace, series: list[PlotSeries], spec: Inferen
     if spec.scaling.targets.ttft is not None:
         ax_ttft.axhline(spec.scaling.targets.ttft.target_seconds, color="red", ls="--", lw=0.8, label="TTFT target")
     ax_rep.set_ylabel("replicas (mean per bin)")
-    ax_rep.legend(loc="upper left", fontsize=8, ncol=4)
     ax_ttft.set_yscale("log")
     ax_ttft.set_ylabel("TTFT p90 (s)")
     ax_ttft.set_xlabel("hours")
-    ax_ttft.legend(loc="upper left", fontsize=8, ncol=4)
-    fig.tight_layout()
+    # One legend for both panels, beside them: inside, it hid the lines it names.
+    fig.legend(*ax_ttft.get_legend_handles_labels(), loc="center right", fontsize=9, frameon=False)
+    fig.tight_layout(rect=(0, 0, 0.86, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
