@@ -3,24 +3,27 @@ shaped as the API server returns them."""
 
 from __future__ import annotations
 
-from ebbtide.cluster.pods import ANNOTATION_ASLEEP_SINCE, summarize
-from ebbtide.cluster.render import LABEL_SERVICE, LABEL_SERVING
+from ebbtide.cluster.pods import ANNOTATION_ASLEEP_SINCE, Startup, summarize
+from ebbtide.cluster.render import LABEL_CAPACITY, LABEL_SERVICE, LABEL_SERVING, ON_DEMAND, SPOT
 
 STARTED = "2026-12-03T10:00:00Z"  # 1796292000
 ASLEEP_AT = 1796292600.0  # ten minutes later
 
 
 def pod(name: str, *, serving: bool = True, asleep_since: float | None = None, started: str | None = STARTED,
-        ready: bool = True) -> dict:
+        ready: bool = True, spot: bool = False) -> dict:
     annotations = {} if asleep_since is None else {ANNOTATION_ASLEEP_SINCE: f"{asleep_since:.0f}"}
     state = {"running": {"startedAt": started}} if started else {"waiting": {"reason": "CrashLoopBackOff"}}
     return {
         "metadata": {"name": name, "namespace": "default", "creationTimestamp": "2026-12-03T09:58:00Z",
-                     "labels": {LABEL_SERVICE: "chat", LABEL_SERVING: "true" if serving else "false"},
+                     "labels": {LABEL_SERVICE: "chat", LABEL_SERVING: "true" if serving else "false",
+                                LABEL_CAPACITY: SPOT if spot else ON_DEMAND},
                      "annotations": annotations},
         "spec": {"nodeName": "node-1", "containers": [{"name": "vllm", "ports": [{"containerPort": 8000}]}]},
         "status": {"phase": "Running", "podIP": "10.0.0.1",
-                   "conditions": [{"type": "Ready", "status": "True" if ready else "False",
+                   "conditions": [{"type": "PodScheduled", "status": "True",
+                                   "lastTransitionTime": "2026-12-03T09:59:00Z"},
+                                  {"type": "Ready", "status": "True" if ready else "False",
                                    "lastTransitionTime": "2026-12-03T10:02:00Z"}],
                    "containerStatuses": [{"name": "vllm", "ready": ready, "restartCount": 0, "state": state}]},
     }
@@ -49,3 +52,9 @@ def test_a_sleeper_whose_engine_restarted_is_awake_and_out_of_the_service():
     # Down and not yet back: not Ready, so it is capacity on its way, whatever the annotation.
     crashed = pod("c", serving=False, asleep_since=ASLEEP_AT, started=None, ready=False)
     assert states([crashed]) == {"c": ("starting", False, None)}
+
+
+def test_startups_say_when_each_ready_pod_was_created_scheduled_and_ready():
+    (counts,) = summarize([pod("a"), pod("b", spot=True), pod("c", serving=False, asleep_since=ASLEEP_AT)]).values()
+    created, scheduled, ready = 1796291880.0, 1796291940.0, 1796292120.0  # 09:58, 09:59, 10:02
+    assert counts.startups == [Startup(created, scheduled, ready, False), Startup(created, scheduled, ready, True)]

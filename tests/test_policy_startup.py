@@ -12,6 +12,7 @@ from ebbtide.policy.startup import (
     MAX_STARTUP_SECONDS,
     RECENT,
     StartupEstimate,
+    counted_from,
     high_quantile,
     observe_startups,
 )
@@ -103,6 +104,22 @@ def test_a_pod_ready_in_the_future_waits_instead_of_hiding_the_others():
     assert estimate.last_ready_at == T0 + 180 and estimate.samples == 1
     estimate = observe_startups(estimate, future + pods(180.0, 200.0, start=T0 + 500), now=now)
     assert estimate.samples == 3
+
+
+def test_a_spot_pods_wait_beyond_the_fallback_timeout_is_not_lead_time():
+    """A spot outage: pods wait an hour for capacity while on-demand covers them after the
+    pending timeout (300 s). Counted from creation, twenty such startups would make the lead
+    time an hour; counted from when the cover started, it stays the cold start."""
+    timeout, cold = 300.0, 180.0
+    waited = [(T0 + i, T0 + 3600 + i, T0 + 3600 + i + cold) for i in range(RECENT)]  # created, scheduled, ready
+    as_created = observe_startups(StartupEstimate(), [(c, r) for c, _, r in waited])
+    covered = observe_startups(StartupEstimate(), [(counted_from(c, s, timeout), r) for c, s, r in waited])
+    assert as_created.seconds == 3600 + cold
+    assert covered.seconds == timeout + cold
+    # Within the timeout, or on demand (no cover to wait for), the whole wait counts.
+    assert counted_from(T0, T0 + 200, timeout) == T0
+    assert counted_from(T0, T0 + 3600, None) == T0
+    assert counted_from(T0, None, timeout) == T0  # the API did not say when it got a node
 
 
 def test_round_trip_and_lenient_load():

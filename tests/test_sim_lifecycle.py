@@ -11,11 +11,13 @@ import sys
 
 import pytest
 
+from ebbtide.policy.startup import Startup
 from ebbtide.sim import report
 from ebbtide.sim.fleet import simulate
-from ebbtide.sim.simulate import train
+from ebbtide.sim.simulate import EbbtidePolicy, train
 from tests.testbed.replays import (
     CLI_ENV,
+    MONDAY,
     OUTPUT,
     PROMPT,
     ebbtide,
@@ -94,7 +96,7 @@ def test_pre_warming_starts_replicas_before_the_ramp():
     cold = 180.0
     trace = phases((1, 60), (6, 30))
     spec = spec_with(prewarm=True)
-    profile, _ = train(spec, trace, settings(cold), cold)
+    profile = train(spec, trace, settings(cold)).profile
     reactive = simulate(trace, ebbtide(spec_with(), cold), settings(cold))
     warmed = simulate(trace, ebbtide(spec, cold, profile), settings(cold))
     assert max(reactive.timeline.replicas[50:59]) == 1
@@ -104,6 +106,41 @@ def test_pre_warming_starts_replicas_before_the_ramp():
     assert late > 1000 and early < 0.05 * late, (early, late)
     # Before the ramp the profile asks for nothing more: the floor is only raised for it.
     assert max(warmed.timeline.replicas[5:55]) == 1
+
+
+def test_the_lead_time_is_the_startup_time_measured_on_its_own_replicas():
+    """A 10-minute cold start, where the spec guesses 3 (warmup.defaultStartupSeconds): the
+    training week measures it on the replicas it starts, as the operator does, and pre-warming
+    then starts the ramp's replicas 10 minutes ahead. Planned with the guess, they are late."""
+    cold = 600.0
+    trace = phases((1, 60), (6, 30))
+    spec = spec_with(prewarm=True)
+    assert spec.warmup.default_startup_seconds == 180
+    training = train(spec, trace, settings(cold))
+    assert training.startup.seconds == cold and training.startup.samples >= 5
+    measured = EbbtidePolicy(spec)
+    training.teach(measured)
+    guessed = ebbtide(spec, 180, training.profile)
+    on_time = simulate(trace, measured, settings(cold)).timeline
+    late = simulate(trace, guessed, settings(cold)).timeline
+    assert on_time.replicas[51] >= 6 and on_time.ready[60] >= 6, on_time.replicas[45:62]
+    assert max(late.replicas[45:56]) == 1 and late.ready[60] < 6, late.replicas[45:62]
+
+
+def test_a_spot_replica_waiting_out_an_outage_does_not_stretch_the_lead_time():
+    """Spot replicas Pending for an hour (no capacity; on-demand covers them after the pending
+    timeout) count from when the cover started, not from their creation."""
+
+    policy = EbbtidePolicy(spec_with())
+    t0 = MONDAY.timestamp()
+    timeout = policy.spec.placement.spot.pending_timeout_seconds
+    spot_on = policy.spec.model_copy(update={"placement": policy.spec.placement.model_copy(update={
+        "spot": policy.spec.placement.spot.model_copy(update={"enabled": True})})})
+    for spec, expected in ((spot_on, timeout + 180.0), (policy.spec, 3600 + 180.0)):
+        policy = EbbtidePolicy(spec)
+        policy.observe_startups([Startup(t0 + i, t0 + 3600 + i, t0 + 3780 + i, spot=True) for i in range(20)],
+                                t0 + 4000)
+        assert policy.lead_time == expected
 
 
 def test_the_request_by_request_model_keeps_the_pool_too():

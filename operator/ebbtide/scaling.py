@@ -40,7 +40,7 @@ from ebbtide.policy.observation import FleetState, Signals
 from ebbtide.policy.profile import Profile, bin_of
 from ebbtide.policy.schedules import consolidated
 from ebbtide.policy.spot import RECLAIM_TAINTS, Split, SpotPods, classify, split
-from ebbtide.policy.startup import StartupEstimate, observe_startups
+from ebbtide.policy.startup import StartupEstimate, lead_time_samples, observe_startups
 from ebbtide.policy.warm_pool import PoolPlan
 from ebbtide.reconcile import Registry
 from ebbtide.signals.prometheus import PrometheusSource, PrometheusUnavailable, ServiceQuery
@@ -174,7 +174,7 @@ class ScalingLoop:
             fleet = FleetState(current=_current(spec, state, workload, mine), ready=mine.ready, starting=mine.starting,
                                asleep=mine.asleep, pod_names=tuple(mine.names))
             signals = observed.get(key) or Signals.missing("no observation")
-            state.startup = observe_startups(state.startup, mine.startups, now=now)
+            state.startup = observe_startups(state.startup, lead_time_samples(mine.startups, spec), now=now)
             profile = await self._profile(ref, spec, state)
             decision = plan(spec, signals, fleet, state.memory, now, startup_seconds=state.startup.seconds,
                             profile=profile)

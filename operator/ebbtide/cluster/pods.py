@@ -13,6 +13,7 @@ from ebbtide.cluster.engine import engine_started_at, engine_url
 from ebbtide.cluster.render import LABEL_CAPACITY, LABEL_SERVICE, LABEL_SERVING, ON_DEMAND, SPOT
 from ebbtide.policy.cost import Held
 from ebbtide.policy.spot import PodView
+from ebbtide.policy.startup import Startup
 from ebbtide.policy.warm_pool import State
 
 # Set by the operator on a pod it put to sleep (unix seconds), removed when it wakes it: the
@@ -54,8 +55,8 @@ class ServicePods:
     names: list[str] = field(default_factory=list)
     held: Held = Held()  # replicas holding a GPU, by what they cost
     spot: list[PodView] = field(default_factory=list)  # the spot Deployment's pods, for the fallback
-    # (created, ready) of pods Ready now: the startup times the lead time is measured from.
-    startups: list[tuple[float, float]] = field(default_factory=list)
+    # Pods Ready now: the startup times the lead time is measured from.
+    startups: list[Startup] = field(default_factory=list)
     members: list[PodRecord] = field(default_factory=list)  # every live pod, for the warm pool
 
     def of(self, capacity: str) -> list[PodRecord]:
@@ -77,6 +78,13 @@ def _ready_since(pod: dict) -> float | None:
             if c.get("status") != "True":
                 return None
             return parse_time(c.get("lastTransitionTime")) or 0.0
+    return None
+
+
+def _scheduled_at(pod: dict) -> float | None:
+    for c in pod.get("status", {}).get("conditions") or []:
+        if c.get("type") == "PodScheduled" and c.get("status") == "True":
+            return parse_time(c.get("lastTransitionTime"))
     return None
 
 
@@ -126,7 +134,7 @@ def summarize(pods: list[dict]) -> dict[tuple[str, str], ServicePods]:
             s.draining += 1
         else:
             s.ready += 1
-            s.startups.append((created, ready_at))
+            s.startups.append(Startup(created, _scheduled_at(pod), ready_at, on_spot))
         s.members.append(PodRecord(meta["name"], SPOT if on_spot else ON_DEMAND, state, serving,
                                    asleep_since if asleep else None,
                                    annotations.get(ANNOTATION_DELETION_COST), engine_url(pod)))

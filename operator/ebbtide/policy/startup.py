@@ -28,6 +28,8 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from ebbtide.api.spec import InferenceServiceSpec
+
 # Startups the estimate is taken over, newest last.
 RECENT = 20
 QUANTILE = 0.9
@@ -125,6 +127,37 @@ def observe_startups(estimate: StartupEstimate, pods: Iterable[tuple[float, floa
     recent = recent[-RECENT:]
     seconds = high_quantile(recent) if recent else estimate.seconds
     return StartupEstimate(seconds=seconds, samples=counted, last_ready_at=fresh[-1][0], recent=tuple(recent))
+
+
+@dataclass(frozen=True, slots=True)
+class Startup:
+    """One replica's way to Ready (unix seconds), as the shell saw it."""
+
+    created: float
+    scheduled: float | None  # got a node (PodScheduled); None if not known
+    ready: float
+    spot: bool = False
+
+
+def lead_time_samples(startups: Iterable[Startup], spec: InferenceServiceSpec) -> list[tuple[float, float]]:
+    """(counted from, ready) per startup, for observe_startups (see counted_from)."""
+    spot = spec.placement.spot
+    covered_after = float(spot.pending_timeout_seconds) if spot.enabled else None
+    return [(counted_from(s.created, s.scheduled, covered_after if s.spot else None), s.ready) for s in startups]
+
+
+def counted_from(created: float, scheduled: float | None, covered_after: float | None) -> float:
+    """When a pod's startup starts counting, for the lead time: its creation, except for a spot
+    pod that waited for capacity longer than the on-demand fallback's pending timeout
+    (`covered_after`, placement.spot.pendingTimeoutSeconds). From then on the fallback starts
+    an on-demand replica in its place, so a scale-up never waits longer than that for a node,
+    and the rest of the wait is not lead time: counted, one spot outage would start every floor
+    and predicted ramp hours early for the next twenty startups. An on-demand pod's wait for a
+    node (a cluster autoscaler adding one) is the scale-up's own, and counts in full.
+    """
+    if scheduled is None or covered_after is None:
+        return created
+    return max(created, scheduled - covered_after)
 
 
 def high_quantile(values: Iterable[float], q: float = QUANTILE) -> float:

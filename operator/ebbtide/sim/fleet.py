@@ -48,6 +48,7 @@ from typing import Protocol
 import numpy as np
 
 from ebbtide.policy.observation import FleetState, Signals
+from ebbtide.policy.startup import Startup
 from ebbtide.policy.warm_pool import PoolPlan
 from ebbtide.policy.warm_pool import Replica as PoolReplica
 from ebbtide.sim.capacity import CapacityModel
@@ -81,7 +82,10 @@ class Policy(Protocol):
     pool has `pool(desired, replicas, now) -> PoolPlan` (policy.warm_pool.plan_pool with its
     sleep settings) and `wake_level` (its sleep level); `pool` None: no warm pool. A policy
     with `reads_gateway` True takes `pending=` in decide and place: the requests held at the
-    gateway at the last scrape (see the module docstring)."""
+    gateway at the last scrape (see the module docstring). A policy with
+    `observe_startups(startups, now)` is given, before each tick's decision, the replicas that
+    became Ready since the last one (policy.startup.Startup, unix seconds), as the operator
+    measures startups from the pods it lists."""
 
     name: str
     interval_s: float
@@ -208,6 +212,9 @@ class _Fleet:
         self.cold_start = cold_start
         self.ready = 0
         self._next_rid = 0
+        # Replicas Ready for the first time since the policy last looked (a woken one is not:
+        # its pod stayed Ready), in trace seconds: the startups the operator measures.
+        self.startups: list[Startup] = []
 
     def add(self, now: float, ready: bool = False, kind: str = ON_DEMAND, obtainable: bool = True) -> Replica:
         """A new pod. One that finds no capacity (`obtainable` False) stays Pending."""
@@ -237,6 +244,8 @@ class _Fleet:
         """The replicas whose cold start is over by `now`, marked ready."""
         done = [r for r in self.replicas if not r.ready and r.ready_at <= now]
         for r in done:
+            if not r.pod_ready:
+                self.startups.append(Startup(r.created, r.scheduled_at, r.ready_at, r.capacity_type == SPOT))
             r.ready = r.serving = r.pod_ready = True
         self.ready += len(done)
         return done
@@ -471,6 +480,11 @@ def _carry_out(plan: PoolPlan, by_name: dict[str, Replica], fleet: _Fleet, servi
     return bool(plan.delete or plan.sleep or plan.wake or plan.create or rejoined or left)
 
 
+def _unix(startup: Startup, epoch: float) -> Startup:
+    scheduled = None if startup.scheduled is None else epoch + startup.scheduled
+    return Startup(epoch + startup.created, scheduled, epoch + startup.ready, startup.spot)
+
+
 def _pool_view(replica: Replica, serving: RequestServing | FluidServing, t: float, epoch: float) -> PoolReplica:
     """A replica as the operator shows it to plan_pool (times as unix seconds)."""
     if replica.asleep_since is not None:
@@ -503,6 +517,7 @@ def simulate(trace: Trace, policy: Policy, settings: SimSettings, per_request: b
     place = getattr(policy, "place", None)
     pool = getattr(policy, "pool", None)
     reads_gateway = getattr(policy, "reads_gateway", False)
+    observe_startups = getattr(policy, "observe_startups", None)
     wake_s = settings.capacity.wake_seconds(policy.wake_level) if pool is not None else 0.0
     # Only a fleet that can hold spot replicas meets the spot market (and pays for its events).
     market = _SpotClock(settings.spot, end, settings.seed) if place is not None else None
@@ -530,6 +545,9 @@ def simulate(trace: Trace, policy: Policy, settings: SimSettings, per_request: b
             pending = serving.pending()
             next_scrape += settings.scrape_interval_s
         gateway = {"pending": pending} if reads_gateway else {}
+        if t >= next_tick and observe_startups is not None and fleet.startups:
+            observe_startups([_unix(s, epoch) for s in fleet.startups], epoch + t)
+            fleet.startups.clear()
         if t >= next_tick and pool is not None:
             scale_actions += _pool_tick(fleet, serving, policy, snapshot, t, epoch, wake_s,
                                         market is None or market.obtainable(t), gateway)

@@ -8,7 +8,7 @@ import datetime
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 
 from ebbtide.api.manifest import InvalidSpec, load_manifests
@@ -20,6 +20,7 @@ from ebbtide.policy.observation import FleetState, Signals
 from ebbtide.policy.profile import WEEK_SECONDS, Profile
 from ebbtide.policy.schedules import consolidated
 from ebbtide.policy.spot import PodView, Split, SpotPods, classify, split
+from ebbtide.policy.startup import Startup, StartupEstimate, lead_time_samples, observe_startups
 from ebbtide.policy.warm_pool import PoolPlan, Replica, plan_pool
 from ebbtide.sim import baselines, report, traces
 from ebbtide.sim.capacity import PRESETS, CapacityModel, get_preset
@@ -60,15 +61,17 @@ SPOT_NOTICE_S = 120.0
 class EbbtidePolicy:
     """The operator's own decision, called exactly as the operator calls it:
     `policy.lifecycle.plan` (schedule windows, pre-warming from the learned demand profile,
-    then the reactive core), with the replay's cold start as the startup time a schedule's
-    floor or a predicted ramp is started ahead by. With spec.sleep enabled, its decision is the
+    then the reactive core). The startup time a schedule's floor or a predicted ramp is started
+    ahead by is measured on its own replicas (`observe_startups`, policy.startup, as the
+    operator measures its pods), the spec's warmup.defaultStartupSeconds until one is ready;
+    `startup_seconds` fixes it instead. With spec.sleep enabled, its decision is the
     awake target and `pool` (policy.warm_pool.plan_pool) keeps the warm pool (sim/fleet.py).
     With scaling.activation, it reads the requests pending at the gateway while nothing is
     awake, as the operator reads the activation query (`policy.activation.activate`).
 
-    `learned_capacity` (tokens/s a replica serves at the service's limit) and `profile` (the
-    demand profile) start it as an operator that has run the service before: both are kept in
-    the InferenceService's status, so a restart keeps them; everything else starts empty, as
+    `learned_capacity` (tokens/s a replica serves at the service's limit), `profile` (the
+    demand profile) and `startup` (the measured startup time) start it as an operator that has
+    run the service before: all are kept in the cluster, so a restart keeps them; everything else starts empty, as
     after a restart. Without a profile it starts an empty one (with warmup.predictive enabled),
     which predicts nothing until it has seen a week.
     """
@@ -76,8 +79,9 @@ class EbbtidePolicy:
     spec: InferenceServiceSpec
     name: str = "ebbtide"
     learned_capacity: float | None = None
-    startup_seconds: float | None = None  # None: the spec's warmup.defaultStartupSeconds
+    startup_seconds: float | None = None  # fixed lead time; None: measured (see above)
     profile: Profile | None = None
+    startup: StartupEstimate = field(default_factory=StartupEstimate)
 
     def __post_init__(self) -> None:
         self._memory: Memory | None = None
@@ -99,7 +103,7 @@ class EbbtidePolicy:
         if self._memory is None:
             self._memory = Memory(since=now, capacity=self.learned_capacity)
         predictive = self.profile if self.spec.warmup.predictive.enabled else None
-        decision = plan(self.spec, signals, fleet, self._memory, now, self.startup_seconds, predictive)
+        decision = plan(self.spec, signals, fleet, self._memory, now, self.lead_time, predictive)
         # As the operator shell: the activation query is read only while nothing is awake.
         decision = activate(decision, self.spec, fleet, pending if fleet.ready + fleet.starting == 0 else None, now)
         self._memory = decision.memory
@@ -107,6 +111,14 @@ class EbbtidePolicy:
         if predictive is not None:
             self.profile = decision.profile
         return decision.desired
+
+    @property
+    def lead_time(self) -> float | None:
+        """The startup time it plans with; None: not measured yet (plan takes the spec's default)."""
+        return self.startup_seconds if self.startup_seconds is not None else self.startup.seconds
+
+    def observe_startups(self, startups: list[Startup], now: float) -> None:
+        self.startup = observe_startups(self.startup, lead_time_samples(startups, self.spec), now=now)
 
     def pool(self, desired: int, replicas: list[Replica], now: float) -> PoolPlan:
         """The warm pool's moves for the awake target `desired`, as the operator plans them
@@ -137,10 +149,25 @@ def with_lifecycle(spec: InferenceServiceSpec, prewarm: bool, sleep: bool) -> In
     })
 
 
-def train(spec: InferenceServiceSpec, trace: traces.Trace, settings: SimSettings, startup_seconds: float | None,
-          rotate_s: float = 0.0) -> tuple[Profile, float | None]:
+@dataclass(frozen=True)
+class Training:
+    """What an operator that served a service's traffic the week before knows of it."""
+
+    profile: Profile
+    capacity: float | None  # the per-replica limit, tokens/s
+    startup: StartupEstimate  # the measured startup time
+
+    def teach(self, policy: EbbtidePolicy) -> None:
+        """Start `policy` knowing it (its profile only if it pre-warms)."""
+        policy.learned_capacity = self.capacity
+        policy.startup = self.startup
+        if policy.spec.warmup.predictive.enabled:
+            policy.profile = self.profile
+
+
+def train(spec: InferenceServiceSpec, trace: traces.Trace, settings: SimSettings, rotate_s: float = 0.0) -> Training:
     """What an operator that served the trace's traffic the week before would know: the demand
-    profile and the per-replica limit (both kept in the InferenceService's status).
+    profile, the per-replica limit and the startup time (kept in the cluster).
 
     The trace is replayed once, ending where the measured replay starts (shifted back by whole
     weeks: the time-of-week bins line up and the profile has a week behind it), by Ebbtide with
@@ -151,11 +178,10 @@ def train(spec: InferenceServiceSpec, trace: traces.Trace, settings: SimSettings
     weeks = max(1, math.ceil(trace.duration_s / WEEK_SECONDS))
     start = (trace.start_utc or datetime.datetime(2024, 1, 1)) - datetime.timedelta(weeks=weeks)
     earlier = replace(traces.rotate(trace, rotate_s) if rotate_s else trace, start_utc=start)
-    learner = EbbtidePolicy(with_lifecycle(spec, prewarm=True, sleep=False), name="training",
-                            startup_seconds=startup_seconds)
+    learner = EbbtidePolicy(with_lifecycle(spec, prewarm=True, sleep=False), name="training")
     simulate(earlier, learner, settings)
     assert learner.profile is not None
-    return learner.profile, learner.capacity
+    return Training(learner.profile, learner.capacity, learner.startup)
 
 
 def with_spot(spec: InferenceServiceSpec) -> InferenceServiceSpec:
@@ -265,19 +291,17 @@ def per_replica_rate(capacity: CapacityModel, spec: InferenceServiceSpec, mean_p
     return capacity.max_request_rate(mean_p, mean_o, itl)
 
 
-def build_policies(names: list[str], spec: InferenceServiceSpec, trace: traces.Trace, capacity: CapacityModel,
-                   startup_seconds: float | None = None):
-    """The policies by name; Ebbtide's are told the replay's cold start as their startup time."""
+def build_policies(names: list[str], spec: InferenceServiceSpec, trace: traces.Trace, capacity: CapacityModel):
+    """The policies by name; Ebbtide's measure their startup time on their own replicas."""
     oracle = make_oracle(spec, trace, oracle_rate_limit(spec, trace, capacity))
     lo, hi = max(1, spec.replicas.min), spec.replicas.max
     make = {
-        "ebbtide": lambda: EbbtidePolicy(spec, startup_seconds=startup_seconds),
-        "ebbtide-warm": lambda: EbbtidePolicy(spec, name="ebbtide-warm", startup_seconds=startup_seconds),
-        **{name: (lambda name=name, on=on: EbbtidePolicy(with_lifecycle(spec, *on), name=name,
-                                                           startup_seconds=startup_seconds))
+        "ebbtide": lambda: EbbtidePolicy(spec),
+        "ebbtide-warm": lambda: EbbtidePolicy(spec, name="ebbtide-warm"),
+        **{name: (lambda name=name, on=on: EbbtidePolicy(with_lifecycle(spec, *on), name=name))
            for name, on in LIFECYCLE.items()},
-        "ebbtide-spot": lambda: EbbtideSpotPolicy(spec, startup_seconds=startup_seconds),
-        "spot-only": lambda: SpotOnlyPolicy(spec, startup_seconds=startup_seconds),
+        "ebbtide-spot": lambda: EbbtideSpotPolicy(spec),
+        "spot-only": lambda: SpotOnlyPolicy(spec),
         "static": lambda: baselines.Static(replicas=min(hi, oracle.peak)),
         "static-max": lambda: baselines.Static(replicas=hi, name="static-max"),
         "hpa": lambda: baselines.Hpa(min_replicas=lo, max_replicas=hi),
@@ -381,7 +405,7 @@ def run(args: argparse.Namespace) -> int:
         trace = load_trace(args.trace, capacity, spec, args.peak_replicas, args.scale, args.seed, args.hours)
         names = args.policies or list(ALL_POLICIES)
         cold_start = float(spec.warmup.default_startup_seconds if args.cold_start is None else args.cold_start)
-        policies = build_policies(names, spec, trace, capacity, startup_seconds=cold_start)
+        policies = build_policies(names, spec, trace, capacity)
         market = spot_market(args)
         if args.train_rotate and not args.train_profile:
             raise ValueError("--train-rotate shifts the training replay: it needs --train-profile")
@@ -412,14 +436,12 @@ def run(args: argparse.Namespace) -> int:
     if args.train_profile:
         # An operator that served the same traffic the week before: its demand profile and
         # per-replica limit, for every Ebbtide policy of the run (ebbtide-warm's pass is then moot).
-        profile, learned_capacity = train(spec, trace, settings, cold_start, rotate)
+        training = train(spec, trace, settings, rotate)
         for policy in policies:
             if isinstance(policy, EbbtidePolicy):
-                policy.learned_capacity = learned_capacity
-                if policy.spec.warmup.predictive.enabled:
-                    policy.profile = profile
-        extra.update(trained_profile=True, train_rotate_s=rotate,
-                     trained_capacity_tokens_per_s=None if learned_capacity is None else round(learned_capacity, 1))
+                training.teach(policy)
+        extra.update(trained_profile=True, train_rotate_s=rotate, trained_startup_s=training.startup.seconds,
+                     trained_capacity_tokens_per_s=None if training.capacity is None else round(training.capacity, 1))
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=console, transient=True, disable=not console.is_terminal) as bar:
         task = bar.add_task("simulating", total=len(policies))
@@ -436,7 +458,7 @@ def run(args: argparse.Namespace) -> int:
             else:
                 if isinstance(policy, EbbtidePolicy) and policy.name == "ebbtide-warm" and not args.train_profile:
                     if learned is None:  # learn it as a new service would, in a replay not reported
-                        cold = EbbtidePolicy(spec, startup_seconds=cold_start)
+                        cold = EbbtidePolicy(spec)
                         simulate(trace, cold, settings)
                         learned = cold.capacity
                     policy.learned_capacity = learned
