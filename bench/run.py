@@ -115,8 +115,10 @@ def machine() -> dict:
         load = None
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip()
-    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                                capture_output=True, text=True).stdout.strip())
+    # What the runs themselves rewrite is not a change to the code that produced them.
+    written = [":!bench/results", ":!bench/RESULTS.md", ":!bench/*.png"]
+    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", *written],
+                                cwd=ROOT, capture_output=True, text=True).stdout.strip())
     return {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "nproc": os.cpu_count(),
