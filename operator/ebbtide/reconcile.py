@@ -6,6 +6,7 @@ nothing about scaling.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from dataclasses import dataclass, field
@@ -31,6 +32,15 @@ class Registry:
     # The status a service had when first seen after a restart: the scaling loop restores its
     # state from it (status.scaler: memory, cost ledger, spot cover; status.startup).
     stored: dict[tuple[str, str], dict] = field(default_factory=dict)
+    # kopf handles an InferenceService's edit and its Deployment's events side by side. Applying
+    # a spec and correcting drift take turns per service: a drift correction that read the old
+    # spec before an edit and wrote after it would put the old workload back (then the edit's
+    # own events would put the new one back again, each time with a DriftCorrected Event).
+    _turns: dict[tuple[str, str], asyncio.Lock] = field(default_factory=dict)
+
+    def turn(self, namespace: str, name: str) -> asyncio.Lock:
+        """The lock a service's spec application and drift correction take turns with."""
+        return self._turns.setdefault((namespace, name), asyncio.Lock())
 
     def put(self, ref: ServiceRef, spec: InferenceServiceSpec) -> None:
         self.services[(ref.namespace, ref.name)] = (ref, spec)
@@ -41,6 +51,7 @@ class Registry:
     def forget(self, namespace: str, name: str) -> None:
         self.services.pop((namespace, name), None)
         self.stored.pop((namespace, name), None)
+        self._turns.pop((namespace, name), None)
 
     def recall(self, ref: ServiceRef, status: dict | None) -> None:
         """Keep the scaling state persisted in status, for a service not seen before."""
@@ -63,6 +74,11 @@ async def last_applied_spec(kube: Kube, ref: ServiceRef) -> InferenceServiceSpec
 
 async def reconcile(kube: Kube, registry: Registry, ref: ServiceRef, raw_spec: dict, generation: int | None) -> None:
     """Validate the spec; if valid, apply the workload; either way, say so in status and Events."""
+    async with registry.turn(ref.namespace, ref.name):
+        await _reconcile(kube, registry, ref, raw_spec, generation)
+
+
+async def _reconcile(kube: Kube, registry: Registry, ref: ServiceRef, raw_spec: dict, generation: int | None) -> None:
     try:
         spec = parse_spec(raw_spec)
     except InvalidSpec as e:
@@ -145,6 +161,11 @@ async def restore_owned(kube: Kube, registry: Registry, obj: dict) -> str | None
     if owner is None:
         return None
     namespace = obj["metadata"]["namespace"]
+    async with registry.turn(namespace, owner["name"]):
+        return await _restore_owned(kube, registry, obj, namespace, owner)
+
+
+async def _restore_owned(kube: Kube, registry: Registry, obj: dict, namespace: str, owner: dict) -> str | None:
     entry = registry.get(namespace, owner["name"])
     if entry is None or entry[0].uid != owner.get("uid"):
         return None

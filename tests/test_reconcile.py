@@ -1,0 +1,61 @@
+"""The reconciler against the emulated API, called as the kopf handlers call it, with the
+interleavings the handlers can produce (they run concurrently: a Deployment's MODIFIED event
+and an InferenceService's spec edit are handled side by side)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import kmock
+
+from ebbtide.api.crd import crd
+from ebbtide.api.ref import ServiceRef
+from ebbtide.cluster.kube import Kube
+from ebbtide.reconcile import Registry, reconcile, restore_owned
+from tests.testbed.operator import ISVC, isvc
+
+DEPLOYMENTS = "apps/v1/deployments"
+OLD, NEW = "vllm/vllm-openai:v0.11.0", "vllm/vllm-openai:v0.12.0"
+
+
+async def slowly() -> None:
+    """A kmock reaction that answers nothing itself: the request waits, then is served."""
+    await asyncio.sleep(0.5)
+
+
+def spec(image: str) -> dict:
+    return {"model": {"name": "tiny-model"}, "engine": {"image": image}}
+
+
+def test_drift_correction_that_overlaps_a_spec_edit_does_not_restore_the_old_spec(apiserver):
+    """A hand scale of the Deployment (a MODIFIED event) is being handled when the spec edit
+    arrives. Drift correction must compare with the spec being applied, not put the old image
+    back (and then the new one again, with two DriftCorrected Events for an edit that was no
+    drift at all)."""
+    apiserver.register_crd(crd())
+    created = apiserver.server.create_object(isvc("chat", engine={"image": OLD}))
+    ref = ServiceRef(name="chat", namespace="default", uid=created["metadata"]["uid"])
+
+    async def run() -> None:
+        client = apiserver.api_client()
+        try:
+            kube, registry = Kube(client), Registry()
+            await reconcile(kube, registry, ref, spec(OLD), 1)
+            scaled_by_hand = apiserver.server.patch_object(DEPLOYMENTS, "default", "chat", {"spec": {"replicas": 3}})
+            apiserver.server.patch_object(ISVC, "default", "chat", {"spec": spec(NEW)})
+            # The event of the hand scale is handled first, and the spec edit while it runs: the
+            # API is slow to answer the drift handler's read of the InferenceService, so the
+            # edit's patches land meanwhile (a busy API server does this in a cluster).
+            apiserver.server["get", kmock.resource(ISVC)] << slowly
+            await asyncio.gather(restore_owned(kube, registry, scaled_by_hand), reconcile(kube, registry, ref, spec(NEW), 2))
+            # Then the events of the edit's own patches come back, as they do in a cluster.
+            await restore_owned(kube, registry, apiserver.server.get_object(DEPLOYMENTS, "default", "chat"))
+        finally:
+            client.close()
+
+    asyncio.run(run())
+    deployment = apiserver.server.get_object(DEPLOYMENTS, "default", "chat")
+    assert deployment["spec"]["template"]["spec"]["containers"][0]["image"] == NEW
+    assert deployment["spec"]["replicas"] == 3, "the replica count is not drift"
+    reasons = [e["reason"] for e in apiserver.server.list_objects("v1/events", "default")]
+    assert "DriftCorrected" not in reasons, reasons
