@@ -3,8 +3,9 @@ shaped as the API server returns them."""
 
 from __future__ import annotations
 
-from ebbtide.cluster.pods import ANNOTATION_ASLEEP_SINCE, Startup, summarize
+from ebbtide.cluster.pods import ANNOTATION_ASLEEP_SINCE, summarize
 from ebbtide.cluster.render import LABEL_CAPACITY, LABEL_SERVICE, LABEL_SERVING, ON_DEMAND, SPOT
+from ebbtide.policy.startup import Startup
 
 STARTED = "2026-12-03T10:00:00Z"  # 1796292000
 ASLEEP_AT = 1796292600.0  # ten minutes later

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 from dataclasses import dataclass, field
 
+from ebbtide.api.conditions import get_condition
 from ebbtide.cluster.engine import engine_started_at, engine_url
 from ebbtide.cluster.render import LABEL_CAPACITY, LABEL_SERVICE, LABEL_SERVING, ON_DEMAND, SPOT
 from ebbtide.policy.cost import Held
@@ -71,21 +72,12 @@ def parse_float(text: str | None) -> float | None:
         return None
 
 
-def _ready_since(pod: dict) -> float | None:
-    """When the pod became Ready, or None if it is not Ready."""
-    for c in pod.get("status", {}).get("conditions") or []:
-        if c.get("type") == "Ready":
-            if c.get("status") != "True":
-                return None
-            return parse_time(c.get("lastTransitionTime")) or 0.0
-    return None
-
-
-def _scheduled_at(pod: dict) -> float | None:
-    for c in pod.get("status", {}).get("conditions") or []:
-        if c.get("type") == "PodScheduled" and c.get("status") == "True":
-            return parse_time(c.get("lastTransitionTime"))
-    return None
+def _true_since(pod: dict, type_: str) -> float | None:
+    """When the pod's condition `type_` became True (0.0 if it does not say), or None if it is not True."""
+    condition = get_condition(pod.get("status", {}).get("conditions"), type_)
+    if condition is None or condition.get("status") != "True":
+        return None
+    return parse_time(condition.get("lastTransitionTime")) or 0.0
 
 
 def _holds_gpu(pod: dict) -> bool:
@@ -105,7 +97,7 @@ def summarize(pods: list[dict]) -> dict[tuple[str, str], ServicePods]:
             continue
         s = out.setdefault((meta.get("namespace", "default"), service), ServicePods())
         on_spot = labels.get(LABEL_CAPACITY) == SPOT
-        ready_at = _ready_since(pod)
+        ready_at = _true_since(pod, "Ready")
         serving = labels.get(LABEL_SERVING, "true") == "true"
         annotations = meta.get("annotations") or {}
         asleep_since = parse_float(annotations.get(ANNOTATION_ASLEEP_SINCE))
@@ -134,7 +126,7 @@ def summarize(pods: list[dict]) -> dict[tuple[str, str], ServicePods]:
             s.draining += 1
         else:
             s.ready += 1
-            s.startups.append(Startup(created, _scheduled_at(pod), ready_at, on_spot))
+            s.startups.append(Startup(created, _true_since(pod, "PodScheduled"), ready_at, on_spot))
         s.members.append(PodRecord(meta["name"], SPOT if on_spot else ON_DEMAND, state, serving,
                                    asleep_since if asleep else None,
                                    annotations.get(ANNOTATION_DELETION_COST), engine_url(pod)))

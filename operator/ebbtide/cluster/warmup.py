@@ -73,10 +73,14 @@ def needs_warm_up(pod: dict) -> bool:
     gates = {g.get("conditionType") for g in (pod.get("spec") or {}).get("readinessGates") or []}
     if CONDITION_WARMED_UP not in gates or pod.get("metadata", {}).get("deletionTimestamp"):
         return False
+    warmed = _passed(pod)
+    return warmed_an_earlier_run(pod, warmed) if warmed is not None else _containers_ready(pod)
+
+
+def _passed(pod: dict) -> dict | None:
+    """The pod's WarmedUp condition if it is True."""
     warmed = get_condition((pod.get("status") or {}).get("conditions"), CONDITION_WARMED_UP)
-    if warmed is not None and warmed.get("status") == "True":
-        return warmed_an_earlier_run(pod, warmed)
-    return _containers_ready(pod)
+    return warmed if warmed is not None and warmed.get("status") == "True" else None
 
 
 def warmed_an_earlier_run(pod: dict, warmed: dict) -> bool:
@@ -90,8 +94,6 @@ def warmed_an_earlier_run(pod: dict, warmed: dict) -> bool:
     started = parse_time(engine_started_at(pod))
     passed = parse_time(warmed.get("lastTransitionTime"))
     return started is None or (passed is not None and started > passed)
-
-
 
 
 def served_model(pod: dict, spec: InferenceServiceSpec) -> str:
@@ -136,8 +138,7 @@ async def _warm_one(kube: Kube, session: aiohttp.ClientSession, pod: dict, spec:
     requests = spec.warmup.requests
     url = engine_url(pod)
     started = time.monotonic()
-    warmed = get_condition((pod.get("status") or {}).get("conditions"), CONDITION_WARMED_UP)
-    if warmed is not None and warmed.get("status") == "True":
+    if _passed(pod) is not None:
         # Warmed by an engine that has restarted since: out of the endpoints now (the kubelet
         # would route to it the moment it is up), warmed again by a later tick.
         message = "the engine restarted after its warm-up; warming it again once it is up"

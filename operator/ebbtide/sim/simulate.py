@@ -434,8 +434,9 @@ def run(args: argparse.Namespace) -> int:
     ramps = report.ramp_hours(trace)
     started, cpu_started = time.perf_counter(), time.process_time()
     if args.train_profile:
-        # An operator that served the same traffic the week before: its demand profile and
-        # per-replica limit, for every Ebbtide policy of the run (ebbtide-warm's pass is then moot).
+        # An operator that served the same traffic the week before: its demand profile,
+        # per-replica limit and startup time, for every Ebbtide policy of the run (ebbtide-warm's
+        # pass is then moot).
         training = train(spec, trace, settings, rotate)
         for policy in policies:
             if isinstance(policy, EbbtidePolicy):
