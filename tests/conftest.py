@@ -1,12 +1,14 @@
-"""Fixtures of the test bed (tests/testbed/): the emulated Kubernetes API, Prometheus, a settable
-vLLM exporter, and the emulated cluster (pod runner, load balancer)."""
+"""Fixtures of the test bed (tests/testbed/): a real Kubernetes control plane with our kubelet for fake
+Nodes, a real Prometheus, a settable vLLM exporter, a load balancer on EndpointSlices."""
 
 from tests.testbed.fixtures import (  # noqa: F401
     apiserver,
     cluster,
+    cluster_prometheus,
+    control_plane,
     fake_vllm_exporter,
+    kubelet,
+    kubelet_factory,
     load_balancer_factory,
-    pod_runner,
-    pod_runner_factory,
     prometheus_server,
 )

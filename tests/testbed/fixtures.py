@@ -1,46 +1,148 @@
 """
 Pytest fixtures of the test bed; ``tests/conftest.py`` imports them.
+
+One real control plane per test session (``control_plane``); each test that uses it gets the
+``default`` namespace empty (``apiserver``), our kubelet for the fake Nodes (``kubelet``), a real
+Prometheus discovering the engines through the API server, and a load balancer that reads the
+Service's EndpointSlices as kube-proxy does.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+import contextlib
+import os
+import pathlib
+import shutil
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
-from tests.testbed.apiserver import ApiServerThread
+from ebbtide.api.crd import crd
+from ebbtide.sim.engine_server import free_port
+from tests.testbed.controlplane import ControlPlane, ControlPlaneError
+from tests.testbed.exporter import FakeVllmExporter
+from tests.testbed.kubeapi import KubeApi
+from tests.testbed.kubelet import Kubelet
+from tests.testbed import podnetwork
+from tests.testbed.loadbalancer import LoadBalancer
+from tests.testbed.operator import running_operator
+from tests.testbed.prometheus import MISSING_BINARY, PrometheusServer, prometheus_binary
+from tests.testbed.waiting import wait_for
+
+NAMESPACE = 'default'
+# What a test leaves in the namespace, deleted before the next one (collections, in this order).
+LEFTOVERS = ('apps/v1/deployments', 'apps/v1/replicasets', 'v1/services', 'policy/v1/poddisruptionbudgets',
+             'v1/events', 'coordination.k8s.io/v1/leases')
+
+
+class Cluster:
+    """The session's control plane as one test sees it."""
+
+    def __init__(self, plane: ControlPlane) -> None:
+        self.plane = plane
+        self.kubeconfig_path = plane.kubeconfig
+        self._clients: list[Any] = []
+        self.server = KubeApi(self.api_client())
+
+    @property
+    def url(self) -> str:
+        return self.plane.url
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {'KUBECONFIG': str(self.kubeconfig_path)}
+
+    def api_client(self) -> Any:
+        import kubernetes.config
+        client = kubernetes.config.new_client_from_config(config_file=str(self.kubeconfig_path))
+        self._clients.append(client)
+        return client
+
+    def register_crd(self, definition: dict) -> dict:
+        return self.server.register_crd(definition)
+
+    @contextlib.contextmanager
+    def as_default_kubeconfig(self) -> Iterator[pathlib.Path]:
+        """
+        Make this cluster the default of code that loads the default kubeconfig (kopf's login).
+        $KUBECONFIG alone is not enough in a test process: the official client reads it once, at import.
+        """
+        import kubernetes.config.kube_config as kube_config
+        saved_env, saved_default = os.environ.get('KUBECONFIG'), kube_config.KUBE_CONFIG_DEFAULT_LOCATION
+        os.environ['KUBECONFIG'] = kube_config.KUBE_CONFIG_DEFAULT_LOCATION = str(self.kubeconfig_path)
+        try:
+            yield self.kubeconfig_path
+        finally:
+            kube_config.KUBE_CONFIG_DEFAULT_LOCATION = saved_default
+            if saved_env is None:
+                os.environ.pop('KUBECONFIG', None)
+            else:
+                os.environ['KUBECONFIG'] = saved_env
+
+    def empty_namespace(self, namespace: str = NAMESPACE) -> None:
+        """Delete what a test left: InferenceServices (their finalizers too: no operator runs now) and the rest."""
+        api = self.server
+        for isvc in api.list_objects('ebbtide.dev/v1alpha1/inferenceservices', namespace):
+            name = isvc['metadata']['name']
+            api.patch_object('ebbtide.dev/v1alpha1/inferenceservices', namespace, name,
+                             {'metadata': {'finalizers': None}})
+            api.delete_object('ebbtide.dev/v1alpha1/inferenceservices', namespace, name)
+        for resource in LEFTOVERS:
+            api.request('DELETE', f'{_collection(resource, namespace)}')
+        api.request('DELETE', _collection('v1/configmaps', namespace),
+                    query={'fieldSelector': 'metadata.name!=kube-root-ca.crt'})
+        # Pods last, at once: their kubelet is gone, nothing would finish a graceful deletion.
+        api.request('DELETE', _collection('v1/pods', namespace), {'gracePeriodSeconds': 0})
+        wait_for(lambda: not api.list_objects('v1/pods', namespace)
+                 and not api.list_objects('ebbtide.dev/v1alpha1/inferenceservices', namespace),
+                 timeout=30, what=f'an empty namespace {namespace}')
+
+    def close(self) -> None:
+        for client in self._clients:
+            with contextlib.suppress(Exception):
+                client.close()
+
+
+def _collection(resource: str, namespace: str) -> str:
+    from tests.testbed.kubeapi import path_of
+    return path_of(resource, namespace)
+
+
+@pytest.fixture(scope='session')
+def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
+    """etcd, kube-apiserver, kube-controller-manager and kube-scheduler, once per session."""
+    if shutil.which('go') is None and not os.environ.get('EBBTIDE_CONTROLPLANE_BIN'):
+        pytest.skip('Go is not installed: the control plane is built from its Go modules (tools/controlplane)')
+    if reason := podnetwork.missing_requirement():
+        pytest.skip(reason)
+    plane = ControlPlane(tmp_path_factory.mktemp('controlplane'))
+    try:
+        plane.start()
+    except ControlPlaneError as e:
+        pytest.fail(str(e), pytrace=False)
+    try:
+        KubeApi(Cluster(plane).api_client()).register_crd(crd())
+        yield plane
+    finally:
+        plane.stop()
 
 
 @pytest.fixture()
-def apiserver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiServerThread]:
-    """
-    A fresh emulated Kubernetes API on a free loopback port, served from a background thread.
-
-    Yields an `ApiServerThread`: ``.url``, ``.kubeconfig_path``, ``.env`` (``KUBECONFIG``),
-    ``.server`` (the `EmulatedApiServer`: ``register_crd``, ``get_object``, ``list_objects``...),
-    and ``.api_client()`` for the official client. Fails the test if the emulator answered
-    any request with HTTP 500 (an emulator bug or a broken injected reaction).
-    """
-    kubeconfig_path = tmp_path_factory.mktemp('apiserver') / 'kubeconfig'
-    with ApiServerThread(kubeconfig_path=kubeconfig_path) as handle:
-        yield handle
-    if handle.server.unexpected_errors:
-        errors = '\n'.join(repr(e) for e in handle.server.unexpected_errors)
-        pytest.fail(f'The emulated API server failed on some requests:\n{errors}')
-
-
-# --- test bed: Prometheus and fake vLLM exporters (owner: tests/testbed/prometheus.py, exporter.py) ---
-from tests.testbed.exporter import FakeVllmExporter  # noqa: E402
-from tests.testbed.prometheus import MISSING_BINARY, PrometheusServer, prometheus_binary  # noqa: E402
+def apiserver(control_plane: ControlPlane) -> Iterator[Cluster]:
+    """The real API server with an empty ``default`` namespace and the InferenceService CRD."""
+    cluster = Cluster(control_plane)
+    try:
+        yield cluster
+    finally:
+        cluster.empty_namespace()
+        cluster.close()
 
 
 @pytest.fixture()
 def prometheus_server() -> Iterator[PrometheusServer]:
     """
-    A real Prometheus on a free loopback port, scraping every second the file_sd targets set
-    with ``.set_targets([...])``; ``.url``, ``.query()``, ``.http_requests()``, ``.stop()``,
-    ``.start()``, ``.pause()``, ``.resume()``. Skips the test if the binary is not installed.
-    Prometheus applies target changes up to ~5 s late (its discovery throttle): use
-    ``.wait_for_targets_up(n)``.
+    A real Prometheus scraping every second the file_sd targets set with ``.set_targets([...])``.
+    Skips the test if the binary is not installed. Target changes apply up to ~5 s late.
     """
     if prometheus_binary() is None:
         pytest.skip(MISSING_BINARY)
@@ -49,105 +151,86 @@ def prometheus_server() -> Iterator[PrometheusServer]:
 
 
 @pytest.fixture()
-def fake_vllm_exporter() -> Iterator[FakeVllmExporter]:
-    """
-    One HTTP server with settable fake vLLM pods at ``/<name>/metrics``: ``.add_pod(name)``
-    returns a `FakeVllmPod` (``.set(waiting=, running=, kv_cache_usage=, asleep=)``,
-    ``.observe_ttft()``, ``.observe_itl()``, ``.add_tokens()``, ``.up = False``);
-    ``.target_group(name, namespace=, pod=)`` is the file_sd entry for Prometheus.
-    """
-    with FakeVllmExporter() as exporter:
-        yield exporter
-# --- end of test bed: Prometheus and fake vLLM exporters ---
-
-
-# --- the emulated cluster: pod runner and load balancer (owner: tests/testbed/podrunner.py) ---
-# Imported here, not at the top, to keep the apiserver fixture's section untouched.
-from collections.abc import Callable  # noqa: E402
-from typing import Any  # noqa: E402
-
-from tests.testbed.loadbalancer import LoadBalancer  # noqa: E402
-from tests.testbed.podrunner import PodRunner  # noqa: E402
+def cluster_prometheus(apiserver: Cluster) -> Iterator[PrometheusServer]:
+    """A real Prometheus finding the engines' pods through the API server (docs/prometheus-scrape.yaml)."""
+    if prometheus_binary() is None:
+        pytest.skip(MISSING_BINARY)
+    with PrometheusServer(kubeconfig=apiserver.kubeconfig_path) as server:
+        yield server
 
 
 @pytest.fixture()
-def pod_runner_factory(apiserver: ApiServerThread,
-                       tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., PodRunner]]:
-    """
-    Start `PodRunner`s against the ``apiserver``: ``pod_runner_factory(**kwargs)``.
+def fake_vllm_exporter() -> Iterator[FakeVllmExporter]:
+    """One HTTP server with settable fake vLLM pods at ``/<name>/metrics`` (see exporter.py)."""
+    with FakeVllmExporter() as exporter:
+        yield exporter
 
-    Defaults for tests: ``startup_delay=1.0``, ``max_grace_seconds=5``, engine logs in a temp
-    dir. At teardown every runner stops, and the test fails if any engine process it started
-    is still alive.
-    """
-    started: list[tuple[PodRunner, Any]] = []
 
-    def make(**kwargs: Any) -> PodRunner:
+@pytest.fixture()
+def kubelet_factory(apiserver: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Kubelet]]:
+    """
+    Start `Kubelet`s: ``kubelet_factory(**kwargs)``; test defaults ``startup_delay=1.0``,
+    ``max_grace_seconds=5``, engine logs in a temp dir. At teardown every kubelet stops, and the
+    test fails if an engine it started is still alive.
+    """
+    started: list[Kubelet] = []
+
+    def make(**kwargs: Any) -> Kubelet:
         kwargs.setdefault('startup_delay', 1.0)
         kwargs.setdefault('max_grace_seconds', 5.0)
         kwargs.setdefault('log_dir', tmp_path_factory.mktemp('pods'))
-        client = apiserver.api_client()
-        runner = PodRunner(client, **kwargs)
-        started.append((runner, client))
-        return runner.start()
+        kubelet = Kubelet(apiserver.api_client(), **kwargs)
+        started.append(kubelet)
+        return kubelet.start()
 
     yield make
-    for runner, client in started:
-        runner.stop()
-        client.close()
-    leftovers = {pid for runner, _ in started for pid in runner.live_pids()}
+    for kubelet in started:
+        kubelet.stop()
+    leftovers = {pid for kubelet in started for pid in kubelet.live_pids()}
     if leftovers:
-        pytest.fail(f'engine processes left behind by the pod runner: {sorted(leftovers)}')
+        pytest.fail(f'engine processes left behind by the kubelet: {sorted(leftovers)}')
 
 
 @pytest.fixture()
-def pod_runner(pod_runner_factory: Callable[..., PodRunner]) -> PodRunner:
-    """A started `PodRunner` with the test defaults (see ``pod_runner_factory``)."""
-    return pod_runner_factory()
+def kubelet(kubelet_factory: Callable[..., Kubelet]) -> Kubelet:
+    """A started `Kubelet` with the test defaults (see ``kubelet_factory``)."""
+    return kubelet_factory()
 
 
 @pytest.fixture()
-def load_balancer_factory(apiserver: ApiServerThread) -> Iterator[Callable[..., LoadBalancer]]:
-    """Start `LoadBalancer`s reading the ``apiserver``: ``load_balancer_factory(service, namespace='default')``."""
-    started: list[tuple[LoadBalancer, Any]] = []
+def load_balancer_factory(apiserver: Cluster) -> Iterator[Callable[..., LoadBalancer]]:
+    """Start `LoadBalancer`s on a Service's EndpointSlices: ``load_balancer_factory(service, namespace='default')``."""
+    started: list[LoadBalancer] = []
 
-    def make(service: str, namespace: str = 'default', **kwargs: Any) -> LoadBalancer:
-        client = apiserver.api_client()
-        balancer = LoadBalancer(service, namespace, api_client=client, **kwargs)
-        started.append((balancer, client))
+    def make(service: str, namespace: str = NAMESPACE, **kwargs: Any) -> LoadBalancer:
+        balancer = LoadBalancer(service, namespace, api_client=apiserver.api_client(), **kwargs)
+        started.append(balancer)
         return balancer.start()
 
     yield make
-    for balancer, client in started:
+    for balancer in started:
         balancer.stop()
-        client.close()
-# --- end of the emulated cluster's fixtures ---
-
-
-# --- the whole loop: API, pod runner, Prometheus, operator (closed-loop and lifecycle tests) ---
-from ebbtide.sim.engine_server import free_port  # noqa: E402
-from tests.testbed.operator import running_operator  # noqa: E402
 
 
 @pytest.fixture()
-def cluster(apiserver, prometheus_server, pod_runner_factory, load_balancer_factory):
-    """The emulated cluster with Prometheus scraping every engine the pod runner starts."""
-    runner = pod_runner_factory(publish_targets=prometheus_server.set_targets, nodes=[])
+def cluster(apiserver, cluster_prometheus, kubelet_factory, load_balancer_factory):
+    """The whole loop: the control plane, our kubelet, Prometheus discovering the engines, the operator."""
+    kubelet = kubelet_factory()
 
-    class Cluster:
+    class Loop:
         server = apiserver.server
-        prometheus = prometheus_server
-        pods = runner
-
+        api = apiserver
+        prometheus = cluster_prometheus
+        pods = kubelet
         metrics_port = free_port()
 
         @staticmethod
-        def operator():
-            return running_operator(apiserver, EBBTIDE_PROMETHEUS_URL=prometheus_server.url,
-                                    EBBTIDE_TICK_SECONDS="0.5", EBBTIDE_METRICS_PORT=str(Cluster.metrics_port))
+        def operator(**env: str):
+            return running_operator(apiserver, EBBTIDE_PROMETHEUS_URL=cluster_prometheus.url,
+                                    EBBTIDE_TICK_SECONDS="0.5", EBBTIDE_METRICS_PORT=str(Loop.metrics_port), **env)
 
         @staticmethod
         def balancer(name="chat"):
             return load_balancer_factory(name)
 
-    return Cluster
+    return Loop

@@ -1,13 +1,10 @@
 """
-A Service's load balancer for the emulated cluster: what kube-proxy does for a ClusterIP.
+A Service's load balancer for the test bed: what kube-proxy does for a ClusterIP.
 
 `LoadBalancer` listens on a loopback port and forwards every ``/v1/*`` request (streaming
-responses too, chunk by chunk) to one endpoint of the service: a pod that matches the
-Service's selector ``{ebbtide.dev/service: NAME, ebbtide.dev/serving: "true"}``, is Ready and
-is not terminating, exactly what an EndpointSlice lists as ready. It reads the pods from the
-API every ``refresh_interval`` seconds (or from an ``endpoints`` callable). The pod's address
-is ``podIP`` and the pod runner's port annotation (``testbed.ebbtide.dev/port``), else the
-first containerPort. Asleep pods are not probed: the operator takes them out by flipping the
+responses too, chunk by chunk) to one endpoint of the service: an endpoint the Service's EndpointSlices (written by the
+real EndpointSlice controller) list as ready, at its address and the slice's port. It reads
+the slices every ``refresh_interval`` seconds (or an ``endpoints`` callable). Asleep pods are not probed: the operator takes them out by flipping the
 serving label, and a request that reaches a sleeping engine shows up in its /ebbtide/stats.
 
 Endpoint choice: least outstanding requests (ties at random). No endpoint: 503 (counted).
@@ -41,19 +38,10 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from tests.testbed.podrunner import (
-    LoopThread,
-    call_api,
-    is_pod_ready,
-    make_api_client,
-    pod_port,
-    wait_until,
-)
+from tests.testbed.engines import LoopThread, call_api, make_api_client, wait_until
 
 logger = logging.getLogger(__name__)
 
-LABEL_SERVICE = 'ebbtide.dev/service'
-LABEL_SERVING = 'ebbtide.dev/serving'
 POD_HEADER = 'X-Testbed-Pod'
 HOP_BY_HOP = frozenset({'connection', 'keep-alive', 'proxy-authenticate', 'proxy-authorization', 'te',
                         'trailers', 'transfer-encoding', 'upgrade', 'content-length', 'content-encoding', 'host'})
@@ -65,19 +53,16 @@ class Endpoint:
     url: str  # http://IP:PORT
 
 
-def service_selector(service: str) -> dict[str, str]:
-    return {LABEL_SERVICE: service, LABEL_SERVING: 'true'}
-
-
-def ready_endpoints(pods: list[Mapping[str, Any]]) -> list[Endpoint]:
-    """The ready, non-terminating pods with an IP and a port, as EndpointSlices list them."""
+def ready_endpoints(slices: list[Mapping[str, Any]]) -> list[Endpoint]:
+    """The ready endpoints of a Service's EndpointSlices (ready excludes terminating ones), by pod name."""
     out = []
-    for pod in pods:
-        meta, status = pod.get('metadata') or {}, pod.get('status') or {}
-        port = pod_port(pod)
-        if meta.get('deletionTimestamp') or not is_pod_ready(pod) or not status.get('podIP') or port is None:
-            continue
-        out.append(Endpoint(meta['name'], f"http://{status['podIP']}:{port}"))
+    for endpoint_slice in slices:
+        port = next((p.get('port') for p in endpoint_slice.get('ports') or [] if p.get('port')), None)
+        for endpoint in endpoint_slice.get('endpoints') or []:
+            if port is None or not (endpoint.get('conditions') or {}).get('ready'):
+                continue
+            name = (endpoint.get('targetRef') or {}).get('name') or endpoint['addresses'][0]
+            out.append(Endpoint(name, f"http://{endpoint['addresses'][0]}:{port}"))
     return sorted(out, key=lambda e: e.name)
 
 
@@ -85,21 +70,19 @@ class LoadBalancer:
     """
     Forwards ``/v1/*`` to the ready serving pods of one service (see the module doc).
 
-    ``service`` and ``namespace`` name the service; the pods come from the API (``api_client``
-    or ``kubeconfig``, else the default kubeconfig) with ``selector`` (default: the Service's),
-    or from ``endpoints``, a callable returning `Endpoint`s (then no API is used). ``port`` 0
+    ``service`` and ``namespace`` name the Service; its EndpointSlices come from the API
+    (``api_client`` or ``kubeconfig``, else the default kubeconfig), or from ``endpoints``, a callable returning `Endpoint`s (then no API is used). ``port`` 0
     picks a free one (see ``url`` after start). ``request_timeout`` bounds a forwarded request.
     ``hold_seconds`` > 0 holds a request that finds no endpoint until one appears (up to that
     long); ``GET /metrics`` shows how many are held, for an activation query.
     """
 
     def __init__(self, service: str, namespace: str = 'default', *, api_client: Any = None,
-                 kubeconfig: str | os.PathLike | None = None, selector: Mapping[str, str] | None = None,
+                 kubeconfig: str | os.PathLike | None = None,
                  endpoints: Callable[[], list[Endpoint]] | None = None, host: str = '127.0.0.1', port: int = 0,
                  refresh_interval: float = 0.5, request_timeout: float = 300.0, hold_seconds: float = 0.0) -> None:
         self.service = service
         self.namespace = namespace
-        self.selector = dict(selector) if selector is not None else service_selector(service)
         self._api_client_arg, self._kubeconfig = api_client, kubeconfig
         self._endpoints_fn = endpoints
         self.host, self.port = host, port
@@ -120,7 +103,7 @@ class LoadBalancer:
         self.upstream_errors = 0  # the pod could not be reached or broke the response
         self._client: Any = None
         self._owns_client = False
-        self._core: Any = None
+        self._discovery: Any = None
         self._session: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
         self._refresher: asyncio.Task | None = None
@@ -158,7 +141,7 @@ class LoadBalancer:
         if self._endpoints_fn is None:
             import kubernetes.client
             self._client, self._owns_client = make_api_client(self._api_client_arg, self._kubeconfig)
-            self._core = kubernetes.client.CoreV1Api(self._client)
+            self._discovery = kubernetes.client.DiscoveryV1Api(self._client)
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.request_timeout),
                                               connector=aiohttp.TCPConnector(limit=0))
         await self._refresh_once()
@@ -231,10 +214,10 @@ class LoadBalancer:
             if self._endpoints_fn is not None:
                 self._endpoints = list(self._endpoints_fn())
             else:
-                selector = ','.join(f'{k}={v}' for k, v in self.selector.items())
-                pods = await asyncio.to_thread(call_api, self._core.list_namespaced_pod, self.namespace,
-                                               label_selector=selector)
-                self._endpoints = ready_endpoints(pods.get('items') or [])
+                slices = await asyncio.to_thread(call_api, self._discovery.list_namespaced_endpoint_slice,
+                                                 self.namespace,
+                                                 label_selector=f'kubernetes.io/service-name={self.service}')
+                self._endpoints = ready_endpoints(slices.get('items') or [])
         except Exception as e:  # keep the last known endpoints, as kube-proxy does
             logger.warning('%s: could not refresh the endpoints: %s', self.service, e)
         self._refreshed += 1

@@ -34,7 +34,7 @@ from typing import Any
 import aiohttp
 
 from tests.testbed.loadbalancer import POD_HEADER
-from tests.testbed.podrunner import LoopThread
+from tests.testbed.engines import LoopThread
 
 IntOrSampler = int | Callable[[random.Random], int]
 

@@ -1,4 +1,4 @@
-"""Running the real Ebbtide operator (kopf, in a thread) against the emulated API."""
+"""Running the real Ebbtide operator (kopf, in a thread) against the test bed's control plane."""
 
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def example(name: str) -> dict:
     return next(d for d in yaml.safe_load_all((ROOT / "examples" / name).read_text()) if d)
 
 
-# --- reading what the operator did, from the emulated API ---
+# --- reading what the operator did, from the API server ---
 
 DEPLOYMENTS = "apps/v1/deployments"
 
@@ -74,4 +74,4 @@ def seconds(timestamp: str) -> float:
 
 def events(server, name="chat"):
     found = server.list_objects("v1/events", "default", field_selector=f"involvedObject.name={name}")
-    return sorted(found, key=lambda e: e["metadata"]["resourceVersion"])
+    return sorted(found, key=lambda e: int(e["metadata"]["resourceVersion"]))

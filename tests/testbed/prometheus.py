@@ -33,11 +33,13 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from ebbtide.sim.engine_server import free_port
 
 JOB = "vllm"
+SCRAPE_CONFIG = Path(__file__).resolve().parents[2] / "docs" / "prometheus-scrape.yaml"
 
 # Servers still running when the interpreter exits (a test run interrupted, a failing fixture)
 # are stopped then, so that no prometheus process outlives its test run.
@@ -75,6 +77,7 @@ class PrometheusServer:
         lookback_delta: str = "5m",
         binary: str | None = None,
         host: str = "127.0.0.1",
+        kubeconfig: str | os.PathLike | None = None,
     ):
         self.binary = binary or prometheus_binary()
         if self.binary is None:
@@ -82,6 +85,9 @@ class PrometheusServer:
         self.host = host
         self.port = port or free_port(host)
         self.scrape_interval = scrape_interval
+        # With a kubeconfig it also discovers the engines' pods through the API server, with the
+        # scrape job the docs give users (docs/prometheus-scrape.yaml).
+        self.kubeconfig = Path(kubeconfig) if kubeconfig else None
         self.lookback_delta = lookback_delta
         self._workdir = Path(tempfile.mkdtemp(prefix="ebbtide-prometheus-"))
         self.storage_dir = Path(storage_dir) if storage_dir else self._workdir / "data"
@@ -125,6 +131,11 @@ class PrometheusServer:
                 }
             ],
         }
+        if self.kubeconfig is not None:
+            for job in yaml.safe_load(SCRAPE_CONFIG.read_text()):
+                for discovery in job["kubernetes_sd_configs"]:
+                    discovery["kubeconfig_file"] = str(self.kubeconfig)
+                config["scrape_configs"].append(job)
         self.config_file.write_text(json.dumps(config, indent=1))
 
     # --- process ---

@@ -1,0 +1,81 @@
+"""The test bed's fake Nodes: their objects, status and Leases, as a kubelet registers them."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from tests.testbed.engines import now_rfc3339
+
+CAPACITY_TYPE_LABEL = 'karpenter.sh/capacity-type'
+KUBE_VERSION = 'v1.36.3'
+
+
+@dataclasses.dataclass
+class FakeNode:
+    name: str
+    capacity_type: str  # 'on-demand' or 'spot': the pool set_capacity() switches
+    labels: dict[str, str]
+    taints: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    gpus: int = 16
+
+
+def pool_labels(name: str, capacity: str) -> dict[str, str]:
+    """The labels Karpenter, EKS, GKE and AKS put on a GPU node of a capacity pool."""
+    out = {
+        'kubernetes.io/hostname': name,
+        'kubernetes.io/os': 'linux',
+        'kubernetes.io/arch': 'amd64',
+        'node.kubernetes.io/instance-type': 'p5.48xlarge',
+        'topology.kubernetes.io/zone': 'testbed-a',
+        'nvidia.com/gpu.present': 'true',
+        CAPACITY_TYPE_LABEL: capacity,
+        'karpenter.sh/nodepool': capacity,
+        'eks.amazonaws.com/capacityType': 'SPOT' if capacity == 'spot' else 'ON_DEMAND',
+    }
+    if capacity == 'spot':
+        out['cloud.google.com/gke-spot'] = 'true'
+        out['kubernetes.azure.com/scalesetpriority'] = 'spot'
+    return out
+
+
+def default_nodes() -> list[FakeNode]:
+    """One node per capacity pool."""
+    return [FakeNode(name, capacity, pool_labels(name, capacity))
+            for name, capacity in (('testbed-ondemand-0', 'on-demand'), ('testbed-spot-0', 'spot'))]
+
+
+def node_body(node: FakeNode) -> dict[str, Any]:
+    return {'apiVersion': 'v1', 'kind': 'Node', 'metadata': {'name': node.name, 'labels': dict(node.labels)},
+            'spec': {'taints': list(node.taints) or None, 'providerID': f'testbed://{node.name}'}}
+
+
+def node_status(node: FakeNode) -> dict[str, Any]:
+    resources = {'cpu': '192', 'memory': '2048Gi', 'nvidia.com/gpu': str(node.gpus), 'pods': '250'}
+    now = now_rfc3339()
+    conditions = [{'type': t, 'status': 'False', 'reason': reason, 'message': '',
+                   'lastHeartbeatTime': now, 'lastTransitionTime': now}
+                  for t, reason in (('MemoryPressure', 'KubeletHasSufficientMemory'),
+                                    ('DiskPressure', 'KubeletHasNoDiskPressure'),
+                                    ('PIDPressure', 'KubeletHasSufficientPID'))]
+    conditions.append({'type': 'Ready', 'status': 'True', 'reason': 'KubeletReady',
+                       'message': 'kubelet is posting ready status', 'lastHeartbeatTime': now,
+                       'lastTransitionTime': now})
+    return {'status': {
+        'capacity': resources, 'allocatable': resources, 'conditions': conditions,
+        'addresses': [{'type': 'InternalIP', 'address': '127.0.0.1'}, {'type': 'Hostname', 'address': node.name}],
+        'daemonEndpoints': {'kubeletEndpoint': {'Port': 10250}},
+        'nodeInfo': {'kubeletVersion': KUBE_VERSION, 'containerRuntimeVersion': 'testbed://1',
+                     'operatingSystem': 'linux', 'architecture': 'amd64', 'machineID': '', 'systemUUID': '',
+                     'bootID': '', 'kernelVersion': '', 'osImage': 'testbed', 'kubeProxyVersion': ''},
+    }}
+
+
+def lease_body(node: FakeNode, resource_version: str | None = None) -> dict[str, Any]:
+    """The node's heartbeat; the node-lifecycle controller marks a node whose Lease stops NotReady."""
+    from datetime import UTC, datetime
+    metadata: dict[str, Any] = {'name': node.name, 'namespace': 'kube-node-lease'}
+    if resource_version:
+        metadata['resourceVersion'] = resource_version
+    return {'apiVersion': 'coordination.k8s.io/v1', 'kind': 'Lease', 'metadata': metadata,
+            'spec': {'holderIdentity': node.name, 'leaseDurationSeconds': 40,
+                     'renewTime': datetime.now(UTC).strftime('%Y-%m-%dT%H:%M:%S.%fZ')}}
