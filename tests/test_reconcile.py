@@ -1,26 +1,20 @@
-"""The reconciler against the emulated API, called as the kopf handlers call it, with the
+"""The reconciler against the real API server, called as the kopf handlers call it, with the
 interleavings the handlers can produce (they run concurrently: a Deployment's MODIFIED event
-and an InferenceService's spec edit are handled side by side)."""
+and an InferenceService's spec edit are handled side by side). A fault proxy in front of the
+server makes a read slow, as a busy API server does."""
 
 from __future__ import annotations
 
 import asyncio
 
-import kmock
-
-from ebbtide.api.crd import crd
 from ebbtide.api.ref import ServiceRef
 from ebbtide.cluster.kube import Kube
 from ebbtide.reconcile import Registry, reconcile, restore_owned
+from tests.testbed.faultproxy import FaultProxy
 from tests.testbed.operator import ISVC, isvc
 
 DEPLOYMENTS = "apps/v1/deployments"
 OLD, NEW = "vllm/vllm-openai:v0.11.0", "vllm/vllm-openai:v0.12.0"
-
-
-async def slowly() -> None:
-    """A kmock reaction that answers nothing itself: the request waits, then is served."""
-    await asyncio.sleep(0.5)
 
 
 def spec(image: str) -> dict:
@@ -32,12 +26,13 @@ def test_drift_correction_that_overlaps_a_spec_edit_does_not_restore_the_old_spe
     arrives. Drift correction must compare with the spec being applied, not put the old image
     back (and then the new one again, with two DriftCorrected Events for an edit that was no
     drift at all)."""
-    apiserver.register_crd(crd())
     created = apiserver.server.create_object(isvc("chat", engine={"image": OLD}))
     ref = ServiceRef(name="chat", namespace="default", uid=created["metadata"]["uid"])
+    plane = apiserver.plane
+    proxy = FaultProxy(plane.url, str(plane.pki / "ca.crt")).start()
 
     async def run() -> None:
-        client = apiserver.api_client()
+        client = proxy.api_client(plane.tokens["admin"])
         try:
             kube, registry = Kube(client), Registry()
             await reconcile(kube, registry, ref, spec(OLD), 1)
@@ -46,14 +41,17 @@ def test_drift_correction_that_overlaps_a_spec_edit_does_not_restore_the_old_spe
             # The event of the hand scale is handled first, and the spec edit while it runs: the
             # API is slow to answer the drift handler's read of the InferenceService, so the
             # edit's patches land meanwhile (a busy API server does this in a cluster).
-            apiserver.server["get", kmock.resource(ISVC)] << slowly
+            proxy.delay("GET", r"/inferenceservices/chat$", 0.5)
             await asyncio.gather(restore_owned(kube, registry, scaled_by_hand), reconcile(kube, registry, ref, spec(NEW), 2))
             # Then the events of the edit's own patches come back, as they do in a cluster.
             await restore_owned(kube, registry, apiserver.server.get_object(DEPLOYMENTS, "default", "chat"))
         finally:
             client.close()
 
-    asyncio.run(run())
+    try:
+        asyncio.run(run())
+    finally:
+        proxy.stop()
     deployment = apiserver.server.get_object(DEPLOYMENTS, "default", "chat")
     assert deployment["spec"]["template"]["spec"]["containers"][0]["image"] == NEW
     assert deployment["spec"]["replicas"] == 3, "the replica count is not drift"

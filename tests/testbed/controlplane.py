@@ -104,8 +104,13 @@ def kubeconfig_text(server: str, ca_file: pathlib.Path, token: str, user: str,
 class ControlPlane:
     """The four components as child processes of this one, state and logs under ``workdir``."""
 
-    def __init__(self, workdir: str | os.PathLike, binaries: pathlib.Path | None = None) -> None:
+    def __init__(self, workdir: str | os.PathLike, binaries: pathlib.Path | None = None,
+                 crds: tuple[dict, ...] = ()) -> None:
         self.workdir = pathlib.Path(workdir)
+        # Registered before the controller-manager starts: its garbage collector watches only the
+        # resources discovery showed it, and rediscovers every 30 s (a CRD made later is
+        # collected late the first time).
+        self.crds = crds
         self.binaries = binaries
         self.pki = self.workdir / 'pki'
         self.logs = self.workdir / 'logs'
@@ -137,6 +142,7 @@ class ControlPlane:
                 self._launch(component)
                 if component == 'kube-apiserver':
                     self.wait_ready(timeout)
+                    self._register_crds(timeout)
             self._wait_for_default_service_account(timeout)
         except BaseException:
             self.stop()
@@ -242,6 +248,16 @@ class ControlPlane:
             if time.monotonic() > deadline:
                 raise ControlPlaneError(f'kube-apiserver not ready in {timeout:.0f} s; see {self.logs}')
             time.sleep(0.2)
+
+    def _register_crds(self, timeout: float) -> None:
+        if not self.crds:
+            return
+        import kubernetes.config
+
+        from tests.testbed.kubeapi import KubeApi
+        with kubernetes.config.new_client_from_config(config_file=str(self.kubeconfig)) as client:
+            for definition in self.crds:
+                KubeApi(client).register_crd(definition, timeout=timeout)
 
     def _wait_for_default_service_account(self, timeout: float) -> None:
         """Pods are refused until the namespace's default ServiceAccount exists (the controller makes it)."""

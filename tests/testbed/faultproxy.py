@@ -3,7 +3,7 @@ A thin fault-injecting proxy in front of the real API server, for faults it does
 demand: a slow read, a 409 storm, a 500. Everything else passes through unchanged, watches too
 (streamed chunk by chunk).
 
-    with FaultProxy(apiserver.url, ca_file) as proxy:       # proxy.kubeconfig: same token, via the proxy
+    with FaultProxy(apiserver.url, ca_file) as proxy:       # proxy.api_client(token): a client through it
         proxy.delay('GET', r'/inferenceservices/chat$', 0.5)  # every matching request waits first
         proxy.fail('PATCH', r'/deployments/', 409, times=3)   # the next 3 matching answer 409
 """
@@ -53,6 +53,14 @@ class FaultProxy:
     def fail(self, method: str, path_regex: str, status: int, times: int | None = None) -> Rule:
         return self._add(Rule(method, re.compile(path_regex), status=status, times=times))
 
+    def api_client(self, token: str):
+        """An official client that talks to the API server through this proxy (plain HTTP on loopback)."""
+        import kubernetes.client
+        configuration = kubernetes.client.Configuration()
+        configuration.host = self.url
+        configuration.api_key = {'authorization': f'Bearer {token}'}
+        return kubernetes.client.ApiClient(configuration)
+
     def clear(self) -> None:
         self.rules.clear()
 
@@ -72,8 +80,11 @@ class FaultProxy:
                          'reason': 'Conflict' if rule.status == 409 else 'InternalError',
                          'message': f'injected by the test bed: {rule.status}'}, status=rule.status)
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
+        # skip_auto_headers: a body sent without a Content-Type must reach the server without one
+        # (the official client sends creates that way), not as application/octet-stream.
         async with self._session.request(request.method, self.upstream + request.path_qs, headers=headers,
-                                         data=await request.read(), ssl=self.ssl) as upstream:
+                                         data=await request.read(), ssl=self.ssl,
+                                         skip_auto_headers=('Content-Type',)) as upstream:
             response = web.StreamResponse(status=upstream.status, headers={
                 k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP})
             await response.prepare(request)

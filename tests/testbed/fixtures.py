@@ -19,11 +19,11 @@ import pytest
 
 from ebbtide.api.crd import crd
 from ebbtide.sim.engine_server import free_port
+from tests.testbed import podnetwork
 from tests.testbed.controlplane import ControlPlane, ControlPlaneError
 from tests.testbed.exporter import FakeVllmExporter
 from tests.testbed.kubeapi import KubeApi
 from tests.testbed.kubelet import Kubelet
-from tests.testbed import podnetwork
 from tests.testbed.loadbalancer import LoadBalancer
 from tests.testbed.operator import running_operator
 from tests.testbed.prometheus import MISSING_BINARY, PrometheusServer, prometheus_binary
@@ -115,13 +115,12 @@ def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlP
         pytest.skip('Go is not installed: the control plane is built from its Go modules (tools/controlplane)')
     if reason := podnetwork.missing_requirement():
         pytest.skip(reason)
-    plane = ControlPlane(tmp_path_factory.mktemp('controlplane'))
+    plane = ControlPlane(tmp_path_factory.mktemp('controlplane'), crds=(crd(),))
     try:
         plane.start()
     except ControlPlaneError as e:
         pytest.fail(str(e), pytrace=False)
     try:
-        KubeApi(Cluster(plane).api_client()).register_crd(crd())
         yield plane
     finally:
         plane.stop()

@@ -8,11 +8,12 @@ what the server sent, as the operator does.
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Mapping
 from typing import Any
 
 from kubernetes.client.rest import ApiException
+
+from tests.testbed.waiting import wait_for
 
 MERGE_PATCH = 'application/merge-patch+json'
 # Kinds whose plural is not the lower-cased kind plus "s".
@@ -46,6 +47,8 @@ class KubeApi:
 
     def __init__(self, api_client: Any) -> None:
         self.client = api_client
+        # The Warning header of the last answer: how a server says it dropped unknown fields.
+        self.last_warning: str | None = None
 
     def request(self, method: str, path: str, body: Any = None, *, query: Mapping[str, Any] | None = None,
                 content_type: str = 'application/json') -> Any:
@@ -55,6 +58,7 @@ class KubeApi:
             auth_settings=['BearerToken'])
         response = self.client.call_api(method, url, header_params=headers, body=body)
         data = response.read()
+        self.last_warning = response.getheader('Warning')
         if not 200 <= response.status < 300:
             raise ApiException(http_resp=response)
         return json.loads(data) if data else None
@@ -104,12 +108,17 @@ class KubeApi:
         elif existing['spec'] != crd['spec']:
             crd['metadata'] = {**crd['metadata'], 'resourceVersion': existing['metadata']['resourceVersion']}
             self.request('PUT', path_of(CRDS, None, name), crd)
-        deadline = time.monotonic() + timeout
-        while True:
-            current = self.get_object(CRDS, None, name)
+        return self.wait_established(name, timeout)
+
+    def wait_established(self, name: str, timeout: float = 30.0) -> dict:
+        """The CRD once it is Established (its API is served), as the server holds it."""
+        def established() -> dict | None:
+            current = self.get_object(CRDS, None, name) or {}
             conditions = {c['type']: c['status'] for c in (current.get('status') or {}).get('conditions') or []}
-            if conditions.get('Established') == 'True':
-                return current
-            if time.monotonic() > deadline:
-                raise AssertionError(f'CRD {name} not Established in {timeout} s: {current.get("status")}')
-            time.sleep(0.1)
+            return current if conditions.get('Established') == 'True' else None
+        return wait_for(established, timeout=timeout, what=f'CRD {name} Established')
+
+    def delete_crd(self, name: str, timeout: float = 30.0) -> None:
+        """Delete a CRD and wait until it is gone (its objects go with it)."""
+        self.delete_object(CRDS, None, name)
+        wait_for(lambda: self.get_object(CRDS, None, name) is None, timeout=timeout, what=f'CRD {name} deleted')

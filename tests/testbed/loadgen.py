@@ -33,8 +33,8 @@ from typing import Any
 
 import aiohttp
 
-from tests.testbed.loadbalancer import POD_HEADER
 from tests.testbed.engines import LoopThread
+from tests.testbed.loadbalancer import POD_HEADER
 
 IntOrSampler = int | Callable[[random.Random], int]
 

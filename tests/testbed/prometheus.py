@@ -11,9 +11,10 @@ interval is short (1 s by default) so tests see data within a few seconds.
 `stop()` / `start()` restart it on the same port and storage (an outage that keeps the data);
 `pause()` / `resume()` freeze it with SIGSTOP / SIGCONT (connections hang: the timeout path).
 
-Standalone, for end-to-end runs (runs until SIGINT or SIGTERM):
+Standalone, for end-to-end runs (runs until SIGINT or SIGTERM; ``--kubeconfig`` adds the
+kubernetes_sd job of docs/prometheus-scrape.yaml):
 
-    python -m tests.testbed.prometheus --port 9090 --targets-file /tmp/targets.json
+    python -m tests.testbed.prometheus --port 9090 --targets-file /tmp/targets.json [--kubeconfig K]
 """
 
 from __future__ import annotations
@@ -297,14 +298,16 @@ def _duration(seconds: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Run a test-bed Prometheus that scrapes file_sd targets.")
+    parser = argparse.ArgumentParser(description="Run a test-bed Prometheus that scrapes file_sd targets (and, with --kubeconfig, the engines' pods).")
     parser.add_argument("--port", type=int, default=None, help="listen port on 127.0.0.1 (default: a free one)")
     parser.add_argument("--targets-file", default=None, help="file_sd JSON file to watch (created if missing)")
     parser.add_argument("--storage", default=None, help="TSDB directory (default: a temporary one)")
     parser.add_argument("--scrape-interval", type=float, default=1.0, help="seconds (default 1)")
+    parser.add_argument("--kubeconfig", default=None,
+                        help="also discover the engines' pods through this API server (docs/prometheus-scrape.yaml)")
     args = parser.parse_args(argv)
     server = PrometheusServer(port=args.port, targets_file=args.targets_file, storage_dir=args.storage,
-                              scrape_interval=args.scrape_interval)
+                              scrape_interval=args.scrape_interval, kubeconfig=args.kubeconfig)
     stop = False
 
     def on_signal(signum, frame) -> None:

@@ -239,7 +239,6 @@ def render_deployment(ref: ServiceRef, spec: InferenceServiceSpec, capacity: str
         "image": engine.image,
         "command": ["vllm", "serve"],
         "args": engine_args(spec),
-        "env": env,
         "ports": [{"name": "http", "containerPort": engine.port, "protocol": "TCP"}],
         "resources": _resources(spec),
         # vLLM binds its port only once the model is loaded: the startup probe carries the long
@@ -251,6 +250,8 @@ def render_deployment(ref: ServiceRef, spec: InferenceServiceSpec, capacity: str
         "lifecycle": {"preStop": {"exec": {"command": ["sleep", "5"]}}},
         "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}],
     }
+    if env:  # an API server drops an empty list: rendering one would read as drift forever
+        container["env"] = env
     pod_spec: dict = {
         "terminationGracePeriodSeconds": _grace_period(spec, capacity),
         "containers": [container],
