@@ -12,6 +12,7 @@ from ebbtide.api.manifest import parse_spec
 from ebbtide.api.ref import ServiceRef
 from ebbtide.cluster.render import CONDITION_WARMED_UP, LABEL_SERVING, render_deployment
 from tests.testbed.engines import engine_command, pid_alive, wait_until
+from tests.testbed.kubeapi import without_owner
 from tests.testbed.loadgen import LoadGenerator, percentile
 
 DELETION_COST_ANNOTATION = 'controller.kubernetes.io/pod-deletion-cost'
@@ -26,9 +27,7 @@ def deployment(name='chat', replicas=2, **spec):
     # No warm-up readiness gate unless a test asks for one: no operator warms these pods up.
     parsed = parse_spec({'model': {'name': 'meta-llama/Llama-3.1-8B-Instruct', 'servedName': name},
                          'warmup': {'requests': 0}, **spec})
-    rendered = render_deployment(ref, parsed, replicas=replicas)
-    del rendered['metadata']['ownerReferences']  # the garbage collector removes what an absent owner holds
-    return rendered
+    return without_owner(render_deployment(ref, parsed, replicas=replicas))
 
 
 def get(url, timeout=2.0):
@@ -243,9 +242,7 @@ def test_readiness_gate_holds_ready_until_its_condition_is_true(apiserver, kubel
 def service(name='chat'):
     from ebbtide.cluster.render import render_service
     ref = ServiceRef(name=name, namespace=NS, uid=f'uid-{name}')
-    rendered = render_service(ref, parse_spec({'model': {'name': 'm'}}))
-    del rendered['metadata']['ownerReferences']
-    return rendered
+    return without_owner(render_service(ref, parse_spec({'model': {'name': 'm'}})))
 
 
 def test_load_balancer_follows_the_endpointslices(apiserver, kubelet, load_balancer_factory):

@@ -1,7 +1,8 @@
-"""Warm before traffic: the operator's warm-up against the emulated cluster.
+"""Warm before traffic: the operator's warm-up against the real control plane.
 
-The emulated API, the pod runner (a kubelet that honours readiness gates) and engine
-simulators as pods; `warm_up` is called as the scaling tick calls it, with the pods it listed.
+The real API server and controllers, our kubelet (it honours readiness gates, never sets them)
+and engine simulators as pods; `warm_up` is called as the scaling tick calls it, with the pods
+it listed.
 """
 
 from __future__ import annotations
@@ -19,10 +20,8 @@ from ebbtide.cluster.engine import engine_url
 from ebbtide.cluster.kube import Kube
 from ebbtide.cluster.render import CONDITION_WARMED_UP, LABEL_SERVICE, render_deployment
 from ebbtide.cluster.warmup import warm_up
-from tests.testbed import fixtures
+from tests.testbed.kubeapi import without_owner
 from tests.testbed.waiting import wait_for
-
-pod_runner_factory = fixtures.pod_runner_factory
 
 NS = "default"
 PODS = "v1/pods"
@@ -42,7 +41,7 @@ def kube(apiserver):
 
 def start(apiserver, replicas: int, requests: int = 3):
     ref = ServiceRef(name="chat", namespace=NS, uid="uid-chat")
-    apiserver.server.create_object(render_deployment(ref, spec(requests), replicas=replicas))
+    apiserver.server.create_object(without_owner(render_deployment(ref, spec(requests), replicas=replicas)))
 
 
 def pods(apiserver) -> dict[str, dict]:
@@ -72,14 +71,14 @@ def tick(kube: Kube, requests: int = 3, **kwargs):
     return asyncio.run(run())
 
 
-def test_new_replicas_serve_their_warm_up_requests_before_they_are_ready(apiserver, pod_runner_factory, kube):
-    runner = pod_runner_factory(startup_delay=1.0)
+def test_new_replicas_serve_their_warm_up_requests_before_they_are_ready(apiserver, kubelet_factory, kube):
+    kubelet = kubelet_factory(startup_delay=1.0)
     start(apiserver, replicas=2)
     wait_for(lambda: len(pods(apiserver)) == 2, what="2 pods")
     assert tick(kube) == [], "engines still starting: nothing to warm yet"
 
     before = containers_ready(apiserver, 2)
-    runner.sync()
+    kubelet.sync()
     for pod in pods(apiserver).values():  # the gate holds them back, with their engines up
         assert condition(pod, "Ready")["status"] == "False", pod["status"]
         assert stats(pod)["requests_received"] == 0
@@ -100,25 +99,25 @@ def test_new_replicas_serve_their_warm_up_requests_before_they_are_ready(apiserv
     assert all(stats(p)["requests_received"] == 3 for p in pods(apiserver).values())
 
 
-def test_an_engine_that_does_not_answer_stays_out_until_a_later_tick_warms_it(apiserver, pod_runner_factory, kube,
+def test_an_engine_that_does_not_answer_stays_out_until_a_later_tick_warms_it(apiserver, kubelet_factory, kube,
                                                                               caplog):
-    runner = pod_runner_factory(startup_delay=0.2)
+    kubelet = kubelet_factory(startup_delay=0.2)
     start(apiserver, replicas=1)
     (name,) = containers_ready(apiserver, 1)
     listed = asyncio.run(kube.list_pods(LABEL_SERVICE))  # the tick's list: the engine looked fine
-    pid = runner.kill_engine(NS, name, signal.SIGSTOP)  # frozen: accepts connections, never answers
+    pid = kubelet.kill_engine(NS, name, signal.SIGSTOP)  # frozen: accepts connections, never answers
     try:
         (result,) = asyncio.run(warm_up(kube, listed, {SERVICE: spec()}, timeout=1.0))
     finally:
-        runner.kill_engine(NS, name, signal.SIGCONT)
-    assert runner.pod(NS, name).pid == pid
+        kubelet.kill_engine(NS, name, signal.SIGCONT)
+    assert kubelet.pod(NS, name).pid == pid
     assert not result.ok and "no answer to 3 requests within 1 s" in result.message, result
     pod = pods(apiserver)[name]
     warmed = condition(pod, CONDITION_WARMED_UP)
     assert warmed["status"] == "False" and warmed["reason"] == "WarmUpFailed"
     assert warmed["message"] == result.message
     assert f"{NS}/{name}: {result.message}; retrying next tick" in caplog.text
-    runner.sync()
+    kubelet.sync()
     assert condition(pods(apiserver)[name], "Ready")["status"] == "False"
 
     # The next tick tries again, once the engine is up.
@@ -128,9 +127,9 @@ def test_an_engine_that_does_not_answer_stays_out_until_a_later_tick_warms_it(ap
     wait_for(lambda: condition(pods(apiserver)[name], "Ready").get("status") == "True", what="Ready after the retry")
 
 
-def test_a_gated_pod_is_let_through_when_warm_up_was_switched_off(apiserver, pod_runner_factory, kube):
+def test_a_gated_pod_is_let_through_when_warm_up_was_switched_off(apiserver, kubelet_factory, kube):
     """requests: 0 after the pods were created: a merge patch leaves the gate, so the condition opens it."""
-    pod_runner_factory(startup_delay=0.2)
+    kubelet_factory(startup_delay=0.2)
     start(apiserver, replicas=1, requests=3)
     (name,) = containers_ready(apiserver, 1)
     (result,) = tick(kube, requests=0)
@@ -139,11 +138,11 @@ def test_a_gated_pod_is_let_through_when_warm_up_was_switched_off(apiserver, pod
     assert stats(pods(apiserver)[name])["requests_received"] == 0
 
 
-def test_an_engine_that_restarts_after_its_warm_up_is_warmed_again(apiserver, pod_runner_factory, kube):
+def test_an_engine_that_restarts_after_its_warm_up_is_warmed_again(apiserver, kubelet_factory, kube):
     """A warm-up belongs to one run of the engine: after a crash the new engine is cold, so the
     condition goes back to False (out of the endpoints before the kubelet would route to it)
     and the new engine gets its own warm-up requests."""
-    runner = pod_runner_factory(startup_delay=1.0)
+    kubelet = kubelet_factory(startup_delay=1.0)
     start(apiserver, replicas=1)
     (name,) = containers_ready(apiserver, 1)
     (result,) = tick(kube)
@@ -151,14 +150,14 @@ def test_an_engine_that_restarts_after_its_warm_up_is_warmed_again(apiserver, po
     wait_for(lambda: condition(pods(apiserver)[name], "Ready").get("status") == "True", what="Ready")
     assert tick(kube) == [], "a warm pod whose engine runs on is left alone"
 
-    runner.kill_engine(NS, name)
+    kubelet.kill_engine(NS, name)
     wait_for(lambda: pods(apiserver)[name]["status"]["containerStatuses"][0]["restartCount"] == 1,
              what="the kubelet noticing the crash")
     (reset,) = tick(kube)
     assert not reset.ok and "restarted after its warm-up" in reset.message, reset
     pod = pods(apiserver)[name]
     assert condition(pod, CONDITION_WARMED_UP)["reason"] == "EngineRestarted"
-    runner.sync()
+    kubelet.sync()
     assert condition(pods(apiserver)[name], "Ready")["status"] == "False", "out until warmed again"
 
     containers_ready(apiserver, 1)

@@ -88,14 +88,17 @@ class Cluster:
                              {'metadata': {'finalizers': None}})
             api.delete_object('ebbtide.dev/v1alpha1/inferenceservices', namespace, name)
         for resource in LEFTOVERS:
-            api.request('DELETE', f'{_collection(resource, namespace)}')
+            api.request('DELETE', _collection(resource, namespace))
         api.request('DELETE', _collection('v1/configmaps', namespace),
                     query={'fieldSelector': 'metadata.name!=kube-root-ca.crt'})
-        # Pods last, at once: their kubelet is gone, nothing would finish a graceful deletion.
-        api.request('DELETE', _collection('v1/pods', namespace), {'gracePeriodSeconds': 0})
-        wait_for(lambda: not api.list_objects('v1/pods', namespace)
-                 and not api.list_objects('ebbtide.dev/v1alpha1/inferenceservices', namespace),
-                 timeout=30, what=f'an empty namespace {namespace}')
+
+        def empty() -> bool:
+            # Pods at once and again until their ReplicaSets are gone (one may still create a pod):
+            # their kubelet has stopped, nothing would finish a graceful deletion.
+            api.request('DELETE', _collection('v1/pods', namespace), {'gracePeriodSeconds': 0})
+            return not any(api.list_objects(resource, namespace) for resource in (
+                'apps/v1/replicasets', 'v1/pods', 'ebbtide.dev/v1alpha1/inferenceservices'))
+        wait_for(empty, timeout=60, interval=0.5, what=f'an empty namespace {namespace}')
 
     def close(self) -> None:
         for client in self._clients:

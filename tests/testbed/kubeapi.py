@@ -22,6 +22,12 @@ PLURALS = {'Endpoints': 'endpoints', 'PodDisruptionBudget': 'poddisruptionbudget
 CRDS = 'apiextensions.k8s.io/v1/customresourcedefinitions'
 
 
+def without_owner(obj: dict) -> dict:
+    """A rendered object for a test with no InferenceService: the garbage collector deletes what an absent owner holds."""
+    metadata = {k: v for k, v in obj['metadata'].items() if k != 'ownerReferences'}
+    return {**obj, 'metadata': metadata}
+
+
 def resource_of(body: Mapping[str, Any]) -> str:
     kind = body['kind']
     return f"{body['apiVersion']}/{PLURALS.get(kind, kind.lower() + 's')}"
@@ -51,10 +57,10 @@ class KubeApi:
         self.last_warning: str | None = None
 
     def request(self, method: str, path: str, body: Any = None, *, query: Mapping[str, Any] | None = None,
-                content_type: str = 'application/json') -> Any:
+                content_type: str = 'application/json', accept: str = 'application/json') -> Any:
         method, url, headers, body, _ = self.client.param_serialize(
             method, path, query_params=[(k, v) for k, v in (query or {}).items() if v is not None],
-            header_params={'Accept': 'application/json', 'Content-Type': content_type}, body=body,
+            header_params={'Accept': accept, 'Content-Type': content_type}, body=body,
             auth_settings=['BearerToken'])
         response = self.client.call_api(method, url, header_params=headers, body=body)
         data = response.read()

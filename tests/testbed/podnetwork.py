@@ -60,7 +60,7 @@ class PodNetwork:
                            if str(net) not in used)
         self.host_if, self.pod_if = host_if, pod_if
         hosts = self.subnet.hosts()
-        self.gateway = str(next(hosts))
+        self.gateway, anchor = str(next(hosts)), str(next(hosts))
         self._addresses = (str(a) for a in itertools.islice(hosts, 255, None))  # pods from .1.1 on
         self._lock = threading.Lock()
         with contextlib.suppress(RuntimeError):
@@ -71,19 +71,22 @@ class PodNetwork:
         _ip('link', 'set', pod_if, 'netns', self.name)
         _ip('addr', 'add', f'{self.gateway}/{self.subnet.prefixlen}', 'dev', host_if)
         _ip('link', 'set', host_if, 'up')
-        for args in (('link', 'set', pod_if, 'up'), ('link', 'set', 'lo', 'up')):
+        # The anchor address is never released: the kernel flushes a device's routes with its last address.
+        for args in (('link', 'set', pod_if, 'up'), ('link', 'set', 'lo', 'up'),
+                     ('addr', 'add', f'{anchor}/32', 'dev', pod_if), ('route', 'add', str(self.subnet), 'dev', pod_if)):
             _ip('-n', self.name, *args)
 
     def allocate(self) -> str:
         """A new pod address, live in the namespace (never reused in this process)."""
         with self._lock:
             address = next(self._addresses)
-        _ip('-n', self.name, 'addr', 'add', f'{address}/{self.subnet.prefixlen}', 'dev', self.pod_if)
+        # /32 each: in a shared prefix the first address is primary, and deleting it takes all the others
+        _ip('-n', self.name, 'addr', 'add', f'{address}/32', 'dev', self.pod_if)
         return address
 
     def release(self, address: str) -> None:
         with contextlib.suppress(RuntimeError):
-            _ip('-n', self.name, 'addr', 'del', f'{address}/{self.subnet.prefixlen}', 'dev', self.pod_if)
+            _ip('-n', self.name, 'addr', 'del', f'{address}/32', 'dev', self.pod_if)
 
     def command(self, argv: list[str]) -> list[str]:
         """``argv`` run inside the namespace (``ip netns exec`` execs it: the pid stays the same)."""
