@@ -1,5 +1,5 @@
-"""Spot placement in the emulated cluster: the real operator, the pod runner's spot and on-demand
-nodes (labelled as Karpenter labels them), engine simulators as pods.
+"""Spot placement on the real control plane: the real operator and scheduler, our kubelet's spot and
+on-demand nodes (labelled as Karpenter labels them), engine simulators as pods.
 
 No Prometheus answers here, so the autoscaler holds the size (min = max = 3) and everything
 that moves is placement: on-demand covering spot that is not there, and giving the cover back.
@@ -19,7 +19,7 @@ DEPLOYMENTS = "apps/v1/deployments"
 PENDING_LIMIT = 4
 GIVE_BACK_WINDOW = 8
 TICK = 1
-SPOT_NODE = "runner-node-spot-0"
+SPOT_NODE = "testbed-spot-0"
 PRICES = {"onDemandPerGpuHour": 4.0, "spotPerGpuHour": 1.6}
 
 pytestmark = pytest.mark.slow
@@ -43,14 +43,14 @@ def events(server, reason):
     return [e for e in found if e["reason"] == reason]
 
 
-def ready_pods(runner, deployment):
-    return [p for p in runner.pods("default", deployment) if p.ready]
+def ready_pods(kubelet, deployment):
+    return [p for p in kubelet.pods("default", deployment) if p.ready]
 
 
-def test_on_demand_covers_pending_and_reclaimed_spot_and_gives_it_back(apiserver, pod_runner_factory):
+def test_on_demand_covers_pending_and_reclaimed_spot_and_gives_it_back(apiserver, kubelet_factory):
     server = apiserver.server
-    runner = pod_runner_factory()  # one on-demand and one spot node
-    runner.set_capacity("spot", False)  # the spot pool has no capacity at first
+    kubelet = kubelet_factory()  # one on-demand and one spot node
+    kubelet.set_capacity("spot", False)  # the spot pool has no capacity at first
     with running_operator(apiserver, EBBTIDE_TICK_SECONDS="0.25"):
         server.create_object(isvc(
             "chat", replicas={"min": 3, "max": 3}, pricing=PRICES,
@@ -69,37 +69,37 @@ def test_on_demand_covers_pending_and_reclaimed_spot_and_gives_it_back(apiserver
         assert "on-demand" in fallback[0]["message"], fallback
         wait_for(lambda: (condition(server, "SpotAvailable") or {}).get("status") == "False",
                  what="SpotAvailable=False")
-        wait_for(lambda: len(ready_pods(runner, "chat")) == 3, timeout=30, what="3 on-demand replicas ready")
+        wait_for(lambda: len(ready_pods(kubelet, "chat")) == 3, timeout=30, what="3 on-demand replicas ready")
 
         # Spot capacity returns: the spot pods start; the cover is given back one window later.
-        runner.set_capacity("spot", True)
-        wait_for(lambda: len(ready_pods(runner, "chat-spot")) == 2, timeout=30, what="2 spot replicas ready")
+        kubelet.set_capacity("spot", True)
+        wait_for(lambda: len(ready_pods(kubelet, "chat-spot")) == 2, timeout=30, what="2 spot replicas ready")
         spot_ready = time.monotonic()
         wait_for(lambda: replicas(server, "chat") == 1, timeout=GIVE_BACK_WINDOW + 20, what="the cover given back")
         assert time.monotonic() - spot_ready >= GIVE_BACK_WINDOW - 2 * TICK, "cover held for the window"
         wait_for(lambda: events(server, "SpotRecovered"), what="a SpotRecovered event")
         wait_for(lambda: (condition(server, "SpotAvailable") or {}).get("status") == "True", what="SpotAvailable")
 
-        # A reclaim notice on the spot node: on-demand replaces its pods at once, not after a limit.
-        runner.taint_node(SPOT_NODE, {"key": "karpenter.sh/disrupted", "effect": "NoSchedule"})
-        tainted = time.monotonic()
-        wait_for(lambda: replicas(server, "chat") == 3, timeout=10, what="an on-demand replacement")
-        assert time.monotonic() - tainted < PENDING_LIMIT, "a reclaim is acted on at once"
+        # A reclaim notice on the spot node: on-demand replaces its pods at once, not after a limit
+        # (NoSchedule: the spot pods keep running, so nothing but the notice can cause the cover).
+        kubelet.taint_node(SPOT_NODE, {"key": "karpenter.sh/disrupted", "effect": "NoSchedule"})
+        wait_for(lambda: replicas(server, "chat") == 3, timeout=30, what="an on-demand replacement")
+        assert len(ready_pods(kubelet, "chat-spot")) == 2, "covered while the spot pods still run"
         wait_for(lambda: (condition(server, "SpotAvailable") or {}).get("status") == "False",
                  what="SpotAvailable=False after the reclaim")
 
         # What it costs, as `kubectl get` shows it: the GPUs held, at their prices.
         def usd_per_hour_of_pods():
-            on_demand = sum(1 for p in runner.pods("default", "chat") if p.node)
-            spot = sum(1 for p in runner.pods("default", "chat-spot") if p.node)
+            on_demand = sum(1 for p in kubelet.pods("default", "chat") if p.node)
+            spot = sum(1 for p in kubelet.pods("default", "chat-spot") if p.node)
             return on_demand * 4.0 + spot * 1.6
 
-        wait_for(lambda: sum(1 for p in runner.pods("default", "chat") if p.node) == 3, timeout=20,
+        wait_for(lambda: sum(1 for p in kubelet.pods("default", "chat") if p.node) == 3, timeout=20,
                  what="the replacements on a node")
         expected = usd_per_hour_of_pods()
         assert expected == pytest.approx(3 * 4.0 + 2 * 1.6)
         cost = wait_for(lambda: (c := status(server).get("cost", {})) and c.get("usdPerHour") == pytest.approx(
-            expected) and c, timeout=10, what="status.cost at the pods' prices")
+            expected) and c, timeout=30, what="status.cost at the pods' prices")
         assert cost["gpuHours"]["onDemand"] > 0 and cost["gpuHours"]["spot"] > 0, cost
         assert cost["usdTotal"] > 0
         counts = status(server)["replicas"]
