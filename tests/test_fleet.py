@@ -288,15 +288,13 @@ def test_simulate_reports_a_malformed_trace(tmp_path):
     assert "bad.csv:2: ContextTokens 'lots' is not a whole number" in result.stderr
 
 
-def test_a_week_with_every_policy_replays_within_the_time_budget(tmp_path):
-    """The issue's budget is 60 s on two shared cores; CPU time is the measure that does not
-    depend on what else runs (about 12 s here in November 2025)."""
+def test_a_week_with_every_policy_replays_and_ebbtide_stays_near_the_oracle(tmp_path):
+    """How fast the week replays is the benchmark's to say (bench/run.py, the speed row), not a test's."""
     out = tmp_path / "week.json"
     result = subprocess.run([sys.executable, "-m", "ebbtide.cli", "simulate", "--trace", "conv-week",
                              "--json", str(out)], capture_output=True, text=True, timeout=600, env=CLI_ENV)
     assert result.returncode == 0, result.stderr
     document = json.loads(out.read_text())
-    assert document["timing"]["cpu_s"] < 40, document["timing"]
     ebbtide, oracle = document["policies"]["ebbtide"], document["policies"]["oracle"]
     # A regression guard, looser than the benchmark's 1.25 target (bench/RESULTS.md has the number).
     assert ebbtide["slo_attainment"] >= 0.99 and ebbtide["gpu_hours"] <= 1.3 * oracle["gpu_hours"]
