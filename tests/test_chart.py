@@ -11,7 +11,6 @@ import ast
 import json
 import re
 import runpy
-import subprocess
 from pathlib import Path
 
 import kubernetes
@@ -20,17 +19,15 @@ import pytest
 import yaml
 
 from ebbtide import api
+from tests.testbed.helm import CHART, HELM, MISSING_HELM, helm
 
 ROOT = Path(__file__).resolve().parents[1]
-CHART = ROOT / "charts" / "ebbtide"
-HELM = ROOT / "tools" / "bin" / "helm"
 CRD_FILE = ROOT / "crds" / "inferenceservices.ebbtide.dev.yaml"
 PACKAGE = ROOT / "operator" / "ebbtide"
 K8S_VERSION = "1.30.0"
 RELEASE, NAMESPACE = "rel", "ebbtide-system"
 
-pytestmark = pytest.mark.skipif(
-    not HELM.is_file(), reason="tools/bin/helm is missing: run tools/install-helm.sh (or `make tools`)")
+pytestmark = pytest.mark.skipif(not HELM.is_file(), reason=MISSING_HELM)
 
 ALL_ON = [
     "--set", "highAvailability.enabled=true",
@@ -43,13 +40,6 @@ ALL_ON = [
     "--set", "grafanaDashboard.labels.release=kube-prometheus-stack",
 ]
 CONFIGS = {"default": [], "all-on": ALL_ON}
-
-
-def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run([str(HELM), *args], capture_output=True, text=True, timeout=120)
-    if check and result.returncode != 0:
-        pytest.fail(f"helm {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
-    return result
 
 
 def render(*args: str) -> list[dict]:

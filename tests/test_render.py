@@ -1,5 +1,6 @@
 """Rendering the owned workload: what the operator applies is what `ebbtide render` prints."""
 
+import copy
 import json
 import subprocess
 import sys
@@ -23,7 +24,9 @@ from ebbtide.cluster.render import (
     render_deployment,
     render_workload,
 )
-from tests.testbed.podrunner import FakeNode, node_matches, untolerated_taint
+from tests.testbed.fixtures import Cluster
+from tests.testbed.nodes import FakeNode
+from tests.testbed.scheduling import Scheduling, Verdict
 
 ROOT = Path(__file__).resolve().parents[1]
 REF = ServiceRef(name="chat", namespace="ml", uid="1234")
@@ -71,7 +74,7 @@ def test_sleep_mode_sets_flag_env_and_host_memory():
     assert c["resources"]["requests"]["memory"] == "24Gi"
     plain = render_deployment(REF, spec())["spec"]["template"]["spec"]["containers"][0]
     assert "--enable-sleep-mode" not in plain["args"]
-    assert "VLLM_SERVER_DEV_MODE" not in json.dumps(plain["env"])
+    assert "VLLM_SERVER_DEV_MODE" not in json.dumps(plain.get("env", []))
 
 
 def test_service_selects_only_serving_pods():
@@ -128,7 +131,7 @@ def test_cli_help_crd_and_stdlib_operator_untouched(tmp_path):
     assert "site-packages" not in probe and probe.strip().endswith("/operator.py")
 
 
-# --- spot placement: two Deployments, each on its own kind of node ---------------------------
+# --- spot placement: two Deployments, each on its own kind of node, as the real scheduler says ---
 
 K8S_VERSION = "1.30.0"  # as tests/test_chart.py
 ZONE = "topology.kubernetes.io/zone"
@@ -140,25 +143,42 @@ def node(name: str, labels: dict[str, str], taints: tuple[dict, ...] = ()) -> Fa
 
 
 # Per provider: (spot node, on-demand node, reclaim notice), labelled and tainted as the cloud
-# does it (anchors.md, "Spot facts by cloud"), and a node without any capacity label.
+# does it (anchors.md, "Spot facts by cloud"), and a node without any capacity label. Names are
+# unique: every cloud's nodes are in the one cluster at once.
 GKE_TAINT = {"key": "cloud.google.com/gke-spot", "value": "true", "effect": "NoSchedule"}
 AKS_TAINT = {"key": "kubernetes.azure.com/scalesetpriority", "value": "spot", "effect": "NoSchedule"}
 CLOUDS = {
-    "karpenter": (node("spot", {"karpenter.sh/capacity-type": "spot"}),
-                  node("on-demand", {"karpenter.sh/capacity-type": "on-demand"}), 120),
-    "eks": (node("spot", {"eks.amazonaws.com/capacityType": "SPOT"}),
-            node("on-demand", {"eks.amazonaws.com/capacityType": "ON_DEMAND"}), 120),
-    "gke": (node("spot", {"cloud.google.com/gke-spot": "true"}, (GKE_TAINT,)), node("on-demand", {}), 15),
-    "aks": (node("spot", {"kubernetes.azure.com/scalesetpriority": "spot"}, (AKS_TAINT,)),
-            node("on-demand", {"kubernetes.azure.com/scalesetpriority": "regular"}), 30),
+    "karpenter": (node("karpenter-spot", {"karpenter.sh/capacity-type": "spot"}),
+                  node("karpenter-on-demand", {"karpenter.sh/capacity-type": "on-demand"}), 120),
+    "eks": (node("eks-spot", {"eks.amazonaws.com/capacityType": "SPOT"}),
+            node("eks-on-demand", {"eks.amazonaws.com/capacityType": "ON_DEMAND"}), 120),
+    "gke": (node("gke-spot", {"cloud.google.com/gke-spot": "true"}, (GKE_TAINT,)), node("gke-on-demand", {}), 15),
+    "aks": (node("aks-spot", {"kubernetes.azure.com/scalesetpriority": "spot"}, (AKS_TAINT,)),
+            node("aks-on-demand", {"kubernetes.azure.com/scalesetpriority": "regular"}), 30),
 }
-GKE_PREEMPTIBLE = node("spot-preemptible", {"cloud.google.com/gke-preemptible": "true"})
+GKE_PREEMPTIBLE = node("gke-spot-preemptible", {"cloud.google.com/gke-preemptible": "true"})
+# The custom provider's nodes: spot is told by its selector's labels (pool and gpu), not the cloud's.
+CUSTOM_SPOT = node("custom-spot", {"pool": "spot", "gpu": "l4"}, ({"key": "spot", "effect": "NoSchedule"},))
+CUSTOM_ON_DEMAND = node("custom-on-demand", {"pool": "regular", "gpu": "l4"})
+CUSTOM_OTHER_GPU = node("custom-spot-a100", {"pool": "spot", "gpu": "a100"})
+ALL_NODES = [n for spot, on_demand, _ in CLOUDS.values() for n in (spot, on_demand)] + [
+    GKE_PREEMPTIBLE, CUSTOM_SPOT, CUSTOM_ON_DEMAND, CUSTOM_OTHER_GPU]
 
 
-def fits(deployment: dict, on: FakeNode) -> bool:
-    """Would the scheduler put this Deployment's pods on that node (labels, affinity, taints)?"""
-    pod = deployment["spec"]["template"]["spec"]
-    return node_matches(pod, on) and untolerated_taint(pod, on) is None
+@pytest.fixture(scope="module")
+def scheduling(control_plane):
+    """The real scheduler, with every cloud's nodes registered by our kubelet for this module."""
+    cluster = Cluster(control_plane)
+    try:
+        with Scheduling(cluster.api_client(), ALL_NODES) as answers:
+            yield answers
+    finally:
+        cluster.close()
+
+
+def fits(scheduling: Scheduling, deployment: dict, on: FakeNode) -> Verdict:
+    """Does the scheduler put this Deployment's pods on that node (labels, affinity, taints, resources)?"""
+    return scheduling.fits(deployment["spec"]["template"], on.name)
 
 
 def render_cli(path: Path) -> list[dict]:
@@ -182,7 +202,7 @@ def deployments(objs: list[dict]) -> dict[str, dict]:
 
 
 @pytest.mark.parametrize("provider", sorted(CLOUDS))
-def test_cli_renders_spot_and_on_demand_deployments_each_on_its_own_nodes(tmp_path, provider):
+def test_cli_renders_spot_and_on_demand_deployments_each_on_its_own_nodes(tmp_path, provider, scheduling):
     objs = render_cli(example_with(tmp_path, provider=provider))
     assert [o["kind"] for o in objs] == ["Deployment", "Deployment", "Service", "PodDisruptionBudget"]
     by_capacity = deployments(objs)
@@ -192,13 +212,19 @@ def test_cli_renders_spot_and_on_demand_deployments_each_on_its_own_nodes(tmp_pa
     assert (on_demand["spec"]["replicas"], spot["spec"]["replicas"]) == (1, 4)
 
     spot_node, on_demand_node, notice = CLOUDS[provider]
-    assert fits(spot, spot_node) and not fits(spot, on_demand_node)
-    assert fits(on_demand, on_demand_node) and not fits(on_demand, spot_node), "on-demand never lands on spot"
+    assert fits(scheduling, spot, spot_node) and not fits(scheduling, spot, on_demand_node)
+    assert fits(scheduling, on_demand, on_demand_node) and not fits(scheduling, on_demand, spot_node), \
+        "on-demand never lands on spot"
     if provider == "gke":
-        assert not fits(on_demand, GKE_PREEMPTIBLE), "nor on the older preemptible VMs"
+        assert not fits(scheduling, on_demand, GKE_PREEMPTIBLE), "nor on the older preemptible VMs"
     if provider in ("gke", "aks"):
-        (taint,) = spot_node.taints
-        assert untolerated_taint(on_demand["spec"]["template"]["spec"], spot_node) == taint
+        # The spot taint alone keeps on-demand pods off: without their node selection they still
+        # do not fit. (The scheduler's message counts tainted nodes; it no longer names the taint.)
+        template = copy.deepcopy(on_demand["spec"]["template"])
+        template["spec"].pop("nodeSelector", None)
+        template["spec"].pop("affinity", None)
+        refused = scheduling.fits(template, spot_node.name)
+        assert not refused and "untolerated taint" in refused.message, refused.message
 
     spot_pod = spot["spec"]["template"]["spec"]
     assert spot_pod["terminationGracePeriodSeconds"] == min(120, notice)
@@ -263,18 +289,16 @@ def test_a_capacity_label_in_the_service_wide_selector_does_not_strand_the_spot_
     assert spot_pod["nodeSelector"] == {"karpenter.sh/capacity-type": "spot"}
 
 
-def test_custom_provider_tells_spot_nodes_by_the_spot_selector():
+def test_custom_provider_tells_spot_nodes_by_the_spot_selector(scheduling):
     s = spec(replicas={"min": 3, "max": 6}, engine={"terminationGracePeriodSeconds": 90},
              placement={"spot": {"enabled": True, "provider": "custom",
                                  "nodeSelector": {"pool": "spot", "gpu": "l4"},
                                  "tolerations": [{"key": "spot", "operator": "Exists"}]}})
     by_capacity = deployments(render_workload(REF, s))
-    spot_node = node("spot", {"pool": "spot", "gpu": "l4"}, ({"key": "spot", "effect": "NoSchedule"},))
-    on_demand_node = node("on-demand", {"pool": "regular", "gpu": "l4"})
-    other_spot_gpu = node("spot-a100", {"pool": "spot", "gpu": "a100"})
-    assert fits(by_capacity[SPOT], spot_node) and not fits(by_capacity[SPOT], on_demand_node)
-    assert fits(by_capacity[ON_DEMAND], on_demand_node) and not fits(by_capacity[ON_DEMAND], spot_node)
-    assert fits(by_capacity[ON_DEMAND], other_spot_gpu), "only nodes with all the spot labels are spot"
+    spot, on_demand = by_capacity[SPOT], by_capacity[ON_DEMAND]
+    assert fits(scheduling, spot, CUSTOM_SPOT) and not fits(scheduling, spot, CUSTOM_ON_DEMAND)
+    assert fits(scheduling, on_demand, CUSTOM_ON_DEMAND) and not fits(scheduling, on_demand, CUSTOM_SPOT)
+    assert fits(scheduling, on_demand, CUSTOM_OTHER_GPU), "only nodes with all the spot labels are spot"
     assert by_capacity[SPOT]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 90
     for obj in render_workload(REF, s):
         kubernetes_validate.validate(obj, K8S_VERSION, strict=True)

@@ -6,13 +6,14 @@ They hold no policy. Run with `ebbtide run`, or `kopf run -m ebbtide.handlers`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 import kopf
 
 from ebbtide import api
 from ebbtide.api.ref import ServiceRef
-from ebbtide.cluster.kube import Kube
+from ebbtide.cluster.kube import Forbidden, Kube, refusal
 from ebbtide.cluster.render import MANAGED_BY
 from ebbtide.config import OperatorConfig
 from ebbtide.operator_metrics import OperatorMetrics
@@ -56,7 +57,10 @@ async def apply_spec(spec: kopf.Spec, status: kopf.Status, name: str, namespace:
                      memo: kopf.Memo, **_) -> None:
     ref = ServiceRef(name=name, namespace=namespace, uid=uid)
     memo.registry.recall(ref, dict(status))
-    await reconcile(memo.kube, memo.registry, ref, dict(spec), meta.get("generation"))
+    try:
+        await reconcile(memo.kube, memo.registry, ref, dict(spec), meta.get("generation"))
+    except Forbidden as e:  # Kube logged it; kopf retries later with one line, not a traceback
+        raise kopf.TemporaryError(f"permission denied: {refusal(e)}", delay=60) from e
 
 
 @kopf.on.event(api.GROUP, api.VERSION, api.PLURAL)
@@ -70,4 +74,5 @@ async def forget_deleted(event: dict, name: str, namespace: str, memo: kopf.Memo
 @kopf.on.event("policy", "v1", "poddisruptionbudgets", labels=MANAGED_BY)
 async def owned_changed(event: dict, memo: kopf.Memo, **_) -> None:
     if event.get("type") in ("MODIFIED", "DELETED") and event.get("object"):
-        await restore_owned(memo.kube, memo.registry, event["object"])
+        with contextlib.suppress(Forbidden):  # Kube logged it once; the next event tries again
+            await restore_owned(memo.kube, memo.registry, event["object"])

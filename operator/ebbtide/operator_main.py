@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 
 import kopf
@@ -16,8 +17,10 @@ def run_operator(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = OperatorConfig.from_env()
-    config = OperatorConfig(prometheus_url=args.prometheus_url or config.prometheus_url,
-                            metrics_port=args.metrics_port, tick_seconds=config.tick_seconds)
+    # replace(), not a new OperatorConfig: the environment's other settings (the chart's
+    # EBBTIDE_ENGINE_TIMEOUT_SECONDS) must survive the command line's.
+    config = dataclasses.replace(config, prometheus_url=args.prometheus_url or config.prometheus_url,
+                                 metrics_port=args.metrics_port)
     kopf.run(
         standalone=args.peering is None,
         peering_name=args.peering,

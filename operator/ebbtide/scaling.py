@@ -13,6 +13,7 @@ The policy lives in the pure core; this module only moves values between it and 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime
 import logging
 import math
@@ -22,11 +23,11 @@ from dataclasses import dataclass, field
 
 from kubernetes.client.rest import ApiException
 
-from ebbtide.api.conditions import set_condition
+from ebbtide.api.conditions import set_authorized, set_condition
 from ebbtide.api.ref import ServiceRef
 from ebbtide.api.spec import InferenceServiceSpec
 from ebbtide.cluster.engine import EngineClient
-from ebbtide.cluster.kube import Conflict, Kube
+from ebbtide.cluster.kube import Conflict, Forbidden, Kube
 from ebbtide.cluster.pods import ServicePods, reclaimed_nodes, summarize
 from ebbtide.cluster.profile_store import configmap_name, read_profile, render_profile
 from ebbtide.cluster.render import LABEL_SERVICE, MANAGED_BY, ON_DEMAND, SPOT, deployment_name
@@ -76,6 +77,8 @@ class ServiceState:
     # the profile bin it was last saved in (it is saved once per bin).
     profile: Profile | None = None
     profile_saved_bin: tuple[int, int] | None = None
+    # The API server's refusals (403) this service has been told of: each gets one Event.
+    refusals: frozenset[str] = frozenset()
 
     @classmethod
     def restore(cls, status: dict | None, now: float) -> ServiceState:
@@ -121,6 +124,8 @@ class ScalingLoop:
             started = time.perf_counter()
             try:
                 await self.tick(self.clock())
+            except Forbidden:
+                pass  # Kube logged the missing permission once; a traceback every tick would add nothing
             except Exception:  # a failed tick must not stop the loop; the next one retries
                 log.exception("scaling tick failed")
             self.metrics.ticks.inc()
@@ -274,6 +279,9 @@ class ScalingLoop:
             applied = await self._scale(ref, [(name, want) for name, have, want in wanted if want != have])
             if applied:
                 state.target, state.spot_cover = decision.desired, placed.cover
+            # A scale that failed is no news (no ScaledUp/Down, no history entry every tick it
+            # fails): the failure is what gets reported (ScaleFailed, or Forbidden once).
+            tick = dataclasses.replace(tick, news=tick.news and applied)
         spot_note = f"; {placed.message}" if spec.placement.spot.enabled else ""
         if tick.news:
             if active:
@@ -294,6 +302,10 @@ class ScalingLoop:
                 await self.kube.post_event(ref, "Normal", "SpotRecovered", placed.message)
         if applied:
             state.covering = placed.covering
+        refusals = frozenset(self.kube.refusals(ref.namespace))
+        for message in sorted(refusals - state.refusals):
+            await self.kube.post_event(ref, "Warning", "Forbidden", f"permission denied: {message}")
+        state.refusals = refusals
         self._export(ref, spec, tick, state.ledger)
         await self.kube.update_status(ref, lambda status: self._status(status, spec, state, tick, applied))
 
@@ -322,6 +334,8 @@ class ScalingLoop:
         for name, replicas in changes:
             try:
                 await self.kube.scale(ref.namespace, name, replicas)
+            except Forbidden:
+                return False  # reported once: a log line, an Event and the Authorized condition
             except ApiException as e:
                 log.warning("%s/%s: scaling %s to %d failed: %s", ref.namespace, ref.name, name, replicas, e.reason)
                 await self.kube.post_event(ref, "Warning", "ScaleFailed",
@@ -379,7 +393,7 @@ class ScalingLoop:
             conditions = set_condition(conditions, c.type, c.status, c.reason, c.message, stamp)
         if not spec.placement.spot.enabled:
             conditions = [c for c in conditions if c.get("type") != SPOT_AVAILABLE]
-        status["conditions"] = conditions
+        status["conditions"] = set_authorized(conditions, state.refusals, stamp)
         status["replicas"] = {**(status.get("replicas") or {}), "desired": decision.desired, "ready": fleet.ready,
                               "starting": fleet.starting, "asleep": fleet.asleep, "draining": tick.pods.draining,
                               "onDemand": tick.placed.on_demand, "spot": tick.placed.spot}

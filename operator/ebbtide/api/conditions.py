@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Literal
 
 Status = Literal["True", "False", "Unknown"]
+AUTHORIZED = "Authorized"
 
 
 def set_condition(conditions: list[dict], type: str, status: Status, reason: str, message: str,
@@ -25,6 +27,18 @@ def set_condition(conditions: list[dict], type: str, status: Status, reason: str
     if old is None:
         return [*conditions, new]
     return [new if c is old else c for c in conditions]
+
+
+def set_authorized(conditions: list[dict], refusals: Iterable[str], now: str) -> list[dict]:
+    """Authorized=False naming what the API server refused (RBAC); absent until a first refusal,
+    then True again once none stands."""
+    refusals = sorted(refusals)
+    if refusals:
+        return set_condition(conditions, AUTHORIZED, "False", "Forbidden", "permission denied: " + "; ".join(refusals),
+                             now)
+    if get_condition(conditions, AUTHORIZED) is None:
+        return conditions
+    return set_condition(conditions, AUTHORIZED, "True", "Permitted", "no call the operator makes is refused", now)
 
 
 def get_condition(conditions: list[dict] | None, type: str) -> dict | None:

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import kubernetes
+from kubernetes.client.exceptions import ForbiddenException as Forbidden
 from kubernetes.client.rest import ApiException
 
 from ebbtide import api
@@ -70,11 +71,24 @@ class Conflict(Exception):
     """An object we would own already exists and belongs to someone else."""
 
 
+def refusal(e: ApiException) -> str:
+    """The API server's own words for a refused call, less the object's name: 'User "..." cannot
+    patch resource "deployments" in API group "apps" in the namespace "ml"'."""
+    try:
+        message = str(json.loads(e.body)["message"])
+    except (TypeError, ValueError, KeyError):
+        return f"{e.status} {e.reason}"
+    return message.split(" is forbidden: ", 1)[-1]
+
+
 class Kube:
     def __init__(self, client: kubernetes.client.ApiClient):
         self.client = client
         self.core = kubernetes.client.CoreV1Api(client)
         self.custom = kubernetes.client.CustomObjectsApi(client)
+        # Client method -> the API server's refusal (403), until that method is permitted again.
+        # A missing RBAC permission is logged once here, not by every caller on every tick.
+        self.refused: dict[str, str] = {}
 
     @classmethod
     def from_environment(cls) -> Kube:
@@ -85,9 +99,25 @@ class Kube:
         return cls(kubernetes.client.ApiClient())
 
     async def _call(self, fn: Callable, *args: Any, **kwargs: Any) -> Any:
-        response = await asyncio.to_thread(fn, *args, _preload_content=False, **kwargs)
+        method = getattr(fn, "__name__", repr(fn))
+        try:
+            response = await asyncio.to_thread(fn, *args, _preload_content=False, **kwargs)
+        except Forbidden as e:
+            if method not in self.refused:
+                log.error("the API server refused a call (403 Forbidden): %s. Grant it to the operator's "
+                          "ServiceAccount (the chart's ClusterRole); said once, until it is permitted again",
+                          refusal(e))
+            self.refused[method] = refusal(e)
+            raise
+        if self.refused.pop(method, None) is not None:
+            log.info("%s is permitted again", method)
         data = response.data
         return json.loads(data) if data else None
+
+    def refusals(self, namespace: str) -> set[str]:
+        """The standing refusals that concern a namespace: its own and cluster-scoped ones."""
+        return {m for m in self.refused.values()
+                if f'in the namespace "{namespace}"' in m or 'in the namespace "' not in m}
 
     def _method(self, kind: str, verb: str) -> Callable:
         api_class, snake = _KINDS[kind]
@@ -189,6 +219,8 @@ class Kube:
         }
         try:
             await self._call(self.core.create_namespaced_event, ref.namespace, body)
+        except Forbidden:
+            pass  # _call said so, once
         except ApiException as e:  # an Event is worth a log line, never a failed reconcile
             log.warning("could not post event %s on %s/%s: %s", reason, ref.namespace, ref.name, e.reason)
 

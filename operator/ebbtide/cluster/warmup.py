@@ -34,7 +34,7 @@ from kubernetes.client.rest import ApiException
 from ebbtide.api.conditions import get_condition, set_condition
 from ebbtide.api.spec import InferenceServiceSpec
 from ebbtide.cluster.engine import engine_container, engine_started_at, engine_status, engine_url
-from ebbtide.cluster.kube import Kube, now_rfc3339
+from ebbtide.cluster.kube import Forbidden, Kube, now_rfc3339
 from ebbtide.cluster.pods import parse_time
 from ebbtide.cluster.render import CONDITION_WARMED_UP, LABEL_SERVICE
 
@@ -166,6 +166,8 @@ async def _warm_one(kube: Kube, session: aiohttp.ClientSession, pod: dict, spec:
         ok, message = False, f"warm-up failed: no answer to {requests} requests within {timeout:g} s"
     try:
         await _set_condition(kube, pod, ok, message)
+    except Forbidden:  # Kube said once that pods/status may not be patched; no warning per pod per tick
+        return WarmUpResult(meta["namespace"], meta["name"], False, f"{CONDITION_WARMED_UP} not set: forbidden")
     except ApiException as e:  # gone, or the API blipped: the next tick sees the pod again
         ok, message = False, f"could not set {CONDITION_WARMED_UP}: {e.status} {e.reason}"
     if ok:
