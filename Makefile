@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 
-.PHONY: install install-test system-deps test test-fast lint crds bench e2e clean controlplane cluster cluster-down
+.PHONY: install install-test system-deps test test-fast lint crds bench e2e clean controlplane prometheus-k8s cluster cluster-down
 
 install:  ## the operator, the simulator and the CLI
 	$(PIP) install -q -e .
@@ -14,7 +14,7 @@ system-deps:  ## Prometheus for the integration tests (Debian package; needs roo
 	@command -v prometheus >/dev/null 2>&1 || { \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; }
 
-test: install-test system-deps tools controlplane  ## everything: unit, operator and integration tests on a real control plane
+test: install-test system-deps tools controlplane prometheus-k8s  ## everything: unit, operator and integration tests on a real control plane
 	$(PYTHON) -m pytest -q
 
 test-fast: ## unit tests only, no processes
@@ -30,7 +30,7 @@ crds:  ## regenerate crds/ from the API models
 bench:  ## rerun the simulator comparison (conv-week, conv-1h, code-1h) and rewrite bench/RESULTS.md (~5 min)
 	$(PYTHON) bench/run.py
 
-e2e:  ## end-to-end scenarios: the local control plane here (processes), E2E_CLUSTER=kind for a kind cluster
+e2e: tools controlplane prometheus-k8s  ## end-to-end scenarios: the chart installed by helm on a real control plane here, every component a process (logs in artifacts/e2e-local/); E2E_CLUSTER=kind for a kind cluster
 	$(PYTHON) -m pytest e2e -q
 
 clean:
@@ -38,6 +38,9 @@ clean:
 
 controlplane:  ## etcd, kube-apiserver, kube-controller-manager, kube-scheduler from their Go modules (cached by version)
 	tools/controlplane/build.sh
+
+prometheus-k8s:  ## Prometheus with Kubernetes discovery (Debian's has none) from its Go module (cached by version)
+	tools/prometheus/build.sh
 
 cluster: install-test controlplane  ## start the control plane on loopback; admin kubeconfig in artifacts/cluster/kubeconfig
 	$(PYTHON) -m tests.testbed.controlplane up --dir artifacts/cluster

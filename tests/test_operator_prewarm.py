@@ -19,6 +19,8 @@ from ebbtide.policy.profile import BIN_SECONDS, Profile, observe
 from tests.testbed.operator import ISVC, events, isvc, replicas, running_operator, status
 from tests.testbed.waiting import wait_for
 
+DEPLOYMENTS = "apps/v1/deployments"
+
 pytestmark = pytest.mark.slow
 
 CAPACITY = 1000.0  # tokens/s one replica serves at its limit (as the core would have learned it)
@@ -76,6 +78,12 @@ def test_prewarms_ahead_of_a_learned_ramp_from_the_stored_profile(apiserver):
         # The profile is saved back (once per quarter-hour) and still reads as what was learned.
         stored = server.get_object("v1/configmaps", "default", "chat-demand-profile")
         assert Profile.from_json(json.loads(stored["data"]["profile.json"])).since == pytest.approx(profile.since)
+
+        # Deleting the service: the garbage collector takes the profile's ConfigMap with it.
+        server.delete_object(ISVC, "default", "chat")
+        wait_for(lambda: server.get_object("v1/configmaps", "default", "chat-demand-profile") is None
+                 and server.get_object(DEPLOYMENTS, "default", "chat") is None, timeout=60,
+                 what="the ConfigMap and the Deployment garbage-collected")
 
 
 def test_no_prewarming_when_switched_off(apiserver):

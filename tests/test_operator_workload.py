@@ -71,7 +71,9 @@ def test_create_edit_restore_delete(apiserver):
         wait_for(lambda: not server.get_object(DEPLOYMENTS, "default", "chat")
                  and not server.get_object(SERVICES, "default", "chat")
                  and not server.get_object(PDBS, "default", "chat"), what="owned objects garbage-collected")
-        # Give the operator a moment to (wrongly) react to the deletions, then check again.
+        # The InferenceService itself goes (no finalizer holds it), and nothing is re-created:
+        # give the operator a moment to (wrongly) react to the deletions, then check again.
+        wait_for(lambda: server.get_object(ISVC, "default", "chat") is None, what="the InferenceService gone")
         time.sleep(1.0)
         assert server.get_object(DEPLOYMENTS, "default", "chat") is None
 

@@ -295,8 +295,18 @@ def _down(workdir: pathlib.Path) -> None:
     for pid in reversed(list(json.loads(pids_file.read_text()).values())):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 30  # the API server drains its requests first
+            while time.monotonic() < deadline and os.path.exists(f'/proc/{pid}') and not _zombie(pid):
+                time.sleep(0.1)
+            os.kill(pid, signal.SIGKILL)
     pids_file.unlink()
     print('control plane stopped')
+
+
+def _zombie(pid: int) -> bool:
+    with contextlib.suppress(OSError):
+        return pathlib.Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()[0] == 'Z'
+    return True
 
 
 @contextlib.contextmanager
