@@ -14,7 +14,7 @@ sys.path.insert(0, str(BENCH.parent / "operator"))
 from ebbtide.sim import baselines, report  # noqa: E402
 from ebbtide.sim.capacity import get_preset  # noqa: E402
 from ebbtide.sim.fleet import SimSettings, simulate  # noqa: E402
-from ebbtide.sim.simulate import load_spec, load_trace  # noqa: E402
+from ebbtide.sim.inputs import load_spec, load_trace  # noqa: E402
 
 TRACE = "conv-week"
 SWEEP = [

@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 
 from ebbtide.sim.capacity import LLAMA_3_1_8B_H100 as H100
 from ebbtide.sim.capacity import PRESETS, TINY, get_preset
-from ebbtide.sim.engine_core import EngineCore, Finished
+from ebbtide.sim.engine_core import EngineCore
+from ebbtide.sim.engine_types import Finished
 
 GiB = 2**30
 

@@ -192,7 +192,7 @@ def test_monitors_follow_the_cluster_capabilities():
 
 
 def test_grafana_dashboard_shows_the_operators_metrics():
-    from ebbtide.operator_metrics import OperatorMetrics
+    from ebbtide.control.metrics import OperatorMetrics
 
     config_map = next(c for c in by_kind(render(), "ConfigMap") if c["metadata"]["name"].endswith("-dashboard"))
     assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
@@ -290,16 +290,16 @@ def test_only_kube_py_talks_to_the_api():
 
 
 def kopf_needs(high_availability: bool) -> set[tuple[str, str, str]]:
-    """What kopf itself calls for the handlers registered in ebbtide.handlers."""
+    """What kopf itself calls for the handlers registered in ebbtide.control.handlers."""
     import kopf
 
-    import ebbtide.handlers  # noqa: F401  (registers the handlers)
+    import ebbtide.control.handlers  # noqa: F401  (registers the handlers)
 
     registry = kopf.get_default_registry() if hasattr(kopf, "get_default_registry") else kopf.OperatorRegistry
     needed = set()
     for attr, stateful in (("_watching", False), ("_changing", True), ("_spawning", True), ("_indexing", False)):
         for handler in getattr(registry, attr).get_all_handlers():
-            if getattr(handler.fn, "__module__", None) != "ebbtide.handlers":
+            if getattr(handler.fn, "__module__", None) != "ebbtide.control.handlers":
                 continue  # other tests in this process (the kopf test bed check) register their own
             selector = handler.selector
             resource = selector.plural or selector.any_name

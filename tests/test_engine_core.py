@@ -9,7 +9,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ebbtide.sim.capacity import LLAMA_3_1_8B_H100, TINY
-from ebbtide.sim.engine_core import EngineBusy, EngineCore, EngineSleeping, Finished, FirstToken, Tokens
+from ebbtide.sim.engine_core import EngineCore
+from ebbtide.sim.engine_types import EngineBusy, EngineSleeping, Finished, FirstToken, Tokens
 
 
 def finished_by_id(events):

@@ -8,12 +8,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 
-from ebbtide.policy.observation import FleetState, PodSignals, Signals
+from ebbtide.policy.observation import Deployments, FleetState, Pod, PodSignals, Signals
 from ebbtide.sim.baselines import AibrixApa, Hpa, Keda, Oracle, Static
+from ebbtide.sim.calibration import calibrate_oracle, right_size_static
 from ebbtide.sim.capacity import LLAMA_3_1_8B_H100
+from ebbtide.sim.ebbtide_policy import EbbtidePolicy
 from ebbtide.sim.fleet import SimSettings, simulate
-from ebbtide.sim.serving import weighted_quantile, weighted_quantiles
-from ebbtide.sim.simulate import EbbtidePolicy, calibrate_oracle, load_spec, right_size_static
+from ebbtide.sim.inputs import load_spec
+from ebbtide.sim.latency import weighted_quantile, weighted_quantiles
+from ebbtide.sim.policy import FleetView, SizingPolicy
 from ebbtide.sim.traces import Trace
 from tests.testbed.replays import CLI_ENV
 
@@ -30,7 +33,7 @@ def poisson_trace(rate: float, seconds: int, seed: int = 3, prompt: int = PROMPT
 
 
 @dataclass
-class Recorder:
+class Recorder(SizingPolicy):
     """A fixed fleet that keeps every snapshot it is shown."""
 
     replicas: int
@@ -169,7 +172,8 @@ def test_ebbtide_warm_starts_with_what_it_learned():
     _, spec = load_spec(None)
     policy = EbbtidePolicy(spec, name="ebbtide-warm", learned_capacity=12_345.0)
     assert policy.capacity is None
-    policy.decide(Signals.missing("no scrape yet"), FleetState(current=2, ready=2), 1_000.0)
+    policy.orders(FleetView(1_000.0, Signals.missing("no scrape yet"), Deployments(2), 0.0,
+                            pods=lambda: (Pod("a"), Pod("b"))))
     assert policy.capacity == 12_345.0
 
 

@@ -14,8 +14,8 @@ import time
 import pytest
 
 from ebbtide.api.crd import crd
-from ebbtide.policy.autoscaling import THROUGHPUT_TARGET
 from ebbtide.policy.profile import BIN_SECONDS, Profile, observe
+from ebbtide.policy.signal_rules import THROUGHPUT_TARGET
 from tests.testbed.operator import ISVC, events, isvc, replicas, running_operator, status
 from tests.testbed.waiting import wait_for
 

@@ -9,7 +9,7 @@ import asyncio
 
 from ebbtide.api.ref import ServiceRef
 from ebbtide.cluster.kube import Kube
-from ebbtide.reconcile import Registry, reconcile, restore_owned
+from ebbtide.control.reconcile import Registry, reconcile, restore_owned
 from tests.testbed.faultproxy import FaultProxy
 from tests.testbed.operator import ISVC, isvc
 

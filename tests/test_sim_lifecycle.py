@@ -11,10 +11,13 @@ import sys
 
 import pytest
 
+from ebbtide.policy.observation import Deployments, Pod, Signals
 from ebbtide.policy.startup import Startup
 from ebbtide.sim import report
+from ebbtide.sim.ebbtide_policy import EbbtidePolicy, EbbtideSpotPolicy
 from ebbtide.sim.fleet import simulate
-from ebbtide.sim.simulate import EbbtidePolicy, train
+from ebbtide.sim.policy import FleetView
+from ebbtide.sim.training import train
 from tests.testbed.replays import (
     CLI_ENV,
     MONDAY,
@@ -131,15 +134,13 @@ def test_a_spot_replica_waiting_out_an_outage_does_not_stretch_the_lead_time():
     """Spot replicas Pending for an hour (no capacity; on-demand covers them after the pending
     timeout) count from when the cover started, not from their creation."""
 
-    policy = EbbtidePolicy(spec_with())
+    spec = spec_with()
     t0 = MONDAY.timestamp()
-    timeout = policy.spec.placement.spot.pending_timeout_seconds
-    spot_on = policy.spec.model_copy(update={"placement": policy.spec.placement.model_copy(update={
-        "spot": policy.spec.placement.spot.model_copy(update={"enabled": True})})})
-    for spec, expected in ((spot_on, timeout + 180.0), (policy.spec, 3600 + 180.0)):
-        policy = EbbtidePolicy(spec)
-        policy.observe_startups([Startup(t0 + i, t0 + 3600 + i, t0 + 3780 + i, spot=True) for i in range(20)],
-                                t0 + 4000)
+    startups = tuple(Startup(t0 + i, t0 + 3600 + i, t0 + 3780 + i, spot=True) for i in range(20))
+    timeout = spec.placement.spot.pending_timeout_seconds
+    for policy, expected in ((EbbtideSpotPolicy(spec), timeout + 180.0), (EbbtidePolicy(spec), 3600 + 180.0)):
+        policy.orders(FleetView(t0 + 4000, Signals.missing("no scrape yet"), Deployments(1), 0.0,
+                                pods=lambda: (Pod("a"),), startups=lambda: startups))
         assert policy.lead_time == expected
 
 

@@ -7,15 +7,20 @@ Real replays on small synthetic traces. Ebbtide's policies start knowing what a 
 import json
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
 
+from ebbtide.policy.capacity_types import ON_DEMAND, SPOT
 from ebbtide.sim import report
 from ebbtide.sim.capacity import LLAMA_3_1_8B_H100
-from ebbtide.sim.fleet import ASLEEP, ASLEEP_SPOT, SPOT, SimSettings, SpotMarket, simulate
-from ebbtide.sim.simulate import EbbtidePolicy, EbbtideSpotPolicy, SpotOnlyPolicy, load_spec, parse_outage
+from ebbtide.sim.ebbtide_policy import EbbtidePolicy, EbbtideSpotPolicy, SpotOnlyPolicy
+from ebbtide.sim.fleet import SimSettings, simulate
+from ebbtide.sim.inputs import load_spec, parse_outage
+from ebbtide.sim.policy import Orders, SimulatedPolicy
+from ebbtide.sim.replicas import ASLEEP, ASLEEP_SPOT
+from ebbtide.sim.spot_market import SpotMarket
 from ebbtide.sim.traces import Trace
 from tests.testbed.replays import CLI_ENV, phases
 
@@ -146,27 +151,20 @@ def test_without_the_fallback_an_outage_breaks_the_slo():
 
 
 @dataclass
-class FixedPlacement:
+class FixedPlacement(SimulatedPolicy):
     """A fixed fleet on two Deployments: what the fleet does, without a policy moving it."""
 
     on_demand: int
     spot: int
     name: str = "fixed"
     interval_s: float = 15.0
-    seen: list = field(default_factory=list)
+    uses_spot: bool = True
 
-    def initial(self, guess: int) -> int:
-        return self.on_demand + self.spot
+    def start(self, guess: int, now: float) -> dict[str, int]:
+        return {ON_DEMAND: self.on_demand, SPOT: self.spot}
 
-    def initial_placement(self, size: int, now: float) -> tuple[int, int]:
-        return self.on_demand, self.spot
-
-    def decide(self, signals, fleet, now):  # never called: place() is
-        raise AssertionError("a policy with place() is not asked to decide")
-
-    def place(self, signals, fleet, spot, now) -> tuple[int, int]:
-        self.seen.append(spot)
-        return self.on_demand, self.spot
+    def orders(self, view) -> Orders:
+        return Orders({ON_DEMAND: self.on_demand, SPOT: self.spot})
 
 
 def test_wasted_gpu_time_of_reclaimed_requests_is_charged():
@@ -316,70 +314,3 @@ def test_a_reclaimed_spot_sleeper_is_gone_and_its_asleep_time_stops():
     assert calm.gpu_seconds[ASLEEP_SPOT] - stormy.gpu_seconds[ASLEEP_SPOT] == pytest.approx(ended)
     assert calm.gpu_seconds[ASLEEP] - stormy.gpu_seconds[ASLEEP] == pytest.approx(ended)
     assert stormy.gpu_seconds[SPOT] - calm.gpu_seconds[SPOT] <= 2 * spec.scaling.behavior.interval_seconds
-
-
-@dataclass
-class Recorded(EbbtideSpotPolicy):
-    """Ebbtide on spot with a warm pool, keeping what each tick asked: the awake target, the
-    cover history it split with, the split, and the replicas each pool plan was given with its
-    plan (on-demand first, as the fleet plans them)."""
-
-    ticks: list = field(default_factory=list)
-
-    def place(self, signals, fleet, spot, now, pending=None):
-        cover = self._cover
-        placed = super().place(signals, fleet, spot, now, pending)
-        self.ticks.append({"now": now, "target": self._target, "cover": cover, "spot": spot, "placed": placed,
-                           "pools": []})
-        return placed
-
-    def pool(self, desired, replicas, now):
-        plan = super().pool(desired, replicas, now)
-        self.ticks[-1]["pools"].append((desired, tuple(replicas), plan))
-        return plan
-
-
-def test_each_tick_splits_and_pools_as_the_operator_would():
-    """Every tick of a replay with reclaims of awake and sleeping spot replicas, recomputed the
-    way the operator computes it from the pods it lists: the split from the spot pods it
-    classifies (a sleeping pod is Ready; a pod on a reclaimed node is unavailable), then the
-    pools per Deployment from `ScalingLoop._pools` itself."""
-    from ebbtide.cluster.pods import PodRecord, ServicePods
-    from ebbtide.policy.cost import Ledger
-    from ebbtide.policy.decision import Memory
-    from ebbtide.policy.observation import PodSignals, Signals
-    from ebbtide.policy.spot import PodView, classify, split
-    from ebbtide.scaling import ScalingLoop, ServiceState
-
-    spec = spot_and_sleep()
-    placement, window = spec.placement.spot, spec.scaling.behavior.scale_down.stabilization_seconds
-    policy = Recorded(spec, learned_capacity=CAPACITY, startup_seconds=COLD_START)
-    market = SpotMarket(notice_s=60, reclaims=((300.0, 2), (2400.0, 3)))
-    simulate(phases(*BUSY_THEN_QUIET), policy, settings(market))
-    assert len(policy.ticks) == 240
-    kinds = {"sleep": set(), "wake": set(), "delete": set()}
-    for tick in policy.ticks:
-        now = tick["now"]
-        (od_target, od_replicas, od_plan), (spot_target, spot_replicas, spot_plan) = tick["pools"]
-        assert (od_target, spot_target) == tick["placed"]
-        reclaimed = {f"node-{r.name}" for r in tick["spot"] if r.reclaimed}
-        pods = [PodView(r.name, ready=r.state != "starting", phase="Running", created_at=now, node=f"node-{r.name}")
-                for r in spot_replicas]
-        placed = split(tick["target"], placement, classify(pods, reclaimed, placement.pending_timeout_seconds, now),
-                       tick["cover"], now, window)
-        assert (placed.on_demand, placed.spot) == tick["placed"], now
-
-        members = [PodRecord(r.name, r.capacity_type, r.state, True, r.asleep_since, None, None)
-                   for r in od_replicas + spot_replicas]
-        idle = {r.name: r.idle_since for r in od_replicas + spot_replicas if r.idle_since is not None}
-        state = ServiceState(memory=Memory(since=now), ledger=Ledger.start(now), idle=idle)
-        signals = Signals(source="test", sampled_at=now, pods=tuple(PodSignals(name, now) for name in idle))
-        pods_of = ServicePods(asleep=sum(m.state == "asleep" for m in members), members=members)
-        assert ScalingLoop._pools(spec, state, pods_of, signals, placed, now) == {"on-demand": od_plan,
-                                                                                 "spot": spot_plan}, now
-        for kind in kinds:
-            kinds[kind] |= {r.capacity_type for r in od_replicas + spot_replicas
-                            if r.name in getattr(od_plan, kind) + getattr(spot_plan, kind)}
-    # Both pools put surplus to sleep; after the first reclaim the spot sleeper is woken for the
-    # replicas lost; replacements of reclaimed sleepers are deleted while they start.
-    assert kinds == {"sleep": {"on-demand", "spot"}, "wake": {"spot"}, "delete": {"spot"}}, kinds

@@ -41,7 +41,7 @@ def _render(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ebbtide.operator_main import run_operator
+    from ebbtide.control.run import run_operator
 
     return run_operator(args)
 

@@ -32,7 +32,7 @@ def running_operator(apiserver, **env: str) -> Iterator[KopfRunner]:
                 "EBBTIDE_TICK_SECONDS": "0.5", **env}
     saved = {k: os.environ.get(k) for k in settings}
     os.environ.update(settings)
-    runner = KopfRunner(["run", "--standalone", "-A", "-m", "ebbtide.handlers"], timeout=60)
+    runner = KopfRunner(["run", "--standalone", "-A", "-m", "ebbtide.control.handlers"], timeout=60)
     try:
         with apiserver.as_default_kubeconfig(), runner:
             yield runner

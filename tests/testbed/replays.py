@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 
 from ebbtide.sim.capacity import LLAMA_3_1_8B_H100
+from ebbtide.sim.ebbtide_policy import EbbtidePolicy, with_lifecycle
 from ebbtide.sim.fleet import SimSettings
-from ebbtide.sim.simulate import EbbtidePolicy, load_spec, with_lifecycle
+from ebbtide.sim.inputs import load_spec
 from ebbtide.sim.traces import Trace
 
 # `ebbtide simulate` run as a subprocess sees this checkout's code, whatever is installed.

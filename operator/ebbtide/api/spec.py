@@ -148,7 +148,7 @@ class ScalingTargets(ApiModel):
         description="Time-per-output-token (inter-token latency) SLO, as a quantile over the metrics window.",
     )
     throughput: float = Field(
-        default=0.8,  # why 0.8: policy/autoscaling.py, THROUGHPUT_TARGET
+        default=0.8,  # why 0.8: policy/signal_rules.py, THROUGHPUT_TARGET
         gt=0,
         le=1,
         description="Share of a replica's learned token-throughput limit each replica should run at. "

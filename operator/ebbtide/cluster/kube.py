@@ -11,6 +11,7 @@ import copy
 import datetime
 import json
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -37,8 +38,13 @@ MERGE_PATCH = "application/merge-patch+json"
 STRATEGIC_MERGE_PATCH = "application/strategic-merge-patch+json"
 
 
+def rfc3339(ts: float) -> str:
+    """Unix seconds as the API server writes a timestamp."""
+    return datetime.datetime.fromtimestamp(ts, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def now_rfc3339() -> str:
-    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return rfc3339(time.time())
 
 
 def is_subset(wanted: Any, live: Any) -> bool:

@@ -1,5 +1,5 @@
-"""What one list of pods says about each service: replicas for the core, GPUs held for the
-cost ledger, spot pods for the fallback, startup times for the lead time.
+"""What one list of pods says about each service: the replicas the tick sees, GPUs held for the
+cost ledger, startup times for the lead time, and what acting on each pod needs.
 
 Pure functions of the pod objects the API returns (plain dicts), read once per tick.
 """
@@ -11,11 +11,11 @@ from dataclasses import dataclass, field
 
 from ebbtide.api.conditions import get_condition
 from ebbtide.cluster.engine import engine_started_at, engine_url
-from ebbtide.cluster.render import LABEL_CAPACITY, LABEL_SERVICE, LABEL_SERVING, ON_DEMAND, SPOT
+from ebbtide.cluster.render import LABEL_CAPACITY, LABEL_SERVICE, LABEL_SERVING
+from ebbtide.policy.capacity_types import ON_DEMAND, SPOT
 from ebbtide.policy.cost import Held
-from ebbtide.policy.spot import PodView
+from ebbtide.policy.observation import Pod, PodState
 from ebbtide.policy.startup import Startup
-from ebbtide.policy.warm_pool import State
 
 # Set by the operator on a pod it put to sleep (unix seconds), removed when it wakes it: the
 # pod's own record, so a restarted operator knows its sleepers and how long they have slept.
@@ -36,29 +36,57 @@ def parse_time(stamp: str | None) -> float | None:
 
 @dataclass(frozen=True)
 class PodRecord:
-    """One live pod, as the warm pool sees it."""
+    """One live pod: what the tick sees of it, and what acting on it needs."""
 
     name: str
     capacity: str  # on-demand or spot: which Deployment it belongs to
-    state: State  # starting (not Ready), awake, or asleep
+    state: PodState  # starting (not Ready), awake, or asleep
     serving: bool  # in the Service's endpoints (the serving label)
     asleep_since: float | None
     deletion_cost: str | None
     url: str | None  # the engine's address, for /sleep and /wake_up
+    created: float = 0.0
+    node: str | None = None
+    phase: str = "Running"
+
+    def view(self) -> Pod:
+        return Pod(self.name, self.capacity, self.state, self.serving, self.asleep_since, self.created, self.node,
+                   self.phase, ready=self.state != "starting")
 
 
 @dataclass
 class ServicePods:
-    ready: int = 0  # Ready and serving (not asleep, not draining)
-    starting: int = 0  # created, not Ready yet: capacity on its way
-    asleep: int = 0  # in vLLM sleep (warm pool), out of the Service
-    draining: int = 0  # awake but taken out of the Service: surplus on its way to sleep or deletion
-    names: list[str] = field(default_factory=list)
-    held: Held = Held()  # replicas holding a GPU, by what they cost
-    spot: list[PodView] = field(default_factory=list)  # the spot Deployment's pods, for the fallback
-    # Pods Ready now: the startup times the lead time is measured from.
+    held: Held = Held()  # replicas holding a GPU, by what they cost (pods on their way out included)
+    # Pods Ready and serving now: the startup times the lead time is measured from.
     startups: list[Startup] = field(default_factory=list)
-    members: list[PodRecord] = field(default_factory=list)  # every live pod, for the warm pool
+    members: list[PodRecord] = field(default_factory=list)  # every live pod
+
+    @property
+    def ready(self) -> int:
+        """Ready and serving (not asleep, not draining)."""
+        return sum(1 for m in self.members if m.state == "awake" and m.serving)
+
+    @property
+    def starting(self) -> int:
+        """Created, not Ready yet: capacity on its way."""
+        return sum(1 for m in self.members if m.state == "starting")
+
+    @property
+    def asleep(self) -> int:
+        """In vLLM sleep (warm pool), out of the Service."""
+        return sum(1 for m in self.members if m.state == "asleep")
+
+    @property
+    def draining(self) -> int:
+        """Awake but out of the Service: surplus on its way to sleep or deletion."""
+        return sum(1 for m in self.members if m.state == "awake" and not m.serving)
+
+    @property
+    def names(self) -> list[str]:
+        return [m.name for m in self.members]
+
+    def views(self) -> tuple[Pod, ...]:
+        return tuple(m.view() for m in self.members)
 
     def of(self, capacity: str) -> list[PodRecord]:
         """The live pods of one Deployment (on-demand or spot)."""
@@ -115,25 +143,14 @@ def summarize(pods: list[dict]) -> dict[tuple[str, str], ServicePods]:
         finished = pod.get("status", {}).get("phase") in ("Succeeded", "Failed")
         if meta.get("deletionTimestamp") or finished:
             continue  # on its way out: holds a GPU until gone, but is no capacity
-        s.names.append(meta["name"])
         created = parse_time(meta.get("creationTimestamp")) or 0.0
-        state: State = "starting" if ready_at is None else "asleep" if asleep else "awake"
-        if state == "starting":
-            s.starting += 1
-        elif asleep:
-            s.asleep += 1
-        elif not serving:
-            s.draining += 1
-        else:
-            s.ready += 1
+        state: PodState = "starting" if ready_at is None else "asleep" if asleep else "awake"
+        if state == "awake" and serving:
             s.startups.append(Startup(created, _true_since(pod, "PodScheduled"), ready_at, on_spot))
         s.members.append(PodRecord(meta["name"], SPOT if on_spot else ON_DEMAND, state, serving,
                                    asleep_since if asleep else None,
-                                   annotations.get(ANNOTATION_DELETION_COST), engine_url(pod)))
-        if on_spot:
-            s.spot.append(PodView(name=meta["name"], ready=ready_at is not None,
-                                  phase=pod.get("status", {}).get("phase", "Pending"), created_at=created,
-                                  node=pod.get("spec", {}).get("nodeName")))
+                                   annotations.get(ANNOTATION_DELETION_COST), engine_url(pod), created,
+                                   pod.get("spec", {}).get("nodeName"), pod.get("status", {}).get("phase", "Pending")))
     return out
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from ebbtide.api.ref import ServiceRef
 from ebbtide.api.spec import InferenceServiceSpec, Toleration
+from ebbtide.policy.capacity_types import ON_DEMAND, SPOT
 from ebbtide.policy.spot import SpotPods, split
 
 LABEL_SERVICE = "ebbtide.dev/service"
@@ -33,8 +34,6 @@ ANNOTATION_SPEC_HASH = "ebbtide.dev/spec-hash"
 # until its first real requests (CUDA graphs, caches) are behind it.
 CONDITION_WARMED_UP = "ebbtide.dev/warmed-up"
 
-ON_DEMAND = "on-demand"
-SPOT = "spot"
 
 ZONE = "topology.kubernetes.io/zone"
 

@@ -53,7 +53,7 @@ class Memory:
     ready_rose_at: float | None = None  # when the ready count last went up (kept for one metrics window)
     ready_fell_at: float | None = None  # when it last went down (kept for one metrics window)
     # Learned: tokens/s one replica serves at the service's limit (a queue on every replica, or
-    # a latency SLO breached), and when a target was last breached (see autoscaling._learn_capacity).
+    # a latency SLO breached), and when a target was last breached (see signal_rules.learn_capacity).
     capacity: float | None = None
     breached_at: float | None = None  # kept for one metrics window
 

@@ -17,12 +17,7 @@ from typing import NamedTuple
 from zoneinfo import ZoneInfo
 
 from ebbtide.api.spec import InferenceServiceSpec
-from ebbtide.policy.autoscaling import (
-    MAX_REPLICAS,
-    METRICS_AVAILABLE,
-    MIN_REPLICAS,
-    decide,
-)
+from ebbtide.policy.autoscaling import decide
 from ebbtide.policy.decision import ConditionReport, Decision, Memory
 from ebbtide.policy.observation import FleetState, Signals
 from ebbtide.policy.profile import (
@@ -34,6 +29,7 @@ from ebbtide.policy.profile import (
     prewarm_target,
     replicas_for,
 )
+from ebbtide.policy.reasons import MAX_REPLICAS, METRICS_AVAILABLE, MIN_REPLICAS
 from ebbtide.policy.schedules import consolidated, effective_bounds, effective_spec, floor_ahead, next_change
 
 PRE_WARMING = "PreWarming"
@@ -63,7 +59,7 @@ def plan(spec: InferenceServiceSpec, signals: Signals, fleet: FleetState, memory
     predictive = spec.warmup.predictive
     if profile is None or not predictive.enabled:
         decision = _scheduled(spec, signals, fleet, memory, now, lead)
-        decision = dataclasses.replace(decision, off_peak=_window_off_peak(spec, now))
+        decision = dataclasses.replace(decision, off_peak=window_off_peak(spec, now))
         return decision if profile is None else dataclasses.replace(decision, profile=profile)
 
     if profile.lookback_weeks != predictive.lookback_weeks:  # the spec changed: forget at its pace
@@ -86,10 +82,10 @@ def plan(spec: InferenceServiceSpec, signals: Signals, fleet: FleetState, memory
         signals_used = {**decision.signals, "predictedTokensPerSecond": ramp.demand, "prewarmReplicas": ramp.floor}
         decision = dataclasses.replace(decision, signals=signals_used)
     return dataclasses.replace(decision, profile=_learn(profile, decision, signals, fleet, now),
-                               off_peak=valley or _window_off_peak(spec, now))
+                               off_peak=valley or window_off_peak(spec, now))
 
 
-def _window_off_peak(spec: InferenceServiceSpec, now: float) -> bool:
+def window_off_peak(spec: InferenceServiceSpec, now: float) -> bool:
     return bool(spec.schedules) and effective_bounds(spec, now).off_peak
 
 

@@ -6,7 +6,16 @@ reads them. The simulator fills in the same types from its fleet model.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Literal
+
+from ebbtide.policy.capacity_types import ON_DEMAND
+from ebbtide.policy.cost import Held
+from ebbtide.policy.profile import Profile
+from ebbtide.policy.startup import Startup
+
+PodState = Literal["awake", "asleep", "starting"]
 
 
 @dataclass(frozen=True)
@@ -72,3 +81,41 @@ class FleetState:
     starting: int = 0  # pods created but not Ready yet: capacity that is on its way
     asleep: int = 0  # pods in vLLM sleep (warm pool)
     pod_names: tuple[str, ...] = field(default=())
+
+
+@dataclass(frozen=True, slots=True)
+class Pod:
+    """One live replica (not being deleted, not finished), as the tick sees its pod."""
+
+    name: str
+    capacity: str = ON_DEMAND  # which Deployment it belongs to
+    state: PodState = "awake"  # starting: not Ready yet (or, in the simulator, waking)
+    serving: bool = True  # in the Service's endpoints
+    asleep_since: float | None = None  # unix seconds, while asleep
+    created: float = 0.0  # unix seconds
+    node: str | None = None  # None: Pending on no node
+    phase: str = "Running"
+    ready: bool = True  # its Ready condition: a sleeper's stays True (so does, in the simulator, a waking one's)
+
+
+@dataclass(frozen=True, slots=True)
+class Deployments:
+    """The replicas the service's Deployments hold now (their spec.replicas)."""
+
+    on_demand: int
+    spot: int | None = None  # None: there is no spot Deployment
+
+
+@dataclass(frozen=True)
+class Observation:
+    """Everything one tick reads about one service; the shells fill it in before deciding."""
+
+    signals: Signals
+    pods: tuple[Pod, ...]
+    deployments: Deployments
+    held: Held = Held()  # replicas holding a GPU (pods on their way out included), for the cost ledger
+    startups: tuple[Startup, ...] = ()  # replicas Ready now (or since the last tick): the lead time
+    idle: Mapping[str, float] = field(default_factory=dict)  # pods seen idle -> since (policy/idle.py)
+    reclaimed_nodes: frozenset[str] = frozenset()  # nodes announcing their end (policy/spot.py)
+    activation: float | None = None  # scaling.activation's query, read while nothing is awake
+    stored_profile: Profile | None = None  # the demand profile as stored, read when the state has none

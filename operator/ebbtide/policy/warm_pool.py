@@ -24,11 +24,10 @@ controller removes the planned ones first, then sleepers, then the awake replica
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
 
 from ebbtide.api.spec import SleepPolicy
-
-State = Literal["awake", "asleep", "starting"]
+from ebbtide.policy.capacity_types import ON_DEMAND
+from ebbtide.policy.observation import PodState as State
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,7 +36,7 @@ class Replica:
     state: State
     idle_since: float | None = None  # awake with nothing running or waiting since then; None if busy
     asleep_since: float | None = None
-    capacity_type: str = "on-demand"
+    capacity_type: str = ON_DEMAND
 
 
 @dataclass(frozen=True, slots=True)

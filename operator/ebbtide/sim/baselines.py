@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ebbtide.policy.observation import FleetState, Signals
+from ebbtide.sim.policy import SizingPolicy
 
 
 @dataclass
@@ -64,7 +65,7 @@ KV_TARGET = 0.5
 
 
 @dataclass
-class Hpa:
+class Hpa(SizingPolicy):
     """HPA on mean KV-cache utilization over ready pods (sync period 15 s)."""
 
     min_replicas: int
@@ -98,7 +99,7 @@ class Hpa:
 
 
 @dataclass
-class Keda:
+class Keda(SizingPolicy):
     """KEDA's Prometheus scaler as vLLM production-stack configures it.
 
     Trigger `vllm:num_requests_waiting` (summed), threshold 5 per replica, polling 15 s,
@@ -134,7 +135,7 @@ class Keda:
 
 
 @dataclass
-class AibrixApa:
+class AibrixApa(SizingPolicy):
     """AIBrix's APA strategy: KV-cache target, tolerance 0.1, x2 / ÷2 per step, reconcile
     every 10 s, scale-down cooldown 300 s, scale-up cooldown 0."""
 
@@ -172,7 +173,7 @@ class AibrixApa:
 
 
 @dataclass
-class Static:
+class Static(SizingPolicy):
     """Provisioned for the peak, all the time: what many teams run."""
 
     replicas: int
@@ -188,7 +189,7 @@ class Static:
 
 
 @dataclass
-class Oracle:
+class Oracle(SizingPolicy):
     """The lower bound: perfect foresight and instant start.
 
     Each interval it runs exactly the replicas the coming interval's arrivals need at a fixed

@@ -18,13 +18,8 @@ Scheduling follows vLLM V1 (vllm/v1/core/sched/scheduler.py) in the parts that s
 - A request emits its first token at the end of the step that completes its prefill; TTFT is
   counted from arrival, queue time included, as vLLM does.
 
-Speed: between events (finish, KV growth that needs a preemption, an admissible arrival) the
-batch does not change, so runs of pure decode steps are advanced in one go. Step k of such a
-run lasts A + k*delta (the context grows by one token per sequence per step), so the time of k
-steps is a closed-form sum; block growth is periodic in block_size steps, so the step at which
-the KV cache runs out is found from the count of sequences per position in their last block.
-Per-sequence state is kept relative to a global step counter, so a run costs O(block_size), not
-O(batch). `step_by_step=True` turns the shortcut off; tests check both modes agree.
+Speed: runs of pure decode steps are advanced in one go (sim/decode_runs.py); `step_by_step=True`
+turns the shortcut off, and tests check both modes agree.
 """
 
 from __future__ import annotations
@@ -32,100 +27,23 @@ from __future__ import annotations
 import heapq
 import math
 from collections import deque
-from dataclasses import dataclass
 
 from ebbtide.sim.capacity import CapacityModel
-
-WAITING, PREFILL, DECODE, DONE = range(4)
-
-
-class EngineSleeping(RuntimeError):
-    """A request reached an engine that is asleep."""
-
-
-class EngineBusy(RuntimeError):
-    """Sleep was asked for while requests are in flight."""
-
-
-@dataclass(slots=True)
-class FirstToken:
-    request_id: str
-    time: float
-    ttft: float
-
-
-@dataclass(slots=True)
-class Tokens:
-    """`count` more output tokens of a request, the last at `time` (only with emit_tokens=True;
-    the first token is reported by FirstToken instead)."""
-
-    request_id: str
-    count: int
-    time: float
-
-
-@dataclass(slots=True)
-class Finished:
-    request_id: str
-    reason: str  # "length" (max_tokens reached) or "abort"
-    prompt_tokens: int
-    output_tokens: int
-    arrival: float
-    scheduled_at: float | None  # first time the scheduler admitted it
-    first_token_at: float | None
-    finished_at: float
-
-    @property
-    def ttft(self) -> float | None:
-        return None if self.first_token_at is None else self.first_token_at - self.arrival
-
-    @property
-    def e2e(self) -> float:
-        return self.finished_at - self.arrival
-
-    @property
-    def queue_time(self) -> float | None:
-        return None if self.scheduled_at is None else self.scheduled_at - self.arrival
-
-    @property
-    def mean_itl(self) -> float | None:
-        """Mean time between output tokens after the first (None below two tokens)."""
-        if self.first_token_at is None or self.output_tokens < 2:
-            return None
-        return (self.finished_at - self.first_token_at) / (self.output_tokens - 1)
-
-
-Event = FirstToken | Tokens | Finished
-
-
-class _Request:
-    __slots__ = ("rid", "prompt", "max_out", "arrival", "generated", "scheduled_at", "first_token_at",
-                 "prefill_left", "blocks", "base", "g_fin", "state")
-
-    def __init__(self, rid: str, prompt: int, max_out: int, arrival: float) -> None:
-        self.rid = rid
-        self.prompt = prompt
-        self.max_out = max_out
-        self.arrival = arrival
-        self.generated = 0  # materialized while not decoding; see base
-        self.scheduled_at: float | None = None
-        self.first_token_at: float | None = None
-        self.prefill_left = 0
-        self.blocks = 0  # blocks held while prefilling
-        # While decoding, its length is base + G (G: the engine's step counter), so nothing
-        # per-sequence changes from step to step.
-        self.base = 0
-        self.g_fin = 0  # G at which it has generated max_out tokens
-        self.state = WAITING
-
-
-class _Step:
-    __slots__ = ("end", "duration", "chunks")
-
-    def __init__(self, end: float, duration: float, chunks: list[tuple[_Request, int]]) -> None:
-        self.end = end
-        self.duration = duration
-        self.chunks = chunks
+from ebbtide.sim.decode_runs import blocks_for_steps, coefficients, run_time, steps_before_full, steps_within
+from ebbtide.sim.engine_types import (
+    DECODE,
+    DONE,
+    PREFILL,
+    WAITING,
+    EngineBusy,
+    EngineRequest,
+    EngineSleeping,
+    Event,
+    Finished,
+    FirstToken,
+    Step,
+    Tokens,
+)
 
 
 class EngineCore:
@@ -139,23 +57,23 @@ class EngineCore:
         self._total_blocks = model.num_gpu_blocks
         self._watermark_blocks = math.ceil(model.admission_watermark * self._total_blocks)
 
-        self._requests: dict[str, _Request] = {}
-        self._waiting: deque[_Request] = deque()
-        self._running: dict[str, _Request] = {}  # admission order; popitem() yields the newest
-        self._prefilling: dict[str, _Request] = {}
+        self._requests: dict[str, EngineRequest] = {}
+        self._waiting: deque[EngineRequest] = deque()
+        self._running: dict[str, EngineRequest] = {}  # admission order; popitem() yields the newest
+        self._prefilling: dict[str, EngineRequest] = {}
         # Decoding sequences in aggregate: count, sum of bases, count per base % block_size,
         # and finish heap (entries of preempted or aborted sequences are skipped lazily).
         self._n_dec = 0
         self._sum_base = 0
         self._residues = [0] * self._bs
-        self._finish_heap: list[tuple[int, int, _Request]] = []
+        self._finish_heap: list[tuple[int, int, EngineRequest]] = []
         self._heap_seq = 0
 
         self._G = 0  # steps completed
         self._used_blocks = 0
         self._clock = 0.0  # start of the in-flight step, or the time the engine went idle
         self._now = 0.0  # latest time the caller has shown us
-        self._inflight: _Step | None = None
+        self._inflight: Step | None = None
         self._itl_samples: list[tuple[float, int]] = []
         self._sleep_level = 0
 
@@ -221,7 +139,7 @@ class EngineCore:
         if -(-total // self._bs) > self._total_blocks:
             raise ValueError(f"{total} tokens do not fit in the KV cache ({self.model.kv_cache_tokens} tokens)")
         self._now = now
-        req = _Request(request_id, prompt_tokens, max_output_tokens, now)
+        req = EngineRequest(request_id, prompt_tokens, max_output_tokens, now)
         self._requests[request_id] = req
         self._waiting.append(req)
 
@@ -317,7 +235,7 @@ class EngineCore:
             need = self._decode_need()
 
         budget = self.model.max_num_batched_tokens - self._n_dec
-        chunks: list[tuple[_Request, int]] = []
+        chunks: list[tuple[EngineRequest, int]] = []
         prefill_tokens = 0
         for req in self._prefilling.values():
             if budget <= 0:
@@ -353,10 +271,10 @@ class EngineCore:
             return False
         self._used_blocks += need
         duration = self.model.step_seconds(self._n_dec, self._sum_base + self._n_dec * self._G, prefill_tokens)
-        self._inflight = _Step(t + duration, duration, chunks)
+        self._inflight = Step(t + duration, duration, chunks)
         return True
 
-    def _complete_step(self, step: _Step, events: list[Event]) -> None:
+    def _complete_step(self, step: Step, events: list[Event]) -> None:
         t = step.end
         self._clock = t
         self._G += 1
@@ -382,10 +300,11 @@ class EngineCore:
         heap, G = self._finish_heap, self._G
         while heap[0][2].state != DECODE or heap[0][2].g_fin != heap[0][0]:
             heapq.heappop(heap)
-        k = min(heap[0][0] - G, self._steps_before_kv_full())
+        k = min(heap[0][0] - G, steps_before_full(self._total_blocks - self._used_blocks, self._n_dec, self._bs,
+                                                   G, self._residues))
         if k <= 0:
             return 0
-        a, delta = self._run_coefficients()
+        a, delta = coefficients(self.model, self._n_dec, self._sum_base, self._G)
         waiting = self._waiting
         if waiting and len(self._running) < self.model.max_num_seqs:
             head = waiting[0]
@@ -397,39 +316,17 @@ class EngineCore:
                 wait = head.arrival - self._clock
                 if wait <= 0:
                     return 0
-                i = _steps_within(a, delta, wait)
-                if _run_time(a, delta, i) < wait:
+                i = steps_within(a, delta, wait)
+                if run_time(a, delta, i) < wait:
                     i += 1  # the first step boundary at or after its arrival
                 k = min(k, i)
-        return min(k, _steps_within(a, delta, until - self._clock))
-
-    def _run_coefficients(self) -> tuple[float, float]:
-        m, n = self.model, self._n_dec
-        first = m.step_seconds(n, self._sum_base + n * self._G)
-        return first, m.step_per_context_token_s * n
-
-    def _steps_before_kv_full(self) -> int:
-        """Number of decode steps whose block growth fits in the free blocks."""
-        free = self._total_blocks - self._used_blocks
-        n, bs, G, residues = self._n_dec, self._bs, self._G, self._residues
-        cycles = free // n  # every block_size steps each sequence takes exactly one block
-        i, cum = cycles * bs, cycles * n
-        while True:
-            cum += residues[(1 - G - i) % bs]
-            if cum > free:
-                return i
-            i += 1
-
-    def _blocks_for_steps(self, k: int) -> int:
-        n, bs, G, residues = self._n_dec, self._bs, self._G, self._residues
-        cycles = k // bs
-        return cycles * n + sum(residues[(1 - G - j) % bs] for j in range(cycles * bs, k))
+        return min(k, steps_within(a, delta, until - self._clock))
 
     def _run_decode(self, k: int, events: list[Event]) -> None:
-        a, delta = self._run_coefficients()
-        elapsed = _run_time(a, delta, k)
+        a, delta = coefficients(self.model, self._n_dec, self._sum_base, self._G)
+        elapsed = run_time(a, delta, k)
         n = self._n_dec
-        self._used_blocks += self._blocks_for_steps(k)
+        self._used_blocks += blocks_for_steps(k, n, self._bs, self._G, self._residues)
         self._G += k
         self._clock += elapsed
         self.generation_tokens_total += n * k
@@ -440,7 +337,7 @@ class EngineCore:
 
     # -- request transitions ---------------------------------------------------------------
 
-    def _prefill_done(self, req: _Request, t: float, events: list[Event]) -> None:
+    def _prefill_done(self, req: EngineRequest, t: float, events: list[Event]) -> None:
         del self._prefilling[req.rid]
         req.generated += 1
         self.generation_tokens_total += 1
@@ -475,13 +372,13 @@ class EngineCore:
             self._drop_decoding(req, G)
             self._finish(req, t, events)
 
-    def _finish(self, req: _Request, t: float, events: list[Event]) -> None:
+    def _finish(self, req: EngineRequest, t: float, events: list[Event]) -> None:
         req.state = DONE
         del self._requests[req.rid]
         events.append(Finished(req.rid, "length", req.prompt, req.generated, req.arrival, req.scheduled_at,
                                req.first_token_at, t))
 
-    def _drop_decoding(self, req: _Request, g_alloc: int) -> None:
+    def _drop_decoding(self, req: EngineRequest, g_alloc: int) -> None:
         """Take a decoding sequence out of the aggregates and free its blocks. Blocks are
         allocated for every step up to (excluding) counter g_alloc."""
         self._n_dec -= 1
@@ -500,27 +397,3 @@ class EngineCore:
         req.state = WAITING
         self._waiting.appendleft(req)
         self.preemptions_total += 1
-
-
-_UNBOUNDED = 2**62
-
-
-def _run_time(a: float, delta: float, k: int) -> float:
-    """Duration of k decode steps lasting a, a + delta, a + 2 delta, ..."""
-    return k * a + delta * (k * (k - 1) / 2)
-
-
-def _steps_within(a: float, delta: float, budget: float) -> int:
-    """Largest k with _run_time(a, delta, k) <= budget."""
-    if budget < a:
-        return 0
-    if budget == math.inf:
-        return _UNBOUNDED
-    b = a - delta / 2
-    # Root of delta/2 k^2 + b k - budget = 0, in the form without cancellation for small delta.
-    k = int(2 * budget / (b + math.sqrt(b * b + 2 * delta * budget)))
-    while _run_time(a, delta, k + 1) <= budget:
-        k += 1
-    while k and _run_time(a, delta, k) > budget:
-        k -= 1
-    return k

@@ -36,12 +36,14 @@ from pathlib import Path
 import numpy as np
 
 from ebbtide.api.spec import InferenceServiceSpec
-from ebbtide.sim.fleet import ASLEEP_SPOT, PolicyRun, Timeline
-from ebbtide.sim.serving import weighted_quantiles
+from ebbtide.policy import capacity_types
+from ebbtide.sim.fleet import PolicyRun, Timeline
+from ebbtide.sim.latency import weighted_quantiles
+from ebbtide.sim.replicas import ASLEEP, ASLEEP_SPOT
 from ebbtide.sim.traces import Trace
 
 SCHEMA = "ebbtide.simulate/v1"
-CAPACITY_TYPES = ("on-demand", "spot", "asleep")
+CAPACITY_TYPES = (*capacity_types.CAPACITY_TYPES, ASLEEP)
 
 
 @dataclass(frozen=True)

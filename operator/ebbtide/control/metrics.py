@@ -7,8 +7,10 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from ebbtide.policy.capacity_types import CAPACITY_TYPES
+
 SERVICE = ("namespace", "service")
-TIERS = ("on-demand", "spot", "starting", "draining", "asleep")  # ebbtide_replicas{tier}
+TIERS = (*CAPACITY_TYPES, "starting", "draining", "asleep")  # ebbtide_replicas{tier}
 
 
 class OperatorMetrics:

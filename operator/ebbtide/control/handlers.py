@@ -1,6 +1,6 @@
 """kopf handlers: translate Kubernetes events into calls to the reconciler and the scaling loop.
 
-They hold no policy. Run with `ebbtide run`, or `kopf run -m ebbtide.handlers`.
+They hold no policy. Run with `ebbtide run`, or `kopf run -m ebbtide.control.handlers`.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from ebbtide import api
 from ebbtide.api.ref import ServiceRef
 from ebbtide.cluster.kube import Forbidden, Kube, refusal
 from ebbtide.cluster.render import MANAGED_BY
-from ebbtide.config import OperatorConfig
-from ebbtide.operator_metrics import OperatorMetrics
-from ebbtide.reconcile import Registry, reconcile, restore_owned
-from ebbtide.scaling import ScalingLoop
+from ebbtide.control.config import OperatorConfig
+from ebbtide.control.loop import ScalingLoop
+from ebbtide.control.metrics import OperatorMetrics
+from ebbtide.control.reconcile import Registry, reconcile, restore_owned
 from ebbtide.signals.prometheus import PrometheusSource
 
 

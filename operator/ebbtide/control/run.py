@@ -8,11 +8,11 @@ import logging
 
 import kopf
 
-from ebbtide.config import OperatorConfig
+from ebbtide.control.config import OperatorConfig
 
 
 def run_operator(args: argparse.Namespace) -> int:
-    import ebbtide.handlers  # noqa: F401  (registers the handlers with kopf)
+    import ebbtide.control.handlers  # noqa: F401  (registers the handlers with kopf)
 
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

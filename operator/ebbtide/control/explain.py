@@ -1,0 +1,109 @@
+"""Explain: a tick's Turn as status, Events and the operator's metrics."""
+
+from __future__ import annotations
+
+import math
+
+from ebbtide.api.conditions import set_authorized, set_condition
+from ebbtide.api.ref import ServiceRef
+from ebbtide.cluster.kube import Kube, rfc3339
+from ebbtide.control.decide import Step
+from ebbtide.control.metrics import TIERS, OperatorMetrics
+from ebbtide.control.state import ServiceState
+from ebbtide.policy.profile import Profile
+from ebbtide.policy.tick import Turn
+
+HISTORY = 10  # decisions kept in status: enough to read the last hour's story, small enough for etcd
+
+
+async def tell(kube: Kube, metrics: OperatorMetrics, ref: ServiceRef, state: ServiceState, step: Step, turn: Turn,
+               applied: bool) -> None:
+    """The Turn's Events, the API server's refusals not told yet, the metrics and the status."""
+    for said in turn.events:
+        await kube.post_event(ref, said.type, said.reason, said.message)
+    if turn.news:
+        metrics.decisions.labels(ref.namespace, ref.name, turn.decision.reason, str(applied).lower()).inc()
+    refusals = frozenset(kube.refusals(ref.namespace))
+    for message in sorted(refusals - state.refusals):
+        await kube.post_event(ref, "Warning", "Forbidden", f"permission denied: {message}")
+    state.refusals = refusals
+    export(metrics, ref, step, turn)
+    await kube.update_status(ref, lambda status: render_status(status, state, step, turn, applied))
+
+
+def export(metrics: OperatorMetrics, ref: ServiceRef, step: Step, turn: Turn) -> None:
+    labels = (ref.namespace, ref.name)
+    m = metrics
+    m.desired.labels(*labels).set(turn.decision.desired)
+    m.ready.labels(*labels).set(turn.fleet.ready)
+    m.asleep.labels(*labels).set(turn.fleet.asleep)
+    tiers = dict.fromkeys(TIERS, 0)
+    for pod in step.pods.members:
+        tiers[pod.capacity if pod.state == "awake" and pod.serving else
+              "draining" if pod.state == "awake" else pod.state] += 1
+    for tier, count in tiers.items():
+        m.replicas.labels(*labels, tier).set(count)
+    signals = step.seen.signals
+    m.metrics_unavailable.labels(*labels).set(0 if signals.sampled_at and not signals.error else 1)
+    for name, value in turn.decision.signals.items():
+        m.signal.labels(*labels, name).set(value)
+    m.usd_per_hour.labels(*labels).set(turn.spend.usd_per_hour)
+    per_million = turn.spend.usd_per_million_tokens
+    m.usd_per_million_tokens.labels(*labels).set(math.nan if per_million is None else per_million)
+    ledger = turn.state.ledger
+    for capacity, hours in (("on-demand", ledger.gpu_hours_on_demand), ("spot", ledger.gpu_hours_spot),
+                            ("asleep", ledger.gpu_hours_asleep)):
+        m.gpu_hours.labels(*labels, capacity).set(hours)
+
+
+def render_status(status: dict, state: ServiceState, step: Step, turn: Turn, applied: bool) -> dict:
+    decision, fleet = turn.decision, turn.fleet
+    stamp = rfc3339(step.now)
+    record = {
+        "time": stamp,
+        "fromReplicas": decision.current,
+        "toReplicas": decision.desired,
+        "reason": decision.reason,
+        "message": decision.message,
+        "source": decision.source,
+        "signals": {k: round(v, 4) for k, v in decision.signals.items()},
+        "applied": applied,
+    }
+    status["lastDecision"] = record
+    if turn.news:
+        status["decisions"] = ((status.get("decisions") or []) + [record])[-HISTORY:]
+        status["lastDecisionSummary"] = f"{decision.current}->{decision.desired} {decision.reason}"
+    else:
+        status.setdefault("lastDecisionSummary", f"{decision.current} {decision.reason}")
+    conditions = status.get("conditions") or []
+    for c in turn.conditions:
+        conditions = set_condition(conditions, c.type, c.status, c.reason, c.message, stamp)
+    conditions = [c for c in conditions if c.get("type") not in turn.dropped_conditions]
+    status["conditions"] = set_authorized(conditions, state.refusals, stamp)
+    status["replicas"] = {**(status.get("replicas") or {}), "desired": decision.desired, "ready": fleet.ready,
+                          "starting": fleet.starting, "asleep": fleet.asleep, "draining": step.pods.draining,
+                          "onDemand": turn.placed.on_demand, "spot": turn.placed.spot}
+    status["phase"] = turn.phase
+    tick = turn.state
+    ledger = tick.ledger
+    per_million = turn.spend.usd_per_million_tokens
+    status["cost"] = {
+        "since": rfc3339(ledger.since),
+        "gpuHours": {"onDemand": round(ledger.gpu_hours_on_demand, 4), "spot": round(ledger.gpu_hours_spot, 4),
+                     "asleep": round(ledger.gpu_hours_asleep, 4)},
+        "usdTotal": round(ledger.usd, 4),
+        "usdPerHour": round(turn.spend.usd_per_hour, 4),
+        "usdPerMillionTokens": None if per_million is None else round(per_million, 4),
+    }
+    status["startup"] = tick.startup.to_json()
+    status["demandProfile"] = None if tick.profile is None else _profile_status(tick.profile)  # None: removed
+    status["scaler"] = state.to_json()
+    return status
+
+
+def _profile_status(profile: Profile) -> dict:
+    """What pre-warming has learned, in a few numbers (the profile itself is in its ConfigMap)."""
+    learned = sum(1 for w in profile.weight if w > 0)
+    return {"timezone": profile.timezone, "learningSince": None if profile.since is None else rfc3339(profile.since),
+            "binsLearned": learned, "predicting": profile.since is not None and profile.updated is not None
+            and profile.updated - profile.since >= 7 * 24 * 3600}

@@ -1,0 +1,154 @@
+"""The scaling loop: once per tick, for every service that is due,
+
+    observe  every read, batched for the fleet (control/observe.py)
+    decide   the pure tick per service, and the actions it asks for (control/decide.py)
+    act      the warm pool's moves (cluster/warm_pool.py), then the Deployments' counts (never
+             in Advisory mode)
+    explain  Events, status and metrics (control/explain.py); the demand profile's ConfigMap
+
+The policy lives in policy/tick.py; this module only moves values between it and the cluster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+from kubernetes.client.rest import ApiException
+
+from ebbtide.api.ref import ServiceRef
+from ebbtide.cluster.engine import EngineClient
+from ebbtide.cluster.kube import Conflict, Forbidden, Kube
+from ebbtide.cluster.profile_store import render_profile
+from ebbtide.cluster.render import LABEL_SERVICE
+from ebbtide.cluster.warm_pool import carry_out
+from ebbtide.cluster.warmup import warm_up
+from ebbtide.control.decide import Step, decide
+from ebbtide.control.explain import tell
+from ebbtide.control.metrics import OperatorMetrics
+from ebbtide.control.observe import Due, observe
+from ebbtide.control.reconcile import Registry
+from ebbtide.control.state import ServiceState
+from ebbtide.policy.profile import bin_of
+from ebbtide.signals.prometheus import PrometheusSource
+
+log = logging.getLogger(__name__)
+
+
+class ScalingLoop:
+    def __init__(self, kube: Kube, registry: Registry, source: PrometheusSource, metrics: OperatorMetrics,
+                 tick_seconds: float, clock: Callable[[], float] = time.time, engine_timeout_seconds: float = 120.0):
+        self.kube = kube
+        self.registry = registry
+        self.source = source
+        self.metrics = metrics
+        self.tick_seconds = tick_seconds
+        self.clock = clock
+        self.states: dict[tuple[str, str], ServiceState] = {}
+        self.engines = EngineClient(engine_timeout_seconds)
+        self._warming: asyncio.Task | None = None
+
+    async def run(self, stopped: asyncio.Event) -> None:
+        while not stopped.is_set():
+            started = time.perf_counter()
+            try:
+                await self.tick(self.clock())
+            except Forbidden:
+                pass  # Kube logged the missing permission once; a traceback every tick would add nothing
+            except Exception:  # a failed tick must not stop the loop; the next one retries
+                log.exception("scaling tick failed")
+            self.metrics.ticks.inc()
+            self.metrics.tick_seconds.observe(time.perf_counter() - started)
+            try:
+                await asyncio.wait_for(stopped.wait(), timeout=self.tick_seconds)
+            except TimeoutError:
+                pass
+        if self._warming is not None:
+            self._warming.cancel()
+        await self.engines.close()
+
+    def _due(self, now: float) -> list[Due]:
+        due = []
+        for key, (ref, spec) in list(self.registry.services.items()):
+            state = self.states.get(key)
+            if state is None:
+                state = self.states[key] = ServiceState.restore(self.registry.stored.pop(key, None), now)
+            if now - state.last_evaluated >= spec.scaling.behavior.interval_seconds - 0.5:
+                due.append((ref, spec, state))
+        for key in set(self.states) - set(self.registry.services):
+            del self.states[key]
+            self.metrics.forget(*key)
+        return due
+
+    async def tick(self, now: float) -> None:
+        due = self._due(now)
+        # Pods are listed every tick, due or not: a new replica waits at most one tick for its
+        # warm-up (its readiness gate), whatever the services' intervals.
+        listed = await self.kube.list_pods(LABEL_SERVICE)
+        self._warm_up(listed)
+        if not due:
+            return
+        snapshot = await observe(self.kube, self.source, due, listed, now)
+        for ref, spec, state in due:
+            step = decide(snapshot, ref, spec, state.tick)
+            if step is None:
+                continue  # the workload is not there (yet): the reconciler will create it
+            state.last_evaluated = now
+            key = (ref.namespace, ref.name)
+            if key in snapshot.profiles:  # read from its ConfigMap: saved in the bin it was updated in
+                stored = snapshot.profiles[key]
+                state.profile_saved_bin = bin_of(stored.updated or 0.0, stored.timezone)
+            applied = spec.mode == "Active" and await self._act(ref, spec.sleep.level, step)
+            # A scale that failed is no news (no ScaledUp/Down, no history entry every tick it
+            # fails): the failure is what gets reported (ScaleFailed, or Forbidden once).
+            turn = step.turn if applied or spec.mode != "Active" else step.turn.unapplied()
+            state.tick = turn.state
+            await tell(self.kube, self.metrics, ref, state, step, turn, applied)
+            await self._save_profile(ref, state, now)
+
+    async def _act(self, ref: ServiceRef, level: int, step: Step) -> bool:
+        """The pool moves, then the counts; False (with an Event) if a count could not be set."""
+        for capacity, moves in step.actions.pools.items():
+            for said in await carry_out(self.kube, self.engines, ref, level, step.pods.of(capacity), moves, step.now):
+                await self.kube.post_event(ref, said.type, said.reason, said.message)
+        for name, replicas in step.actions.scale:
+            try:
+                await self.kube.scale(ref.namespace, name, replicas)
+            except Forbidden:
+                return False  # reported once: a log line, an Event and the Authorized condition
+            except ApiException as e:
+                log.warning("%s/%s: scaling %s to %d failed: %s", ref.namespace, ref.name, name, replicas, e.reason)
+                await self.kube.post_event(ref, "Warning", "ScaleFailed",
+                                           f"could not scale {name} to {replicas}: {e.status} {e.reason}")
+                return False
+        return True
+
+    async def _save_profile(self, ref: ServiceRef, state: ServiceState, now: float) -> None:
+        """Write the profile to its ConfigMap once per bin (see cluster/profile_store.py)."""
+        profile = state.tick.profile
+        if profile is None or profile.updated is None:
+            return
+        current = bin_of(now, profile.timezone)
+        if current == state.profile_saved_bin:
+            return
+        try:
+            await self.kube.apply(render_profile(ref, profile), ref)
+            state.profile_saved_bin = current
+        except (ApiException, Conflict) as e:
+            log.warning("%s/%s: demand profile not saved (%s); retrying next tick", ref.namespace, ref.name, e)
+
+    def _warm_up(self, pods: list[dict]) -> None:
+        """Warm new replicas (cluster/warmup.py) in the background: an engine that does not
+        answer must not hold the tick. One round at a time; the next tick starts the next."""
+        if self._warming is not None and not self._warming.done():
+            return
+        specs = {key: spec for key, (_, spec) in self.registry.services.items()}
+        self._warming = asyncio.get_running_loop().create_task(self._warm_up_round(pods, specs))
+
+    async def _warm_up_round(self, pods: list[dict], specs: dict) -> None:
+        try:
+            await warm_up(self.kube, pods, specs)
+        except Exception:  # the next tick tries again; the failure must not go unseen
+            log.exception("warm-up round failed")

@@ -1,0 +1,44 @@
+"""Per-service state between ticks: the tick's own (policy/tick.py TickState), mirrored into
+status so that a restart loses nothing that matters, and the shell's bookkeeping."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ebbtide.policy.cost import Ledger
+from ebbtide.policy.decision import Memory
+from ebbtide.policy.startup import StartupEstimate
+from ebbtide.policy.tick import TickState
+
+
+@dataclass
+class ServiceState:
+    tick: TickState
+    last_evaluated: float = float("-inf")
+    # The profile bin the demand profile was last saved in (its ConfigMap is written once per bin).
+    profile_saved_bin: tuple[int, int] | None = None
+    # The API server's refusals (403) this service has been told of: each gets one Event.
+    refusals: frozenset[str] = frozenset()
+
+    @classmethod
+    def restore(cls, status: dict | None, now: float) -> ServiceState:
+        """From the status a restarted operator found, or fresh; unreadable parts start over.
+        Not kept: idle times (they start over, which only delays a sleep) and the last advice."""
+        stored = (status or {}).get("scaler")
+        stored = stored if isinstance(stored, dict) else {}
+        spot = stored.get("spot") if isinstance(stored.get("spot"), dict) else {}
+        try:
+            target = None if spot.get("target") is None else max(0, int(spot["target"]))
+            cover = tuple((float(t), int(r)) for t, r in spot.get("cover", []))
+        except (TypeError, ValueError):
+            target, cover = None, ()
+        startup = (status or {}).get("startup")
+        return cls(TickState(memory=Memory.load(stored or None, now), ledger=Ledger.load(stored.get("cost"), now),
+                             target=target, spot_cover=cover,
+                             startup=StartupEstimate.load(startup if isinstance(startup, dict) else None)))
+
+    def to_json(self) -> dict:
+        """status.scaler (the startup estimate has a status field of its own)."""
+        t = self.tick
+        return {**t.memory.to_json(), "cost": t.ledger.to_json(),
+                "spot": {"target": t.target, "cover": [list(e) for e in t.spot_cover]}}

@@ -1,0 +1,173 @@
+"""One tick for one service: everything the operator and the simulator decide, as values.
+
+    tick(spec, seen, state, now) -> Turn
+
+The shells observe (the operator reads the API server and Prometheus, the simulator its fleet
+model) and fill in an Observation; the tick decides; they carry out the Turn (Deployment
+counts, /sleep and /wake_up, or the simulated fleet) and report it. In order: the lifecycle
+plan (schedules, pre-warming, the reactive core), the activation gate, off-peak consolidation,
+the spot split, one warm pool per Deployment, cost accrual and idle tracking. Pure: no I/O,
+no clock; what the next tick needs goes out in Turn.state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+
+from ebbtide.api.spec import InferenceServiceSpec
+from ebbtide.policy.activation import activate
+from ebbtide.policy.capacity_types import ON_DEMAND, SPOT
+from ebbtide.policy.cost import Ledger, accrue, usd_per_hour, usd_per_million_tokens
+from ebbtide.policy.current_size import fleet_state
+from ebbtide.policy.decision import ConditionReport, Decision, Entries, Memory
+from ebbtide.policy.idle import track_idle
+from ebbtide.policy.lifecycle import plan, window_off_peak
+from ebbtide.policy.observation import FleetState, Observation, Pod
+from ebbtide.policy.profile import Profile
+from ebbtide.policy.schedules import consolidated
+from ebbtide.policy.spot import PodView, Split, SpotPods, classify, shares, split
+from ebbtide.policy.startup import StartupEstimate, lead_time_samples, observe_startups
+from ebbtide.policy.telling import SPOT_AVAILABLE, Said, decision_events, phase, spot_condition
+from ebbtide.policy.warm_pool import PoolPlan, Replica, plan_pool
+
+
+@dataclass(frozen=True)
+class TickState:
+    """What one service's ticks hand on to the next. The operator keeps it in the cluster (see
+    control/state.py: the profile in its ConfigMap, idle time and advice in memory only)."""
+
+    memory: Memory
+    ledger: Ledger
+    # The awake size last asked for (Active mode, once applied): with spot or sleep the
+    # Deployments hold more than that (spot over-provisioning, on-demand cover, sleepers).
+    target: int | None = None
+    spot_cover: Entries = ()  # the on-demand cover's give-back history (policy/spot.py)
+    covering: int = 0  # on-demand replicas covering spot at the last applied split (for the Events)
+    startup: StartupEstimate = StartupEstimate()  # the lead time for floors and ramps started early
+    # Advisory mode never changes the Deployment, so the same advice would repeat every tick;
+    # it is told when it changes.
+    last_advice: int | None = None
+    idle: Mapping[str, float] = field(default_factory=dict)  # pod -> idle since (warm pool)
+    profile: Profile | None = None  # the learned demand profile (pre-warming)
+
+    @classmethod
+    def start(cls, now: float, capacity: float | None = None, startup: StartupEstimate | None = None,
+              profile: Profile | None = None, target: int | None = None) -> TickState:
+        """A service's first tick (or one with its history lost): what it knows is passed in."""
+        return cls(memory=Memory(since=now, capacity=capacity), ledger=Ledger.start(now),
+                   startup=startup or StartupEstimate(), profile=profile, target=target)
+
+
+@dataclass(frozen=True, slots=True)
+class Spend:
+    usd_per_hour: float  # what the GPUs the service holds cost now
+    usd_per_million_tokens: float | None  # the same over the token rate of the metrics window
+
+
+@dataclass(frozen=True)
+class Turn:
+    """Everything one tick decided for one service."""
+
+    decision: Decision  # the awake size, why, and the core's conditions
+    fleet: FleetState  # the replicas as the core counted them
+    placed: Split  # the awake size by capacity type
+    spot_pods: SpotPods
+    replicas: Mapping[str, int]  # capacity type -> its Deployment's spec.replicas (sleepers included)
+    pools: Mapping[str, PoolPlan]  # capacity type -> pods to wake, drain, sleep, delete, and their ranking
+    conditions: tuple[ConditionReport, ...]
+    dropped_conditions: tuple[str, ...]  # condition types that no longer apply
+    phase: str
+    spend: Spend
+    news: bool  # a size change to tell (or new advice)
+    events: tuple[Said, ...]
+    state: TickState  # for the next tick, once the replicas are set
+    kept: TickState  # for the next tick if they could not be set
+
+    def unapplied(self) -> Turn:
+        """This turn when the replicas could not be set: nothing to tell but the failure (the
+        shell's), and the size and cover last applied still stand."""
+        return replace(self, news=False, events=(), state=self.kept)
+
+
+def tick(spec: InferenceServiceSpec, seen: Observation, state: TickState, now: float) -> Turn:
+    fleet = fleet_state(spec, seen.pods, seen.deployments, state.target)
+    startup = observe_startups(state.startup, lead_time_samples(seen.startups, spec), now=now)
+    known = known_profile(spec, state)
+    profile = known if known is not None else seen.stored_profile if spec.warmup.predictive.enabled else None
+    decision = plan(spec, seen.signals, fleet, state.memory, now, startup_seconds=startup.seconds, profile=profile)
+    decision = activate(decision, spec, fleet, seen.activation if wants_activation(spec, seen.pods) else None, now)
+    # Off-peak, the fleet is also placed and pooled as consolidation says (more spot, sleep sooner).
+    acting = consolidated(spec) if decision.off_peak else spec
+    spot_pods = classify(_spot_views(seen.pods), seen.reclaimed_nodes, spec.placement.spot.pending_timeout_seconds,
+                         now)
+    placed = split(decision.desired, acting.placement.spot, spot_pods, state.spot_cover, now,
+                   spec.scaling.behavior.scale_down.stabilization_seconds)
+    idle, pools = _pools(acting, seen, placed, state.idle, now)
+    replicas = {ON_DEMAND: placed.on_demand, SPOT: placed.spot}
+    replicas.update({capacity: pool.replicas for capacity, pool in pools.items()})
+
+    ledger = accrue(state.ledger, now, seen.held, spec.engine.gpus, spec.pricing, spec.sleep)
+    per_hour = usd_per_hour(ledger.held, spec.engine.gpus, spec.pricing, spec.sleep)
+    active, spot = spec.mode == "Active", spec.placement.spot.enabled
+    news = decision.changed and (active or decision.desired != state.last_advice)
+    kept = replace(state, memory=decision.memory, ledger=ledger, startup=startup, idle=idle,
+                   last_advice=decision.desired if decision.changed else None,
+                   profile=decision.profile if profile is not None else state.profile
+                   if spec.warmup.predictive.enabled else None)
+    applied = replace(kept, target=decision.desired, spot_cover=placed.cover, covering=placed.covering) \
+        if active else kept
+    return Turn(decision=decision, fleet=fleet, placed=placed, spot_pods=spot_pods, replicas=replicas, pools=pools,
+                conditions=decision.conditions + ((spot_condition(spot_pods, placed),) if spot else ()),
+                dropped_conditions=() if spot else (SPOT_AVAILABLE,), phase=phase(fleet, decision),
+                spend=Spend(per_hour, usd_per_million_tokens(per_hour, seen.signals.tokens_per_second)),
+                news=news, events=decision_events(decision, placed, active, spot, news, state.covering),
+                state=applied, kept=kept)
+
+
+def known_profile(spec: InferenceServiceSpec, state: TickState) -> Profile | None:
+    """The demand profile the state holds, when pre-warming is on and it is kept in the spec's
+    zone; otherwise the stored one is to be read (the operator reads its ConfigMap then)."""
+    predictive = spec.warmup.predictive
+    if predictive.enabled and state.profile is not None and state.profile.timezone == predictive.timezone:
+        return state.profile
+    return None
+
+
+def wants_activation(spec: InferenceServiceSpec, pods: Iterable[Pod]) -> bool:
+    """Whether the activation query counts this tick: it is configured, and no replica is awake
+    in the Service or starting (then no engine metric can show demand)."""
+    return spec.scaling.activation is not None and not any(
+        p.state == "starting" or (p.state == "awake" and p.serving) for p in pods)
+
+
+def warm_start(spec: InferenceServiceSpec, awake: int, now: float) -> dict[str, int]:
+    """The Deployments of a service that has run at `awake` replicas for a while: its spot
+    share ready, nothing covering (placed as consolidation says in an off-peak window)."""
+    if not spec.placement.spot.enabled:
+        return {ON_DEMAND: awake, SPOT: 0}
+    acting = consolidated(spec) if window_off_peak(spec, now) else spec
+    share = shares(awake, acting.placement.spot)
+    return {ON_DEMAND: share.base, SPOT: share.spot}
+
+
+def _spot_views(pods: Iterable[Pod]) -> list[PodView]:
+    """The spot pods as placement classifies them (a sleeper's pod is Ready)."""
+    return [PodView(p.name, ready=p.ready, phase=p.phase, created_at=p.created, node=p.node)
+            for p in pods if p.capacity == SPOT]
+
+
+def _pools(spec: InferenceServiceSpec, seen: Observation, placed: Split, idle: Mapping[str, float],
+           now: float) -> tuple[dict[str, float], dict[str, PoolPlan]]:
+    """Idle times and warm pool plans by capacity type: with sleep mode on, or while sleepers or
+    draining replicas are left from when it was (they are woken or released)."""
+    if not (spec.sleep.enabled or any(p.state == "asleep" or (p.state == "awake" and not p.serving)
+                                      for p in seen.pods)):
+        return {}, {}
+    idle = track_idle(idle, seen.idle)
+    targets = {ON_DEMAND: placed.on_demand, SPOT: placed.spot} if spec.placement.spot.enabled else {
+        ON_DEMAND: placed.on_demand}
+    return idle, {capacity: plan_pool(target, [Replica(p.name, p.state, idle.get(p.name), p.asleep_since, p.capacity)
+                                               for p in seen.pods if p.capacity == capacity],
+                                      spec.sleep, now, spec.replicas.allow_scale_to_zero)
+                  for capacity, target in targets.items()}
