@@ -102,8 +102,10 @@ def test_idle_replicas_sleep_wake_on_load_and_expire(cluster):
             assert stats["requests_refused_asleep"] == 0 and stats["sleeps_refused"] == 0, (pod.name, stats)
         assert balancer.stats()["no_endpoint"] == 0
 
-        # The load is gone: two replicas sleep again, and after the TTL the pool lets them go.
-        wait_for(lambda: len(asleep(cluster)) == 2, timeout=DOWN_WINDOW + 30, what="two replicas asleep again")
+        # The load is gone: two replicas sleep again (not necessarily the same two: the first
+        # seen idle go first), and after the TTL the pool lets them go.
+        sleepers = wait_for(lambda: len(asleep(cluster)) == 2 and asleep(cluster), timeout=DOWN_WINDOW + 30,
+                            what="two replicas asleep again")
         slept = time.monotonic()
         wait_for(lambda: replicas(server) == 1, timeout=TTL + 20, what="the TTL removes the sleepers")
         assert time.monotonic() - slept >= TTL - 3, "sleepers kept until their TTL"
