@@ -172,7 +172,7 @@ def test_ebbtide_warm_starts_with_what_it_learned():
     _, spec = load_spec(None)
     policy = EbbtidePolicy(spec, name="ebbtide-warm", learned_capacity=12_345.0)
     assert policy.capacity is None
-    policy.orders(FleetView(1_000.0, Signals.missing("no scrape yet"), Deployments(2), 0.0,
+    policy.orders(FleetView(1_000.0, Signals.missing("no scrape yet"), Deployments(2), 2, 0.0,
                             pods=lambda: (Pod("a"), Pod("b"))))
     assert policy.capacity == 12_345.0
 

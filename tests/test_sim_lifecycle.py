@@ -139,7 +139,7 @@ def test_a_spot_replica_waiting_out_an_outage_does_not_stretch_the_lead_time():
     startups = tuple(Startup(t0 + i, t0 + 3600 + i, t0 + 3780 + i, spot=True) for i in range(20))
     timeout = spec.placement.spot.pending_timeout_seconds
     for policy, expected in ((EbbtideSpotPolicy(spec), timeout + 180.0), (EbbtidePolicy(spec), 3600 + 180.0)):
-        policy.orders(FleetView(t0 + 4000, Signals.missing("no scrape yet"), Deployments(1), 0.0,
+        policy.orders(FleetView(t0 + 4000, Signals.missing("no scrape yet"), Deployments(1), 1, 0.0,
                                 pods=lambda: (Pod("a"),), startups=lambda: startups))
         assert policy.lead_time == expected
 

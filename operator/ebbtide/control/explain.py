@@ -10,6 +10,7 @@ from ebbtide.cluster.kube import Kube, rfc3339
 from ebbtide.control.decide import Step
 from ebbtide.control.metrics import TIERS, OperatorMetrics
 from ebbtide.control.state import ServiceState
+from ebbtide.policy.capacity_types import ON_DEMAND, SPOT
 from ebbtide.policy.profile import Profile
 from ebbtide.policy.tick import Turn
 
@@ -51,7 +52,7 @@ def export(metrics: OperatorMetrics, ref: ServiceRef, step: Step, turn: Turn) ->
     per_million = turn.spend.usd_per_million_tokens
     m.usd_per_million_tokens.labels(*labels).set(math.nan if per_million is None else per_million)
     ledger = turn.state.ledger
-    for capacity, hours in (("on-demand", ledger.gpu_hours_on_demand), ("spot", ledger.gpu_hours_spot),
+    for capacity, hours in ((ON_DEMAND, ledger.gpu_hours_on_demand), (SPOT, ledger.gpu_hours_spot),
                             ("asleep", ledger.gpu_hours_asleep)):
         m.gpu_hours.labels(*labels, capacity).set(hours)
 

@@ -70,8 +70,9 @@ class EbbtidePolicy(SimulatedPolicy):
 
     def observation(self, view: FleetView) -> Observation:
         """What the operator would read: its pods, Deployments and nodes, the signals, the
-        activation query (the requests held at the gateway)."""
-        return Observation(signals=view.signals, pods=view.pods, deployments=view.deployments, held=view.held,
+        activation query (the requests held at the gateway). Not the GPUs held: the simulator
+        charges GPU time itself, so the tick's cost ledger is not read here."""
+        return Observation(signals=view.signals, pods=view.pods, deployments=view.deployments,
                            startups=() if self.startup_seconds is not None else view.startups, idle=view.idle,
                            reclaimed_nodes=view.reclaimed_nodes, activation=view.pending)
 

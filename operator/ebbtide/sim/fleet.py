@@ -189,6 +189,7 @@ def simulate(trace: Trace, policy: SimulatedPolicy, settings: SimSettings, per_r
     pending = 0.0  # requests held at the gateway, as the last scrape saw them
     next_scrape = next_tick = 0.0
     scale_actions = 0
+    pooled = False  # the policy has planned a warm pool
     changes: list[tuple[int, ...]] = []  # (step, replicas, ready, spot, spot ready, asleep) on change
     n = 0
     while n < steps:
@@ -208,7 +209,7 @@ def simulate(trace: Trace, policy: SimulatedPolicy, settings: SimSettings, per_r
             orders = policy.orders(fleet.view(t, epoch, snapshot, pending, deployments, idle))
             obtainable = market is None or market.obtainable(t)
             if orders.pools:
-                moved = False
+                pooled, moved = True, False  # sleepers are counted from now on
                 for kind, plan in orders.pools.items():
                     mine = {r.name: r for r in fleet.replicas if r.capacity_type == kind}
                     moved |= _carry_out(plan, mine, fleet, serving, t, wake_s, kind, obtainable or kind != SPOT)
@@ -226,7 +227,7 @@ def simulate(trace: Trace, policy: SimulatedPolicy, settings: SimSettings, per_r
             next_tick += policy.interval_s
         spot_now = (0, 0) if market is None else (
             fleet.count(SPOT), sum(1 for r in fleet.replicas if r.capacity_type == SPOT and r.ready))
-        asleep = sum(1 for r in fleet.replicas if r.asleep_since is not None)
+        asleep = sum(1 for r in fleet.replicas if r.asleep_since is not None) if pooled else 0
         row = (len(fleet.replicas), fleet.ready, *spot_now, asleep)
         if not changes or changes[-1][1:] != row:
             changes.append((n, *row))

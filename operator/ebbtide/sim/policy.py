@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 from ebbtide.policy.capacity_types import ON_DEMAND
-from ebbtide.policy.cost import Held
 from ebbtide.policy.observation import Deployments, FleetState, Pod, Signals
 from ebbtide.policy.startup import Startup
 from ebbtide.policy.warm_pool import PoolPlan
@@ -23,27 +22,24 @@ from ebbtide.sim.serving import ALL_SIGNALS
 
 class FleetView:
     """One tick's view of the simulated service, times as unix seconds. What most policies never
-    read (the pods, their GPUs, idle times, startups, reclaimed nodes) is worked out when first
-    read: a week's replay has forty thousand ticks per policy."""
+    read (the pods, idle times, startups, reclaimed nodes) is worked out when first read: a
+    week's replay has forty thousand ticks per policy. The GPUs held are not shown: the
+    simulator charges GPU time itself, to the second (sim/replicas.py)."""
 
-    def __init__(self, now: float, signals: Signals, deployments: Deployments, pending: float,
-                 pods: Callable[[], tuple[Pod, ...]], held: Callable[[], Held] = Held,
-                 idle: Callable[[], Mapping[str, float]] = dict, startups: Callable[[], tuple[Startup, ...]] = tuple,
+    def __init__(self, now: float, signals: Signals, deployments: Deployments, ready: int, pending: float,
+                 pods: Callable[[], tuple[Pod, ...]], idle: Callable[[], Mapping[str, float]] = dict, startups: Callable[[], tuple[Startup, ...]] = tuple,
                  reclaimed_nodes: Callable[[], frozenset[str]] = frozenset):
         self.now = now
         self.signals = signals
         self.deployments = deployments
+        self.ready = ready  # replicas past their cold start and awake
         self.pending = pending  # requests held at the gateway at the last scrape
-        self._read = {"pods": pods, "held": held, "idle": idle, "startups": startups,
+        self._read = {"pods": pods, "idle": idle, "startups": startups,
                       "reclaimed_nodes": reclaimed_nodes}
 
     @cached_property
     def pods(self) -> tuple[Pod, ...]:
         return self._read["pods"]()
-
-    @cached_property
-    def held(self) -> Held:
-        return self._read["held"]()
 
     @cached_property
     def idle(self) -> Mapping[str, float]:
@@ -101,9 +97,6 @@ class SizingPolicy(SimulatedPolicy):
         return {ON_DEMAND: self.initial(guess)}
 
     def orders(self, view: FleetView) -> Orders:
-        ready = starting = 0
-        for pod in view.pods:
-            ready += pod.state == "awake"
-            starting += pod.state == "starting"
-        fleet = FleetState(current=view.deployments.on_demand, ready=ready, starting=starting)
+        current = view.deployments.on_demand
+        fleet = FleetState(current=current, ready=view.ready, starting=current - view.ready)
         return Orders({ON_DEMAND: max(0, self.decide(view.signals, fleet, view.now))})

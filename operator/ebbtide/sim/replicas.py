@@ -8,7 +8,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ebbtide.policy.capacity_types import ON_DEMAND, SPOT
-from ebbtide.policy.cost import Held
 from ebbtide.policy.observation import Deployments, Pod, Signals
 from ebbtide.policy.startup import Startup
 from ebbtide.sim.policy import FleetView
@@ -189,18 +188,10 @@ class Fleet:
                     out[r.name] = epoch + since
             return out
 
-        return FleetView(epoch + t, signals, deployments, pending, pods=lambda: tuple(r.pod(epoch) for r in self.replicas),
-                         held=self.held, idle=idle, startups=lambda: startups,
+        return FleetView(epoch + t, signals, deployments, self.ready, pending,
+                         pods=lambda: tuple(r.pod(epoch) for r in self.replicas),
+                         idle=idle, startups=lambda: startups,
                          reclaimed_nodes=lambda: frozenset(r.node for r in self.replicas if r.reclaimed_at is not None))
-
-    def held(self) -> Held:
-        """Replicas holding a GPU (draining ones too), by what they cost."""
-        counts = {ON_DEMAND: 0, SPOT: 0, ASLEEP: 0, ASLEEP_SPOT: 0}
-        for r in [*self.replicas, *(r for r, _ in self.draining.values())]:
-            if r.scheduled_at is not None:
-                kind = r.capacity_type if r.asleep_since is None else ASLEEP_SPOT if r.capacity_type == SPOT else ASLEEP
-                counts[kind] += 1
-        return Held(counts[ON_DEMAND], counts[SPOT], counts[ASLEEP], counts[ASLEEP_SPOT])
 
     def finish(self, end: float) -> dict[str, float]:
         for replica in self.replicas:
