@@ -36,14 +36,15 @@ from pathlib import Path
 import numpy as np
 
 from ebbtide.api.spec import InferenceServiceSpec
-from ebbtide.policy import capacity_types
+from ebbtide.policy.capacity_types import CAPACITY_TYPES as DEPLOYMENTS
+from ebbtide.policy.capacity_types import ON_DEMAND, SPOT
 from ebbtide.sim.fleet import PolicyRun, Timeline
 from ebbtide.sim.latency import weighted_quantiles
 from ebbtide.sim.replicas import ASLEEP, ASLEEP_SPOT
 from ebbtide.sim.traces import Trace
 
 SCHEMA = "ebbtide.simulate/v1"
-CAPACITY_TYPES = (*capacity_types.CAPACITY_TYPES, ASLEEP)
+CAPACITY_TYPES = (*DEPLOYMENTS, ASLEEP)  # what GPU time is charged as
 
 
 @dataclass(frozen=True)
@@ -110,13 +111,13 @@ def summarize(run: PolicyRun, spec: InferenceServiceSpec, ramps: list[tuple[floa
     requests that arrived during them."""
     arrival, ttft, itl, weight = run.records.arrays()
     hours = {kind: run.gpu_seconds.get(kind, 0.0) / 3600.0 for kind in CAPACITY_TYPES}
-    prices = {"on-demand": spec.pricing.on_demand_per_gpu_hour, "spot": spec.pricing.spot_per_gpu_hour,
+    prices = {ON_DEMAND: spec.pricing.on_demand_per_gpu_hour, SPOT: spec.pricing.spot_per_gpu_hour,
               # A sleeping replica still holds its GPU; the reclaimed share is used by others.
-              "asleep": spec.pricing.on_demand_per_gpu_hour * (1 - spec.sleep.reclaimed_fraction)}
+              ASLEEP: spec.pricing.on_demand_per_gpu_hour * (1 - spec.sleep.reclaimed_fraction)}
     cost = sum(hours[k] * prices[k] for k in CAPACITY_TYPES)
     # Spot sleepers hold spot GPUs: their asleep hours at the spot price instead.
     asleep_spot = run.gpu_seconds.get(ASLEEP_SPOT, 0.0) / 3600.0
-    cost -= asleep_spot * (prices["on-demand"] - prices["spot"]) * (1 - spec.sleep.reclaimed_fraction)
+    cost -= asleep_spot * (prices[ON_DEMAND] - prices[SPOT]) * (1 - spec.sleep.reclaimed_fraction)
     total = float(weight.sum()) or 1.0
     met = slo_met(ttft, itl, spec)
     ramp = _inside(arrival, ramps)
@@ -173,7 +174,7 @@ def spot_note(results: list[PolicyResult]) -> str:
     """What spot capacity did to the policies that used it, in one line."""
     return "; ".join(f"{r.name}: {r.spot_reclaim_events} reclaim events took {r.spot_replicas_reclaimed} "
                      f"replicas, {r.requests_retried:,.0f} requests retried" for r in results
-                     if r.gpu_hours_by_type.get("spot", 0.0) > 0 or r.spot_replicas_reclaimed)
+                     if r.gpu_hours_by_type.get(SPOT, 0.0) > 0 or r.spot_replicas_reclaimed)
 
 
 def to_json(trace: Trace, spec_name: str, settings: dict, results: list[PolicyResult]) -> dict:
