@@ -14,8 +14,9 @@ import pytest
 
 from ebbtide.sim import report
 from ebbtide.sim.capacity import LLAMA_3_1_8B_H100
+from ebbtide.sim.command import parse_outage
 from ebbtide.sim.fleet import ASLEEP, ASLEEP_SPOT, SPOT, SimSettings, SpotMarket, simulate
-from ebbtide.sim.simulate import EbbtidePolicy, EbbtideSpotPolicy, SpotOnlyPolicy, load_spec, parse_outage
+from ebbtide.sim.simulate import EbbtidePolicy, EbbtideSpotPolicy, SpotOnlyPolicy, load_spec
 from ebbtide.sim.traces import Trace
 from tests.testbed.replays import CLI_ENV, phases
 

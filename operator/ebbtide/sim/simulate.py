@@ -1,17 +1,15 @@
 """`ebbtide simulate`: what a spec would cost on a trace, and how often it would miss its SLO,
-next to the autoscalers users would otherwise pick."""
+next to the autoscalers users would otherwise pick: the policies and how they are sized. The
+command line is sim/command.py."""
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import math
-import sys
-import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from importlib import resources
 
-from ebbtide.api.manifest import InvalidSpec, load_manifests
+from ebbtide.api.manifest import load_manifests
 from ebbtide.api.spec import InferenceServiceSpec
 from ebbtide.policy.activation import activate
 from ebbtide.policy.decision import Entries, Memory
@@ -23,12 +21,13 @@ from ebbtide.policy.spot import PodView, Split, SpotPods, classify, split
 from ebbtide.policy.startup import Startup, StartupEstimate, lead_time_samples, observe_startups
 from ebbtide.policy.warm_pool import PoolPlan, Replica, plan_pool
 from ebbtide.sim import baselines, report, traces
-from ebbtide.sim.capacity import PRESETS, CapacityModel, get_preset
-from ebbtide.sim.fleet import PolicyRun, SimSettings, SpotMarket, SpotReplica, simulate
+from ebbtide.sim.capacity import CapacityModel
+from ebbtide.sim.fleet import PolicyRun, SimSettings, SpotReplica, simulate
 
 DEFAULT_SPEC = "chat-llama-8b.yaml"
 DEFAULT_TRACE = "conv-week"
-ALL_POLICIES = ("ebbtide", "static", "hpa", "keda", "aibrix", "oracle")
+ALL_POLICIES = ("ebbtide", "static-peak", "hpa-kv", "keda-queue", "aibrix-apa", "oracle")  # as the table names them
+SHORT_NAMES = {"static": "static-peak", "hpa": "hpa-kv", "keda": "keda-queue", "aibrix": "aibrix-apa"}  # still taken
 # Not in the default set: Ebbtide starting with the per-replica limit a previous replay of the
 # same trace taught it (see EbbtidePolicy.learned_capacity), and Ebbtide placing replicas on spot
 # capacity (EbbtideSpotPolicy), which meets the spot market below.
@@ -262,10 +261,7 @@ def spot_pods(replicas: tuple[SpotReplica, ...], pending_timeout: float, now: fl
 def load_spec(path: str | None) -> tuple[str, InferenceServiceSpec]:
     if path is None:
         path = str(resources.files("ebbtide") / "examples" / DEFAULT_SPEC)
-    services = list(load_manifests(path))
-    if not services:
-        raise InvalidSpec(f"{path}: no InferenceService in this file")
-    ref, spec = services[0]
+    ref, spec = load_manifests(path)[0]
     return ref.name, spec
 
 
@@ -302,17 +298,22 @@ def build_policies(names: list[str], spec: InferenceServiceSpec, trace: traces.T
            for name, on in LIFECYCLE.items()},
         "ebbtide-spot": lambda: EbbtideSpotPolicy(spec),
         "spot-only": lambda: SpotOnlyPolicy(spec),
-        "static": lambda: baselines.Static(replicas=min(hi, oracle.peak)),
+        "static-peak": lambda: baselines.Static(replicas=min(hi, oracle.peak)),
         "static-max": lambda: baselines.Static(replicas=hi, name="static-max"),
-        "hpa": lambda: baselines.Hpa(min_replicas=lo, max_replicas=hi),
-        "keda": lambda: baselines.Keda(min_replicas=lo, max_replicas=hi),
-        "aibrix": lambda: baselines.AibrixApa(min_replicas=lo, max_replicas=hi),
+        "hpa-kv": lambda: baselines.Hpa(min_replicas=lo, max_replicas=hi),
+        "keda-queue": lambda: baselines.Keda(min_replicas=lo, max_replicas=hi),
+        "aibrix-apa": lambda: baselines.AibrixApa(min_replicas=lo, max_replicas=hi),
         "oracle": lambda: oracle,
     }
-    unknown = [n for n in names if n not in make]
+    return [make[n]() for n in policy_names(names)]
+
+
+def policy_names(names: list[str]) -> list[str]:
+    """The names as the table prints them, each once; a ValueError names any unknown one."""
+    unknown = [n for n in names if SHORT_NAMES.get(n, n) not in ALL_POLICIES + EXTRA_POLICIES]
     if unknown:
         raise ValueError(f"unknown policies {', '.join(unknown)}; known: {', '.join(ALL_POLICIES + EXTRA_POLICIES)}")
-    return [make[n]() for n in names]
+    return list(dict.fromkeys(SHORT_NAMES.get(n, n) for n in names))
 
 
 def oracle_rate_limit(spec: InferenceServiceSpec, trace: traces.Trace, capacity: CapacityModel) -> float:
@@ -392,215 +393,3 @@ def calibrate_oracle(spec: InferenceServiceSpec, trace: traces.Trace, settings: 
 def epoch_of(trace: traces.Trace) -> float:
     start = trace.start_utc or datetime.datetime(2024, 1, 1)
     return start.replace(tzinfo=datetime.UTC).timestamp()
-
-
-def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-    console = Console(width=None if sys.stdout.isatty() else 160)
-    try:
-        spec_name, spec = load_spec(args.spec)
-        capacity = get_preset(args.preset)
-        trace = load_trace(args.trace, capacity, spec, args.peak_replicas, args.scale, args.seed, args.hours)
-        names = args.policies or list(ALL_POLICIES)
-        cold_start = float(spec.warmup.default_startup_seconds if args.cold_start is None else args.cold_start)
-        policies = build_policies(names, spec, trace, capacity)
-        market = spot_market(args)
-        if args.train_rotate and not args.train_profile:
-            raise ValueError("--train-rotate shifts the training replay: it needs --train-profile")
-        rotate = parse_duration(args.train_rotate) if args.train_rotate else 0.0
-    except (InvalidSpec, traces.TraceError, ValueError, OSError) as e:
-        print(f"ebbtide simulate: {e}", file=sys.stderr)
-        return 2
-    targets = spec.scaling.targets
-    settings = SimSettings(
-        capacity=capacity,
-        cold_start_s=cold_start,
-        scrape_interval_s=args.scrape_interval,
-        metrics_window_s=spec.scaling.behavior.metrics_window_seconds,
-        ttft_quantile=targets.ttft.quantile if targets.ttft else None,
-        tpot_quantile=targets.tpot.quantile if targets.tpot else None,
-        gpus_per_replica=max(1, spec.engine.gpus),
-        seed=args.seed,
-        spot=market,
-    )
-    mode = "request by request" if trace.per_request else f"fluid, {settings.fluid_step_s:g} s steps"
-    console.print(f"[bold]{spec_name}[/] on [bold]{trace.name}[/]: {trace.requests:,} requests over "
-                  f"{trace.duration_s / 3600:.1f} h ({mode}); {capacity.name}, cold start {settings.cold_start_s:g} s")
-    results: list[report.PolicyResult] = []
-    series: list[report.PlotSeries] = []
-    extra: dict[str, float | None] = {}
-    ramps = report.ramp_hours(trace)
-    started, cpu_started = time.perf_counter(), time.process_time()
-    if args.train_profile:
-        # An operator that served the same traffic the week before: its demand profile,
-        # per-replica limit and startup time, for every Ebbtide policy of the run (ebbtide-warm's
-        # pass is then moot).
-        training = train(spec, trace, settings, rotate)
-        for policy in policies:
-            if isinstance(policy, EbbtidePolicy):
-                training.teach(policy)
-        extra.update(trained_profile=True, train_rotate_s=rotate, trained_startup_s=training.startup.seconds,
-                     trained_capacity_tokens_per_s=None if training.capacity is None else round(training.capacity, 1))
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), console=console, transient=True, disable=not console.is_terminal) as bar:
-        task = bar.add_task("simulating", total=len(policies))
-        learned: float | None = None
-        for policy in policies:
-            bar.update(task, description=f"simulating {policy.name}")
-            if isinstance(policy, baselines.Static) and policy.name == "static-peak" and args.oracle_slo > 0:
-                policy, result = right_size_static(spec, trace, settings, policy.replicas, args.oracle_slo)
-                extra.update(static_replicas=policy.replicas)
-            elif isinstance(policy, baselines.Oracle) and args.oracle_slo > 0:
-                limit = oracle_rate_limit(spec, trace, capacity)
-                policy, result, rate = calibrate_oracle(spec, trace, settings, limit, args.oracle_slo)
-                extra.update(oracle_rate_per_replica=round(rate, 4), oracle_rate_limit=round(limit, 4))
-            else:
-                if isinstance(policy, EbbtidePolicy) and policy.name == "ebbtide-warm" and not args.train_profile:
-                    if learned is None:  # learn it as a new service would, in a replay not reported
-                        cold = EbbtidePolicy(spec)
-                        simulate(trace, cold, settings)
-                        learned = cold.capacity
-                    policy.learned_capacity = learned
-                    extra.update(warm_capacity_tokens_per_s=None if learned is None else round(learned, 1))
-                result = simulate(trace, policy, settings)
-                if isinstance(policy, EbbtidePolicy) and policy.name == "ebbtide" and learned is None:
-                    learned = policy.capacity
-            results.append(report.summarize(result, spec, ramps))
-            if args.plot:
-                series.append(report.plot_series(result, trace))
-            del result  # millions of latency points per week-long run
-            bar.advance(task)
-    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_started
-    spotted = [p for p in policies if isinstance(p, EbbtideSpotPolicy)]
-    title = f"{trace.name} - {spec_name} ({elapsed:.1f} s, CPU {cpu:.1f} s)"
-    if spotted and spotted[0].spot_enabled_here:
-        title += "; ebbtide-spot: the spec with placement.spot enabled"
-    console.print(report.table(results, title))
-    if spotted:
-        extra.update(spot_enabled_by_simulator=spotted[0].spot_enabled_here)
-        console.print(f"spot market: {describe_market(market)}; {report.spot_note(results)}")
-    if extra.get("oracle_rate_per_replica") is not None and extra["oracle_rate_per_replica"] != extra["oracle_rate_limit"]:
-        console.print(f"oracle: {extra['oracle_rate_per_replica']:.2f} requests/s per replica meets "
-                      f"{args.oracle_slo:.0%} of the SLO (the capacity model allows {extra['oracle_rate_limit']:.2f})")
-    if args.json:
-        document = report.to_json(trace, spec_name, {**_settings_json(settings, args), **extra}, results)
-        document["timing"] = {"wall_s": round(elapsed, 2), "cpu_s": round(cpu, 2)}
-        report.write_json(args.json, document)
-        console.print(f"wrote {args.json}")
-    if args.plot:
-        report.plot(args.plot, trace, series, spec)
-        console.print(f"wrote {args.plot}")
-    return 0
-
-
-def spot_market(args: argparse.Namespace) -> SpotMarket:
-    if args.spot_preemptions_per_hour < 0:
-        raise ValueError("--spot-preemptions-per-hour must not be negative")
-    if args.spot_burst < 1:
-        raise ValueError("--spot-burst is the mean number of replicas a reclaim takes: at least 1")
-    if args.spot_notice < 0:
-        raise ValueError("--spot-notice must not be negative")
-    return SpotMarket(preemptions_per_hour=args.spot_preemptions_per_hour, burst=args.spot_burst,
-                      notice_s=args.spot_notice, outages=tuple(parse_outage(o) for o in args.spot_outage or ()))
-
-
-_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-
-
-def parse_duration(text: str) -> float:
-    """Seconds from '90', '90s', '30m', '2h', '1.5d'."""
-    text = text.strip().lower()
-    scale = _UNITS.get(text[-1:], None)
-    number = text[:-1] if scale else text
-    try:
-        value = float(number) * (scale or 1.0)
-    except ValueError:
-        raise ValueError(f"{text!r} is not a duration (a number with s, m, h or d)") from None
-    if value < 0 or value != value:
-        raise ValueError(f"{text!r}: a duration must not be negative")
-    return value
-
-
-def parse_outage(text: str) -> tuple[float, float]:
-    """'DURATION@START' (both from the trace's start, e.g. '1h@30h') -> (start, end) seconds."""
-    duration, at, start = text.partition("@")
-    if not at:
-        raise ValueError(f"--spot-outage {text!r}: expected DURATION@START, e.g. 1h@30h")
-    begin = parse_duration(start)
-    return begin, begin + parse_duration(duration)
-
-
-def _human(seconds: float) -> str:
-    for unit, size in (("d", 86400.0), ("h", 3600.0), ("m", 60.0)):
-        if seconds >= size and (seconds / size * 10) % 1 == 0:
-            return f"{seconds / size:g}{unit}"
-    return f"{seconds:g}s"
-
-
-def describe_market(market: SpotMarket) -> str:
-    outages = ", ".join(f"{_human(b - a)} from {_human(a)}" for a, b in market.outages) or "none"
-    return (f"{market.preemptions_per_hour:g} reclaim events/h taking {market.burst:g} replicas on average, "
-            f"notice {market.notice_s:g} s, outages: {outages}")
-
-
-def _settings_json(settings: SimSettings, args: argparse.Namespace) -> dict:
-    out = {k: v for k, v in asdict(settings).items() if k != "capacity"}
-    out.update(capacity=settings.capacity.name, peak_replicas=args.peak_replicas, scale=args.scale,
-               oracle_slo=args.oracle_slo)
-    return out
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("spec", nargs="?", default=None,
-                        help=f"an InferenceService manifest (default: the bundled examples/{DEFAULT_SPEC})")
-    parser.add_argument("--trace", default=DEFAULT_TRACE,
-                        help=f"a bundled trace ({', '.join(traces.BUNDLED)}) or a CSV path (default: {DEFAULT_TRACE})")
-    parser.add_argument("--policies", nargs="+", metavar="NAME",
-                        help=f"policies to compare (default: {' '.join(ALL_POLICIES)}; also: "
-                        "ebbtide-warm, Ebbtide with the per-replica limit a first replay taught it; "
-                        "ebbtide-spot, Ebbtide on spot with on-demand fallback, the spec's placement.spot "
-                        "enabled if it is not)")
-    parser.add_argument("--json", metavar="PATH", help="write the results as JSON (schema in sim/report.py)")
-    parser.add_argument("--plot", metavar="PATH", help="write a PNG: load, replicas and TTFT over time")
-    parser.add_argument("--seed", type=int, default=1, help="seed for rate expansion and routing (default: 1)")
-    parser.add_argument("--preset", default="llama-3.1-8b-h100", choices=sorted(PRESETS),
-                        help="replica capacity model (default: llama-3.1-8b-h100)")
-    parser.add_argument("--cold-start", type=float, default=None,
-                        help="seconds from pod creation to ready (default: spec.warmup.defaultStartupSeconds)")
-    parser.add_argument("--scrape-interval", type=float, default=15.0, help="Prometheus scrape interval (s)")
-    parser.add_argument("--peak-replicas", type=int, default=12,
-                        help="rate traces: scale the load so its peak needs this many replicas (default: 12)")
-    parser.add_argument("--scale", type=int, default=1,
-                        help="request logs: overlay this many time-shifted copies (default: 1)")
-    parser.add_argument("--hours", type=float, default=None, help="rate traces: replay only the first HOURS")
-    lifecycle = parser.add_argument_group(
-        "lifecycle", "pre-warming and the sleep pool (spec.warmup.predictive, spec.sleep; the policies "
-        f"{', '.join(LIFECYCLE)} switch them off and on whatever the spec says)")
-    lifecycle.add_argument("--train-profile", action="store_true",
-                           help="start Ebbtide as an operator that served the trace's traffic the week before: "
-                           "replay it once, one week earlier, to learn the demand profile (pre-warming predicts "
-                           "nothing from less than a week) and the per-replica limit, then measure the replay")
-    lifecycle.add_argument("--train-rotate", metavar="DURATION", default=None,
-                           help="with --train-profile: shift the training week's load this much later first, "
-                           "e.g. 1d (each day predicted from the day before instead of itself)")
-    spot = parser.add_argument_group(
-        "spot market", "what spot capacity does to policies that use it (ebbtide-spot); see docs/simulator.md")
-    spot.add_argument("--spot-preemptions-per-hour", type=float, default=SPOT_PREEMPTIONS_PER_HOUR, metavar="R",
-                      help="reclaim events per hour, a Poisson process (default: "
-                      f"{SPOT_PREEMPTIONS_PER_HOUR:g}: one every 20 h, a pessimistic reading of AWS's top "
-                      "interruption band for GPU instances)")
-    spot.add_argument("--spot-burst", type=float, default=SPOT_BURST, metavar="B",
-                      help="mean spot replicas one reclaim event takes, 1 + Poisson(B - 1) "
-                      f"(default: {SPOT_BURST:g})")
-    spot.add_argument("--spot-notice", type=float, default=SPOT_NOTICE_S, metavar="S",
-                      help="seconds a reclaimed replica keeps serving after the reclaim is announced "
-                      f"(default: {SPOT_NOTICE_S:g}, AWS's two-minute warning; GKE and AKS give 30)")
-    spot.add_argument("--spot-outage", action="append", metavar="DURATION@START",
-                      help="a period with no spot capacity to be had, from the trace's start, e.g. 1h@30h "
-                      "(units s, m, h, d; repeatable; default: none)")
-    parser.add_argument("--oracle-slo", type=float, default=ORACLE_SLO,
-                        help="run the oracle at the highest per-replica rate, and the static fleet at the smallest "
-                        "size, that meet the SLO for this share of requests (default: "
-                        f"{ORACLE_SLO}; 0: both sized at the capacity model's limit)")
