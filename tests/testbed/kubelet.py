@@ -387,3 +387,8 @@ class Kubelet:
                                   pid=p.proc.pid if p.alive else None, ready=p.healthy and p.alive and p.gates_passed,
                                   node=p.node, terminating=p.terminating, restart_count=p.restart_count)
                           for p in self._pods.values()]
+
+
+if __name__ == '__main__':  # python -m tests.testbed.kubelet: the command line lives in kubelet_cli
+    from tests.testbed.kubelet_cli import main
+    raise SystemExit(main())

@@ -107,9 +107,3 @@ def prestop_seconds(container: Mapping[str, Any]) -> float:
         if command[0] == 'sleep':
             return float(command[1])
     return 0.0
-
-
-
-if __name__ == '__main__':  # python -m tests.testbed.kubelet: the command line lives in kubelet_cli
-    from tests.testbed.kubelet_cli import main
-    raise SystemExit(main())
