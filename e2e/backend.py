@@ -7,12 +7,16 @@ A backend is a running cluster with the Ebbtide operator and a Prometheus in it:
 * ``kubectl(*args)``: the real kubectl binary (tools/bin/kubectl, else one on PATH), for
   ``describe`` in the end-to-end log;
 * ``service_url(name, namespace)``: a base URL on this machine that reaches the model server's
-  Service (a load balancer process on the emulated cluster, a port-forward on kind);
+  Service (a load balancer reading its EndpointSlices on the local control plane, the API
+  server's service proxy on kind);
 * ``prometheus_url``: the Prometheus the operator reads;
 * ``engine``: what the scenario puts in ``spec.engine`` so replicas run the engine simulator;
-* ``engine_get(pod, path)``: a GET on a pod's engine (``/is_sleeping``), where the backend can reach it;
+* ``engine_get(pod, path)``: a GET on a pod's engine (``/is_sleeping``) through the API server's pod proxy;
 * ``reclaim_spot_node()`` / ``end_spot_reclaim(node)``: the reclaim notice Karpenter puts on a spot
   node (the taint ``karpenter.sh/disrupted:NoSchedule``), and its removal.
+
+Both backends install Ebbtide with the Helm chart; the local one (e2e/local.py) runs a real
+control plane on this machine, the kind one (e2e/kind.py) a kind cluster where Docker exists.
 """
 
 from __future__ import annotations
@@ -33,8 +37,8 @@ from kubernetes.dynamic.exceptions import NotFoundError
 
 ROOT = Path(__file__).resolve().parents[1]
 MERGE_PATCH = "application/merge-patch+json"
-# Both backends label one node as Karpenter labels its spot nodes (the pod runner's
-# runner-node-spot-0, the kind worker in e2e/kind-cluster.yaml).
+# Both backends label one node as Karpenter labels its spot nodes (the test bed kubelet's
+# testbed-spot-0, the kind worker in e2e/kind-cluster.yaml).
 SPOT_NODE_SELECTOR = "karpenter.sh/capacity-type=spot"
 # What Karpenter v1 puts on a node it is about to take back (a spot interruption included).
 RECLAIM_TAINT = {"key": "karpenter.sh/disrupted", "effect": "NoSchedule"}
@@ -194,7 +198,7 @@ class Backend(abc.ABC):
 
 
 def engine_port(pod: dict) -> int | None:
-    """The engine container's port (the pod runner sets it to the engine's own loopback port)."""
+    """The engine container's port (its `http` port: the engine listens on podIP:containerPort)."""
     containers = pod["spec"].get("containers") or []
     container = next((c for c in containers if c.get("name") == "vllm"), containers[0] if containers else {})
     ports = container.get("ports") or [{}]

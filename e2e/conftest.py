@@ -1,6 +1,6 @@
-"""Fixtures of the end-to-end scenarios: the backend chosen by ``E2E_CLUSTER`` (``emulated``, the
-default, or ``kind``) and the end-to-end log, ``artifacts/e2e-<backend>.log``, one for all the
-scenarios of a session."""
+"""Fixtures of the end-to-end scenarios: the backend chosen by ``E2E_CLUSTER`` (``local``, the
+default: a real control plane on this machine, e2e/local.py; or ``kind``, e2e/kind.py) and the
+end-to-end log, ``artifacts/e2e-<backend>.log``, one for all the scenarios of a session."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from e2e import emulated, kind
+from e2e import kind, local
 from e2e.backend import ROOT, Backend, StoryLog
 
-BACKENDS = {"emulated": (emulated.EmulatedBackend, emulated.missing_requirement),
+BACKENDS = {"local": (local.LocalBackend, local.missing_requirement),
             "kind": (kind.KindBackend, kind.missing_requirement)}
 
 
@@ -23,7 +23,7 @@ def artifacts_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def backend() -> Iterator[Backend]:
-    choice = os.environ.get("E2E_CLUSTER", "emulated")
+    choice = os.environ.get("E2E_CLUSTER", "local")
     if choice not in BACKENDS:
         pytest.fail(f"E2E_CLUSTER={choice!r}: expected one of {sorted(BACKENDS)}")
     cls, missing = BACKENDS[choice]

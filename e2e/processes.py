@@ -1,7 +1,7 @@
 """Child processes of a backend: each started in its own session, logged to a file, stopped by PID.
 
 A process is started with ``start_new_session=True``, so its process group id is its PID: at
-stop, after the process itself is gone, any process still in that group (an engine a pod runner
+stop, after the process itself is gone, any process still in that group (an engine the kubelet
 forgot, a Prometheus its wrapper left behind) is found by scanning /proc, killed by PID and
 reported, so a test can fail on leftovers instead of leaking them.
 """

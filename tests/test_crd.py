@@ -109,6 +109,7 @@ def _refusal(apiserver, spec: dict, name: str = "bad") -> dict:
 
 
 BIG_SCHEDULE = [{"name": "a", "cron": "0 8 * * *", "durationMinutes": 5, "minReplicas": 9}]
+FROM_SECRET = {"secretKeyRef": {"name": "hf", "key": "token"}}
 
 
 @pytest.mark.parametrize("spec, field, message", [
@@ -123,6 +124,12 @@ BIG_SCHEDULE = [{"name": "a", "cron": "0 8 * * *", "durationMinutes": 5, "minRep
     ({"mode": "Aggressive"}, "spec.mode", 'Unsupported value: "Aggressive"'),
     ({"scaling": {"targets": {"kvCacheUsage": 1.2}}}, "spec.scaling.targets.kvCacheUsage",
      "should be less than or equal to 1"),
+    ({"engine": {"env": [{"name": "T", "value": "x", "valueFrom": FROM_SECRET}]}}, "spec.engine.env[0]",
+     "value and valueFrom are mutually exclusive"),
+    ({"engine": {"envFrom": [{"secretRef": {"name": "s"}, "configMapRef": {"name": "c"}}]}}, "spec.engine.envFrom[0]",
+     "exactly one of secretRef and configMapRef must be set"),
+    ({"engine": {"modelCache": {}}}, "spec.engine.modelCache",
+     "exactly one of persistentVolumeClaim and emptyDir must be set"),
 ])
 def test_server_refuses_what_the_schema_and_its_cel_rules_refuse(apiserver, spec, field, message):
     status = _refusal(apiserver, spec)
@@ -136,6 +143,8 @@ def test_server_refuses_what_the_schema_and_its_cel_rules_refuse(apiserver, spec
     {"replicas": {"max": 4}, "placement": {"spot": {"enabled": True, "onDemandBase": 2}}},
     {"replicas": {"max": 4}, "placement": {"spot": {"enabled": False, "onDemandBase": 6}}},
     {"replicas": {"min": 3, "max": 3}, "schedules": [{**BIG_SCHEDULE[0], "minReplicas": 3}]},
+    {"engine": {"env": [{"name": "T", "value": "", "valueFrom": FROM_SECRET}],  # an empty value is none
+                "modelCache": {"emptyDir": {"sizeLimit": "40Gi"}}}},
 ])
 def test_server_accepts_specs_within_the_rules(apiserver, spec):
     created = apiserver.server.create_object(isvc("good", **spec))

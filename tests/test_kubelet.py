@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import signal
-import time
 import urllib.error
 import urllib.request
 

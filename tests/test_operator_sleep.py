@@ -102,17 +102,16 @@ def test_idle_replicas_sleep_wake_on_load_and_expire(cluster):
             assert stats["requests_refused_asleep"] == 0 and stats["sleeps_refused"] == 0, (pod.name, stats)
         assert balancer.stats()["no_endpoint"] == 0
 
-        # The load is gone: two replicas sleep again (not necessarily the same two: the first
-        # seen idle go first), and after the TTL the pool lets them go.
-        sleepers = wait_for(lambda: len(asleep(cluster)) == 2 and asleep(cluster), timeout=DOWN_WINDOW + 30,
-                            what="two replicas asleep again")
+        # The load is gone: two replicas sleep again, and after the TTL the pool lets them go.
+        again = wait_for(lambda: len(asleep(cluster)) == 2 and asleep(cluster), timeout=DOWN_WINDOW + 30,
+                         what="two replicas asleep again")  # not necessarily the same two
         slept = time.monotonic()
         wait_for(lambda: replicas(server) == 1, timeout=TTL + 20, what="the TTL removes the sleepers")
         assert time.monotonic() - slept >= TTL - 3, "sleepers kept until their TTL"
         wait_for(lambda: len(live_pods(cluster)) == 1, timeout=20, what="one pod left")
         (last,) = live_pods(cluster)
         # The ReplicaSet controller removed exactly the pods ranked cheapest to delete.
-        assert last.name not in sleepers and not engine_stats(last)["is_sleeping"], "the sleepers went"
+        assert last.name not in again and not engine_stats(last)["is_sleeping"], "the sleepers went"
         wait_for(lambda: any(e["reason"] == "Released" and "ttl" in e["message"] for e in events(server)),
                  what="a Released event naming the TTL")
         assert not [e for e in events(server) if e["reason"].startswith("Spot")], "spot is off: no spot Events"

@@ -15,9 +15,10 @@ import pytest
 from ebbtide.policy.capacity_types import ON_DEMAND, SPOT
 from ebbtide.sim import report
 from ebbtide.sim.capacity import LLAMA_3_1_8B_H100
+from ebbtide.sim.command import parse_outage
 from ebbtide.sim.ebbtide_policy import EbbtidePolicy, EbbtideSpotPolicy, SpotOnlyPolicy
 from ebbtide.sim.fleet import SimSettings, simulate
-from ebbtide.sim.inputs import load_spec, parse_outage
+from ebbtide.sim.inputs import load_spec
 from ebbtide.sim.policy import Orders, SimulatedPolicy
 from ebbtide.sim.replicas import ASLEEP, ASLEEP_SPOT
 from ebbtide.sim.spot_market import SpotMarket

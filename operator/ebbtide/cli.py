@@ -8,6 +8,8 @@ from pathlib import Path
 
 import yaml
 
+from ebbtide.arguments import Parser, port, refuse
+
 
 def _crd(args: argparse.Namespace) -> int:
     from ebbtide.api.crd import CRD_FILENAME, crd_yaml
@@ -17,8 +19,11 @@ def _crd(args: argparse.Namespace) -> int:
         sys.stdout.write(text)
         return 0
     out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / CRD_FILENAME).write_text(text)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / CRD_FILENAME).write_text(text)
+    except OSError as e:
+        return refuse("ebbtide crd", f"cannot write {e.filename or out}: {e.strerror or e}")
     print(f"wrote {out / CRD_FILENAME}")
     return 0
 
@@ -28,13 +33,9 @@ def _render(args: argparse.Namespace) -> int:
     from ebbtide.cluster.render import render_workload
 
     try:
-        services = list(load_manifests(args.file))
-    except (InvalidSpec, OSError, yaml.YAMLError) as e:
-        print(f"ebbtide render: {args.file}: {e}", file=sys.stderr)
-        return 2
-    if not services:
-        print(f"ebbtide render: {args.file}: no InferenceService in this file", file=sys.stderr)
-        return 2
+        services = load_manifests(args.file)
+    except InvalidSpec as e:
+        return refuse("ebbtide render", e)
     objects = [obj for ref, spec in services for obj in render_workload(ref, spec)]
     sys.stdout.write(yaml.safe_dump_all(objects, sort_keys=False, explicit_start=True))
     return 0
@@ -47,7 +48,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from ebbtide.sim.simulate import run
+    from ebbtide.sim.command import run
 
     return run(args)
 
@@ -59,7 +60,7 @@ def _engine_sim(argv: list[str]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="ebbtide",
         description="Runs vLLM model servers on Kubernetes and scales them for the lowest cost per token "
         "within latency SLOs.",
@@ -71,8 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="watch only this namespace (repeatable); default: all namespaces")
     run.add_argument("--prometheus-url", default=None,
                      help="Prometheus the signals are read from (default: $EBBTIDE_PROMETHEUS_URL)")
-    run.add_argument("--metrics-port", type=int, default=9090, help="port of the operator's own /metrics (0: off)")
-    run.add_argument("--health-port", type=int, default=8080, help="port of the liveness endpoint (0: off)")
+    run.add_argument("--metrics-port", type=port, default=9090, help="port of the operator's own /metrics (0: off)")
+    run.add_argument("--health-port", type=port, default=8080, help="port of the liveness endpoint (0: off)")
     run.add_argument("--peering", default=None,
                      help="kopf peering name for high availability; default: standalone")
     run.add_argument("--verbose", action="store_true", help="debug logging")
@@ -82,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
         "simulate", help="replay a traffic trace through a spec and the usual alternatives; cost and SLO",
         description="Replay a trace through the same decision core the operator runs, over a simulated "
         "vLLM fleet, next to static provisioning, HPA, KEDA, AIBrix APA and an oracle.")
-    from ebbtide.sim.simulate import add_arguments
+    from ebbtide.sim.command import add_arguments
 
     add_arguments(simulate)
     simulate.set_defaults(func=_simulate)

@@ -60,6 +60,18 @@ def build_binaries() -> pathlib.Path:
     return pathlib.Path(done.stdout.strip().splitlines()[-1])
 
 
+def stop_process(proc: subprocess.Popen, grace: float, crash: bool = False) -> None:
+    """SIGTERM (SIGKILL with ``crash``), then SIGKILL if it outlives ``grace`` seconds."""
+    if proc.poll() is not None:
+        return
+    proc.kill() if crash else proc.terminate()
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(grace)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
@@ -216,14 +228,8 @@ class ControlPlane:
 
     def _terminate(self, component: str) -> None:
         proc = self.processes.pop(component, None)
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(15)
+        if proc is not None:
+            stop_process(proc, grace=15)
 
     # ---------------------------------------------------------------------------- readiness
 
@@ -242,11 +248,15 @@ class ControlPlane:
             return 0, b''
 
     def wait_ready(self, timeout: float = 120.0) -> None:
+        self._wait_for('/readyz', 'kube-apiserver not ready', timeout)
+
+    def _wait_for(self, path: str, failure: str, timeout: float) -> None:
+        """Until GET path answers 200, while every component runs."""
         deadline = time.monotonic() + timeout
-        while self.get('/readyz')[0] != 200:
+        while self.get(path)[0] != 200:
             self._check_alive()
             if time.monotonic() > deadline:
-                raise ControlPlaneError(f'kube-apiserver not ready in {timeout:.0f} s; see {self.logs}')
+                raise ControlPlaneError(f'{failure} in {timeout:.0f} s; see {self.logs}')
             time.sleep(0.2)
 
     def _register_crds(self, timeout: float) -> None:
@@ -261,12 +271,7 @@ class ControlPlane:
 
     def _wait_for_default_service_account(self, timeout: float) -> None:
         """Pods are refused until the namespace's default ServiceAccount exists (the controller makes it)."""
-        deadline = time.monotonic() + timeout
-        while self.get('/api/v1/namespaces/default/serviceaccounts/default')[0] != 200:
-            self._check_alive()
-            if time.monotonic() > deadline:
-                raise ControlPlaneError(f'no default ServiceAccount in {timeout:.0f} s; see {self.logs}')
-            time.sleep(0.2)
+        self._wait_for('/api/v1/namespaces/default/serviceaccounts/default', 'no default ServiceAccount', timeout)
 
     def _check_alive(self) -> None:
         for component, proc in self.processes.items():

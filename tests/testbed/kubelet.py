@@ -27,11 +27,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import pathlib
 import signal
-import subprocess
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -50,8 +48,9 @@ from tests.testbed.engines import (
     spawn,
     wait_until,
 )
-from tests.testbed.nodes import FakeNode, default_nodes, lease_body, node_body, node_status
+from tests.testbed.nodes import FakeNode, default_nodes, register_node, renew_lease
 from tests.testbed.podnetwork import PodNetwork
+from tests.testbed.podstate import PodInfo, RunningPod, pod_status, prestop_seconds
 
 logger = logging.getLogger(__name__)
 
@@ -71,65 +70,6 @@ def pod_network() -> PodNetwork:
         if _network is None:
             _network = PodNetwork()
         return _network
-
-
-@dataclasses.dataclass(frozen=True)
-class PodInfo:
-    """A snapshot of one pod as the kubelet runs it."""
-    namespace: str
-    name: str
-    deployment: str
-    ip: str
-    port: int
-    pid: int | None
-    ready: bool
-    node: str
-    terminating: bool
-    restart_count: int
-
-    @property
-    def url(self) -> str:
-        return f'http://{self.ip}:{self.port}'
-
-
-@dataclasses.dataclass
-class _Pod:
-    namespace: str
-    name: str
-    uid: str
-    node: str
-    ip: str
-    port: int
-    grace: float
-    container: dict[str, Any]
-    labels: dict[str, str]
-    proc: subprocess.Popen | None = None
-    start_time: str = dataclasses.field(default_factory=now_rfc3339)
-    started_at: str | None = None
-    healthy: bool = False
-    failures: int = 0
-    gates_passed: bool = True
-    restart_count: int = 0
-    last_state: dict[str, Any] = dataclasses.field(default_factory=dict)
-    restart_after: float | None = None
-    transitions: dict[str, tuple[bool, str]] = dataclasses.field(default_factory=dict)
-    terminating: bool = False
-    last_status: dict[str, Any] | None = None
-
-    @property
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    @property
-    def deployment(self) -> str:
-        """The owning Deployment's name: the ReplicaSet's name less its template hash."""
-        return self.name.rsplit('-', 2)[0] if 'pod-template-hash' in self.labels else self.name
-
-    def transition(self, condition: str, status: bool) -> str:
-        """The lastTransitionTime of a condition, moved when its status changes."""
-        if condition not in self.transitions or self.transitions[condition][0] != status:
-            self.transitions[condition] = (status, now_rfc3339())
-        return self.transitions[condition][1]
 
 
 class Kubelet:
@@ -156,7 +96,7 @@ class Kubelet:
         self.log_dir = pathlib.Path(log_dir) if log_dir is not None else None
         self.engine_log_level = engine_log_level
         self.network = pod_network()
-        self._pods: dict[str, _Pod] = {}  # by uid
+        self._pods: dict[str, RunningPod] = {}  # by uid
         self._all_pids: set[int] = set()
         self._snapshot: list[PodInfo] = []
         self._loop = LoopThread('kubelet')
@@ -254,16 +194,7 @@ class Kubelet:
     # ------------------------------------------------------------------------------ nodes
 
     def _register(self, node: FakeNode) -> None:
-        from kubernetes.client.rest import ApiException
-        try:
-            call_api(self.core.create_node, node_body(node))
-        except ApiException as e:
-            if e.status != 409:
-                raise
-            call_api(self.core.replace_node, node.name, {**node_body(node), 'metadata': {
-                **node_body(node)['metadata'],
-                'resourceVersion': call_api(self.core.read_node, node.name)['metadata']['resourceVersion']}})
-        call_api(self.core.patch_node_status, node.name, node_status(node))
+        register_node(self.core, node)
         self._renew_lease(node)
 
     def _patch_taints(self, node: FakeNode) -> None:
@@ -284,14 +215,7 @@ class Kubelet:
         wait_until(clean, timeout=timeout, interval=0.2, message='the node-lifecycle controller left taints')
 
     def _renew_lease(self, node: FakeNode) -> None:
-        from kubernetes.client.rest import ApiException
-        try:
-            call_api(self.coordination.replace_namespaced_lease, node.name, 'kube-node-lease', lease_body(node, call_api(
-                self.coordination.read_namespaced_lease, node.name, 'kube-node-lease')['metadata']['resourceVersion']))
-        except ApiException as e:
-            if e.status != 404:
-                raise
-            call_api(self.coordination.create_namespaced_lease, 'kube-node-lease', lease_body(node))
+        renew_lease(self.coordination, node)
 
     # ------------------------------------------------------------------------------ the sync loop
 
@@ -339,7 +263,7 @@ class Kubelet:
             if not pod.terminating:
                 await self._write_status(pod)
 
-    def _admit(self, body: Body) -> _Pod:
+    def _admit(self, body: Body) -> RunningPod:
         meta, spec = body['metadata'], body.get('spec') or {}
         containers = spec.get('containers') or [{}]
         container = next((c for c in containers if c.get('name') == 'vllm'), containers[0])
@@ -347,10 +271,10 @@ class Kubelet:
         grace = float(spec.get('terminationGracePeriodSeconds', 30))
         if self.max_grace_seconds is not None:
             grace = min(grace, self.max_grace_seconds)
-        return _Pod(namespace=meta['namespace'], name=meta['name'], uid=meta['uid'], node=spec['nodeName'],
+        return RunningPod(namespace=meta['namespace'], name=meta['name'], uid=meta['uid'], node=spec['nodeName'],
                     ip=self.network.allocate(), port=port, grace=grace, container=container, labels=meta.get('labels') or {})
 
-    async def _check(self, pod: _Pod) -> None:
+    async def _check(self, pod: RunningPod) -> None:
         """Start, probe, or restart the engine."""
         if pod.proc is None:
             if pod.restart_after is None or time.monotonic() >= pod.restart_after:
@@ -377,7 +301,7 @@ class Kubelet:
         elif pod.failures >= READY_FAILURE_THRESHOLD:
             pod.healthy = False
 
-    def _run_engine(self, pod: _Pod) -> None:
+    def _run_engine(self, pod: RunningPod) -> None:
         command = engine_command(pod.container, host=pod.ip, port=pod.port, preset=self.preset,
                                  startup_delay=self.startup_delay, shutdown_timeout=max(0.0, pod.grace - 0.5),
                                  capacity_overrides=self.capacity_overrides, log_level=self.engine_log_level)
@@ -389,35 +313,8 @@ class Kubelet:
 
     # ------------------------------------------------------------------------------ pod status
 
-    def _status(self, pod: _Pod) -> Body:
-        ready = pod.healthy and pod.alive
-        conditions = [{'type': c, 'status': 'True', 'lastTransitionTime': pod.transition(c, True)}
-                      for c in ('PodReadyToStartContainers', 'Initialized')]
-        for condition, true in (('ContainersReady', ready), ('Ready', ready and pod.gates_passed)):
-            item = {'type': condition, 'status': str(true), 'lastTransitionTime': pod.transition(condition, true)}
-            if not ready:
-                item.update(reason='ContainersNotReady', message='containers with unready status: [vllm]')
-            elif not true:
-                item.update(reason='ReadinessGatesNotReady', message='the status of pod readiness gate is not "True"')
-            conditions.append(item)
-        if pod.alive:
-            state: Body = {'running': {'startedAt': pod.started_at}}
-        elif pod.restart_after is not None:
-            state = {'waiting': {'reason': 'CrashLoopBackOff',
-                                 'message': f'back-off restarting failed container vllm in pod {pod.name}'}}
-        else:
-            state = {'waiting': {'reason': 'ContainerCreating'}}
-        container = {'name': pod.container.get('name', 'vllm'), 'image': pod.container.get('image', ''),
-                     'imageID': '', 'ready': ready, 'started': pod.alive and pod.healthy,
-                     'restartCount': pod.restart_count, 'state': state, 'lastState': pod.last_state}
-        if pod.proc is not None:
-            container['containerID'] = f'testbed://{pod.proc.pid}'
-        return {'phase': 'Running', 'conditions': conditions, 'hostIP': '127.0.0.1', 'hostIPs': [{'ip': '127.0.0.1'}],
-                'podIP': pod.ip, 'podIPs': [{'ip': pod.ip}], 'startTime': pod.start_time,
-                'containerStatuses': [container]}
-
-    async def _write_status(self, pod: _Pod, status: Body | None = None) -> None:
-        status = status or self._status(pod)
+    async def _write_status(self, pod: RunningPod, status: Body | None = None) -> None:
+        status = status or pod_status(pod)
         if status == pod.last_status:
             return
         from kubernetes.client.rest import ApiException
@@ -431,16 +328,16 @@ class Kubelet:
 
     # ------------------------------------------------------------------------------ termination
 
-    def _begin_termination(self, pod: _Pod, *, delete: bool = True) -> None:
+    def _begin_termination(self, pod: RunningPod, *, delete: bool = True) -> None:
         pod.terminating = True
         task = asyncio.get_running_loop().create_task(self._terminate(pod, delete=delete))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _terminate(self, pod: _Pod, *, delete: bool) -> None:
+    async def _terminate(self, pod: RunningPod, *, delete: bool) -> None:
         try:
             if pod.alive and self.honor_prestop and delete:
-                await asyncio.sleep(min(_prestop_seconds(pod.container), pod.grace))
+                await asyncio.sleep(min(prestop_seconds(pod.container), pod.grace))
             await self._stop_engine(pod, pod.grace)
             if delete:  # what the kubelet's status manager does once the containers are gone
                 from kubernetes.client.rest import ApiException
@@ -454,7 +351,7 @@ class Kubelet:
             self.network.release(pod.ip)
             self._refresh_snapshot()
 
-    async def _stop_engine(self, pod: _Pod, grace: float) -> None:
+    async def _stop_engine(self, pod: RunningPod, grace: float) -> None:
         proc = pod.proc
         if proc is None:
             return
@@ -490,16 +387,6 @@ class Kubelet:
                                   pid=p.proc.pid if p.alive else None, ready=p.healthy and p.alive and p.gates_passed,
                                   node=p.node, terminating=p.terminating, restart_count=p.restart_count)
                           for p in self._pods.values()]
-
-
-def _prestop_seconds(container: Mapping[str, Any]) -> float:
-    """The N of a ``sleep N`` preStop exec hook (the only kind the test bed runs), else 0."""
-    command = ((((container.get('lifecycle') or {}).get('preStop') or {}).get('exec') or {}).get('command')) or []
-    with contextlib.suppress(ValueError, IndexError):
-        if command[0] == 'sleep':
-            return float(command[1])
-    return 0.0
-
 
 
 if __name__ == '__main__':  # python -m tests.testbed.kubelet: the command line lives in kubelet_cli

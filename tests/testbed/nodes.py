@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from tests.testbed.engines import now_rfc3339
+from tests.testbed.engines import call_api, now_rfc3339
 
 CAPACITY_TYPE_LABEL = 'karpenter.sh/capacity-type'
 KUBE_VERSION = 'v1.36.3'
@@ -79,3 +79,29 @@ def lease_body(node: FakeNode, resource_version: str | None = None) -> dict[str,
     return {'apiVersion': 'coordination.k8s.io/v1', 'kind': 'Lease', 'metadata': metadata,
             'spec': {'holderIdentity': node.name, 'leaseDurationSeconds': 40,
                      'renewTime': datetime.now(UTC).strftime('%Y-%m-%dT%H:%M:%S.%fZ')}}
+
+
+def register_node(core: Any, node: FakeNode) -> None:
+    """Create the Node, or put back its labels and taints (a restarted kubelet's), then post its status."""
+    from kubernetes.client.rest import ApiException
+    try:
+        call_api(core.create_node, node_body(node))
+    except ApiException as e:
+        if e.status != 409:
+            raise
+        version = call_api(core.read_node, node.name)['metadata']['resourceVersion']
+        body = node_body(node)
+        call_api(core.replace_node, node.name, {**body, 'metadata': {**body['metadata'], 'resourceVersion': version}})
+    call_api(core.patch_node_status, node.name, node_status(node))
+
+
+def renew_lease(coordination: Any, node: FakeNode) -> None:
+    from kubernetes.client.rest import ApiException
+    try:
+        current = call_api(coordination.read_namespaced_lease, node.name, 'kube-node-lease')
+        call_api(coordination.replace_namespaced_lease, node.name, 'kube-node-lease',
+                 lease_body(node, current['metadata']['resourceVersion']))
+    except ApiException as e:
+        if e.status != 404:
+            raise
+        call_api(coordination.create_namespaced_lease, 'kube-node-lease', lease_body(node))

@@ -38,6 +38,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from ebbtide.sim.engine_server import free_port
+from tests.testbed.controlplane import stop_process
 
 JOB = "vllm"
 SCRAPE_CONFIG = Path(__file__).resolve().parents[2] / "docs" / "prometheus-scrape.yaml"
@@ -64,6 +65,22 @@ def prometheus_binary() -> str | None:
 MISSING_BINARY = (
     "the prometheus binary is not installed (apt-get install -y prometheus, or set PROMETHEUS_BIN)"
 )
+BUILD_SCRIPT = Path(__file__).resolve().parents[2] / "tools" / "prometheus" / "build.sh"
+
+
+def kubernetes_sd_binary() -> str:
+    """A Prometheus that has kubernetes_sd_configs: $PROMETHEUS_BIN, else tools/prometheus/build.sh's.
+
+    Debian's package is built without Kubernetes discovery (a Debian patch removes it), so the
+    discovering Prometheus is built from the Prometheus Go module, once (cached by version).
+    """
+    if override := os.environ.get("PROMETHEUS_BIN"):
+        return override
+    done = subprocess.run(["bash", str(BUILD_SCRIPT)], capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = "\n".join(done.stderr.strip().splitlines()[-15:])
+        raise FileNotFoundError(f"building Prometheus with Kubernetes discovery failed ({BUILD_SCRIPT}):\n{tail}")
+    return done.stdout.strip().splitlines()[-1]
 
 
 class PrometheusServer:
@@ -80,7 +97,8 @@ class PrometheusServer:
         host: str = "127.0.0.1",
         kubeconfig: str | os.PathLike | None = None,
     ):
-        self.binary = binary or prometheus_binary()
+        # Discovering pods through the API server needs a Prometheus built with it (see kubernetes_sd_binary).
+        self.binary = binary or (kubernetes_sd_binary() if kubeconfig else prometheus_binary())
         if self.binary is None:
             raise FileNotFoundError(MISSING_BINARY)
         self.host = host
@@ -194,15 +212,7 @@ class PrometheusServer:
         if self._paused:
             process.send_signal(signal.SIGCONT)
             self._paused = False
-        if crash:
-            process.kill()
-        else:
-            process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(5)
+        stop_process(process, grace=10, crash=crash)
 
     def pause(self) -> None:
         """SIGSTOP: the port stays open but nothing answers (clients hit their timeouts)."""

@@ -25,3 +25,8 @@ class ApiModel(BaseModel):
     def to_wire(self) -> dict:
         """The object as it appears in a manifest: camelCase keys, defaults included."""
         return self.model_dump(by_alias=True, mode="json", exclude_none=True)
+
+
+def cel(*rules: tuple[str, str]) -> dict:
+    """CEL rules (rule, message) for the generated CRD; see api/crd.py."""
+    return {"x-kubernetes-validations": [{"rule": rule, "message": message} for rule, message in rules]}

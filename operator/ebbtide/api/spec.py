@@ -10,22 +10,13 @@ also guards clusters whose API server does not evaluate CEL).
 from __future__ import annotations
 
 import zoneinfo
-from typing import Annotated, Literal
+from typing import Literal
 
 from croniter import croniter
 from pydantic import Field, field_validator, model_validator
 
-from ebbtide.api.base import ApiModel
-
-Quantity = Annotated[
-    int | str,
-    Field(description="A Kubernetes quantity, for example 4, \"500m\" or \"32Gi\"."),
-]
-
-
-def cel(*rules: tuple[str, str]) -> dict:
-    """CEL rules (rule, message) for the generated CRD; see api/crd.py."""
-    return {"x-kubernetes-validations": [{"rule": rule, "message": message} for rule, message in rules]}
+from ebbtide.api.base import ApiModel, cel
+from ebbtide.api.engine import EngineSpec, Quantity
 
 
 class ModelSpec(ApiModel):
@@ -37,66 +28,6 @@ class ModelSpec(ApiModel):
         default=None,
         description="The name clients use in requests (`--served-model-name`); defaults to `name`.",
     )
-
-
-class EnvVar(ApiModel):
-    name: str = Field(min_length=1, description="Environment variable name.")
-    value: str = Field(default="", description="Environment variable value.")
-
-
-class ResourceRequirements(ApiModel):
-    requests: dict[str, Quantity] = Field(
-        default_factory=dict, description="Resources each engine container requests (besides its GPUs)."
-    )
-    limits: dict[str, Quantity] = Field(
-        default_factory=dict, description="Resource limits of each engine container (besides its GPUs)."
-    )
-
-
-class EngineSpec(ApiModel):
-    image: str = Field(
-        default="vllm/vllm-openai:v0.11.0", min_length=1, description="The vLLM container image."
-    )
-    args: list[str] = Field(
-        default_factory=list,
-        description="Extra arguments for `vllm serve`, after the ones Ebbtide sets "
-        "(model, port, served name, sleep mode).",
-    )
-    env: list[EnvVar] = Field(default_factory=list, description="Extra environment variables of the engine.")
-    port: int = Field(default=8000, ge=1, le=65535, description="The port vLLM listens on (API and /metrics).")
-    gpus: int = Field(default=1, ge=0, le=16, description="GPUs per replica (tensor parallel size).")
-    gpu_resource: str = Field(
-        default="nvidia.com/gpu", description="The extended resource name GPUs are requested under."
-    )
-    resources: ResourceRequirements = Field(
-        default_factory=ResourceRequirements,
-        description="CPU, memory and other resources per replica, besides the GPUs.",
-    )
-    startup_budget_seconds: int = Field(
-        default=900,
-        ge=30,
-        le=7200,
-        description="How long a replica may take to load the model before it is restarted "
-        "(the startupProbe's budget). Cold starts with weight downloads take minutes.",
-    )
-    termination_grace_period_seconds: int = Field(
-        default=120,
-        ge=0,
-        le=3600,
-        description="Time a stopping replica gets to finish the requests in flight.",
-    )
-
-    @field_validator("args")
-    @classmethod
-    def no_managed_args(cls, args: list[str]) -> list[str]:
-        managed = {"--port", "--served-model-name", "--enable-sleep-mode"}
-        clashes = sorted({a.split("=", 1)[0] for a in args} & managed)
-        if clashes:
-            raise ValueError(
-                f"engine.args must not set {', '.join(clashes)}: Ebbtide sets them from the spec "
-                "(engine.port, model.servedName, sleep.enabled)"
-            )
-        return args
 
 
 class Replicas(ApiModel):
@@ -228,7 +159,7 @@ class TargetOverrides(ApiModel):
 def known_timezone(timezone: str) -> str:
     try:
         zoneinfo.ZoneInfo(timezone)
-    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):  # OSError: "America" is a directory
         raise ValueError(f"{timezone!r} is not an IANA time zone") from None
     return timezone
 

@@ -16,6 +16,8 @@ from collections.abc import Callable
 from typing import Any
 
 import kubernetes
+import urllib3
+import yaml
 from kubernetes.client.exceptions import ForbiddenException as Forbidden
 from kubernetes.client.rest import ApiException
 
@@ -268,3 +270,34 @@ class Kube:
         except ApiException as e:
             if e.status != 404:
                 raise
+
+
+def api_server_problem() -> str | None:
+    """Why the operator cannot talk to the API server now, or None. Credentials are found as
+    Kube.from_environment and kopf's login find them: in the cluster, else from the kubeconfig."""
+    try:
+        kubernetes.config.load_incluster_config()
+    except kubernetes.config.ConfigException as in_cluster:
+        try:
+            kubernetes.config.load_kube_config()
+        except (kubernetes.config.ConfigException, OSError, yaml.YAMLError) as e:
+            path = kubernetes.config.kube_config.KUBE_CONFIG_DEFAULT_LOCATION
+            return (f"no Kubernetes credentials: not in a cluster ({in_cluster}), and no usable kubeconfig "
+                    f"at {path} ({' '.join(str(e).split())})")
+    configuration = kubernetes.client.Configuration.get_default_copy()
+    configuration.retries = 0  # one attempt, one line: urllib3 would log a warning per retry
+    with kubernetes.client.ApiClient(configuration) as client:
+        try:
+            kubernetes.client.VersionApi(client).get_code(_request_timeout=10)
+        except kubernetes.client.ApiException:
+            return None  # it answered: a refusal is the handlers' to report, resource by resource
+        except (urllib3.exceptions.HTTPError, OSError) as e:
+            return f"cannot reach the Kubernetes API server at {configuration.host}: {_root_cause(e)}"
+    return None
+
+
+def _root_cause(error: BaseException) -> str:
+    """The innermost error of a chain: "Connection refused", not urllib3's wrappers around it."""
+    while (error.__cause__ or error.__context__) is not None:
+        error = error.__cause__ or error.__context__
+    return getattr(error, "strerror", None) or str(error)

@@ -16,6 +16,9 @@ import hashlib
 import json
 from dataclasses import dataclass
 
+from ebbtide.api.engine import EngineSpec
+from ebbtide.api.manifest import parse_spec
+from ebbtide.api.redaction import redacted, restored
 from ebbtide.api.ref import ServiceRef
 from ebbtide.api.spec import InferenceServiceSpec, Toleration
 from ebbtide.policy.capacity_types import ON_DEMAND, SPOT
@@ -29,6 +32,7 @@ LABEL_SERVING = "ebbtide.dev/serving"
 MANAGED_BY = {"app.kubernetes.io/managed-by": "ebbtide"}
 ANNOTATION_SPEC = "ebbtide.dev/applied-spec"
 ANNOTATION_SPEC_HASH = "ebbtide.dev/spec-hash"
+CONTAINER = "vllm"
 # The pod readiness gate a new replica passes once it has served its warm-up requests
 # (cluster/warmup.py sets it): the pod is not Ready, and so not in the Service's endpoints,
 # until its first real requests (CUDA graphs, caches) are behind it.
@@ -81,8 +85,13 @@ SPOT_PRESETS: dict[str, SpotPreset] = {
 }
 
 
+def _kept(spec: InferenceServiceSpec) -> str:
+    """The spec as annotations keep it: env values fingerprinted (api/redaction.py)."""
+    return json.dumps(redacted(spec.to_wire()), sort_keys=True, separators=(",", ":"))
+
+
 def spec_hash(spec: InferenceServiceSpec) -> str:
-    return hashlib.sha256(json.dumps(spec.to_wire(), sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(_kept(spec).encode()).hexdigest()[:16]
 
 
 def deployment_name(ref: ServiceRef, capacity: str = ON_DEMAND) -> str:
@@ -224,6 +233,21 @@ def _probe(period: int, failures: int) -> dict:
     }
 
 
+def _volumes(engine: EngineSpec) -> tuple[list[dict], list[dict]]:
+    """The pod's volumes, and the engine container's mounts of them."""
+    # NCCL and vLLM's workers share tensors through /dev/shm; the container default is 64 MiB.
+    volumes = [{"name": "dshm", "emptyDir": {"medium": "Memory"}}]
+    mounts = [{"name": "dshm", "mountPath": "/dev/shm"}]
+    cache = engine.model_cache
+    if cache is not None:
+        claim, scratch = cache.persistent_volume_claim, cache.empty_dir
+        source = ({"persistentVolumeClaim": {"claimName": claim.claim_name}} if claim is not None
+                  else {"emptyDir": {"sizeLimit": str(scratch.size_limit)}})  # as the API server stores it
+        volumes.append({"name": "model-cache", **source})
+        mounts.append({"name": "model-cache", "mountPath": cache.mount_path})
+    return volumes, mounts
+
+
 def render_deployment(ref: ServiceRef, spec: InferenceServiceSpec, capacity: str = ON_DEMAND,
                       replicas: int | None = None) -> dict:
     engine = spec.engine
@@ -233,8 +257,9 @@ def render_deployment(ref: ServiceRef, spec: InferenceServiceSpec, capacity: str
     if spec.sleep.enabled:
         env.append({"name": "VLLM_SERVER_DEV_MODE", "value": "1"})  # the sleep routes exist only with it
     startup_period = 10
+    volumes, mounts = _volumes(engine)
     container = {
-        "name": "vllm",
+        "name": CONTAINER,
         "image": engine.image,
         "command": ["vllm", "serve"],
         "args": engine_args(spec),
@@ -247,15 +272,16 @@ def render_deployment(ref: ServiceRef, spec: InferenceServiceSpec, capacity: str
         "livenessProbe": _probe(10, 6),
         # Give endpoints time to drop the pod before vLLM stops accepting requests.
         "lifecycle": {"preStop": {"exec": {"command": ["sleep", "5"]}}},
-        "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}],
+        "volumeMounts": mounts,
     }
     if env:  # an API server drops an empty list: rendering one would read as drift forever
         container["env"] = env
+    if engine.env_from:
+        container["envFrom"] = [source.to_wire() for source in engine.env_from]
     pod_spec: dict = {
         "terminationGracePeriodSeconds": _grace_period(spec, capacity),
         "containers": [container],
-        # NCCL and vLLM's workers share tensors through /dev/shm; the container default is 64 MiB.
-        "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory"}}],
+        "volumes": volumes,
         **_placement(spec, capacity, selector),
     }
     if spec.warmup.requests > 0:
@@ -264,8 +290,9 @@ def render_deployment(ref: ServiceRef, spec: InferenceServiceSpec, capacity: str
     metadata["annotations"] = {
         ANNOTATION_SPEC_HASH: spec_hash(spec),
         # The spec this Deployment was rendered from: the last valid spec, kept in the cluster so
-        # a restarted operator facing an invalid edit still knows what it was running.
-        ANNOTATION_SPEC: json.dumps(spec.to_wire(), sort_keys=True, separators=(",", ":")),
+        # a restarted operator facing an invalid edit still knows what it was running
+        # (applied_spec reads it back, with the env values from the pod template).
+        ANNOTATION_SPEC: _kept(spec),
     }
     return {
         "apiVersion": "apps/v1",
@@ -290,6 +317,19 @@ def render_deployment(ref: ServiceRef, spec: InferenceServiceSpec, capacity: str
             },
         },
     }
+
+
+def applied_spec(deployment: dict) -> InferenceServiceSpec | None:
+    """The spec a Deployment was rendered from, or None if it does not say.
+
+    Raises ValueError (InvalidSpec is one) when the annotation can no longer be read back.
+    """
+    kept = deployment["metadata"].get("annotations", {}).get(ANNOTATION_SPEC)
+    if not kept:
+        return None
+    containers = deployment["spec"]["template"]["spec"]["containers"]
+    env = next((c.get("env", []) for c in containers if c["name"] == CONTAINER), [])
+    return parse_spec(restored(json.loads(kept), env))
 
 
 def render_service(ref: ServiceRef, spec: InferenceServiceSpec) -> dict:

@@ -13,6 +13,7 @@ import kopf
 
 from ebbtide import api
 from ebbtide.api.ref import ServiceRef
+from ebbtide.cluster.diffbase import RedactedDiffBaseStorage
 from ebbtide.cluster.kube import Forbidden, Kube, refusal
 from ebbtide.cluster.render import MANAGED_BY
 from ebbtide.control.config import OperatorConfig
@@ -26,7 +27,7 @@ from ebbtide.signals.prometheus import PrometheusSource
 async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logging.Logger, **_) -> None:
     # Keep kopf's bookkeeping in our own annotations and out of status, which is the user's view.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="ebbtide.dev")
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+    settings.persistence.diffbase_storage = RedactedDiffBaseStorage(  # kopf's copy of the spec, without env values
         prefix="ebbtide.dev", key="last-handled-configuration")
     settings.persistence.finalizer = "ebbtide.dev/finalizer"
     settings.posting.level = logging.WARNING  # our own Events tell the story; kopf's would repeat it

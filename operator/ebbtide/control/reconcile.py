@@ -7,16 +7,15 @@ nothing about scaling.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from dataclasses import dataclass, field
 
 from ebbtide.api.conditions import set_condition
-from ebbtide.api.manifest import InvalidSpec, parse_spec
+from ebbtide.api.manifest import InvalidSpec, check_name, parse_spec
 from ebbtide.api.ref import ServiceRef
 from ebbtide.api.spec import InferenceServiceSpec
 from ebbtide.cluster.kube import Conflict, Kube, controller_of, now_rfc3339
-from ebbtide.cluster.render import ANNOTATION_SPEC, SPOT, deployment_name, render_workload
+from ebbtide.cluster.render import SPOT, applied_spec, deployment_name, render_workload
 
 log = logging.getLogger(__name__)
 
@@ -61,14 +60,15 @@ class Registry:
 
 
 async def last_applied_spec(kube: Kube, ref: ServiceRef) -> InferenceServiceSpec | None:
-    """The spec the running Deployment was rendered from (kept in an annotation on it)."""
+    """The spec the running Deployment was rendered from (kept in an annotation on it, its env
+    values in its pod template: see api/redaction.py)."""
     deployment = await kube.read("Deployment", ref.namespace, deployment_name(ref))
-    raw = (deployment or {}).get("metadata", {}).get("annotations", {}).get(ANNOTATION_SPEC)
-    if not raw:
+    if deployment is None:
         return None
     try:
-        return parse_spec(json.loads(raw))
-    except (InvalidSpec, ValueError):
+        return applied_spec(deployment)
+    except ValueError as e:  # the words name env variables, never their values
+        log.warning("%s/%s: the last applied spec cannot be read back: %s", ref.namespace, ref.name, e)
         return None
 
 
@@ -80,6 +80,7 @@ async def reconcile(kube: Kube, registry: Registry, ref: ServiceRef, raw_spec: d
 
 async def _reconcile(kube: Kube, registry: Registry, ref: ServiceRef, raw_spec: dict, generation: int | None) -> None:
     try:
+        check_name(ref.name)  # the API server takes any DNS subdomain; a Service named so may not be
         spec = parse_spec(raw_spec)
     except InvalidSpec as e:
         await _reject(kube, registry, ref, str(e), generation)

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import logging
+import time
 
 import kopf
 
+from ebbtide.cluster.kube import api_server_problem
 from ebbtide.control.config import OperatorConfig
+
+log = logging.getLogger("ebbtide.run")
+MAX_BACKOFF_S = 60.0
 
 
 def run_operator(args: argparse.Namespace) -> int:
@@ -21,6 +27,10 @@ def run_operator(args: argparse.Namespace) -> int:
     # EBBTIDE_ENGINE_TIMEOUT_SECONDS) must survive the command line's.
     config = dataclasses.replace(config, prometheus_url=args.prometheus_url or config.prometheus_url,
                                  metrics_port=args.metrics_port)
+    try:
+        wait_for_api_server()
+    except KeyboardInterrupt:  # Ctrl-C while waiting: kopf, which handles it later, has not started
+        return 130
     kopf.run(
         standalone=args.peering is None,
         peering_name=args.peering,
@@ -30,3 +40,16 @@ def run_operator(args: argparse.Namespace) -> int:
         memo=kopf.Memo(config=config),
     )
     return 0
+
+
+def wait_for_api_server() -> None:
+    """Return once there are credentials and the API server answers; until then say why in one
+    line per attempt, with backoff. Started without them, kopf's startup handler and the scaling
+    loop would log a traceback at every retry and every tick."""
+    for attempt in itertools.count():
+        problem = api_server_problem()
+        if problem is None:
+            return
+        delay = min(2.0 ** attempt, MAX_BACKOFF_S)
+        log.error("%s; retrying in %g s", problem, delay)
+        time.sleep(delay)

@@ -8,7 +8,8 @@ from ebbtide.sim.calibration import make_oracle, oracle_rate_limit
 from ebbtide.sim.capacity import CapacityModel
 from ebbtide.sim.ebbtide_policy import EbbtidePolicy, EbbtideSpotPolicy, SpotOnlyPolicy, with_lifecycle
 
-ALL_POLICIES = ("ebbtide", "static", "hpa", "keda", "aibrix", "oracle")
+ALL_POLICIES = ("ebbtide", "static-peak", "hpa-kv", "keda-queue", "aibrix-apa", "oracle")  # as the table names them
+SHORT_NAMES = {"static": "static-peak", "hpa": "hpa-kv", "keda": "keda-queue", "aibrix": "aibrix-apa"}  # still taken
 # Not in the default set: Ebbtide starting with the per-replica limit a previous replay of the
 # same trace taught it (see EbbtidePolicy.learned_capacity), and Ebbtide placing replicas on spot
 # capacity (EbbtideSpotPolicy), which meets the spot market below.
@@ -33,14 +34,19 @@ def build_policies(names: list[str], spec: InferenceServiceSpec, trace: traces.T
            for name, on in LIFECYCLE.items()},
         "ebbtide-spot": lambda: EbbtideSpotPolicy(spec),
         "spot-only": lambda: SpotOnlyPolicy(spec),
-        "static": lambda: baselines.Static(replicas=min(hi, oracle.peak)),
+        "static-peak": lambda: baselines.Static(replicas=min(hi, oracle.peak)),
         "static-max": lambda: baselines.Static(replicas=hi, name="static-max"),
-        "hpa": lambda: baselines.Hpa(min_replicas=lo, max_replicas=hi),
-        "keda": lambda: baselines.Keda(min_replicas=lo, max_replicas=hi),
-        "aibrix": lambda: baselines.AibrixApa(min_replicas=lo, max_replicas=hi),
+        "hpa-kv": lambda: baselines.Hpa(min_replicas=lo, max_replicas=hi),
+        "keda-queue": lambda: baselines.Keda(min_replicas=lo, max_replicas=hi),
+        "aibrix-apa": lambda: baselines.AibrixApa(min_replicas=lo, max_replicas=hi),
         "oracle": lambda: oracle,
     }
-    unknown = [n for n in names if n not in make]
+    return [make[n]() for n in policy_names(names)]
+
+
+def policy_names(names: list[str]) -> list[str]:
+    """The names as the table prints them, each once; a ValueError names any unknown one."""
+    unknown = [n for n in names if SHORT_NAMES.get(n, n) not in ALL_POLICIES + EXTRA_POLICIES]
     if unknown:
         raise ValueError(f"unknown policies {', '.join(unknown)}; known: {', '.join(ALL_POLICIES + EXTRA_POLICIES)}")
-    return [make[n]() for n in names]
+    return list(dict.fromkeys(SHORT_NAMES.get(n, n) for n in names))

@@ -28,6 +28,7 @@ from collections.abc import Mapping
 
 from aiohttp import web
 
+from ebbtide.arguments import Parser, port
 from ebbtide.sim.capacity import PRESETS, CapacityModel, get_preset
 from ebbtide.sim.engine_routes import Routes
 from ebbtide.sim.engine_sim import EngineSimulator
@@ -81,10 +82,10 @@ _KNOBS = [f for f in dataclasses.fields(CapacityModel) if f.name != "name"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="ebbtide engine-sim",
+    parser = Parser(prog="ebbtide engine-sim",
                                      description="Serve a simulated vLLM replica (OpenAI routes, /metrics, sleep mode).")
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=port, default=8000)
     parser.add_argument("--model", default="meta-llama/Llama-3.1-8B-Instruct")
     parser.add_argument("--served-model-name", nargs="+", default=None,
                         help="names the model is served under; the first labels the metrics")
@@ -98,7 +99,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="on SIGTERM, stop accepting connections and let requests in flight finish "
                              "for up to this long")
     parser.add_argument("--min-tick", type=float, default=0.005, help=argparse.SUPPRESS)
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-level", default="INFO", type=str.upper, choices=logging.getLevelNamesMapping())
     knobs = parser.add_argument_group("capacity overrides (default: the preset's)")
     for f in _KNOBS:
         knobs.add_argument("--" + f.name.replace("_", "-"), type=int if f.type == "int" else float, default=None)

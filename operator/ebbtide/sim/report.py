@@ -30,6 +30,7 @@ ramp shows.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -193,21 +194,61 @@ def write_json(path: str | Path, document: dict) -> None:
     Path(path).write_text(json.dumps(document, indent=2) + "\n")
 
 
-def table(results: list[PolicyResult], title: str):
+COST, LATENCY = "cost", "latency"
+
+
+def _columns(results: list[PolicyResult]) -> list[tuple[str | None, str, Callable[[PolicyResult], str]]]:
+    """(cost or latency, header, cell) of each column. GPU-hours by capacity type only when some
+    policy held spot or sleeping GPUs: else they are all on demand, the total."""
+    used = [k for k in CAPACITY_TYPES[1:] if any(r.gpu_hours_by_type[k] for r in results)]
+    columns = [(None, "policy", lambda r: r.name), (COST, "GPU-h\ntotal", lambda r: f"{r.gpu_hours:.1f}")]
+    columns += [(COST, f"GPU-h\n{k}", lambda r, k=k: f"{r.gpu_hours_by_type[k]:.1f}")
+                for k in (["on-demand", *used] if used else [])]
+    columns += [(COST, "USD", lambda r: f"{r.cost_usd:,.0f}"),
+                (COST, "USD/1M\ntokens", lambda r: f"{r.usd_per_million_tokens:.3f}"),
+                (COST, "scale\nactions", lambda r: str(r.scale_actions)),
+                (COST, "peak\nreplicas", lambda r: str(r.peak_replicas)),
+                (LATENCY, "TTFT\np50", lambda r: f"{r.ttft_p50_s:.2f}s"),
+                (LATENCY, "TTFT\np90", lambda r: f"{r.ttft_p90_s:.2f}s"),
+                (LATENCY, "TTFT\np99", lambda r: f"{r.ttft_p99_s:.2f}s")]
+    if any(r.ttft_p99_ramps_s is not None for r in results):
+        columns.append((LATENCY, "ramps\nTTFT p99",
+                        lambda r: "-" if r.ttft_p99_ramps_s is None else f"{r.ttft_p99_ramps_s:.2f}s"))
+    return columns + [(LATENCY, "ITL\np90", lambda r: f"{r.itl_p90_s * 1000:.0f}ms"),
+                      (LATENCY, "SLO\nmet", lambda r: f"{100 * r.slo_attainment:.2f}%")]
+
+
+def tables(results: list[PolicyResult], width: int) -> list:
+    """One row per policy, in one table if it fits `width` columns, else in two (cost, then
+    latency) rather than one whose cells rich would cut to fit."""
+    from rich import box
+    from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=title, title_justify="left")
-    for header in ("policy", "GPU-h", "on-demand", "spot", "asleep", "USD", "USD/1M tok", "TTFT p50", "p90",
-                   "p99", "ramp p99", "ITL p90", "SLO met", "actions", "peak"):
-        t.add_column(header, justify="left" if header == "policy" else "right")
-    for r in results:
-        t.add_row(r.name, f"{r.gpu_hours:.1f}", f"{r.gpu_hours_by_type['on-demand']:.1f}",
-                  f"{r.gpu_hours_by_type['spot']:.1f}", f"{r.gpu_hours_by_type['asleep']:.1f}",
-                  f"{r.cost_usd:,.0f}", f"{r.usd_per_million_tokens:.3f}", f"{r.ttft_p50_s:.2f}s",
-                  f"{r.ttft_p90_s:.2f}s", f"{r.ttft_p99_s:.2f}s",
-                  "-" if r.ttft_p99_ramps_s is None else f"{r.ttft_p99_ramps_s:.2f}s", f"{r.itl_p90_s * 1000:.0f}ms",
-                  f"{100 * r.slo_attainment:.2f}%", str(r.scale_actions), str(r.peak_replicas))
-    return t
+    def table(columns: list) -> Table:
+        t = Table(box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+        for _, header, _ in columns:
+            t.add_column(header, justify="left" if header == "policy" else "right", no_wrap=True)
+        for r in results:
+            t.add_row(*(cell(r) for _, _, cell in columns))
+        return t
+
+    columns = _columns(results)
+    whole = table(columns)
+    if Console(width=10_000).measure(whole).maximum <= width:
+        return [whole]
+    return [table([c for c in columns if c[0] != LATENCY]), table([c for c in columns if c[0] != COST])]
+
+
+def slo_caption(spec: InferenceServiceSpec) -> str:
+    """The SLO the "SLO met" column measures against: the spec's latency targets."""
+    targets = spec.scaling.targets
+    slos = [f"{name} p{100 * slo.quantile:g} <= {slo.target_seconds:g} s"
+            for name, slo in (("TTFT", targets.ttft), ("TPOT", targets.tpot)) if slo is not None]
+    if not slos:
+        return "SLO: the spec sets no latency target, so every request counts as meeting it"
+    return (f"SLO targets (spec.scaling.targets): {', '.join(slos)}. SLO met: the share of requests whose "
+            "own TTFT and ITL are within those targets.")
 
 
 def markdown_table(results: list[PolicyResult]) -> str:

@@ -14,7 +14,7 @@ from ebbtide.sim.replicas import Fleet, Replica
 
 @dataclass(frozen=True)
 class SpotMarket:
-    """How spot capacity behaves during a replay (sim/simulate.py sets the CLI's defaults).
+    """How spot capacity behaves during a replay (sim/inputs.py sets the CLI's defaults).
 
     Reclaim events arrive as a Poisson process, `preemptions_per_hour` of them per hour
     whatever the fleet holds (a provider reclaims capacity pools, not one customer's pods);

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import datetime
+import math
 from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
@@ -33,6 +34,11 @@ SIZES_FOR = {"conv": "conv-1h", "code": "code-1h"}
 
 REQUEST_LOG_HEADER = ["TIMESTAMP", "ContextTokens", "GeneratedTokens"]
 RATE_HEADER = ["minute", "start_utc", "requests_per_min_low", "requests_per_min_high"]
+# A replay keeps arrays per second of the trace, and token counts in int64 arrays: a trace
+# longer than a month, or a request longer than any model's context, is a mistake that would
+# otherwise end in a MemoryError or an OverflowError, not a replay.
+MAX_DURATION_S = 31 * 86400
+MAX_TOKENS = 10_000_000
 
 
 class TraceError(ValueError):
@@ -74,24 +80,44 @@ def _path(name_or_path: str) -> Path:
     return path
 
 
+def _csv(path: Path):
+    """(line, row) of a CSV file; what keeps it from being read is a TraceError."""
+    line = 0
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            for line, row in enumerate(csv.reader(f), start=1):
+                yield line, row
+    except OSError as e:
+        raise TraceError(f"{path}: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise TraceError(f"{path}:{line + 1}: not UTF-8 text") from None
+    except csv.Error as e:
+        raise TraceError(f"{path}:{line + 1}: {e}") from None
+
+
 def _rows(path: Path, header: list[str]):
-    with open(path, newline="") as f:
-        reader = csv.reader(f)
-        first = next(reader, None)
-        if first != header:
-            raise TraceError(f"{path}:1: expected header {','.join(header)}, found {','.join(first or [])!r}")
-        for line, row in enumerate(reader, start=2):
-            if not row:
-                continue
-            if len(row) != len(header):
-                raise TraceError(f"{path}:{line}: expected {len(header)} columns, found {len(row)}")
-            yield line, row
+    rows = _csv(path)
+    _, first = next(rows, (1, None))
+    if first != header:
+        raise TraceError(f"{path}:1: expected header {','.join(header)}, found {','.join(first or [])!r}")
+    for line, row in rows:
+        if not row:
+            continue
+        if len(row) != len(header):
+            raise TraceError(f"{path}:{line}: expected {len(header)} columns, found {len(row)}")
+        yield line, row
 
 
 def _parse_timestamp(text: str) -> datetime.datetime:
-    # The Azure logs carry 7 fractional digits; Python takes at most 6.
-    head, _, frac = text.partition(".")
-    return datetime.datetime.fromisoformat(f"{head}.{frac[:6]}" if frac else head)
+    # The Azure logs carry 7 fractional digits; Python takes at most 6 (a zone may follow them).
+    head, dot, frac = text.partition(".")
+    digits = len(frac) - len(frac.lstrip("0123456789"))
+    stamp = datetime.datetime.fromisoformat(f"{head}{dot}{frac[:min(digits, 6)]}{frac[digits:]}")
+    # In UTC without a zone: stamps with and without one can then be compared.
+    try:
+        return stamp.astimezone(datetime.UTC).replace(tzinfo=None) if stamp.tzinfo else stamp
+    except OverflowError:  # 0001-01-01T00:00+01:00 is in year 0 in UTC
+        raise ValueError(f"{text!r} is out of range") from None
 
 
 def _aggregate(arrivals: np.ndarray, prompt: np.ndarray, output: np.ndarray, seconds: int):
@@ -116,10 +142,14 @@ def read_request_log(name_or_path: str, name: str | None = None) -> Trace:
                 raise TraceError(f"{path}:{line}: {column} {text!r} is not a whole number") from None
             if value < 0:
                 raise TraceError(f"{path}:{line}: {column} {value} is negative")
+            if value > MAX_TOKENS:
+                raise TraceError(f"{path}:{line}: {column} {value} is more than {MAX_TOKENS:,} tokens")
             out.append(value)
     if not stamps:
         raise TraceError(f"{path}: no requests")
     start = min(stamps)
+    if (max(stamps) - start).total_seconds() > MAX_DURATION_S:
+        raise TraceError(f"{path}: the requests span {max(stamps) - start}, more than {MAX_DURATION_S // 86400} days")
     arrivals = np.array([(s - start).total_seconds() for s in stamps])
     order = np.argsort(arrivals, kind="stable")
     arrivals = arrivals[order]
@@ -146,7 +176,9 @@ def read_rate_file(name_or_path: str) -> RateFile:
         try:
             values = float(minute), float(lo), float(hi)
         except ValueError:
-            raise TraceError(f"{path}:{line}: minute and rates must be numbers, found {minute!r}, {lo!r}, {hi!r}") from None
+            values = (math.nan,)
+        if not all(map(math.isfinite, values)):
+            raise TraceError(f"{path}:{line}: minute and rates must be numbers, found {minute!r}, {lo!r}, {hi!r}")
         if values[1] < 0 or values[2] < values[1]:
             raise TraceError(f"{path}:{line}: need 0 <= requests_per_min_low <= requests_per_min_high, "
                              f"found {lo} and {hi}")
@@ -154,7 +186,7 @@ def read_rate_file(name_or_path: str) -> RateFile:
             raise TraceError(f"{path}:{line}: minute {minute} does not increase")
         if start is None:
             try:
-                start = datetime.datetime.fromisoformat(start_utc)
+                start = _parse_timestamp(start_utc)
             except ValueError:
                 raise TraceError(f"{path}:{line}: start_utc {start_utc!r} is not an ISO timestamp") from None
         minutes.append(values[0])
@@ -162,6 +194,10 @@ def read_rate_file(name_or_path: str) -> RateFile:
         high.append(values[2])
     if len(minutes) < 2:
         raise TraceError(f"{path}: a rate file needs at least two rows")
+    if (minutes[-1] - minutes[0]) * 60 > MAX_DURATION_S:
+        raise TraceError(f"{path}: its minutes span more than {MAX_DURATION_S // 86400} days")
+    if max(high) < 1e-6:  # less than a request a year: nothing to scale to a peak (and 1 / peak overflows)
+        raise TraceError(f"{path}: no requests (the highest rate is {max(high):g} per minute)")
     return RateFile(np.array(minutes), np.array(low), np.array(high), start)
 
 
@@ -178,6 +214,7 @@ def expand_rate_file(rate: RateFile, sizes: Trace, peak_rps: float, seed: int, n
     total_minutes = int(rate.minutes[-1] + step - rate.minutes[0])
     if hours is not None:
         total_minutes = min(total_minutes, int(hours * 60))
+    total_minutes = max(1, total_minutes)  # a minute at least, however short the file or --hours
     minute_index = np.arange(total_minutes) + rate.minutes[0]
     column = np.clip(np.searchsorted(rate.minutes, minute_index, side="right") - 1, 0, len(rate.minutes) - 1)
     per_minute = rng.uniform(rate.low[column], rate.high[column])
@@ -205,8 +242,7 @@ def kind_of(name_or_path: str) -> str:
 
 
 def is_rate_file(name_or_path: str) -> bool:
-    with open(_path(name_or_path), newline="") as f:
-        return next(csv.reader(f), None) == RATE_HEADER
+    return next(_csv(_path(name_or_path)), (1, None))[1] == RATE_HEADER
 
 
 def superpose(trace: Trace, copies: int, seed: int) -> Trace:
