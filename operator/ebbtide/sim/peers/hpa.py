@@ -37,6 +37,7 @@ class HpaRule:
     tolerance: float = 0.1
     down_window_s: float = 300.0
     _history: deque = field(default_factory=deque)
+    _started: bool = False
 
     def pods_metric(self, average: float, ready: int, missing: int, current: int) -> int:
         """A Pods metric, as replica_calculator.go computes it: desired = ceil(ready x
@@ -64,8 +65,11 @@ class HpaRule:
         return math.ceil(total / self.target)
 
     def stabilize(self, recommendation: int, current: int, now: float) -> int:
+        if not self._started:  # the controller's first sight of the target counts its size as a recommendation
+            self._started = True
+            self._history.append((now, current))
         self._history.append((now, recommendation))
-        while self._history and self._history[0][0] < now - self.down_window_s:
+        while self._history and self._history[0][0] <= now - self.down_window_s:  # kept: strictly within
             self._history.popleft()
         if recommendation < current:
             recommendation = min(current, max(r for _, r in self._history))
