@@ -144,3 +144,19 @@ def test_tuned_peer_on_a_tiny_trace_meets_the_bar_and_nothing_cheaper_tried_does
     assert tuning.met and chosen[2] >= 0.99
     assert all(slo < 0.99 for _, hours, slo in tuning.tried if hours < chosen[1])
     assert len({t[2] >= 0.99 for t in tuning.tried}) == 2, "the tiny trace tells settings apart"
+
+
+def test_simulate_records_each_peers_setting_and_the_sweep_and_says_the_floors(tmp_path):
+    import json
+
+    from tests.cli import ebbtide
+
+    out = tmp_path / "out.json"
+    result = ebbtide("simulate", "--trace", "conv-week", "--hours", "1", "--json", out,
+                     "--policies", "wva", "wva-tuned")
+    assert result.returncode == 0, result.stderr
+    policies = json.loads(out.read_text())["policies"]
+    assert policies["wva"]["default"] == {"parameter": "kv_cache_threshold", "value": 0.8}
+    tuned = policies["wva-tuned"]["tuned"]
+    assert tuned["parameter"] == "kv_cache_threshold" and tuned["value"] in [t["value"] for t in tuned["tried"]]
+    assert "schedule floors" in result.stdout and "wva-tuned: kv_cache_threshold" in result.stdout
