@@ -28,7 +28,10 @@ sys.path.insert(0, str(ROOT / "operator"))
 
 from render import render  # noqa: E402
 
-POLICIES = ["ebbtide", "ebbtide-warm", "static", "hpa", "keda", "aibrix", "oracle"]
+# The peers (issue #16): each at its documented default and tuned with hindsight on the run's own
+# replay (`<peer>-tuned`: the sweep of sim/peers/tuning.py, recorded in the JSON).
+PEERS = ["hpa-kv", "hpa-tokens", "hpa-inflight", "keda-queue", "aibrix-apa", "wva", "dynamo-planner"]
+POLICIES = ["ebbtide", "ebbtide-warm", "static", *PEERS, *(f"{p}-tuned" for p in PEERS), "oracle"]
 # (key, simulate arguments). The one-hour logs are overlaid K times (`--scale K`, each copy
 # shifted circularly by a random offset) so that each hour runs at the mean load of its week
 # replay, which the CLI scales to peak at 12 replicas: K = 76.6 / 5.53 = 13.9 -> 14 for
@@ -40,6 +43,7 @@ POLICIES = ["ebbtide", "ebbtide-warm", "static", "hpa", "keda", "aibrix", "oracl
 # without the on-demand fallback (spot-only).
 RUNS = [
     ("conv-week", ["--trace", "conv-week", "--spot-outage", "1h@32h"], ["ebbtide-spot", "spot-only"]),
+    ("code-week", ["--trace", "code-week"], []),
     ("conv-1h", ["--trace", "conv-1h", "--scale", "14"], []),
     ("code-1h", ["--trace", "code-1h", "--scale", "12"], []),
 ]
@@ -92,7 +96,7 @@ def main() -> int:
         }
         out.write_text(json.dumps(document, indent=2) + "\n")
     if not only:
-        print("$ python bench/tuned.py", flush=True)
+        print("$ python bench/tuned.py", flush=True)  # the one-hour runs again, over more seeds
         subprocess.run([sys.executable, str(BENCH / "tuned.py")], cwd=ROOT, env=env, check=True)
     (RESULTS / "machine.json").write_text(json.dumps(machine(), indent=2) + "\n")
     (BENCH / "RESULTS.md").write_text(render(RESULTS))

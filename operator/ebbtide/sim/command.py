@@ -18,7 +18,10 @@ from ebbtide.sim.capacity import PRESETS, get_preset
 from ebbtide.sim.catalog import (
     ALL_POLICIES,
     EXTRA_POLICIES,
+    FLOORS_NOTE,
     LIFECYCLE,
+    PEER_KNOBS,
+    PEERS,
     SHORT_NAMES,
     build_policies,
     policy_names,
@@ -34,6 +37,9 @@ from ebbtide.sim.inputs import (
     load_spec,
     load_trace,
 )
+from ebbtide.sim.peers.base import Peer
+from ebbtide.sim.peers.tuning import SLO as TUNING_SLO
+from ebbtide.sim.peers.tuning import Tuned, Tuning
 from ebbtide.sim.spot_market import SpotMarket
 from ebbtide.sim.training import train
 
@@ -116,6 +122,7 @@ def run(args: argparse.Namespace) -> int:
                   TimeElapsedColumn(), console=console, transient=True, disable=not console.is_terminal) as bar:
         task = bar.add_task("simulating", total=len(policies))
         learned: float | None = None
+        tuned: dict[str, Tuning] = {}
         for policy in policies:
             bar.update(task, description=f"simulating {policy.name}")
             if isinstance(policy, baselines.Static) and policy.name == "static-peak" and args.oracle_slo > 0:
@@ -125,6 +132,8 @@ def run(args: argparse.Namespace) -> int:
                 limit = oracle_rate_limit(spec, trace, capacity)
                 policy, result, rate = calibrate_oracle(spec, trace, settings, limit, args.oracle_slo)
                 extra.update(oracle_rate_per_replica=round(rate, 4), oracle_rate_limit=round(limit, 4))
+            elif isinstance(policy, Tuned):
+                policy, result, tuned[policy.name] = policy.tune(spec, trace, settings)
             else:
                 if isinstance(policy, EbbtidePolicy) and policy.name == "ebbtide-warm" and not args.train_profile:
                     if learned is None:  # learn it as a new service would, in a replay not reported
@@ -153,12 +162,25 @@ def run(args: argparse.Namespace) -> int:
     if spotted:
         extra.update(spot_enabled_by_simulator=spotted[0].spot_enabled_here)
         console.print(f"spot market: {describe_market(settings.spot)}; {report.spot_note(results)}")
+    if any(isinstance(p, (Peer, Tuned)) for p in policies):
+        extra.update(peer_floors=bool(spec.schedules))
+        console.print(f"peers: {FLOORS_NOTE}" if spec.schedules else "peers: the spec has no schedule floors")
+    for name, tuning in tuned.items():
+        verdict = "the cheapest meeting" if tuning.met else "none meets; the closest to"
+        console.print(f"{name}: {tuning.parameter} {tuning.value:g} ({verdict} {TUNING_SLO:.0%} of the SLO "
+                      f"of {len(tuning.tried)} settings tried)")
     if extra.get("oracle_rate_per_replica") is not None and extra["oracle_rate_per_replica"] != extra["oracle_rate_limit"]:
         console.print(f"oracle: {extra['oracle_rate_per_replica']:.2f} requests/s per replica meets "
                       f"{args.oracle_slo:.0%} of the SLO (the capacity model allows {extra['oracle_rate_limit']:.2f})")
     try:  # checked before the replay; this catches what changed since (a full disk, a removed directory)
         if args.json:
             document = report.to_json(trace, spec_name, {**_settings_json(settings, args), **extra}, results)
+            for policy in policies:  # each peer's main threshold, as set by default or by the sweep
+                if isinstance(policy, Peer) and policy.name in PEER_KNOBS:
+                    document["policies"][policy.name]["default"] = {
+                        "parameter": PEER_KNOBS[policy.name][0], "value": getattr(policy, policy.knob)}
+            for name, tuning in tuned.items():
+                document["policies"][name]["tuned"] = tuning.to_json()
             document["timing"] = {"wall_s": round(elapsed, 2), "cpu_s": round(cpu, 2)}
             report.write_json(args.json, document)
             console.print(f"wrote {args.json}")
@@ -232,7 +254,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "ebbtide-spot, Ebbtide on spot with on-demand fallback (the spec's placement.spot enabled "
                         "if it is not); spot-only, every replica on spot, nothing covering; "
                         f"{', '.join(LIFECYCLE)} (see lifecycle below); static-max, every replica replicas.max "
-                        "allows, all the time")
+                        f"allows, all the time; the peers {', '.join(PEERS)} at their documented defaults, and "
+                        f"{', '.join(p + '-tuned' for p in PEERS)}, each with its main threshold swept on this "
+                        "replay and set to the cheapest setting meeting 99%% of the SLO (several replays each). "
+                        f"The peers hold the spec's schedule floors, as Ebbtide does")
     parser.add_argument("--json", metavar="PATH", type=writable_file,
                         help="write the results as JSON (schema in sim/report.py)")
     parser.add_argument("--plot", metavar="PATH", type=writable_file,
