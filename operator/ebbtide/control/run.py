@@ -12,6 +12,8 @@ import kopf
 
 from ebbtide.cluster.kube import api_server_problem
 from ebbtide.control.config import OperatorConfig
+from ebbtide.control.leader import LeaseElector, identity, lose_leadership, own_namespace
+from ebbtide.control.shard import parse_selector
 
 log = logging.getLogger("ebbtide.run")
 MAX_BACKOFF_S = 60.0
@@ -27,18 +29,27 @@ def run_operator(args: argparse.Namespace) -> int:
     # EBBTIDE_ENGINE_TIMEOUT_SECONDS) must survive the command line's.
     config = dataclasses.replace(config, prometheus_url=args.prometheus_url or config.prometheus_url,
                                  metrics_port=args.metrics_port)
+    elector = None
     try:
         wait_for_api_server()
+        if args.leader_election:
+            # Nothing of kopf runs before the Lease is held: no handler, no loop, no write.
+            elector = LeaseElector(args.lease_namespace or own_namespace(), args.lease_name, identity())
+            elector.acquire()
+            elector.keep(on_lost=lose_leadership)
     except KeyboardInterrupt:  # Ctrl-C while waiting: kopf, which handles it later, has not started
         return 130
-    kopf.run(
-        standalone=args.peering is None,
-        peering_name=args.peering,
-        namespaces=args.namespace,
-        clusterwide=not args.namespace,
-        liveness_endpoint=f"http://0.0.0.0:{args.health_port}/healthz" if args.health_port else None,
-        memo=kopf.Memo(config=config),
-    )
+    try:
+        kopf.run(
+            standalone=True,  # one writer is the Lease's job; kopf's own peering is not used
+            namespaces=args.namespace,
+            clusterwide=not args.namespace,
+            liveness_endpoint=f"http://0.0.0.0:{args.health_port}/healthz" if args.health_port else None,
+            memo=kopf.Memo(config=config, in_shard=parse_selector(args.selector)),
+        )
+    finally:
+        if elector is not None:
+            elector.release()
     return 0
 
 
