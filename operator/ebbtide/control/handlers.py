@@ -38,8 +38,10 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: lo
     memo.setdefault("in_shard", parse_selector(os.environ.get("EBBTIDE_SELECTOR", "")))
     memo.kube = Kube.from_environment()
     memo.registry = Registry()
-    memo.metrics = OperatorMetrics()
-    memo.metrics.serve(memo.config.metrics_port)
+    if "metrics" not in memo:  # `ebbtide run` serves them before the Lease is held
+        memo.metrics = OperatorMetrics()
+        memo.metrics.serve(memo.config.metrics_port)
+    memo.metrics.leader.set(1)  # kopf runs only in the leader (control/leader.py)
     memo.source = PrometheusSource(memo.config.prometheus_url)
     memo.stopped = asyncio.Event()
     loop = ScalingLoop(memo.kube, memo.registry, memo.source, memo.metrics, memo.config.tick_seconds,

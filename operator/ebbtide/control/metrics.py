@@ -61,6 +61,8 @@ class OperatorMetrics:
                            SERVICE, registry=r)
         self.gpu_seconds = Counter("ebbtide_gpu_seconds", "GPU time held, by capacity type (asleep: its charged "
                                    "share)", (*SERVICE, "capacity_type"), registry=r)
+        self.leader = Gauge("ebbtide_leader", "1 in the operator process that runs (holds the Lease), 0 in a standby",
+                            registry=r)
         self.ticks = Counter("ebbtide_ticks_total", "Scaling loop iterations", registry=r)
         self.tick_seconds = Histogram("ebbtide_tick_duration_seconds", "Time one tick takes for the whole fleet",
                                       registry=r, buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
