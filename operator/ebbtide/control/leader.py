@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import kubernetes
+import urllib3
 from kubernetes.client.rest import ApiException
 
 log = logging.getLogger("ebbtide.leader")
@@ -37,6 +38,8 @@ class Timing:
     renew_seconds: float = 4.0  # the leader renews this often ...
     deadline_seconds: float = 8.0  # ... and exits if no renewal succeeded for this long (< lease)
     retry_seconds: float = 1.0  # a standby looks at the Lease this often
+    # One call's limit: a hung connection must not keep a leader past its deadline (8 + 2 < 12).
+    request_seconds: float = 2.0
 
 
 def identity() -> str:
@@ -69,18 +72,20 @@ class LeaseElector:
         self._lease = None
         self._stop = threading.Event()
         self._renewer: threading.Thread | None = None
+        self._timeout = timing.request_seconds
 
     def try_acquire_or_renew(self) -> bool:
         """One attempt; True if we hold the Lease now. Writes carry the resourceVersion read, so two
         standbys racing for an expired Lease cannot both win (the loser gets 409 Conflict)."""
         now = time.time()
         try:
-            lease = self.api.read_namespaced_lease(self.name, self.namespace)
+            lease = self.api.read_namespaced_lease(self.name, self.namespace, _request_timeout=self._timeout)
         except ApiException as e:
             if e.status != 404:
                 raise
             body = {"metadata": {"name": self.name, "namespace": self.namespace}, "spec": self._spec(now, 0, now)}
-            return self._write(lambda: self.api.create_namespaced_lease(self.namespace, body))
+            return self._write(lambda: self.api.create_namespaced_lease(self.namespace, body,
+                                                                           _request_timeout=self._timeout))
         spec = lease.spec
         record = (spec.holder_identity, spec.renew_time, spec.lease_transitions)
         if record != self._seen:
@@ -95,7 +100,8 @@ class LeaseElector:
         body = {"metadata": {"name": self.name, "namespace": self.namespace,
                              "resourceVersion": lease.metadata.resource_version},
                 "spec": self._spec(acquired, transitions, now)}
-        return self._write(lambda: self.api.replace_namespaced_lease(self.name, self.namespace, body))
+        return self._write(lambda: self.api.replace_namespaced_lease(self.name, self.namespace, body,
+                                                                     _request_timeout=self._timeout))
 
     def _spec(self, acquired: float, transitions: int, now: float) -> dict:
         return {"holderIdentity": self.holder, "leaseDurationSeconds": self.timing.lease_seconds,
@@ -123,25 +129,33 @@ class LeaseElector:
     def _attempt(self) -> bool:
         try:
             return self.try_acquire_or_renew()
-        except (ApiException, OSError, kubernetes.client.exceptions.OpenApiException) as e:
+        except (ApiException, OSError, urllib3.exceptions.HTTPError, kubernetes.client.exceptions.OpenApiException) as e:
             log.warning("Lease %s/%s: %s", self.namespace, self.name, getattr(e, "reason", None) or e)
             return False
 
     def keep(self, on_lost: Callable[[], None]) -> None:
-        """Renew in the background; call on_lost if no renewal succeeded within the deadline."""
+        """Renew in the background; call on_lost if no renewal succeeded within the deadline, or
+        if the renewer itself fails (a leader that does not renew must not go on writing)."""
         def renew() -> None:
-            last = time.monotonic()
-            while not self._stop.wait(self.timing.renew_seconds):
-                while not self._attempt():
-                    if time.monotonic() - last > self.timing.deadline_seconds or self._lost_to_other():
-                        if not self._stop.is_set():
-                            on_lost()
-                        return
-                    if self._stop.wait(self.timing.retry_seconds):
-                        return
-                last = time.monotonic()
+            try:
+                self._renew_until_lost()
+            except Exception:
+                log.exception("Lease %s/%s: the renewer failed", self.namespace, self.name)
+            if not self._stop.is_set():
+                on_lost()
         self._renewer = threading.Thread(target=renew, name="lease-renewer", daemon=True)
         self._renewer.start()
+
+    def _renew_until_lost(self) -> None:
+        """Return when stopped, or when the Lease is lost: to another holder, or past the deadline."""
+        last = time.monotonic()
+        while not self._stop.wait(self.timing.renew_seconds):
+            while not self._attempt():
+                if time.monotonic() - last > self.timing.deadline_seconds or self._lost_to_other():
+                    return
+                if self._stop.wait(self.timing.retry_seconds):
+                    return
+            last = time.monotonic()
 
     def _lost_to_other(self) -> bool:
         return bool(self._seen and self._seen[0] and self._seen[0] != self.holder)
@@ -158,9 +172,9 @@ class LeaseElector:
                 "spec": {**self._spec(time.time(), self._lease.spec.lease_transitions or 0, time.time()),
                          "holderIdentity": None, "leaseDurationSeconds": 1}}
         try:
-            self.api.replace_namespaced_lease(self.name, self.namespace, body)
+            self.api.replace_namespaced_lease(self.name, self.namespace, body, _request_timeout=self._timeout)
             log.info("released Lease %s/%s", self.namespace, self.name)
-        except (ApiException, OSError) as e:  # it expires on its own
+        except (ApiException, OSError, urllib3.exceptions.HTTPError) as e:  # it expires on its own
             log.warning("Lease %s/%s not released (%s); it expires in %d s", self.namespace, self.name,
                         getattr(e, "reason", None) or e, self.timing.lease_seconds)
 
