@@ -25,6 +25,7 @@ import pytest
 
 from ebbtide.sim.engine_server import free_port
 from tests.test_closed_loop import SCALING
+from tests.testbed.faultproxy import FaultProxy
 from tests.testbed.loadgen import steady_load
 from tests.testbed.operator import isvc, replicas, seconds, status
 from tests.testbed.waiting import wait_for
@@ -37,12 +38,15 @@ RECORD = Path(os.environ.get("EBBTIDE_HA_RECORD", "")) if os.environ.get("EBBTID
 class Operator:
     """One `ebbtide run` process; its log in a file."""
 
-    def __init__(self, cluster, name: str, log_dir: Path, *args: str, prometheus_url: str = "http://127.0.0.1:1"):
+    def __init__(self, cluster, name: str, log_dir: Path, *args: str, prometheus_url: str = "http://127.0.0.1:1",
+                 kubeconfig: Path | None = None):
         self.name, self.metrics_port = name, free_port()
         self.log = log_dir / f"{name}-{len(list(log_dir.glob(f'{name}-*.log')))}.log"  # one per incarnation
         argv = [sys.executable, "-m", "ebbtide.cli", "run", "--prometheus-url", prometheus_url,
                 "--metrics-port", str(self.metrics_port), "--health-port", "0", *args]
         env = {**os.environ, **cluster.env, "POD_NAME": name, "EBBTIDE_TICK_SECONDS": "0.5"}
+        if kubeconfig is not None:
+            env["KUBECONFIG"] = str(kubeconfig)
         with open(self.log, "wb") as out:
             self.process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
 
@@ -176,6 +180,31 @@ def test_a_leader_exits_when_its_lease_is_taken_and_hands_it_over_on_sigterm(api
              what="op-b leading")
     assert second.stop(signal.SIGTERM) == 0
     assert holder(server) is None, server.get_object(LEASES, "default", LEASE)
+
+
+def test_a_leader_that_cannot_renew_exits_before_its_lease_expires(apiserver, operators, tmp_path):
+    """The API server stops answering the leader's renewals (500s): it must stop writing, i.e.
+    exit, before a standby may take the Lease (the deadline is shorter than the lease)."""
+    plane = apiserver.plane
+    with FaultProxy(plane.url, str(plane.pki / "ca.crt")) as proxy:
+        kubeconfig = tmp_path / "through-proxy.kubeconfig"
+        kubeconfig.write_text(json.dumps({
+            "apiVersion": "v1", "kind": "Config", "current-context": "proxy",
+            "clusters": [{"name": "proxy", "cluster": {"server": proxy.url}}],
+            "users": [{"name": "admin", "user": {"token": plane.tokens["admin"]}}],
+            "contexts": [{"name": "proxy", "context": {"cluster": "proxy", "user": "admin"}}]}))
+        leader = operators(*elected("op-a", ""), kubeconfig=kubeconfig)
+        wait_for(lambda: holder(apiserver.server) == "op-a" and "ebbtide operator started" in leader.output(),
+                 timeout=60, what="op-a leading")
+        proxy.fail("PUT", r"/leases/", 500)
+        failing = time.monotonic()
+        assert leader.process.wait(30) == 1
+        exited, gone_s = time.time(), time.monotonic() - failing  # a little after the exit: stricter
+        renewed = seconds(apiserver.server.get_object(LEASES, "default", LEASE)["spec"]["renewTime"])
+        # Gone before the Lease (its last renewal + 12 s) could pass to anyone else.
+        assert exited < renewed + 12, (exited - renewed, gone_s)
+        assert "leadership lost" in leader.output()
+        print(f"a leader that cannot renew exits {gone_s:.1f} s after its renewals start failing")
 
 
 def test_two_shards_each_run_only_their_own_services(apiserver, operators):
