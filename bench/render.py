@@ -85,6 +85,9 @@ def render(results: Path) -> str:
         out += [_tuned(json.loads(tuned.read_text()), runs["conv-week"]["policies"]), ""]
         if "tuned" in notes:
             out += [notes["tuned"], ""]
+    scale = results / "operator-scale.json"
+    if scale.exists() and "failover_s" in json.loads(scale.read_text()):
+        out += [_failover(json.loads(scale.read_text())), ""]
     if "summary" in notes:
         out += ["## What this says", "", notes["summary"], ""]
     return "\n".join(out).rstrip() + "\n"
@@ -225,6 +228,21 @@ def _tuned(doc: dict, week: dict) -> str:
         saving = 1 - week["ebbtide"]["gpu_hours"] / row["gpu_hours"]
         lines.append(f"| {row['policy']} | {row['knob']} | {row['value']:g}{sample} | {row['gpu_hours']:.1f} | "
                      f"{row['ttft_p90_s']:.2f} s | {100 * row['slo_attainment']:.2f} % | {saving:.1%} |")
+    return "\n".join(lines)
+
+
+def _failover(doc: dict) -> str:
+    """High availability (tests/test_operator_ha.py): a killed leader's standby, in seconds."""
+    runs, detail = doc["failover_s"], doc.get("failover", {})
+    lines = ["## Operator failover", "", f"{detail.get('what', '')}. Target: within 15 s.", "",
+             "| | runs | min | median | max |", "|---|---:|---:|---:|---:|"]
+    for name, values in (("first decision (`failover_s`)", runs), ("Lease held", detail.get("lease_s") or [])):
+        if values:
+            ordered = sorted(values)
+            lines.append(f"| {name} | {len(values)} | {ordered[0]:.1f} s | {ordered[len(values) // 2]:.1f} s | "
+                         f"{ordered[-1]:.1f} s |")
+    if "how" in detail:
+        lines += ["", f"Measured with {detail['how']}."]
     return "\n".join(lines)
 
 
