@@ -86,6 +86,9 @@ def render(results: Path) -> str:
     seeds = results / "seeds.json"
     if seeds.exists():
         out += _seeds(json.loads(seeds.read_text()), runs, notes)
+    scale = results / "operator-scale.json"
+    if scale.exists() and "failover_s" in json.loads(scale.read_text()):
+        out += [_failover(json.loads(scale.read_text())), ""]
     if "summary" in notes:
         out += ["## What this says", "", notes["summary"], ""]
     return "\n".join(out).rstrip() + "\n"
@@ -280,6 +283,21 @@ def _seeds(doc: dict, runs: dict[str, dict], notes: dict[str, str]) -> list[str]
     if "seeds" in notes:
         out += [notes["seeds"], ""]
     return out
+
+
+def _failover(doc: dict) -> str:
+    """High availability (tests/test_operator_ha.py): a killed leader's standby, in seconds."""
+    runs, detail = doc["failover_s"], doc.get("failover", {})
+    lines = ["## Operator failover", "", f"{detail.get('what', '')}. Target: within 15 s.", "",
+             "| | runs | min | median | max |", "|---|---:|---:|---:|---:|"]
+    for name, values in (("first decision (`failover_s`)", runs), ("Lease held", detail.get("lease_s") or [])):
+        if values:
+            ordered = sorted(values)
+            lines.append(f"| {name} | {len(values)} | {ordered[0]:.1f} s | {ordered[len(values) // 2]:.1f} s | "
+                         f"{ordered[-1]:.1f} s |")
+    if "how" in detail:
+        lines += ["", f"Measured with {detail['how']}."]
+    return "\n".join(lines)
 
 
 def _notes(path: Path) -> dict[str, str]:

@@ -52,7 +52,7 @@ RELEASE = Release("ebbtide", "ebbtide-system")
 TICK_SECONDS = 0.5
 # Not the default (120): the operator's startup line must show the chart's value, not its own.
 ENGINE_TIMEOUT_SECONDS = 30.0
-CRDS = ("inferenceservices.ebbtide.dev", "clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev")
+CRDS = ("inferenceservices.ebbtide.dev",)
 TOKEN_SECONDS = 6 * 3600  # longer than any session: the operator never sees its token expire
 # What a refused API call looks like in the operator's log: the operator's own line for a 403,
 # the official client's ApiException ("(403)"), kopf's APIForbiddenError ("'code': 403").

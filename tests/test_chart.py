@@ -102,7 +102,7 @@ def test_built_in_objects_pass_kubernetes_validate_strict(rendered):
         except kubernetes_validate.ValidationError as e:
             pytest.fail(f"{doc['kind']} {doc['metadata']['name']}: {e.message} at {list(e.path)}")
     others = {d["kind"] for d in rendered if _group(d) not in BUILT_IN_GROUPS}
-    assert others <= {"ServiceMonitor", "PodMonitor", "ClusterKopfPeering"}
+    assert others <= {"ServiceMonitor", "PodMonitor"}
 
 
 def test_rendered_crd_is_the_repositorys_crd():
@@ -110,7 +110,7 @@ def test_rendered_crd_is_the_repositorys_crd():
         "charts/ebbtide/crds/ must hold crds/ unchanged (it is a symlink to it)")
     crds = {d["metadata"]["name"]: d for d in by_kind(render(), "CustomResourceDefinition")}
     assert crds[f"{api.PLURAL}.{api.GROUP}"] == yaml.safe_load(CRD_FILE.read_text())
-    assert set(crds) == {f"{api.PLURAL}.{api.GROUP}", "clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev"}
+    assert set(crds) == {f"{api.PLURAL}.{api.GROUP}"}
 
 
 def _container(docs: list[dict]) -> dict:
@@ -130,13 +130,16 @@ def test_operator_deployment_default():
     # The arguments must be ones `ebbtide run` accepts.
     from ebbtide.cli import build_parser
     parsed = build_parser().parse_args(container["command"][1:] + container["args"])
-    assert (parsed.metrics_port, parsed.health_port, parsed.peering) == (9090, 8080, None)
+    assert (parsed.metrics_port, parsed.health_port, parsed.leader_election, parsed.selector) == (9090, 8080, False, "")
     assert {"name": "EBBTIDE_TICK_SECONDS", "value": "5"} in container["env"]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports == {"metrics": 9090, "health": 8080}
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
     assert container["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
-    assert not by_kind(docs, "ClusterKopfPeering")
+    assert not by_kind(docs, "Role") and not by_kind(docs, "RoleBinding")  # no Lease without leader election
+    # Scrapeable without the Prometheus Operator (the README's install path).
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert annotations == {"prometheus.io/scrape": "true", "prometheus.io/port": "9090", "prometheus.io/path": "/metrics"}
     assert not by_kind(docs, "ServiceMonitor") and not by_kind(docs, "PodMonitor")
 
 
@@ -158,16 +161,48 @@ def test_operator_runs_locked_down(rendered):
                                     "namespace": NAMESPACE}]
 
 
-def test_high_availability_peers_through_kopf():
+def _lease_role(docs: list[dict]) -> dict:
+    role, binding = one(docs, "Role"), one(docs, "RoleBinding")
+    assert role["metadata"]["namespace"] == binding["metadata"]["namespace"] == NAMESPACE
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"][0]["name"] == one(docs, "ServiceAccount")["metadata"]["name"]
+    return role
+
+
+def test_high_availability_elects_a_leader_on_a_lease():
     docs = render(*ALL_ON)
     deployment = one(docs, "Deployment")
     assert deployment["spec"]["replicas"] == 3
-    assert "strategy" not in deployment["spec"]
+    assert "strategy" not in deployment["spec"]  # a rolling update: the new pod stands by until the old releases
     args = _container(docs)["args"]
-    peering = one(docs, "ClusterKopfPeering")
-    assert args[args.index("--peering") + 1] == peering["metadata"]["name"]
+    assert "--leader-election" in args and args[args.index("--lease-name") + 1] == "rel-ebbtide"
     assert "--verbose" in args
-    assert ["kopf.dev"] in [r["apiGroups"] for r in one(docs, "ClusterRole")["rules"]]
+    env = {e["name"]: e.get("valueFrom") for e in _container(docs)["env"]}
+    assert env["POD_NAME"] == {"fieldRef": {"fieldPath": "metadata.name"}}  # the Lease's holderIdentity
+    # The Role grants exactly the Lease calls control/leader.py makes, in the release namespace only.
+    assert granted(_lease_role(docs)) == api_calls_of(PACKAGE / "control" / "leader.py")
+    from ebbtide.cli import build_parser
+    parsed = build_parser().parse_args(_container(docs)["command"][1:] + args)
+    assert parsed.leader_election and parsed.lease_name == "rel-ebbtide"
+
+
+@pytest.mark.parametrize("replicas", ["2", "3"])
+def test_more_than_one_replica_always_elects_a_leader(replicas):
+    """replicaCount > 1 without highAvailability cannot render two independent scaling loops."""
+    docs = render("--set", f"replicaCount={replicas}")
+    assert one(docs, "Deployment")["spec"]["replicas"] == int(replicas)
+    assert "--leader-election" in _container(docs)["args"]
+    _lease_role(docs)
+
+
+def test_a_shard_runs_what_its_selector_and_namespaces_select():
+    docs = render("--set", "operator.selector=ebbtide.dev/shard=a", "--set", "operator.namespaces={team-a,team-b}",
+                  "--set", "highAvailability.leaseName=ebbtide-shard-a", "--set", "replicaCount=2")
+    args = _container(docs)["args"]
+    from ebbtide.cli import build_parser
+    parsed = build_parser().parse_args(["run", *args])
+    assert (parsed.selector, parsed.namespace, parsed.lease_name) == ("ebbtide.dev/shard=a", ["team-a", "team-b"],
+                                                                      "ebbtide-shard-a")
 
 
 def test_metrics_service_selects_the_operator(rendered):
@@ -199,9 +234,10 @@ def test_grafana_dashboard_shows_the_operators_metrics():
     (text,) = config_map["data"].values()
     dashboard = json.loads(text)
     exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p["targets"])
-    for name in ("ebbtide_desired_replicas", "ebbtide_ready_replicas", "ebbtide_asleep_replicas", "ebbtide_replicas",
-                 "ebbtide_signal_value", "ebbtide_scaling_decisions_total", "ebbtide_cost_usd_per_hour",
-                 "ebbtide_cost_usd_per_million_tokens", "ebbtide_gpu_hours"):
+    for name in ("ebbtide_desired_replicas", "ebbtide_ready_replicas", "ebbtide_replicas", "ebbtide_signal_requests",
+                 "ebbtide_signal_seconds", "ebbtide_signal_tokens_per_second", "ebbtide_signal_ratio",
+                 "ebbtide_scaling_decisions_total", "ebbtide_cost_usd_per_hour", "ebbtide_cost_usd_total",
+                 "ebbtide_cost_usd_per_million_tokens", "ebbtide_gpu_seconds_total"):
         assert re.search(rf"\b{name}\b", exprs), f"no panel shows {name}"
     # ... and no panel shows a series the operator does not export (a renamed metric).
     suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count")}
@@ -226,6 +262,7 @@ CLIENT_VERBS = {"read": "get", "get": "get", "list": "list", "create": "create",
                 "replace": "update", "delete": "delete"}
 API_GROUPS = {kubernetes.client.CoreV1Api: "", kubernetes.client.AppsV1Api: "apps",
               kubernetes.client.PolicyV1Api: "policy", kubernetes.client.EventsV1Api: "events.k8s.io",
+              kubernetes.client.CoordinationV1Api: "coordination.k8s.io",
               kubernetes.client.CustomObjectsApi: None}
 METHOD = re.compile(r"^(read|get|list|create|patch|replace|delete)_(namespaced_)?(\w+?)(_for_all_namespaces)?$")
 SUBRESOURCES = ("status", "scale")
@@ -243,6 +280,14 @@ def _permission(method: str, api_class: type | None = None) -> tuple[str, str, s
     else:
         group, resource = API_GROUPS[owners[0]], name.replace("_", "") + "s"
     return group, f"{resource}/{sub}" if sub else resource, CLIENT_VERBS[verb]
+
+
+def api_calls_of(path: Path) -> set[tuple[str, str, str]]:
+    """The (apiGroup, resource, verb) of the client methods a module calls on its API objects."""
+    tree = ast.parse(path.read_text())
+    calls = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute) and METHOD.match(node.attr)
+             and any(hasattr(cls, node.attr) for cls in API_GROUPS)}
+    return {_permission(method) for method in calls}
 
 
 def operator_api_calls() -> set[tuple[str, str, str]]:
@@ -277,10 +322,11 @@ def operator_api_calls() -> set[tuple[str, str, str]]:
 
 
 def test_only_kube_py_talks_to_the_api():
-    """The scan above sees every call only if no other module uses the client's API classes."""
+    """The scan above sees every call only if no other module uses the client's API classes
+    (but the leader election's Lease calls, which the chart grants in a Role of their own)."""
     offenders = []
     for path in PACKAGE.rglob("*.py"):
-        if path == PACKAGE / "cluster" / "kube.py":
+        if path in (PACKAGE / "cluster" / "kube.py", PACKAGE / "control" / "leader.py"):
             continue
         for line in path.read_text().splitlines():
             if re.search(r"kubernetes\.client\.(?!rest\b)|from kubernetes(\.client)? import (?!.*rest)", line):
@@ -289,7 +335,7 @@ def test_only_kube_py_talks_to_the_api():
         "\n".join(offenders)
 
 
-def kopf_needs(high_availability: bool) -> set[tuple[str, str, str]]:
+def kopf_needs() -> set[tuple[str, str, str]]:
     """What kopf itself calls for the handlers registered in ebbtide.control.handlers."""
     import kopf
 
@@ -308,8 +354,6 @@ def kopf_needs(high_availability: bool) -> set[tuple[str, str, str]]:
             needed |= {(selector.group or "", resource, verb) for verb in verbs}
     needed.add(("", "events", "create"))  # kopf posts its warnings as core v1 Events
     needed |= {("apiextensions.k8s.io", "customresourcedefinitions", v) for v in ("list", "watch")}
-    if high_availability:
-        needed |= {("kopf.dev", "clusterkopfpeerings", v) for v in ("get", "list", "watch", "patch")}
     return needed
 
 
@@ -326,7 +370,7 @@ def granted(cluster_role: dict) -> set[tuple[str, str, str]]:
 @pytest.mark.parametrize("config", list(CONFIGS))
 def test_cluster_role_grants_exactly_what_the_operator_uses(config):
     role = one(render(*CONFIGS[config]), "ClusterRole")
-    needed = operator_api_calls() | kopf_needs(high_availability=config == "all-on")
+    needed = operator_api_calls() | kopf_needs()
     have = granted(role)
     assert not needed - have, f"the operator calls these but the ClusterRole lacks them: {sorted(needed - have)}"
     assert not have - needed, f"granted but never used (least privilege): {sorted(have - needed)}"

@@ -105,7 +105,7 @@ def test_scales_up_on_backlog_recovers_ttft_and_scales_down_after_the_window(clu
         ups = [s for s in families["ebbtide_scaling_decisions"].samples
                if s.name.endswith("_total") and s.labels["applied"] == "true"]
         assert sum(s.value for s in ups) >= 2, "at least one scale-up and one scale-down counted"
-        assert any(s.labels["signal"] for s in families["ebbtide_signal_value"].samples)
+        assert {s.labels["signal"] for s in families["ebbtide_signal_requests"].samples} >= {"waiting", "running"}
 
 
 def test_prometheus_outage_holds_the_size_and_says_why(cluster):

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import yaml
 
-from ebbtide.arguments import Parser, port, refuse
+from ebbtide.arguments import Parser, option, port, refuse
+from ebbtide.control.shard import selector_option
 
 
 def _crd(args: argparse.Namespace) -> int:
@@ -74,8 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="Prometheus the signals are read from (default: $EBBTIDE_PROMETHEUS_URL)")
     run.add_argument("--metrics-port", type=port, default=9090, help="port of the operator's own /metrics (0: off)")
     run.add_argument("--health-port", type=port, default=8080, help="port of the liveness endpoint (0: off)")
-    run.add_argument("--peering", default=None,
-                     help="kopf peering name for high availability; default: standalone")
+    run.add_argument("-l", "--selector", default="", type=option(selector_option),
+                     help="run only the InferenceServices whose labels match (e.g. shard=a): one shard")
+    run.add_argument("--leader-election", action="store_true",
+                     help="run only while holding a Lease, so that several replicas have one leader")
+    run.add_argument("--lease-name", default="ebbtide-operator", help="the Lease's name (one per shard)")
+    run.add_argument("--lease-namespace", default=None,
+                     help="the Lease's namespace (default: the pod's own, from its service account)")
     run.add_argument("--verbose", action="store_true", help="debug logging")
     run.set_defaults(func=_run)
 

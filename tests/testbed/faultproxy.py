@@ -97,7 +97,9 @@ class FaultProxy:
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))
         app = web.Application()
         app.router.add_route('*', '/{tail:.*}', self._handle)
-        self._runner = web.AppRunner(app)
+        # A client that goes away (a killed process) ends its forwarded request, watches too, as
+        # with the real API server; else stop() waits for watches that nobody reads any more.
+        self._runner = web.AppRunner(app, handler_cancellation=True)
         await self._runner.setup()
         site = web.TCPSite(self._runner, '127.0.0.1', 0)
         await site.start()

@@ -36,8 +36,13 @@ app.kubernetes.io/part-of: ebbtide
 {{- end -}}
 {{- end -}}
 
-{{- define "ebbtide.peeringName" -}}
-{{- default (include "ebbtide.fullname" .) .Values.highAvailability.peeringName -}}
+{{- define "ebbtide.leaseName" -}}
+{{- default (include "ebbtide.fullname" .) .Values.highAvailability.leaseName -}}
+{{- end -}}
+
+{{/* Leader election is on whenever more than one operator pod may run: two scaling loops must never write. */}}
+{{- define "ebbtide.leaderElection" -}}
+{{- if or .Values.highAvailability.enabled (gt (int .Values.replicaCount) 1) -}}true{{- end -}}
 {{- end -}}
 
 {{- define "ebbtide.replicas" -}}

@@ -23,7 +23,7 @@ async def tell(kube: Kube, metrics: OperatorMetrics, ref: ServiceRef, state: Ser
     for said in turn.events:
         await kube.post_event(ref, said.type, said.reason, said.message)
     if turn.news:
-        metrics.decisions.labels(ref.namespace, ref.name, turn.decision.reason, str(applied).lower()).inc()
+        metrics.of(metrics.decisions, ref.namespace, ref.name, turn.decision.reason, str(applied).lower()).inc()
     refusals = frozenset(kube.refusals(ref.namespace))
     for message in sorted(refusals - state.refusals):
         await kube.post_event(ref, "Warning", "Forbidden", f"permission denied: {message}")
@@ -33,28 +33,25 @@ async def tell(kube: Kube, metrics: OperatorMetrics, ref: ServiceRef, state: Ser
 
 
 def export(metrics: OperatorMetrics, ref: ServiceRef, step: Step, turn: Turn) -> None:
-    labels = (ref.namespace, ref.name)
-    m = metrics
-    m.desired.labels(*labels).set(turn.decision.desired)
-    m.ready.labels(*labels).set(turn.fleet.ready)
-    m.asleep.labels(*labels).set(turn.fleet.asleep)
+    m, ns, name = metrics, ref.namespace, ref.name
+    m.of(m.desired, ns, name).set(turn.decision.desired)
+    m.of(m.ready, ns, name).set(turn.fleet.ready)
     tiers = dict.fromkeys(TIERS, 0)
     for pod in step.pods.members:
         tiers[pod.capacity if pod.state == "awake" and pod.serving else
               "draining" if pod.state == "awake" else pod.state] += 1
     for tier, count in tiers.items():
-        m.replicas.labels(*labels, tier).set(count)
+        m.of(m.replicas, ns, name, tier).set(count)
     signals = step.seen.signals
-    m.metrics_unavailable.labels(*labels).set(0 if signals.sampled_at and not signals.error else 1)
-    for name, value in turn.decision.signals.items():
-        m.signal.labels(*labels, name).set(value)
-    m.usd_per_hour.labels(*labels).set(turn.spend.usd_per_hour)
+    m.of(m.metrics_unavailable, ns, name).set(0 if signals.sampled_at and not signals.error else 1)
+    for signal, value in turn.decision.signals.items():
+        m.signal(ns, name, signal, value)
+    m.of(m.usd_per_hour, ns, name).set(turn.spend.usd_per_hour)
     per_million = turn.spend.usd_per_million_tokens
-    m.usd_per_million_tokens.labels(*labels).set(math.nan if per_million is None else per_million)
+    m.of(m.usd_per_million_tokens, ns, name).set(math.nan if per_million is None else per_million)
     ledger = turn.state.ledger
-    for capacity, hours in ((ON_DEMAND, ledger.gpu_hours_on_demand), (SPOT, ledger.gpu_hours_spot),
-                            ("asleep", ledger.gpu_hours_asleep)):
-        m.gpu_hours.labels(*labels, capacity).set(hours)
+    m.accrue(ns, name, ledger.usd, {ON_DEMAND: ledger.gpu_hours_on_demand, SPOT: ledger.gpu_hours_spot,
+                                    "asleep": ledger.gpu_hours_asleep})
 
 
 def render_status(status: dict, state: ServiceState, step: Step, turn: Turn, applied: bool) -> dict:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 
 import kopf
 
@@ -20,6 +21,7 @@ from ebbtide.control.config import OperatorConfig
 from ebbtide.control.loop import ScalingLoop
 from ebbtide.control.metrics import OperatorMetrics
 from ebbtide.control.reconcile import Registry, reconcile, restore_owned
+from ebbtide.control.shard import parse_selector
 from ebbtide.signals.prometheus import PrometheusSource
 
 
@@ -33,10 +35,13 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: lo
     settings.posting.level = logging.WARNING  # our own Events tell the story; kopf's would repeat it
     settings.watching.server_timeout = 300
     memo.setdefault("config", OperatorConfig.from_env())
+    memo.setdefault("in_shard", parse_selector(os.environ.get("EBBTIDE_SELECTOR", "")))
     memo.kube = Kube.from_environment()
     memo.registry = Registry()
-    memo.metrics = OperatorMetrics()
-    memo.metrics.serve(memo.config.metrics_port)
+    if "metrics" not in memo:  # `ebbtide run` serves them before the Lease is held
+        memo.metrics = OperatorMetrics()
+        memo.metrics.serve(memo.config.metrics_port)
+    memo.metrics.leader.set(1)  # kopf runs only in the leader (control/leader.py)
     memo.source = PrometheusSource(memo.config.prometheus_url)
     memo.stopped = asyncio.Event()
     loop = ScalingLoop(memo.kube, memo.registry, memo.source, memo.metrics, memo.config.tick_seconds,
@@ -51,9 +56,14 @@ async def stop_loop(memo: kopf.Memo, **_) -> None:
     await memo.loop_task
 
 
-@kopf.on.resume(api.GROUP, api.VERSION, api.PLURAL)
-@kopf.on.create(api.GROUP, api.VERSION, api.PLURAL)
-@kopf.on.update(api.GROUP, api.VERSION, api.PLURAL, field="spec")
+def in_shard(labels: kopf.Labels, memo: kopf.Memo, **_) -> bool:
+    """`ebbtide run --selector`: only this shard's services enter the registry (control/shard.py)."""
+    return memo.in_shard(labels)
+
+
+@kopf.on.resume(api.GROUP, api.VERSION, api.PLURAL, when=in_shard)
+@kopf.on.create(api.GROUP, api.VERSION, api.PLURAL, when=in_shard)
+@kopf.on.update(api.GROUP, api.VERSION, api.PLURAL, field="spec", when=in_shard)
 async def apply_spec(spec: kopf.Spec, status: kopf.Status, name: str, namespace: str, uid: str, meta: kopf.Meta,
                      memo: kopf.Memo, **_) -> None:
     ref = ServiceRef(name=name, namespace=namespace, uid=uid)

@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import http.server
 import itertools
 import logging
+import threading
 import time
+from collections.abc import Iterator
 
 import kopf
 
 from ebbtide.cluster.kube import api_server_problem
 from ebbtide.control.config import OperatorConfig
+from ebbtide.control.leader import LeaseElector, identity, lose_leadership, own_namespace
+from ebbtide.control.metrics import OperatorMetrics
+from ebbtide.control.shard import parse_selector
 
 log = logging.getLogger("ebbtide.run")
 MAX_BACKOFF_S = 60.0
@@ -27,18 +34,31 @@ def run_operator(args: argparse.Namespace) -> int:
     # EBBTIDE_ENGINE_TIMEOUT_SECONDS) must survive the command line's.
     config = dataclasses.replace(config, prometheus_url=args.prometheus_url or config.prometheus_url,
                                  metrics_port=args.metrics_port)
+    # Served from the start: a standby is scrapeable too (ebbtide_leader 0, nothing else).
+    metrics = OperatorMetrics()
+    metrics.serve(config.metrics_port)
+    elector = None
     try:
         wait_for_api_server()
+        if args.leader_election:
+            # Nothing of kopf runs before the Lease is held: no handler, no loop, no write.
+            elector = LeaseElector(args.lease_namespace or own_namespace(), args.lease_name, identity())
+            with standby_health(args.health_port):
+                elector.acquire()
+            elector.keep(on_lost=lose_leadership)
     except KeyboardInterrupt:  # Ctrl-C while waiting: kopf, which handles it later, has not started
         return 130
-    kopf.run(
-        standalone=args.peering is None,
-        peering_name=args.peering,
-        namespaces=args.namespace,
-        clusterwide=not args.namespace,
-        liveness_endpoint=f"http://0.0.0.0:{args.health_port}/healthz" if args.health_port else None,
-        memo=kopf.Memo(config=config),
-    )
+    try:
+        kopf.run(
+            standalone=True,  # one writer is the Lease's job; kopf's own peering is not used
+            namespaces=args.namespace,
+            clusterwide=not args.namespace,
+            liveness_endpoint=f"http://0.0.0.0:{args.health_port}/healthz" if args.health_port else None,
+            memo=kopf.Memo(config=config, metrics=metrics, in_shard=parse_selector(args.selector)),
+        )
+    finally:
+        if elector is not None:
+            elector.release()
     return 0
 
 
@@ -53,3 +73,30 @@ def wait_for_api_server() -> None:
         delay = min(2.0 ** attempt, MAX_BACKOFF_S)
         log.error("%s; retrying in %g s", problem, delay)
         time.sleep(delay)
+
+
+@contextlib.contextmanager
+def standby_health(port: int) -> Iterator[None]:
+    """/healthz answers 200 while a standby waits for the Lease, so that its liveness probe does
+    not restart it; kopf's own endpoint takes the port over once this one is closed."""
+    if not port:
+        yield
+        return
+
+    class Standby(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            self.send_response(200 if self.path == "/healthz" else 404)
+            self.end_headers()
+            self.wfile.write(b"standing by\n")
+
+        def log_message(self, *args) -> None:  # one probe every few seconds: not worth a log line
+            pass
+
+    server = http.server.ThreadingHTTPServer(("0.0.0.0", port), Standby)
+    thread = threading.Thread(target=server.serve_forever, name="standby-health", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        server.shutdown()
+        server.server_close()
