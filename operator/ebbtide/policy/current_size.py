@@ -14,14 +14,15 @@ from ebbtide.policy.observation import Deployments, FleetState, Pod
 def current_size(spec: InferenceServiceSpec, target: int | None, deployments: Deployments, asleep: int) -> int:
     """The awake size last asked for.
 
-    Without spot or sleep that is the Deployment's count (a hand scale counts, as with the HPA).
-    With them the Deployments hold more than that (over-provisioning, on-demand cover,
-    sleepers), so it is `target`, the size last asked for; without one (just enabled, status
+    Without spot, sleep or drains that is the Deployment's count (a hand scale counts, as with
+    the HPA). With them the Deployments hold more than that (over-provisioning, on-demand cover,
+    sleepers, replicas draining before they go), so it is `target`, the size last asked for; without one (just enabled, status
     lost, or Advisory mode, which asks for nothing) it is estimated from the Deployments less
     the sleepers, high rather than low: a size too high shrinks after the scale-down window, one
     too low would shrink now.
     """
-    if not (spec.placement.spot.enabled or spec.sleep.enabled or asleep):
+    drains = spec.scaling.behavior.scale_down.drain_seconds > 0
+    if not (spec.placement.spot.enabled or spec.sleep.enabled or drains or asleep):
         return deployments.on_demand
     if spec.mode == "Active" and target is not None:
         return target

@@ -104,7 +104,9 @@ def tick(spec: InferenceServiceSpec, seen: Observation, state: TickState, now: f
                          now)
     placed = split(decision.desired, acting.placement.spot, spot_pods, state.spot_cover, now,
                    spec.scaling.behavior.scale_down.stabilization_seconds)
-    idle, pools = _pools(acting, seen, placed, state.idle, now) if pooled else ({}, {})
+    # Planned pod by pod when removals drain first, too: the pool plan is what drains them.
+    planned = pooled or spec.scaling.behavior.scale_down.drain_seconds > 0
+    idle, pools = _pools(acting, seen, placed, state.idle, now) if planned else ({}, {})
     replicas = {ON_DEMAND: placed.on_demand, SPOT: placed.spot}
     replicas.update({capacity: pool.replicas for capacity, pool in pools.items()})
 
@@ -172,7 +174,9 @@ def _pools(spec: InferenceServiceSpec, seen: Observation, placed: Split, idle: M
     idle = track_idle(idle, seen.idle)
     targets = {ON_DEMAND: placed.on_demand, SPOT: placed.spot} if spec.placement.spot.enabled else {
         ON_DEMAND: placed.on_demand}
-    return idle, {capacity: plan_pool(target, [Replica(p.name, p.state, idle.get(p.name), p.asleep_since, p.capacity)
+    return idle, {capacity: plan_pool(target, [Replica(p.name, p.state, idle.get(p.name), p.asleep_since, p.capacity,
+                                                       p.left_service_at, p.name in seen.drained)
                                                for p in seen.pods if p.capacity == capacity],
-                                      spec.sleep, now, spec.replicas.allow_scale_to_zero)
+                                      spec.sleep, now, spec.replicas.allow_scale_to_zero,
+                                      spec.scaling.behavior.scale_down.drain_seconds)
                   for capacity, target in targets.items()}
