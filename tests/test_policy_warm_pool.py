@@ -186,3 +186,21 @@ def test_pool_invariants(desired, replicas, policy, to_zero, drain):
     awake_kept = set(plan.serving) | set(plan.draining)
     if remaining_asleep and awake_kept:
         assert max(costs[n] for n in remaining_asleep) < min(costs[n] for n in awake_kept)
+
+
+def test_a_replica_on_a_reclaimed_node_drains_within_the_notice_unless_it_is_the_last():
+    doomed = Replica("r", "awake", reclaimed=True)
+    # Its cover is not ready (the service wants 2 awake, 1 other serves): it serves on.
+    plan = plan_pool(2, [awake("a"), doomed], OFF, NOW, drain_seconds=300, service_target=2)
+    assert plan.serving == ("a", "r") and not plan.draining
+    # The cover serves in the other Deployment: out of the Service now, still counted (its
+    # replacement is the ReplicaSet's to make once the node is gone).
+    plan = plan_pool(2, [awake("a"), doomed], OFF, NOW, drain_seconds=300, serving_elsewhere=1, service_target=2)
+    assert plan.draining == ("r",) and plan.serving == ("a",) and plan.replicas == 2 and not plan.create
+    assert "announced a reclaim" in plan.about("r")
+    # Surplus: it is the one that goes, never to sleep.
+    plan = plan_pool(1, [awake("a", idle=600), doomed], POLICY, NOW, drain_seconds=300)
+    assert plan.draining == ("r",) and not plan.sleep
+    # Nothing else would serve: it serves to the end; with another Deployment serving, it leaves.
+    assert plan_pool(1, [doomed], OFF, NOW, drain_seconds=300).serving == ("r",)
+    assert plan_pool(1, [doomed], OFF, NOW, drain_seconds=300, serving_elsewhere=1, service_target=1).draining == ("r",)

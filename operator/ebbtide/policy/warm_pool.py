@@ -1,6 +1,7 @@
 """The warm pool: which replicas to wake, put to sleep or delete, as a pure function.
 
-    plan_pool(desired, replicas, policy, now, allow_scale_to_zero=False, drain_seconds=0) -> PoolPlan
+    plan_pool(desired, replicas, policy, now, allow_scale_to_zero=False, drain_seconds=0,
+              serving_elsewhere=0, service_target=0) -> PoolPlan
 
 `desired` is the awake size decide() asked for. The plan meets it with the cheapest moves:
 1. Short: wake sleepers first (oldest asleep first: it is the next to expire, and the young
@@ -12,6 +13,10 @@
    only once drained: out of the Service and seen with nothing in flight since (`drained`), or
    `drain_seconds` after it left. Until then it drains: a draining replica is the fastest warm
    capacity there is. Replicas already draining are the first surplus, so none flips back and forth.
+   A replica on a node that announced its end (spot reclaim notice, cordon) leaves the Service,
+   surplus or not, once the other replicas in it (here and `serving_elsewhere`, in the service's
+   other Deployment) carry the service's awake size `service_target`, so that its requests in
+   flight finish within the rest of the notice.
 3. Sleepers are deleted after `ttl_seconds`, and beyond `max_pool` (oldest first). A TTL
    deletion waits while a replica is starting: the ReplicaSet controller would delete the
    starting pod instead, whatever the deletion costs say. The pool bound never waits.
@@ -41,6 +46,7 @@ class Replica:
     capacity_type: str = ON_DEMAND
     left_at: float | None = None  # out of the Service since (unix seconds); None while in it
     drained: bool = False  # out of the Service and seen with nothing in flight since (policy/idle.py)
+    reclaimed: bool = False  # its node announced its end (a spot reclaim notice, a cordon)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +89,8 @@ def _asleep_for(r: Replica, now: float) -> float:
 
 
 def plan_pool(desired: int, replicas: list[Replica] | tuple[Replica, ...], policy: SleepPolicy, now: float,
-              allow_scale_to_zero: bool = False, drain_seconds: float = 0.0) -> PoolPlan:
+              allow_scale_to_zero: bool = False, drain_seconds: float = 0.0, serving_elsewhere: int = 0,
+              service_target: int = 0) -> PoolPlan:
     desired = max(0, desired)
     pool_size = policy.max_pool if policy.enabled else 0
     reasons: list[str] = []
@@ -138,11 +145,13 @@ def plan_pool(desired: int, replicas: list[Replica] | tuple[Replica, ...], polic
         starting = starting[:max(0, len(starting) - surplus)]
         surplus -= len(delete)
         # Out of the Service already first, then idle longest; busy replicas (no idle time) last.
-        by_idle = sorted(awake, key=lambda r: (r.left_at is None, -_idle_for(r, now), r.name))
+        by_idle = sorted(awake, key=lambda r: (not r.reclaimed, r.left_at is None, -_idle_for(r, now), r.name))
         for r in by_idle[:surplus]:
             serving.remove(r)
             idle = _idle_for(r, now)
-            if pool_size == 0:
+            if r.reclaimed:  # never to sleep on a node about to go
+                remove(r, f"surplus ({desired} desired) and its node announced a reclaim")
+            elif pool_size == 0:
                 remove(r, f"surplus ({desired} desired) and sleep is "
                           + ("disabled" if not policy.enabled else "limited to maxPool 0"))
             elif idle >= policy.idle_seconds:
@@ -156,6 +165,18 @@ def plan_pool(desired: int, replicas: list[Replica] | tuple[Replica, ...], polic
                 draining.append(r)
                 what = "busy" if idle < 0 else f"idle {idle:.0f} s < {policy.idle_seconds} s"
                 note(r, f"draining {r.name}: surplus, {what}")
+
+    # A replica on a node announcing its end stops taking requests once the replicas left would
+    # carry the service's awake size (its cover is ready), so that those in flight finish within
+    # the rest of the notice. It keeps its place in the count (spot placement covers it, and the
+    # ReplicaSet replaces it once the node is gone). Until then it serves: leaving earlier would
+    # pile its load on the others and queue requests for a cold start.
+    doomed = [r for r in serving if r.reclaimed]
+    if doomed and len(serving) - len(doomed) + serving_elsewhere >= max(1, service_target):
+        for r in doomed:
+            serving.remove(r)
+            draining.append(r)
+            note(r, f"draining {r.name}: its node announced a reclaim")
 
     # Sleepers that stay asleep: expire past the TTL, and beyond the pool (oldest first).
     kept: list[Replica] = []
