@@ -1,15 +1,17 @@
 """Drain before removal, on the real control plane: a replica the operator removes leaves the
-Service first, finishes its requests in flight, and only then goes. The engines here stop at
+Service first, finishes its requests in flight, and only then goes; `kubectl describe` tells it. The engines here stop at
 once on SIGTERM (vLLM's `--shutdown-timeout 0`) and the kubelet runs no preStop wait, so any
 request still in flight when its pod is deleted fails: the drain is all that saves it."""
 
 from __future__ import annotations
 
 import json
+import re
 import urllib.request
 
 import pytest
 
+from tests.testbed.kubectl import kubectl
 from tests.testbed.loadgen import LoadGenerator
 from tests.testbed.operator import ISVC, events, isvc, replicas
 from tests.testbed.waiting import wait_for
@@ -75,3 +77,21 @@ def test_a_scale_down_drains_the_replica_before_deleting_it(cluster):
         story = [(e["reason"], e["message"]) for e in events(server)]
         assert any(r == "Draining" and leaving in m for r, m in story), story
         assert any(r == "Released" and leaving in m and "drained" in m for r, m in story), story
+        told_by_kubectl(kubectl(cluster.api, "describe", "inferenceservice", "chat"), leaving)
+
+
+def told_by_kubectl(out: str, leaving: str) -> None:
+    """`kubectl describe` tells the run: the decision with its numbers, once, then the drain and
+    the release in order (events of the same second may come either way round)."""
+    assert re.search(r"Last Decision Summary:\s+2->1 ", out), out
+    decisions = out.split("\n  Decisions:", 1)[1].split("\n  Demand Profile:", 1)[0]
+    assert decisions.count("From Replicas:") == 1 and "2 -> 1" in decisions, decisions
+    lines = out.split("\nEvents:", 1)[1].splitlines()
+    said = [(line.split()[1], line) for line in lines if line.startswith("  Normal") or line.startswith("  Warning")]
+    reasons = [reason for reason, _ in said]
+    assert reasons.count("ScaledDown") == 1 and reasons.count("Draining") == 1, lines
+    assert reasons.index("Released") > max(reasons.index("ScaledDown"), reasons.index("Draining")), lines
+    scaled, draining, released = (dict(said)[r] for r in ("ScaledDown", "Draining", "Released"))
+    assert "2 -> 1" in scaled and "[prometheus]" in scaled, scaled
+    assert leaving in draining and leaving in released, lines
+    assert re.search(r"drained \(out of the Service \d+ s, nothing in flight\)", released), released
