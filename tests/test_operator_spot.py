@@ -57,7 +57,8 @@ def test_on_demand_covers_pending_and_reclaimed_spot_and_gives_it_back(apiserver
             placement={"spot": {"enabled": True, "onDemandBase": 1, "provider": "karpenter",
                                 "pendingTimeoutSeconds": PENDING_LIMIT}},
             scaling={"behavior": {"intervalSeconds": TICK,
-                                  "scaleDown": {"stabilizationSeconds": GIVE_BACK_WINDOW}}}))
+                                  # No Prometheus here: no drain can be seen to end, so its deadline says when.
+                                  "scaleDown": {"stabilizationSeconds": GIVE_BACK_WINDOW, "drainSeconds": 1}}}))
         wait_for(lambda: replicas(server, "chat-spot") == 2, what="the spot Deployment with 2 replicas")
         assert replicas(server, "chat") == 1, "the on-demand base only, while spot pods are on their way"
 

@@ -83,11 +83,20 @@ def test_the_activation_query_counts_only_while_nothing_is_awake():
     assert "activation" not in awake.decision.signals
 
 
-def test_the_current_size_is_the_deployment_without_spot_or_sleep_and_the_target_with_them():
+def test_the_current_size_is_the_deployment_less_its_drains_without_spot_or_sleep_and_the_target_with_them():
+    behavior = example().scaling.behavior
+    no_drain = example().scaling.model_copy(update={"behavior": behavior.model_copy(update={
+        "scale_down": behavior.scale_down.model_copy(update={"drain_seconds": 0})})})
     plain = example(placement=example().placement.model_copy(update={"spot": example().placement.spot.model_copy(
-        update={"enabled": False})}), sleep=example().sleep.model_copy(update={"enabled": False}))
+        update={"enabled": False})}), sleep=example().sleep.model_copy(update={"enabled": False}), scaling=no_drain)
     pods = (Pod("a"), Pod("b"))
     assert tick(plain, seen(pods, Deployments(3)), TickState.start(NOW, target=2), NOW).fleet.current == 3
+    # Draining before removal, the Deployment holds the replicas on their way out too; a hand
+    # scale still counts.
+    draining = plain.model_copy(update={"scaling": example().scaling})
+    leaving = (*pods, Pod("c", serving=False, left_service_at=NOW - 10))
+    assert tick(draining, seen(leaving, Deployments(3)), TickState.start(NOW, target=2), NOW).fleet.current == 2
+    assert tick(draining, seen(pods, Deployments(1)), TickState.start(NOW, target=2), NOW).fleet.current == 1
     assert tick(example(), seen(pods, Deployments(3, 1)), TickState.start(NOW, target=2), NOW).fleet.current == 2
     # No target yet: estimated from the Deployments, less the spare and the sleepers.
     assert tick(example(), seen(pods, Deployments(1, 2)), TickState.start(NOW), NOW).fleet.current == 2

@@ -55,9 +55,43 @@ def test_full_pool_deletes_surplus_and_ttl_deletes_sleepers():
     assert plan.delete == ("old",) and plan.replicas == 2
 
 
-def test_sleep_disabled_deletes_surplus_at_once():
+def test_sleep_disabled_and_no_drain_deletes_surplus_at_once():
     plan = plan_pool(1, [awake("a", idle=5), awake("b")], SleepPolicy(enabled=False), NOW)
     assert plan.delete == ("a",) and plan.replicas == 1 and not plan.sleep
+
+
+OFF = SleepPolicy(enabled=False)
+
+
+def leaving(name: str, out_for: float, drained: bool = False) -> Replica:
+    return Replica(name, "awake", left_at=NOW - out_for, drained=drained)
+
+
+def test_surplus_leaves_the_service_and_goes_only_once_drained():
+    plan = plan_pool(1, [awake("a", idle=5), awake("b")], OFF, NOW, drain_seconds=300)
+    assert plan.draining == ("a",) and not plan.delete and plan.replicas == 2 and plan.serving == ("b",)
+    assert "draining a before deleting it" in plan.about("a")
+    # Still busy a minute later: it keeps draining, and a replica already out goes first.
+    plan = plan_pool(1, [awake("a", idle=5), leaving("b", 60)], OFF, NOW, drain_seconds=300)
+    assert plan.draining == ("b",) and plan.serving == ("a",) and not plan.delete
+    plan = plan_pool(1, [awake("a"), leaving("b", 60, drained=True)], OFF, NOW, drain_seconds=300)
+    assert plan.delete == ("b",) and plan.replicas == 1 and "drained" in plan.about("b")
+    assert plan.deletion_costs["b"] < plan.deletion_costs["a"]
+
+
+def test_the_drain_deadline_bounds_the_wait():
+    plan = plan_pool(1, [awake("a"), leaving("b", 301)], OFF, NOW, drain_seconds=300)
+    assert plan.delete == ("b",) and "drain deadline (300 s) passed" in plan.about("b")
+
+
+def test_a_full_pool_drains_before_deleting_and_the_last_replica_never_leaves():
+    full = POLICY.model_copy(update={"max_pool": 1})
+    plan = plan_pool(1, [awake("a", idle=600), awake("b"), asleep("s", 60)], full, NOW, drain_seconds=300)
+    assert plan.draining == ("a",) and not plan.delete
+    plan = plan_pool(0, [awake("a", idle=600)], OFF, NOW, drain_seconds=300)
+    assert plan.serving == ("a",) and not plan.draining and not plan.delete
+    plan = plan_pool(0, [awake("a", idle=600)], OFF, NOW, allow_scale_to_zero=True, drain_seconds=300)
+    assert plan.draining == ("a",) and plan.replicas == 1
 
 
 def test_surplus_cancels_starting_replicas_first():
@@ -90,22 +124,26 @@ def test_deletion_costs_put_sleepers_first_then_idle_longest():
 
 replica_lists = st.lists(
     st.one_of(
-        st.builds(lambda idle: Replica("", "awake", idle_since=None if idle is None else NOW - idle),
-                  st.one_of(st.none(), st.floats(0, 5000))),
+        st.builds(lambda idle, out, drained: Replica("", "awake", idle_since=None if idle is None else NOW - idle,
+                                                     left_at=None if out is None else NOW - out,
+                                                     drained=out is not None and drained),
+                  st.one_of(st.none(), st.floats(0, 5000)), st.one_of(st.none(), st.floats(0, 600)), st.booleans()),
         st.builds(lambda age: Replica("", "asleep", asleep_since=NOW - age), st.floats(0, 5000)),
         st.just(Replica("", "starting")),
     ),
     max_size=10,
-).map(lambda rs: [Replica(f"r{i}", r.state, r.idle_since, r.asleep_since) for i, r in enumerate(rs)])
+).map(lambda rs: [Replica(f"r{i}", r.state, r.idle_since, r.asleep_since, left_at=r.left_at, drained=r.drained)
+                 for i, r in enumerate(rs)])
 policies = st.builds(lambda enabled, idle, pool, ttl: SleepPolicy(enabled=enabled, idle_seconds=idle,
                                                                    max_pool=pool, ttl_seconds=ttl),
                      st.booleans(), st.integers(0, 600), st.integers(0, 4), st.integers(0, 3000))
 
 
 @FAST
-@given(desired=st.integers(0, 12), replicas=replica_lists, policy=policies, to_zero=st.booleans())
-def test_pool_invariants(desired, replicas, policy, to_zero):
-    plan = plan_pool(desired, replicas, policy, NOW, allow_scale_to_zero=to_zero)
+@given(desired=st.integers(0, 12), replicas=replica_lists, policy=policies, to_zero=st.booleans(),
+       drain=st.sampled_from([0, 300]))
+def test_pool_invariants(desired, replicas, policy, to_zero, drain):
+    plan = plan_pool(desired, replicas, policy, NOW, allow_scale_to_zero=to_zero, drain_seconds=drain)
     by_name = {r.name: r for r in replicas}
     remaining_asleep = ({r.name for r in replicas if r.state == "asleep"} - set(plan.wake)
                         - set(plan.delete)) | set(plan.sleep)
@@ -129,9 +167,17 @@ def test_pool_invariants(desired, replicas, policy, to_zero):
     assert all(by_name[n].state == "asleep" for n in plan.wake)
     moves = list(plan.sleep) + list(plan.wake) + list(plan.delete)
     assert len(moves) == len(set(moves))
-    # The last replica is kept unless scale to zero is allowed.
+    # The last replica is kept unless scale to zero is allowed; with no pool to sleep in, it
+    # stays in the Service (or on its way there).
     if replicas and not to_zero:
         assert plan.replicas >= 1
+        if not (policy.enabled and policy.max_pool):
+            assert plan.serving or plan.starting or plan.create
+    # Draining before removal: an awake replica goes only drained, or past its deadline.
+    if drain:
+        for name in plan.delete:
+            r = by_name[name]
+            assert r.state != "awake" or r.drained or (r.left_at is not None and NOW - r.left_at >= drain)
     # Deletion costs: every remaining pod ranked, deleted ones lowest, then sleepers.
     assert set(plan.deletion_costs) == set(by_name)
     costs = plan.deletion_costs
@@ -140,3 +186,21 @@ def test_pool_invariants(desired, replicas, policy, to_zero):
     awake_kept = set(plan.serving) | set(plan.draining)
     if remaining_asleep and awake_kept:
         assert max(costs[n] for n in remaining_asleep) < min(costs[n] for n in awake_kept)
+
+
+def test_a_replica_on_a_reclaimed_node_drains_within_the_notice_unless_it_is_the_last():
+    doomed = Replica("r", "awake", reclaimed=True)
+    # Its cover is not ready (the service wants 2 awake, 1 other serves): it serves on.
+    plan = plan_pool(2, [awake("a"), doomed], OFF, NOW, drain_seconds=300, service_target=2)
+    assert plan.serving == ("a", "r") and not plan.draining
+    # The cover serves in the other Deployment: out of the Service now, still counted (its
+    # replacement is the ReplicaSet's to make once the node is gone).
+    plan = plan_pool(2, [awake("a"), doomed], OFF, NOW, drain_seconds=300, serving_elsewhere=1, service_target=2)
+    assert plan.draining == ("r",) and plan.serving == ("a",) and plan.replicas == 2 and not plan.create
+    assert "announced a reclaim" in plan.about("r")
+    # Surplus: it is the one that goes, never to sleep.
+    plan = plan_pool(1, [awake("a", idle=600), doomed], POLICY, NOW, drain_seconds=300)
+    assert plan.draining == ("r",) and not plan.sleep
+    # Nothing else would serve: it serves to the end; with another Deployment serving, it leaves.
+    assert plan_pool(1, [doomed], OFF, NOW, drain_seconds=300).serving == ("r",)
+    assert plan_pool(1, [doomed], OFF, NOW, drain_seconds=300, serving_elsewhere=1, service_target=1).draining == ("r",)

@@ -172,7 +172,8 @@ def engine_command(container: Mapping[str, Any], *, host: str, port: int, preset
 
     Reads ``vllm serve MODEL --served-model-name S [--enable-sleep-mode] [...]`` from the
     container's command and args (``--model M`` works too); the container's port is replaced by
-    ``port``; vLLM flags the simulator does not model are dropped. ``capacity_overrides`` (knob
+    ``port``; vLLM flags the simulator does not model are dropped; ``--shutdown-timeout`` (how
+    long vLLM lets requests in flight finish on SIGTERM) is kept. ``capacity_overrides`` (knob
     name to value, e.g. ``{'max_num_seqs': 8}``) win over the container's flags.
     """
     command = list(container.get('command') or [])
@@ -208,6 +209,8 @@ def engine_command(container: Mapping[str, Any], *, host: str, port: int, preset
             sleep_mode = False
         elif flag in ENGINE_KNOB_FLAGS and values:
             knobs[flag] = values[0]
+        elif flag == '--shutdown-timeout' and values:  # vLLM's own flag: the container's wins
+            shutdown_timeout = float(values[0])
         # anything else (--port, --tensor-parallel-size, ...) is not modelled
     model = model or 'model'
     argv = ['--host', host, '--port', str(port), '--model', model, '--preset', preset,

@@ -111,6 +111,11 @@ class ScaleDownBehavior(ApiModel):
         default=1, ge=1, le=1000, description="Most replicas removed per period, as a count (the larger limit wins)."
     )
     period_seconds: int = Field(default=60, ge=1, le=3600, description="The period the decrease limits apply to.")
+    drain_seconds: int = Field(
+        default=300, ge=0, le=3600,
+        description="A replica Ebbtide removes leaves the Service first and goes once its requests in flight "
+        "are done, or after this long; 0 removes it at once.",
+    )
 
 
 class Activation(ApiModel):

@@ -20,6 +20,9 @@ from ebbtide.policy.startup import Startup
 # Set by the operator on a pod it put to sleep (unix seconds), removed when it wakes it: the
 # pod's own record, so a restarted operator knows its sleepers and how long they have slept.
 ANNOTATION_ASLEEP_SINCE = "ebbtide.dev/asleep-since"
+# Set by the operator when it takes a pod out of the Service (unix seconds), removed when the
+# pod rejoins: a drain's start, which its deadline and the proof it is over count from.
+ANNOTATION_LEFT_SERVICE_AT = "ebbtide.dev/left-service-at"
 # Read by the ReplicaSet controller: on a scale-down, pods with the lowest cost go first.
 ANNOTATION_DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
 
@@ -48,10 +51,11 @@ class PodRecord:
     created: float = 0.0
     node: str | None = None
     phase: str = "Running"
+    left_at: float | None = None  # out of the Service since (unix seconds); None while in it
 
     def view(self) -> Pod:
         return Pod(self.name, self.capacity, self.state, self.serving, self.asleep_since, self.created, self.node,
-                   self.phase, ready=self.state != "starting")
+                   self.phase, ready=self.state != "starting", left_service_at=self.left_at)
 
 
 @dataclass
@@ -80,6 +84,11 @@ class ServicePods:
     def draining(self) -> int:
         """Awake but out of the Service: surplus on its way to sleep or deletion."""
         return sum(1 for m in self.members if m.state == "awake" and not m.serving)
+
+    @property
+    def left_service(self) -> dict[str, float]:
+        """Awake pods out of the Service -> since when: the drains under way."""
+        return {m.name: m.left_at for m in self.members if m.state == "awake" and m.left_at is not None}
 
     @property
     def names(self) -> list[str]:
@@ -147,10 +156,13 @@ def summarize(pods: list[dict]) -> dict[tuple[str, str], ServicePods]:
         state: PodState = "starting" if ready_at is None else "asleep" if asleep else "awake"
         if state == "awake" and serving:
             s.startups.append(Startup(created, _true_since(pod, "PodScheduled"), ready_at, on_spot))
+        # Out of the Service with no mark (marked by an older operator): since it was created, at the latest.
+        left_at = None if serving else parse_float(annotations.get(ANNOTATION_LEFT_SERVICE_AT)) or created
         s.members.append(PodRecord(meta["name"], SPOT if on_spot else ON_DEMAND, state, serving,
                                    asleep_since if asleep else None,
                                    annotations.get(ANNOTATION_DELETION_COST), engine_url(pod), created,
-                                   pod.get("spec", {}).get("nodeName"), pod.get("status", {}).get("phase", "Pending")))
+                                   pod.get("spec", {}).get("nodeName"), pod.get("status", {}).get("phase", "Pending"),
+                                   left_at))
     return out
 
 

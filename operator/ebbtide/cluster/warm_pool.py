@@ -21,12 +21,19 @@ from dataclasses import dataclass
 from ebbtide.api.ref import ServiceRef
 from ebbtide.cluster.engine import EngineClient
 from ebbtide.cluster.kube import Kube
-from ebbtide.cluster.pods import ANNOTATION_ASLEEP_SINCE, ANNOTATION_DELETION_COST, PodRecord
+from ebbtide.cluster.pods import (
+    ANNOTATION_ASLEEP_SINCE,
+    ANNOTATION_DELETION_COST,
+    ANNOTATION_LEFT_SERVICE_AT,
+    PodRecord,
+)
 from ebbtide.cluster.render import LABEL_SERVING
 from ebbtide.policy.telling import Said
 from ebbtide.policy.warm_pool import PoolPlan
 
 log = logging.getLogger(__name__)
+# Back in the Service (woken, or needed again while draining): no longer asleep, no drain under way.
+REJOINED = {ANNOTATION_ASLEEP_SINCE: None, ANNOTATION_LEFT_SERVICE_AT: None}
 
 
 @dataclass(frozen=True)
@@ -70,15 +77,15 @@ async def carry_out(kube: Kube, engines: EngineClient, ref: ServiceRef, level: i
     pods = {m.name: m for m in members}
     plan = moves.plan
     steps = [_wake(kube, engines, ref, pods[n], plan.about(n), said) for n in moves.wake]
-    steps += [_leave(kube, ref, n, f"{n} left the Service to sleep: {plan.about(n)}", said)
+    steps += [_leave(kube, ref, n, f"{n} left the Service to sleep: {plan.about(n)}", said, now)
               for n in moves.leave_to_sleep]
     steps += [_sleep(kube, engines, ref, level, pods[n], plan.about(n), said, now) for n in moves.sleep]
     await asyncio.gather(*steps)
     for name in moves.leave:
-        await _leave(kube, ref, name, f"{name} left the Service: {plan.about(name)}", said)
+        await _leave(kube, ref, name, f"{name} left the Service: {plan.about(name)}", said, now)
     for name in moves.rejoin:
         await kube.patch_pod_metadata(ref.namespace, name, labels={LABEL_SERVING: "true"},
-                                      annotations={ANNOTATION_ASLEEP_SINCE: None})
+                                      annotations=REJOINED)
     for name, cost in moves.costs:
         await kube.patch_pod_metadata(ref.namespace, name, annotations={ANNOTATION_DELETION_COST: str(cost)})
     if moves.released:
@@ -86,8 +93,9 @@ async def carry_out(kube: Kube, engines: EngineClient, ref: ServiceRef, level: i
     return said
 
 
-async def _leave(kube: Kube, ref: ServiceRef, name: str, message: str, said: list[Said]) -> None:
-    await kube.patch_pod_metadata(ref.namespace, name, labels={LABEL_SERVING: "false"})
+async def _leave(kube: Kube, ref: ServiceRef, name: str, message: str, said: list[Said], now: float) -> None:
+    await kube.patch_pod_metadata(ref.namespace, name, labels={LABEL_SERVING: "false"},
+                                  annotations={ANNOTATION_LEFT_SERVICE_AT: f"{now:.1f}"})
     said.append(Said("Normal", "Draining", message))
 
 
@@ -99,7 +107,7 @@ async def _wake(kube: Kube, engines: EngineClient, ref: ServiceRef, pod: PodReco
         return
     # Back in the Service only now that the weights are on the GPU again.
     await kube.patch_pod_metadata(ref.namespace, pod.name, labels={LABEL_SERVING: "true"},
-                                  annotations={ANNOTATION_ASLEEP_SINCE: None})
+                                  annotations=REJOINED)
     said.append(Said("Normal", "Woken", f"{pod.name} awake in {took:.1f} s and back in the Service: {why}"))
 
 

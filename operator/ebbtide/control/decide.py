@@ -12,7 +12,7 @@ from ebbtide.cluster.render import deployment_name
 from ebbtide.control.actions import Actions, actions
 from ebbtide.control.observe import Snapshot
 from ebbtide.policy.capacity_types import SPOT
-from ebbtide.policy.idle import seen_idle
+from ebbtide.policy.idle import seen_drained, seen_idle
 from ebbtide.policy.observation import Deployments, Observation, Signals
 from ebbtide.policy.tick import TickState, Turn, tick
 
@@ -41,6 +41,7 @@ def observation(snapshot: Snapshot, ref: ServiceRef) -> Observation | None:
                        deployments=Deployments(on_demand, snapshot.deployments.get(
                            (ref.namespace, deployment_name(ref, SPOT)))),
                        held=mine.held, startups=tuple(mine.startups), idle=seen_idle(signals, snapshot.now),
+                       drained=seen_drained(signals, mine.left_service),
                        reclaimed_nodes=snapshot.reclaimed_nodes, activation=snapshot.activation.get(key),
                        stored_profile=snapshot.profiles.get(key))
 

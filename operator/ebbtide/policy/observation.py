@@ -96,6 +96,7 @@ class Pod:
     node: str | None = None  # None: Pending on no node
     phase: str = "Running"
     ready: bool = True  # its Ready condition: a sleeper's stays True (so does, in the simulator, a waking one's)
+    left_service_at: float | None = None  # unix seconds it left the Service (drain or sleep), while out of it
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +117,9 @@ class Observation:
     held: Held = Held()  # replicas holding a GPU (pods on their way out included), for the cost ledger
     startups: tuple[Startup, ...] = ()  # replicas Ready now (or since the last tick): the lead time
     idle: Mapping[str, float] = field(default_factory=dict)  # pods seen idle -> since (policy/idle.py)
+    # Awake pods out of the Service seen with nothing in flight since they left (policy/idle.py):
+    # they may go without losing a request.
+    drained: frozenset[str] = frozenset()
     reclaimed_nodes: frozenset[str] = frozenset()  # nodes announcing their end (policy/spot.py)
     activation: float | None = None  # scaling.activation's query, read while nothing is awake
     stored_profile: Profile | None = None  # the demand profile as stored, read when the state has none

@@ -104,7 +104,9 @@ def tick(spec: InferenceServiceSpec, seen: Observation, state: TickState, now: f
                          now)
     placed = split(decision.desired, acting.placement.spot, spot_pods, state.spot_cover, now,
                    spec.scaling.behavior.scale_down.stabilization_seconds)
-    idle, pools = _pools(acting, seen, placed, state.idle, now) if pooled else ({}, {})
+    # Planned pod by pod when removals drain first, too: the pool plan is what drains them.
+    planned = pooled or spec.scaling.behavior.scale_down.drain_seconds > 0
+    idle, pools = _pools(acting, seen, placed, state.idle, now, decision.desired) if planned else ({}, {})
     replicas = {ON_DEMAND: placed.on_demand, SPOT: placed.spot}
     replicas.update({capacity: pool.replicas for capacity, pool in pools.items()})
 
@@ -167,12 +169,17 @@ def _pooled(spec: InferenceServiceSpec, pods: Iterable[Pod]) -> bool:
 
 
 def _pools(spec: InferenceServiceSpec, seen: Observation, placed: Split, idle: Mapping[str, float],
-           now: float) -> tuple[dict[str, float], dict[str, PoolPlan]]:
+           now: float, awake: int) -> tuple[dict[str, float], dict[str, PoolPlan]]:
     """Idle times and warm pool plans by capacity type."""
     idle = track_idle(idle, seen.idle)
     targets = {ON_DEMAND: placed.on_demand, SPOT: placed.spot} if spec.placement.spot.enabled else {
         ON_DEMAND: placed.on_demand}
-    return idle, {capacity: plan_pool(target, [Replica(p.name, p.state, idle.get(p.name), p.asleep_since, p.capacity)
+    sound = [p for p in seen.pods if p.state == "awake" and p.serving and p.node not in seen.reclaimed_nodes]
+    return idle, {capacity: plan_pool(target, [Replica(p.name, p.state, idle.get(p.name), p.asleep_since, p.capacity,
+                                                       p.left_service_at, p.name in seen.drained,
+                                                       p.node in seen.reclaimed_nodes)
                                                for p in seen.pods if p.capacity == capacity],
-                                      spec.sleep, now, spec.replicas.allow_scale_to_zero)
+                                      spec.sleep, now, spec.replicas.allow_scale_to_zero,
+                                      spec.scaling.behavior.scale_down.drain_seconds,
+                                      serving_elsewhere=sum(p.capacity != capacity for p in sound), service_target=awake)
                   for capacity, target in targets.items()}

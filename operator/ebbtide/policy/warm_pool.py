@@ -1,6 +1,7 @@
 """The warm pool: which replicas to wake, put to sleep or delete, as a pure function.
 
-    plan_pool(desired, replicas, policy, now, allow_scale_to_zero=False) -> PoolPlan
+    plan_pool(desired, replicas, policy, now, allow_scale_to_zero=False, drain_seconds=0,
+              serving_elsewhere=0, service_target=0) -> PoolPlan
 
 `desired` is the awake size decide() asked for. The plan meets it with the cheapest moves:
 1. Short: wake sleepers first (oldest asleep first: it is the next to expire, and the young
@@ -8,8 +9,14 @@
 2. Surplus: replicas still starting go first (they serve nothing yet, and the ReplicaSet
    controller deletes not-ready pods first whatever their deletion cost). Awake surplus leaves
    the Service at once (`serving`), and once idle for `idle_seconds` goes to sleep while the
-   pool has room, or is deleted when it has none. With sleep disabled it is deleted at once.
-   Until then it drains: a draining replica is the fastest warm capacity there is.
+   pool has room. Awake surplus that is to go (sleep disabled, or the pool full) is deleted
+   only once drained: out of the Service and seen with nothing in flight since (`drained`), or
+   `drain_seconds` after it left. Until then it drains: a draining replica is the fastest warm
+   capacity there is. Replicas already draining are the first surplus, so none flips back and forth.
+   A replica on a node that announced its end (spot reclaim notice, cordon) leaves the Service,
+   surplus or not, once the other replicas in it (here and `serving_elsewhere`, in the service's
+   other Deployment) carry the service's awake size `service_target`, so that its requests in
+   flight finish within the rest of the notice.
 3. Sleepers are deleted after `ttl_seconds`, and beyond `max_pool` (oldest first). A TTL
    deletion waits while a replica is starting: the ReplicaSet controller would delete the
    starting pod instead, whatever the deletion costs say. The pool bound never waits.
@@ -37,6 +44,9 @@ class Replica:
     idle_since: float | None = None  # awake with nothing running or waiting since then; None if busy
     asleep_since: float | None = None
     capacity_type: str = ON_DEMAND
+    left_at: float | None = None  # out of the Service since (unix seconds); None while in it
+    drained: bool = False  # out of the Service and seen with nothing in flight since (policy/idle.py)
+    reclaimed: bool = False  # its node announced its end (a spot reclaim notice, a cordon)
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +89,8 @@ def _asleep_for(r: Replica, now: float) -> float:
 
 
 def plan_pool(desired: int, replicas: list[Replica] | tuple[Replica, ...], policy: SleepPolicy, now: float,
-              allow_scale_to_zero: bool = False) -> PoolPlan:
+              allow_scale_to_zero: bool = False, drain_seconds: float = 0.0, serving_elsewhere: int = 0,
+              service_target: int = 0) -> PoolPlan:
     desired = max(0, desired)
     pool_size = policy.max_pool if policy.enabled else 0
     reasons: list[str] = []
@@ -88,6 +99,21 @@ def plan_pool(desired: int, replicas: list[Replica] | tuple[Replica, ...], polic
     def note(r: Replica, words: str) -> None:
         reasons.append(words)
         said[r.name] = words
+
+    def remove(r: Replica, why: str) -> None:
+        """An awake replica goes once drained; until then it drains out of the Service."""
+        out_for = None if r.left_at is None else now - r.left_at
+        if r.drained:
+            delete.append(r)
+            note(r, f"deleting {r.name}: {why}; drained (out of the Service {out_for or 0:.0f} s, nothing in flight)")
+        elif drain_seconds <= 0 or (out_for is not None and out_for >= drain_seconds):
+            delete.append(r)
+            note(r, f"deleting {r.name}: {why}" + (f"; drain deadline ({drain_seconds:g} s) passed"
+                                                    if drain_seconds > 0 else ""))
+        else:
+            draining.append(r)
+            going.append(r)
+            note(r, f"draining {r.name} before deleting it: {why}")
     starting = sorted((r for r in replicas if r.state == "starting"), key=lambda r: r.name)
     awake = [r for r in replicas if r.state == "awake"]
     asleep = sorted((r for r in replicas if r.state == "asleep"), key=lambda r: (-_asleep_for(r, now), r.name))
@@ -97,6 +123,7 @@ def plan_pool(desired: int, replicas: list[Replica] | tuple[Replica, ...], polic
     delete: list[Replica] = []
     sleep: list[Replica] = []
     draining: list[Replica] = []
+    going: list[Replica] = []  # the draining ones that go once drained (not to sleep)
     serving = list(awake)
 
     short = desired - len(awake) - len(starting)
@@ -117,28 +144,39 @@ def plan_pool(desired: int, replicas: list[Replica] | tuple[Replica, ...], polic
             note(r, f"deleting {r.name}: still starting and {desired} awake are enough")
         starting = starting[:max(0, len(starting) - surplus)]
         surplus -= len(delete)
-        # Idle longest first; busy replicas (no idle time) last.
-        by_idle = sorted(awake, key=lambda r: (-_idle_for(r, now), r.name))
+        # Out of the Service already first, then idle longest; busy replicas (no idle time) last.
+        by_idle = sorted(awake, key=lambda r: (not r.reclaimed, r.left_at is None, -_idle_for(r, now), r.name))
         for r in by_idle[:surplus]:
             serving.remove(r)
             idle = _idle_for(r, now)
-            if pool_size == 0:
-                delete.append(r)
-                note(r, f"deleting {r.name}: surplus ({desired} desired) and sleep is "
-                        + ("disabled" if not policy.enabled else "limited to maxPool 0"))
+            if r.reclaimed:  # never to sleep on a node about to go
+                remove(r, f"surplus ({desired} desired) and its node announced a reclaim")
+            elif pool_size == 0:
+                remove(r, f"surplus ({desired} desired) and sleep is "
+                          + ("disabled" if not policy.enabled else "limited to maxPool 0"))
             elif idle >= policy.idle_seconds:
                 if len(asleep) + len(sleep) < pool_size:
                     sleep.append(r)
                     note(r, f"putting {r.name} to sleep: surplus, idle {idle:.0f} s >= "
                             f"{policy.idle_seconds} s")
                 else:
-                    delete.append(r)
-                    note(r, f"deleting {r.name}: surplus and the pool is full "
-                            f"({pool_size} asleep)")
+                    remove(r, f"surplus and the pool is full ({pool_size} asleep)")
             else:
                 draining.append(r)
                 what = "busy" if idle < 0 else f"idle {idle:.0f} s < {policy.idle_seconds} s"
                 note(r, f"draining {r.name}: surplus, {what}")
+
+    # A replica on a node announcing its end stops taking requests once the replicas left would
+    # carry the service's awake size (its cover is ready), so that those in flight finish within
+    # the rest of the notice. It keeps its place in the count (spot placement covers it, and the
+    # ReplicaSet replaces it once the node is gone). Until then it serves: leaving earlier would
+    # pile its load on the others and queue requests for a cold start.
+    doomed = [r for r in serving if r.reclaimed]
+    if doomed and len(serving) - len(doomed) + serving_elsewhere >= max(1, service_target):
+        for r in doomed:
+            serving.remove(r)
+            draining.append(r)
+            note(r, f"draining {r.name}: its node announced a reclaim")
 
     # Sleepers that stay asleep: expire past the TTL, and beyond the pool (oldest first).
     kept: list[Replica] = []
@@ -169,10 +207,10 @@ def plan_pool(desired: int, replicas: list[Replica] | tuple[Replica, ...], polic
                 note(r, f"keeping {r.name} asleep until {len(starting)} starting replicas are ready")
 
     # The last replica sleeps rather than disappears.
-    remaining = len(serving) + len(draining) + len(starting) + len(sleep) + len(kept) + len(wake) + create
+    remaining = len(serving) + len(draining) - len(going) + len(starting) + len(sleep) + len(kept) + len(wake) + create
     if remaining == 0 and replicas and not allow_scale_to_zero:
-        last = _last_replica(delete)
-        delete.remove(last)
+        last = _last_replica(delete + going)
+        (delete if last in delete else draining).remove(last)
         if last.state == "asleep" and pool_size > 0:
             kept.append(last)
             note(last, f"keeping {last.name} asleep: the last replica (allowScaleToZero is off)")
@@ -184,7 +222,7 @@ def plan_pool(desired: int, replicas: list[Replica] | tuple[Replica, ...], polic
             note(last, f"keeping {last.name} {'awake' if last.state != 'starting' else 'starting'}: "
                        "the last replica (allowScaleToZero is off)")
         # Whatever was said about deleting it no longer holds.
-        reasons[:] = [x for x in reasons if not x.startswith(f"deleting {last.name}:")]
+        reasons[:] = [x for x in reasons if not x.startswith((f"deleting {last.name}:", f"draining {last.name} "))]
 
     delete_names = [r.name for r in delete]
     order = (delete_names

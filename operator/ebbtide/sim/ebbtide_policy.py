@@ -74,7 +74,7 @@ class EbbtidePolicy(SimulatedPolicy):
         charges GPU time itself, so the tick's cost ledger is not read here."""
         return Observation(signals=view.signals, pods=view.pods, deployments=view.deployments,
                            startups=() if self.startup_seconds is not None else view.startups, idle=view.idle,
-                           reclaimed_nodes=view.reclaimed_nodes, activation=view.pending)
+                           drained=view.drained, reclaimed_nodes=view.reclaimed_nodes, activation=view.pending)
 
     @property
     def lead_time(self) -> float | None:

@@ -69,8 +69,9 @@ async def start(sim: EngineSimulator, host: str, port: int, shutdown_timeout: fl
     flight finish for up to `shutdown_timeout` seconds."""
     # handler_cancellation: a client that disconnects cancels its handler, which aborts the
     # request in the engine, as vLLM aborts requests of closed connections.
+    # aiohttp reads a timeout of 0 as "no limit": 0 here means what it means to vLLM, stop now.
     runner = web.AppRunner(build_app(sim), handler_cancellation=True, access_log=None,
-                           shutdown_timeout=shutdown_timeout)
+                           shutdown_timeout=max(shutdown_timeout, 0.001))
     await runner.setup()
     await web.TCPSite(runner, host, port, reuse_address=True).start()
     return runner

@@ -145,11 +145,12 @@ def _carry_out(plan: PoolPlan, by_name: dict[str, Replica], fleet: Fleet, servin
             left += 1  # leaves the endpoints; idle once its drain is over
             drain_end = serving.remove_replica(replica.rid, t)
             replica.serving, replica.idle_since = False, math.inf if drain_end is None else drain_end
+            replica.left_at = t
     for name in plan.serving:
         replica = by_name.get(name)
         if replica is not None and replica.ready and not replica.serving:  # back in the endpoints
             serving.add_replica(replica.rid, t)
-            replica.serving, replica.idle_since = True, None
+            replica.serving, replica.idle_since, replica.left_at = True, None, None
             rejoined += 1
     return bool(plan.delete or plan.sleep or plan.wake or plan.create or rejoined or left)
 

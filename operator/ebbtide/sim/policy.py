@@ -47,6 +47,11 @@ class FleetView:
         return self._read["idle"]()
 
     @cached_property
+    def drained(self) -> frozenset[str]:
+        """Awake pods out of the endpoints whose drain is over: their idle time starts at its end."""
+        return frozenset(p.name for p in self.pods if p.state == "awake" and not p.serving and p.name in self.idle)
+
+    @cached_property
     def startups(self) -> tuple[Startup, ...]:
         """Replicas Ready for the first time since the last tick."""
         return self._read["startups"]()

@@ -32,6 +32,7 @@ class Replica:
     # end of its drain; inf while that is not known yet); asleep since `asleep_since`.
     serving: bool = False
     idle_since: float | None = None
+    left_at: float | None = None  # left the endpoints to drain (trace seconds); None while in them
     asleep_since: float | None = None
     charged_to: float | None = None  # GPU time before this is charged already (sleep and wake split it)
     _pod: tuple[tuple, Pod] | None = field(default=None, repr=False, compare=False)  # (what it shows, its view)
@@ -48,13 +49,14 @@ class Replica:
     def pod(self, epoch: float) -> Pod:
         """Its pod as the operator would see it (times as unix seconds): asleep; starting while not
         ready (Pending, starting, or waking); else awake. Kept while nothing it shows changes."""
-        shows = (self.ready, self.pod_ready, self.serving, self.asleep_since, self.scheduled_at)
+        shows = (self.ready, self.pod_ready, self.serving, self.asleep_since, self.scheduled_at, self.left_at)
         if self._pod is None or self._pod[0] != shows:
             asleep = self.asleep_since is not None
             state = "asleep" if asleep else "awake" if self.ready else "starting"
             self._pod = shows, Pod(self.name, self.capacity_type, state, self.serving,
                                    epoch + self.asleep_since if asleep else None, epoch + self.created, self.node,
-                                   "Running" if self.scheduled_at is not None else "Pending", self.pod_ready)
+                                   "Running" if self.scheduled_at is not None else "Pending", self.pod_ready,
+                                   None if self.left_at is None else epoch + self.left_at)
         return self._pod[1]
 
 
@@ -105,6 +107,7 @@ class Fleet:
             if not r.pod_ready:
                 self.startups.append(Startup(r.created, r.scheduled_at, r.ready_at, r.capacity_type == SPOT))
             r.ready = r.serving = r.pod_ready = True
+            r.left_at = None
         self.ready += len(done)
         return done
 
