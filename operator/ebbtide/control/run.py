@@ -4,17 +4,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import itertools
 import logging
-import time
 
 import kopf
 
-from ebbtide.cluster.kube import api_server_problem
+from ebbtide.cluster.kube import wait_for_api_server
 from ebbtide.control.config import OperatorConfig
-
-log = logging.getLogger("ebbtide.run")
-MAX_BACKOFF_S = 60.0
 
 
 def run_operator(args: argparse.Namespace) -> int:
@@ -40,16 +35,3 @@ def run_operator(args: argparse.Namespace) -> int:
         memo=kopf.Memo(config=config),
     )
     return 0
-
-
-def wait_for_api_server() -> None:
-    """Return once there are credentials and the API server answers; until then say why in one
-    line per attempt, with backoff. Started without them, kopf's startup handler and the scaling
-    loop would log a traceback at every retry and every tick."""
-    for attempt in itertools.count():
-        problem = api_server_problem()
-        if problem is None:
-            return
-        delay = min(2.0 ** attempt, MAX_BACKOFF_S)
-        log.error("%s; retrying in %g s", problem, delay)
-        time.sleep(delay)

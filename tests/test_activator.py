@@ -1,0 +1,123 @@
+"""`ebbtide activator` on the real control plane: the real command as a process, watching the
+Service's EndpointSlices through the real API server, in front of engine-simulator pods.
+
+Scale from zero loses no request: requests sent while no replica exists are held, show in the
+activation query, and are all answered once the replica the operator starts is ready; so are
+those sent while the last replica sleeps. What cannot be helped (the hold running out, too many
+held) is one 503 each, counted by cause.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import urllib.error
+import urllib.request
+
+import pytest
+
+from tests.test_operator_sleep import DOWN_WINDOW, IDLE, SPEC, engine_stats
+from tests.testbed.loadgen import LoadGenerator
+from tests.testbed.operator import isvc, replicas, running_operator, status
+from tests.testbed.waiting import wait_for
+
+PENDING = "ebbtide_activator_pending_requests"
+OUTCOMES = "ebbtide_activator_requests_total"
+
+
+def complete(url: str) -> tuple[int, dict, dict]:
+    """One completion through the activator: (status, headers, body)."""
+    body = json.dumps({"model": "tiny-model", "prompt": "hello", "max_tokens": 4}).encode()
+    request = urllib.request.Request(f"{url}/v1/completions", data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, dict(response.headers), json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), json.loads(e.read())
+
+
+def test_what_cannot_be_held_is_one_503_each_counted_by_cause(apiserver, activator_factory):
+    """No Service at all: a request is held for --hold-seconds, then gets a 503 that says why;
+    with --max-pending already held, the next one gets its 503 at once. Nothing stays pending."""
+    activator = activator_factory("chat", "--hold-seconds", "3", "--max-pending", "1")
+    assert activator.metrics()[f"{PENDING}"] == 0
+
+    answers = []
+    held = threading.Thread(target=lambda: answers.append(complete(activator.url)))
+    held.start()
+    wait_for(lambda: activator.metrics()[PENDING] == 1, timeout=10, what="one request held")
+    overflow, headers, body = complete(activator.url)
+    assert overflow == 503 and headers.get("Retry-After") == "10"
+    assert "1 requests are already held for default/chat" in body["error"]["message"]
+    held.join(timeout=30)
+
+    ((code, headers, body),) = answers
+    assert code == 503 and headers.get("Retry-After") == "10"
+    assert body["error"]["message"] == "no replica of default/chat became ready within 3 s"
+    metrics = activator.metrics()
+    assert metrics[PENDING] == 0
+    assert metrics[f'{OUTCOMES}{{outcome="hold_timeout"}}'] == 1
+    assert metrics[f'{OUTCOMES}{{outcome="overflow"}}'] == 1
+    assert metrics["ebbtide_activator_hold_seconds_count"] == 1
+
+
+def burst(url: str) -> dict:
+    """Twenty-odd streamed completions over two seconds, all answered or failed by the end."""
+    return LoadGenerator(url, rate=10, duration=2, prompt_tokens=20, max_tokens=8, seed=1,
+                         request_timeout=120).start().wait()
+
+
+def activated(server, what: str) -> dict:
+    """The decision that woke the service (status is written just after the tick's moves)."""
+    return wait_for(lambda: next((d for d in status(server).get("decisions", [])
+                                  if d["reason"] == "Activated" and what in d["message"]), None),
+                    timeout=5, what=f"an Activated decision: {what}")
+
+
+@pytest.mark.prometheus
+@pytest.mark.slow
+def test_scale_from_zero_and_from_sleep_loses_no_request(apiserver, cluster_prometheus, kubelet_factory,
+                                                          activator_factory):
+    """replicas.min 0 without allowScaleToZero, the activator in front, its pending count the
+    activation query. A burst with no replica at all is held while the operator starts one
+    (a cold start) and every request is answered; once idle, the last replica sleeps rather
+    than disappears, leaves the activator's endpoints, and the next burst wakes it (seconds),
+    again with every request answered and none sent to the sleeping engine."""
+    server = apiserver.server
+    activator = activator_factory("chat")
+    cluster_prometheus.set_targets([{"targets": [f"127.0.0.1:{activator.metrics_port}"],
+                                     "labels": {"job": "activator"}}])
+    kubelet = kubelet_factory()
+    spec = {**SPEC, "replicas": {"min": 0, "max": 2},
+            "sleep": {"enabled": True, "idleSeconds": IDLE, "maxPool": 1, "ttlSeconds": 600}}
+    spec["scaling"] = {**spec["scaling"], "activation": {
+        "query": f'sum({PENDING}{{service_namespace="default",service="chat"}})'}}
+    with running_operator(apiserver, EBBTIDE_PROMETHEUS_URL=cluster_prometheus.url, EBBTIDE_TICK_SECONDS="0.5"):
+        server.create_object(isvc("chat", **spec))
+        wait_for(lambda: status(server).get("lastDecision"), what="a first decision")
+        assert replicas(server) == 0
+
+        from_none = burst(activator.url)
+        assert from_none["sent"] > 0 and from_none["ok"] == from_none["sent"], from_none
+        (pod,) = kubelet.pods("default", "chat")
+        assert "the activation query reads" in activated(server, "starting a replica")["message"]
+
+        wait_for(lambda: engine_stats(pod)["is_sleeping"], timeout=DOWN_WINDOW + 20, what="the last replica asleep")
+        assert replicas(server) == 1, "it sleeps rather than disappears"
+        wait_for(lambda: activator.metrics()["ebbtide_activator_ready_endpoints"] == 0, timeout=10,
+                 what="the sleeper out of the activator's endpoints")
+
+        from_sleep = burst(activator.url)
+        assert from_sleep["sent"] > 0 and from_sleep["ok"] == from_sleep["sent"], from_sleep
+        activated(server, "waking a sleeping replica")
+        stats = engine_stats(pod)
+        assert stats["wake_up_calls"] == 1 and stats["requests_refused_asleep"] == 0, stats
+
+    metrics = activator.metrics()
+    assert metrics[PENDING] == 0
+    outcomes = {key: value for key, value in metrics.items() if key.startswith(OUTCOMES) and value}
+    assert outcomes == {f'{OUTCOMES}{{outcome="forwarded"}}': from_none["sent"] + from_sleep["sent"]}, outcomes
+    assert metrics["ebbtide_activator_hold_seconds_count"] > 0, "some requests were held"
+    print(f"held from no replica: latency p50 {from_none['latency_p50']:.1f} s, p99 {from_none['latency_p99']:.1f} s "
+          f"({from_none['sent']} requests); from a sleeping one: p50 {from_sleep['latency_p50']:.1f} s, "
+          f"p99 {from_sleep['latency_p99']:.1f} s ({from_sleep['sent']} requests)")
