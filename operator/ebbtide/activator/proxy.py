@@ -14,7 +14,7 @@ import asyncio
 import collections
 import logging
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import aiohttp
 from aiohttp import web
@@ -36,7 +36,6 @@ HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy
 # A cold start (image pull, weight load) takes minutes; the hold must outlast the likely one.
 HOLD_BUCKETS = (0.1, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200)
 CONNECT_TIMEOUT_S = 5.0
-BEGUN = "ebbtide.answer_begun"  # set on the request once the replica's answer reaches the client
 
 
 class Unreachable(Exception):
@@ -53,10 +52,11 @@ class Broken(Exception):
 
 
 async def forward(session: aiohttp.ClientSession, request: web.Request, body: bytes, endpoint: Endpoint,
-                  headers: Mapping[str, str] | None = None) -> web.StreamResponse:
+                  headers: Mapping[str, str] | None = None,
+                  begun: Callable[[], None] = lambda: None) -> web.StreamResponse:
     """Send the request to `endpoint` and stream its answer back chunk by chunk (token streams
-    stay streams), `headers` added. Raises Unreachable if no connection was made, Broken if the
-    endpoint failed after that."""
+    stay streams), `headers` added; `begun` is called once the answer reaches the client.
+    Raises Unreachable if no connection was made, Broken if the endpoint failed after that."""
     sent = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
     try:
         upstream = await session.request(request.method, endpoint.url + request.path_qs, data=body, headers=sent)
@@ -71,7 +71,7 @@ async def forward(session: aiohttp.ClientSession, request: web.Request, body: by
                 response.headers[key] = value
         response.headers.update(headers or {})
         await response.prepare(request)
-        request[BEGUN] = True
+        begun()
         async for chunk in upstream.content.iter_any():
             await response.write(chunk)
         await response.write_eof()
@@ -168,15 +168,16 @@ class Activator:
         self.requests.labels(**self.labels, outcome=outcome).inc()
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        answered = asyncio.Event()
         try:
-            return await self._serve(request)
+            return await self._serve(request, answered.set)
         except asyncio.CancelledError:
             # The client went away: before any answer (held, or the replica had not begun), or
             # mid-answer, which a streaming client also does once it has read `[DONE]`.
-            self._count("forwarded" if request.get(BEGUN) else "client_gone")
+            self._count("forwarded" if answered.is_set() else "client_gone")
             raise
 
-    async def _serve(self, request: web.Request) -> web.StreamResponse:
+    async def _serve(self, request: web.Request, answered: Callable[[], None]) -> web.StreamResponse:
         assert self._session is not None
         body = await request.read()  # read once: a request sent elsewhere needs it again
         loop = asyncio.get_running_loop()
@@ -196,7 +197,7 @@ class Activator:
                              f"became ready within {self.hold_seconds:g} s", **{"Retry-After": "10"})
             self.outstanding[endpoint.name] += 1
             try:
-                response = await forward(self._session, request, body, endpoint)
+                response = await forward(self._session, request, body, endpoint, begun=answered)
             except Unreachable as e:
                 log.info("%s/%s: %s; sending the request elsewhere", self.namespace, self.service, e)
                 refused.add(endpoint.name)
