@@ -10,15 +10,18 @@ held) is one 503 each, counted by cause.
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import urllib.error
 import urllib.request
 
 import pytest
 
+from tests.cli import ebbtide, refused
 from tests.test_operator_sleep import DOWN_WINDOW, IDLE, SPEC, engine_stats
 from tests.testbed.loadgen import LoadGenerator
 from tests.testbed.operator import isvc, replicas, running_operator, status
+from tests.testbed.replays import CLI_ENV
 from tests.testbed.waiting import wait_for
 
 PENDING = "ebbtide_activator_pending_requests"
@@ -121,3 +124,25 @@ def test_scale_from_zero_and_from_sleep_loses_no_request(apiserver, cluster_prom
     print(f"held from no replica: latency p50 {from_none['latency_p50']:.1f} s, p99 {from_none['latency_p99']:.1f} s "
           f"({from_none['sent']} requests); from a sleeping one: p50 {from_sleep['latency_p50']:.1f} s, "
           f"p99 {from_sleep['latency_p99']:.1f} s ({from_sleep['sent']} requests)")
+
+
+@pytest.mark.parametrize(("options", "complaint"), [
+    (("--service", "Chat"), "argument --service: metadata.name 'Chat' must be"),
+    (("--service", "chat", "-n", "Models"), "argument -n/--namespace: metadata.namespace 'Models' must be"),
+    (("--service", "chat", "--hold-seconds", "0"), "argument --hold-seconds: must be greater than 0"),
+    (("--service", "chat", "--max-pending", "0"), "argument --max-pending: must be at least 1"),
+    (("--service", "chat", "--port", "99999"), "argument --port: must be at least 0 and at most 65535"),
+    ((), "the following arguments are required: --service"),
+])
+def test_bad_options_are_one_line(options, complaint):
+    refused(ebbtide("activator", *options), f"ebbtide activator: {complaint}")
+
+
+def test_a_port_in_use_is_one_line(apiserver):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        env = {**CLI_ENV, "KUBECONFIG": str(apiserver.kubeconfig_path)}
+        line = refused(ebbtide("activator", "--service", "chat", "--host", "127.0.0.1",
+                               "--port", taken.getsockname()[1], "--metrics-port", "0", env=env))
+    assert line.startswith("ebbtide activator: cannot listen:") and "in use" in line, line

@@ -59,21 +59,25 @@ async def serve(args: argparse.Namespace) -> None:
     # handler_cancellation: a client that gives up stops being held (and counted as pending).
     runners = [web.AppRunner(activator.app(), handler_cancellation=True, access_log=None, shutdown_timeout=30),
                web.AppRunner(activator.metrics_app(), access_log=None)]
-    for runner, bind_port in zip(runners, (args.port, args.metrics_port), strict=True):
-        if bind_port:
-            await runner.setup()
-            await web.TCPSite(runner, args.host, bind_port, reuse_address=True).start()
-    watch = EndpointWatch(kubernetes.client.ApiClient(), args.namespace, args.service,
-                          lambda found: loop.call_soon_threadsafe(activator.set_endpoints, found)).start()
-    log.info("holding and forwarding requests for %s/%s on %s:%d (metrics on :%d)", args.namespace,
-             args.service, args.host, args.port, args.metrics_port)
+    started, watch = [], None
     try:
+        for runner, bind_port in zip(runners, (args.port, args.metrics_port), strict=True):
+            if bind_port:
+                await runner.setup()
+                started.append(runner)
+                await web.TCPSite(runner, args.host, bind_port, reuse_address=True).start()
+        watch = EndpointWatch(kubernetes.client.ApiClient(), args.namespace, args.service,
+                              lambda found: loop.call_soon_threadsafe(activator.set_endpoints, found)).start()
+        log.info("holding and forwarding requests for %s/%s on %s:%d (metrics on :%d)", args.namespace,
+                 args.service, args.host, args.port, args.metrics_port)
         await stop.wait()
     finally:
-        # Stop taking requests, let the ones in flight finish (shutdown_timeout), then stop watching.
-        for runner in runners:
+        # Stop taking requests and let the ones in flight finish (shutdown_timeout), still
+        # watching the endpoints for those held; then stop watching.
+        for runner in started:
             await runner.cleanup()
-        watch.stop()
+        if watch is not None:
+            watch.stop()
 
 
 def run(args: argparse.Namespace) -> int:
