@@ -9,8 +9,8 @@ import re
 
 import pytest
 import yaml
-from ebbtide.sim.catalog import ALL_POLICIES, EXTRA_POLICIES
 
+from ebbtide.sim.catalog import ALL_POLICIES, EXTRA_POLICIES
 from ebbtide.sim.command import policies_and_spec
 from ebbtide.sim.report import PolicyResult, tables
 from tests.cli import ROOT, ebbtide, refused
