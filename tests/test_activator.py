@@ -10,6 +10,7 @@ held) is one 503 each, counted by cause.
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import threading
 import urllib.error
@@ -146,3 +147,24 @@ def test_a_port_in_use_is_one_line(apiserver):
         line = refused(ebbtide("activator", "--service", "chat", "--host", "127.0.0.1",
                                "--port", taken.getsockname()[1], "--metrics-port", "0", env=env))
     assert line.startswith("ebbtide activator: cannot listen:") and "in use" in line, line
+
+
+def readyz(activator) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"{activator.metrics_url}/readyz", timeout=5) as response:
+            return response.status, response.read().decode().strip()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode().strip()
+
+
+def test_on_sigterm_it_stops_being_ready_but_keeps_taking_requests_for_the_drain(apiserver, activator_factory):
+    """The Service forgets a terminating pod a moment after its SIGTERM: meanwhile the activator
+    still takes requests (here one, held until its hold runs out), then exits cleanly."""
+    activator = activator_factory("chat", "--drain-seconds", "10", "--hold-seconds", "1")
+    assert readyz(activator) == (200, "ok")
+    activator.process.popen.send_signal(signal.SIGTERM)
+    wait_for(lambda: readyz(activator) == (503, "stopping"), timeout=5, what="readyz saying stopping")
+    code, _, body = complete(activator.url)
+    assert code == 503 and "became ready within 1 s" in body["error"]["message"], body
+    assert activator.process.popen.wait(timeout=30) == 0
+    assert "Traceback" not in activator.process.output()

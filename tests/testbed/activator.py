@@ -24,7 +24,7 @@ class ActivatorProcess:
         self.metrics_url = f"http://127.0.0.1:{self.metrics_port}"
         argv = [sys.executable, "-m", "ebbtide.cli", "activator", "--service", service, "-n", namespace,
                 "--host", "127.0.0.1", "--port", str(self.port), "--metrics-port", str(self.metrics_port),
-                *options]
+                "--drain-seconds", "0", *options]  # no Service endpoints to leave: stop at once
         self.process = ManagedProcess(f"activator-{service}", argv, log_path,
                                       env={**CLI_ENV, "KUBECONFIG": str(kubeconfig)})
         # Ready once it has read the Service's endpoints (none, at first, is an answer too).

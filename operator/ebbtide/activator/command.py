@@ -41,6 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "longer than most cold starts)")
     parser.add_argument("--max-pending", type=number(int, minimum=1), default=1000,
                         help="requests held at once; beyond it a request gets 503 at once (default: 1000)")
+    parser.add_argument("--drain-seconds", type=number(minimum=0), default=5.0,
+                        help="on SIGTERM, keep taking requests this long (readyz says 503) while the "
+                             "Service's endpoints forget this pod, then stop (default: 5)")
     parser.add_argument("--verbose", action="store_true", help="debug logging")
 
 
@@ -71,6 +74,10 @@ async def serve(args: argparse.Namespace) -> None:
         log.info("holding and forwarding requests for %s/%s on %s:%d (metrics on :%d)", args.namespace,
                  args.service, args.host, args.port, args.metrics_port)
         await stop.wait()
+        # Endpoints and kube-proxy learn of a terminating pod a moment after it gets SIGTERM;
+        # closing the port at once would refuse the connections still sent here meanwhile.
+        activator.stopping = True
+        await asyncio.sleep(args.drain_seconds)
     finally:
         # Stop taking requests and let the ones in flight finish (shutdown_timeout), still
         # watching the endpoints for those held; then stop watching.

@@ -98,6 +98,7 @@ class Activator:
         self.hold_seconds, self.max_pending = hold_seconds, max_pending
         self.endpoints: list[Endpoint] = []
         self.known = False  # the endpoint list has been read at least once
+        self.stopping = False  # SIGTERM: still serving, but no longer ready
         self.outstanding: collections.Counter[str] = collections.Counter()
         self.pending = 0
         self._changed: asyncio.Condition | None = None
@@ -239,7 +240,10 @@ class Activator:
             return web.Response(text="ok\n")
 
         async def readyz(_: web.Request) -> web.Response:
-            # Ready once the endpoints have been read: before that every request would be held.
+            # Ready once the endpoints have been read (before that every request would be held),
+            # and no longer once stopping, so that the Service stops sending requests here.
+            if self.stopping:
+                return web.Response(status=503, text="stopping\n")
             return web.Response(text="ok\n") if self.known else web.Response(status=503, text="no endpoints read yet\n")
 
         app = web.Application()
