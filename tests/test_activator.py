@@ -18,7 +18,9 @@ import urllib.request
 
 import pytest
 
+from ebbtide.cluster.render import LABEL_SERVING
 from tests.cli import ebbtide, refused
+from tests.test_kubelet import deployment, service
 from tests.test_operator_sleep import DOWN_WINDOW, IDLE, SPEC, engine_stats
 from tests.testbed.loadgen import LoadGenerator
 from tests.testbed.operator import isvc, replicas, running_operator, status
@@ -168,3 +170,33 @@ def test_on_sigterm_it_stops_being_ready_but_keeps_taking_requests_for_the_drain
     assert code == 503 and "became ready within 1 s" in body["error"]["message"], body
     assert activator.process.popen.wait(timeout=30) == 0
     assert "Traceback" not in activator.process.output()
+
+
+@pytest.mark.slow
+def test_through_an_api_server_restart_no_request_is_lost_and_the_watch_resumes(
+        control_plane, apiserver, kubelet, activator_factory):
+    """While kube-apiserver restarts, the activator keeps sending requests to the replicas it
+    last saw (as kube-proxy does); once the API server is back its watch resumes: a replica
+    then taken out of the Service leaves its endpoints. Not one request fails throughout."""
+    server = apiserver.server
+    server.create_object(deployment(replicas=2))
+    server.create_object(service())
+    activator = activator_factory("chat")
+    ready = "ebbtide_activator_ready_endpoints"
+    wait_for(lambda: activator.metrics()[ready] == 2, timeout=60, what="2 ready endpoints")
+
+    load = LoadGenerator(activator.url, rate=10, duration=600, prompt_tokens=20, max_tokens=4, seed=1).start()
+    wait_for(lambda: load.summary()["ok"] >= 10, timeout=30, what="requests answered before the restart")
+    control_plane.restart("kube-apiserver")
+    answered = load.summary()["ok"]
+    wait_for(lambda: load.summary()["ok"] >= answered + 10, timeout=60, what="requests answered after it")
+
+    (out, *_) = sorted(p["metadata"]["name"] for p in server.list_objects("v1/pods", "default"))
+    server.patch_object("v1/pods", "default", out, {"metadata": {"labels": {LABEL_SERVING: "false"}}})
+    wait_for(lambda: activator.metrics()[ready] == 1, timeout=30, what="the watch seeing one endpoint left")
+    load.set_rate(0)
+    wait_for(lambda: load.in_flight == 0, timeout=30, what="the requests in flight answered")
+    summary = load.stop()
+    assert summary["errors"] == 0 and summary["ok"] == summary["sent"], summary
+    assert "Traceback" not in activator.process.output()
+    print(f"{summary['sent']} requests through a kube-apiserver restart, {summary['errors']} failed")

@@ -59,6 +59,7 @@ class EndpointWatch:
         self.api = kubernetes.client.DiscoveryV1Api(client)
         self.namespace, self.service, self.publish = namespace, service, publish
         self.stopping = threading.Event()
+        self.listed = False  # the current attempt's list succeeded
         self._watch: kubernetes.watch.Watch | None = None
         self.thread = threading.Thread(target=self._run, name=f"endpoints-{service}", daemon=True)
 
@@ -74,15 +75,19 @@ class EndpointWatch:
     def _run(self) -> None:
         failures = 0
         while not self.stopping.is_set():
+            self.listed = False
             try:
                 self._list_and_watch()
                 failures = 0
+                continue
             except kubernetes.client.ApiException as e:
                 if e.status == 410:  # the watch's resourceVersion is too old: list again at once
                     continue
-                failures = self._failed(failures, f"the API server answered {e.status} {e.reason}")
+                problem = f"the API server answered {e.status} {e.reason}"
             except (urllib3.exceptions.HTTPError, OSError, ValueError) as e:
-                failures = self._failed(failures, f"{type(e).__name__}: {' '.join(str(e).split())}")
+                problem = f"{type(e).__name__}: {' '.join(str(e).split())}"
+            # A watch cut after a good list starts the backoff again from 1 s.
+            failures = self._failed(0 if self.listed else failures, problem)
 
     def _failed(self, failures: int, problem: str) -> int:
         delay = min(2.0 ** failures, MAX_BACKOFF_S)
@@ -98,6 +103,7 @@ class EndpointWatch:
         listing = json.loads(response.data)
         slices = {s["metadata"]["name"]: s for s in listing.get("items") or []}
         self.publish(ready_endpoints(slices.values()))
+        self.listed = True
         self._watch = kubernetes.watch.Watch()
         for event in self._watch.stream(self.api.list_namespaced_endpoint_slice, self.namespace,
                                         label_selector=service_selector(self.service),

@@ -75,11 +75,13 @@ async def forward(session: aiohttp.ClientSession, request: web.Request, body: by
         async for chunk in upstream.content.iter_any():
             await response.write(chunk)
         await response.write_eof()
-        return response
     except (aiohttp.ClientError, TimeoutError, OSError) as e:
+        if request.transport is None or request.transport.is_closing():
+            return response  # the client left (a streaming one may, once it has read [DONE]): not a fault
         raise Broken(e, begun=response.prepared) from e
     finally:
         upstream.release()
+    return response
 
 
 def error(status: int, kind: str, message: str, **headers: str) -> web.Response:
