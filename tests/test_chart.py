@@ -280,7 +280,8 @@ def test_only_kube_py_talks_to_the_api():
     """The scan above sees every call only if no other module uses the client's API classes."""
     offenders = []
     for path in PACKAGE.rglob("*.py"):
-        if path == PACKAGE / "cluster" / "kube.py":
+        # The activator is a process of its own with its own Role: tests/test_activator_chart.py checks it.
+        if path == PACKAGE / "cluster" / "kube.py" or path.parent == PACKAGE / "activator":
             continue
         for line in path.read_text().splitlines():
             if re.search(r"kubernetes\.client\.(?!rest\b)|from kubernetes(\.client)? import (?!.*rest)", line):
