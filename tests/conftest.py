@@ -2,6 +2,7 @@
 Nodes, a real Prometheus, a settable vLLM exporter, a load balancer on EndpointSlices."""
 
 from tests.testbed.fixtures import (  # noqa: F401
+    activator_factory,
     apiserver,
     cluster,
     cluster_prometheus,

@@ -117,12 +117,15 @@ def test_run_refuses_a_port_out_of_range(option):
     refused(ebbtide("run", option, "70000"), f"ebbtide run: argument {option}: must be")
 
 
-def operator_without_a_cluster(kubeconfig: Path) -> tuple[str, str]:
-    """`ebbtide run` for as long as it takes to try twice (1 s apart), then SIGTERM: (the first
-    complaint, everything it wrote)."""
+OPERATOR = ("run", "--metrics-port", "0", "--health-port", "0")
+
+
+def operator_without_a_cluster(kubeconfig: Path, command: tuple[str, ...] = OPERATOR) -> tuple[str, str]:
+    """`ebbtide run` (or another `command` that needs the API server) for as long as it takes to
+    try twice (1 s apart), then SIGTERM: (the first complaint, everything it wrote)."""
     env = {k: v for k, v in CLI_ENV.items() if not k.startswith("KUBERNETES_")}  # not in a cluster
     env["KUBECONFIG"] = str(kubeconfig)
-    proc = subprocess.Popen([sys.executable, "-m", "ebbtide.cli", "run", "--metrics-port", "0", "--health-port", "0"],
+    proc = subprocess.Popen([sys.executable, "-m", "ebbtide.cli", *command],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     output = b""
     try:
@@ -146,6 +149,12 @@ def operator_without_a_cluster(kubeconfig: Path) -> tuple[str, str]:
 def test_run_without_credentials_says_so_and_retries(tmp_path):
     missing = tmp_path / "no-kubeconfig"
     complaint, _ = operator_without_a_cluster(missing)
+    assert "no Kubernetes credentials: not in a cluster" in complaint and str(missing) in complaint
+
+
+def test_activator_without_credentials_says_so_and_retries(tmp_path):
+    missing = tmp_path / "no-kubeconfig"
+    complaint, _ = operator_without_a_cluster(missing, ("activator", "--service", "chat"))
     assert "no Kubernetes credentials: not in a cluster" in complaint and str(missing) in complaint
 
 

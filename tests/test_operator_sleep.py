@@ -117,57 +117,6 @@ def test_idle_replicas_sleep_wake_on_load_and_expire(cluster):
         assert not [e for e in events(server) if e["reason"].startswith("Spot")], "spot is off: no spot Events"
 
 
-def timed_request(url: str) -> float:
-    """Seconds one completion took through the gateway (it must succeed)."""
-    started = time.monotonic()
-    body = json.dumps({"model": "tiny-model", "prompt": "hello", "max_tokens": 4}).encode()
-    request = urllib.request.Request(f"{url}/v1/completions", data=body, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=60) as response:
-        assert response.status == 200
-    return time.monotonic() - started
-
-
-def activated(server, what: str) -> dict:
-    """The decision that woke the service (status is written just after the tick's moves)."""
-    return wait_for(lambda: next((d for d in status(server).get("decisions", [])
-                                  if d["reason"] == "Activated" and what in d["message"]), None),
-                    timeout=5, what=f"an Activated decision: {what}")
-
-
-def test_activation_starts_from_none_then_the_last_replica_sleeps_and_wakes(
-        apiserver, cluster_prometheus, kubelet_factory, load_balancer_factory):
-    """min 0 without allowScaleToZero. A request held by the gateway (the load balancer holds
-    requests while no endpoint exists, like an activator) shows in the activation query: from
-    no replica at all the operator starts one (a cold start); once idle, that last replica
-    sleeps rather than disappears, and the next request wakes it (seconds)."""
-    server = apiserver.server
-    gateway = load_balancer_factory("chat", hold_seconds=60)
-    cluster_prometheus.set_targets([{"targets": [f"127.0.0.1:{gateway.port}"], "labels": {"job": "gateway"}}])
-    kubelet = kubelet_factory()
-    spec = {**SPEC, "replicas": {"min": 0, "max": 2},
-            "sleep": {"enabled": True, "idleSeconds": IDLE, "maxPool": 1, "ttlSeconds": 600}}
-    spec["scaling"] = {**spec["scaling"], "activation": {"query": 'sum(gateway_pending_requests{service="chat"})'}}
-    with running_operator(apiserver, EBBTIDE_PROMETHEUS_URL=cluster_prometheus.url, EBBTIDE_TICK_SECONDS="0.5"):
-        server.create_object(isvc("chat", **spec))
-        wait_for(lambda: status(server).get("lastDecision"), what="a first decision")
-        assert replicas(server) == 0
-
-        from_none = timed_request(gateway.url)
-        (pod,) = kubelet.pods("default", "chat")
-        activated(server, "starting a replica")
-
-        wait_for(lambda: engine_stats(pod)["is_sleeping"], timeout=DOWN_WINDOW + 20, what="the last replica asleep")
-        assert replicas(server) == 1, "it sleeps rather than disappears"
-        gateway.wait_for_endpoints(0)
-
-        from_sleep = timed_request(gateway.url)
-        assert engine_stats(pod)["wake_up_calls"] == 1
-        activated(server, "waking a sleeping replica")
-        assert engine_stats(pod)["requests_refused_asleep"] == 0
-        # From sleep: a scrape, a tick and a wake. From none: the same plus a cold start (1 s here).
-        print(f"waited {from_none:.1f} s from no replica, {from_sleep:.1f} s from a sleeping one")
-
-
 def test_a_wake_up_that_keeps_failing_gets_the_replica_replaced(apiserver, cluster_prometheus, kubelet_factory):
     """Engines whose wake-up outlasts the operator's timeout (6 s against 1 s): /wake_up fails
     three times, the operator says so (Warning WakeFailed) and deletes the pod, and its

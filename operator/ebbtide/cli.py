@@ -54,6 +54,12 @@ def _simulate(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _activator(args: argparse.Namespace) -> int:
+    from ebbtide.activator.command import run
+
+    return run(args)
+
+
 def _engine_sim(argv: list[str]) -> int:
     from ebbtide.sim.engine_server import main
 
@@ -102,6 +108,15 @@ def build_parser() -> argparse.ArgumentParser:
     render = sub.add_parser("render", help="print the objects the operator would create for a manifest")
     render.add_argument("file", help="a YAML file with one or more InferenceServices")
     render.set_defaults(func=_render)
+
+    activator = sub.add_parser(
+        "activator", help="a proxy in front of a service that holds requests while no replica is ready",
+        description="Forward requests to the ready replicas of one InferenceService; while none is ready, "
+        "hold them (scale from zero) and export how many for scaling.activation.query.")
+    from ebbtide.activator.command import add_arguments as activator_arguments
+
+    activator_arguments(activator)
+    activator.set_defaults(func=_activator)
 
     sub.add_parser("engine-sim", help="run a vLLM engine simulator (HTTP), for tests and demos",
                    add_help=False)

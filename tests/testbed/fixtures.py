@@ -3,8 +3,8 @@ Pytest fixtures of the test bed; ``tests/conftest.py`` imports them.
 
 One real control plane per test session (``control_plane``); each test that uses it gets the
 ``default`` namespace empty (``apiserver``), our kubelet for the fake Nodes (``kubelet``), a real
-Prometheus discovering the engines through the API server, and a load balancer that reads the
-Service's EndpointSlices as kube-proxy does.
+Prometheus discovering the engines through the API server, a load balancer that reads the
+Service's EndpointSlices as kube-proxy does, and `ebbtide activator` processes.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ import pytest
 from ebbtide.api.crd import crd
 from ebbtide.sim.engine_server import free_port
 from tests.testbed import podnetwork
+from tests.testbed.activator import ActivatorProcess
 from tests.testbed.controlplane import ControlPlane, ControlPlaneError
 from tests.testbed.exporter import FakeVllmExporter
 from tests.testbed.kubeapi import KubeApi
@@ -212,6 +213,21 @@ def load_balancer_factory(apiserver: Cluster) -> Iterator[Callable[..., LoadBala
     yield make
     for balancer in started:
         balancer.stop()
+
+
+@pytest.fixture()
+def activator_factory(apiserver: Cluster, tmp_path: pathlib.Path) -> Iterator[Callable[..., ActivatorProcess]]:
+    """Run `ebbtide activator` processes: ``activator_factory(service, *options, namespace='default')``."""
+    started: list[ActivatorProcess] = []
+
+    def make(service: str, *options: str, namespace: str = NAMESPACE) -> ActivatorProcess:
+        log_path = tmp_path / f'activator-{service}-{len(started)}.log'
+        started.append(ActivatorProcess(apiserver.kubeconfig_path, log_path, service, namespace, *options))
+        return started[-1]
+
+    yield make
+    for activator in started:
+        activator.stop()
 
 
 @pytest.fixture()

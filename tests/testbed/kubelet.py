@@ -41,6 +41,7 @@ from tests.testbed.engines import (
     LoopThread,
     call_api,
     engine_command,
+    is_pod_ready,
     now_rfc3339,
     pid_alive,
     readiness_gates_passed,
@@ -254,6 +255,10 @@ class Kubelet:
                     continue
                 pod = self._pods[uid] = self._admit(body)
             pod.gates_passed = readiness_gates_passed(body)
+            if pod.last_status is not None and is_pod_ready(body) != is_pod_ready({'status': pod.last_status}):
+                # Someone else set Ready (the node-lifecycle controller marks the pods of a node
+                # it thinks lost NotReady): say again what is true, as the kubelet's status manager does.
+                pod.last_status = None
             if body['metadata'].get('deletionTimestamp') and not pod.terminating:
                 self._begin_termination(pod)
             if not pod.terminating:

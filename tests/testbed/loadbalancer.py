@@ -7,8 +7,11 @@ real EndpointSlice controller) list as ready, at its address and the slice's por
 the slices every ``refresh_interval`` seconds (or an ``endpoints`` callable). Asleep pods are not probed: the operator takes them out by flipping the
 serving label, and a request that reaches a sleeping engine shows up in its /ebbtide/stats.
 
-Endpoint choice: least outstanding requests (ties at random). No endpoint: 503 (counted).
-Every forwarded response carries the header ``X-Testbed-Pod`` naming the pod.
+Endpoint choice: least outstanding requests (ties at random). No endpoint: 503 (counted), as
+kube-proxy rejects a connection to a Service without endpoints; holding requests instead is
+the real activator's work (`ebbtide activator`, tests/testbed/activator.py). Every forwarded
+response carries the header ``X-Testbed-Pod`` naming the pod. The slices are read and the
+requests forwarded by the activator's own code (ebbtide.activator).
 
 In-process::
 
@@ -26,44 +29,25 @@ import argparse
 import asyncio
 import collections
 import contextlib
-import dataclasses
 import logging
 import os
 import pathlib
 import random
 import signal
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 
+from ebbtide.activator.endpoints import Endpoint, ready_endpoints, service_selector
+from ebbtide.activator.proxy import Broken, Unreachable, error, forward
 from tests.testbed.engines import LoopThread, call_api, make_api_client, wait_until
 
 logger = logging.getLogger(__name__)
 
 POD_HEADER = 'X-Testbed-Pod'
-HOP_BY_HOP = frozenset({'connection', 'keep-alive', 'proxy-authenticate', 'proxy-authorization', 'te',
-                        'trailers', 'transfer-encoding', 'upgrade', 'content-length', 'content-encoding', 'host'})
-
-
-@dataclasses.dataclass(frozen=True)
-class Endpoint:
-    name: str  # the pod's name
-    url: str  # http://IP:PORT
-
-
-def ready_endpoints(slices: list[Mapping[str, Any]]) -> list[Endpoint]:
-    """The ready endpoints of a Service's EndpointSlices (ready excludes terminating ones), by pod name."""
-    out = []
-    for endpoint_slice in slices:
-        port = next((p.get('port') for p in endpoint_slice.get('ports') or [] if p.get('port')), None)
-        for endpoint in endpoint_slice.get('endpoints') or []:
-            if port is None or not (endpoint.get('conditions') or {}).get('ready'):
-                continue
-            name = (endpoint.get('targetRef') or {}).get('name') or endpoint['addresses'][0]
-            out.append(Endpoint(name, f"http://{endpoint['addresses'][0]}:{port}"))
-    return sorted(out, key=lambda e: e.name)
+__all__ = ['POD_HEADER', 'Endpoint', 'LoadBalancer', 'ready_endpoints']
 
 
 class LoadBalancer:
@@ -73,14 +57,12 @@ class LoadBalancer:
     ``service`` and ``namespace`` name the Service; its EndpointSlices come from the API
     (``api_client`` or ``kubeconfig``, else the default kubeconfig), or from ``endpoints``, a callable returning `Endpoint`s (then no API is used). ``port`` 0
     picks a free one (see ``url`` after start). ``request_timeout`` bounds a forwarded request.
-    ``hold_seconds`` > 0 holds a request that finds no endpoint until one appears (up to that
-    long); ``GET /metrics`` shows how many are held, for an activation query.
     """
 
     def __init__(self, service: str, namespace: str = 'default', *, api_client: Any = None,
                  kubeconfig: str | os.PathLike | None = None,
                  endpoints: Callable[[], list[Endpoint]] | None = None, host: str = '127.0.0.1', port: int = 0,
-                 refresh_interval: float = 0.5, request_timeout: float = 300.0, hold_seconds: float = 0.0) -> None:
+                 refresh_interval: float = 0.5, request_timeout: float = 300.0) -> None:
         self.service = service
         self.namespace = namespace
         self._api_client_arg, self._kubeconfig = api_client, kubeconfig
@@ -88,10 +70,6 @@ class LoadBalancer:
         self.host, self.port = host, port
         self.refresh_interval = refresh_interval
         self.request_timeout = request_timeout
-        # Like an activator (Knative's, or a gateway in front of a scaled-to-zero service): a
-        # request that finds no endpoint waits up to this long for one before the 503.
-        self.hold_seconds = hold_seconds
-        self.held = 0  # requests waiting for an endpoint now (exported on /metrics)
         self.url = ''
 
         self._endpoints: list[Endpoint] = []
@@ -143,7 +121,7 @@ class LoadBalancer:
             self._client, self._owns_client = make_api_client(self._api_client_arg, self._kubeconfig)
             self._discovery = kubernetes.client.DiscoveryV1Api(self._client)
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.request_timeout),
-                                              connector=aiohttp.TCPConnector(limit=0))
+                                              connector=aiohttp.TCPConnector(limit=0), auto_decompress=False)
         await self._refresh_once()
         app = web.Application()
         app.router.add_route('*', '/{tail:.*}', self._handle)
@@ -216,7 +194,7 @@ class LoadBalancer:
             else:
                 slices = await asyncio.to_thread(call_api, self._discovery.list_namespaced_endpoint_slice,
                                                  self.namespace,
-                                                 label_selector=f'kubernetes.io/service-name={self.service}')
+                                                 label_selector=service_selector(self.service))
                 self._endpoints = ready_endpoints(slices.get('items') or [])
         except Exception as e:  # keep the last known endpoints, as kube-proxy does
             logger.warning('%s: could not refresh the endpoints: %s', self.service, e)
@@ -228,71 +206,30 @@ class LoadBalancer:
         least = min(self._outstanding[e.name] for e in self._endpoints)
         return random.choice([e for e in self._endpoints if self._outstanding[e.name] == least])
 
-    def metrics_text(self) -> str:
-        labels = f'service="{self.service}",namespace="{self.namespace}"'
-        return ('# HELP gateway_pending_requests Requests held waiting for an endpoint.\n'
-                '# TYPE gateway_pending_requests gauge\n'
-                f'gateway_pending_requests{{{labels}}} {self.held}\n'
-                '# HELP gateway_requests_total Requests received.\n'
-                '# TYPE gateway_requests_total counter\n'
-                f'gateway_requests_total{{{labels}}} {self.requests_total}\n')
-
-    async def _wait_for_endpoint(self) -> Endpoint | None:
-        endpoint = self._pick()
-        if endpoint is not None or self.hold_seconds <= 0:
-            return endpoint
-        self.held += 1
-        try:
-            deadline = asyncio.get_running_loop().time() + self.hold_seconds
-            while endpoint is None and asyncio.get_running_loop().time() < deadline:
-                await asyncio.sleep(0.05)
-                endpoint = self._pick()
-            return endpoint
-        finally:
-            self.held -= 1
-
     async def _handle(self, request: web.Request) -> web.StreamResponse:
-        if request.path == '/metrics':
-            return web.Response(text=self.metrics_text(), content_type='text/plain')
         if not request.path.startswith('/v1/'):
-            return web.json_response({'error': {'message': f'{request.path}: only /v1/* is forwarded',
-                                                'code': 404}}, status=404)
+            return error(404, 'NotFoundError', f'{request.path}: only /v1/* is forwarded')
         self.requests_total += 1
-        endpoint = await self._wait_for_endpoint()
+        endpoint = self._pick()
         if endpoint is None:
             self.no_endpoint += 1
             self._statuses[503] += 1
-            return web.json_response({'error': {'message': f'no ready endpoint for service {self.service}',
-                                                'type': 'ServiceUnavailableError', 'code': 503}}, status=503)
+            return error(503, 'ServiceUnavailableError', f'no ready endpoint for service {self.service}')
         assert self._session is not None
         self._outstanding[endpoint.name] += 1
         self._per_pod[endpoint.name] += 1
-        response: web.StreamResponse | None = None
         try:
-            body = await request.read()
-            headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
-            async with self._session.request(request.method, endpoint.url + request.path_qs, data=body,
-                                             headers=headers) as upstream:
-                self._statuses[upstream.status] += 1
-                response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-                for key, value in upstream.headers.items():
-                    if key.lower() not in HOP_BY_HOP:
-                        response.headers[key] = value
-                response.headers[POD_HEADER] = endpoint.name
-                await response.prepare(request)
-                async for chunk in upstream.content.iter_any():
-                    await response.write(chunk)
-                await response.write_eof()
-                return response
-        except (aiohttp.ClientError, TimeoutError, OSError) as e:
+            response = await forward(self._session, request, await request.read(), endpoint,
+                                     headers={POD_HEADER: endpoint.name})
+            self._statuses[response.status] += 1
+            return response
+        except (Unreachable, Broken) as e:
             self.upstream_errors += 1
-            logger.info('%s: forwarding to %s failed: %r', self.service, endpoint.name, e)
-            if response is not None and response.prepared:
+            logger.info('%s: forwarding to %s failed: %s', self.service, endpoint.name, e)
+            if isinstance(e, Broken) and e.begun:
                 raise  # the response has begun: all we can do is cut it short
             self._statuses[502] += 1
-            return web.json_response({'error': {'message': f'upstream {endpoint.name} failed: {e!r}',
-                                                'type': 'BadGateway', 'code': 502}},
-                                     status=502, headers={POD_HEADER: endpoint.name})
+            return error(502, 'BadGateway', f'upstream {endpoint.name} failed: {e}', **{POD_HEADER: endpoint.name})
         finally:
             self._outstanding[endpoint.name] -= 1
 

@@ -58,7 +58,7 @@ def check_name(name: object) -> str:
     return name
 
 
-def _check_namespace(namespace: object) -> str:
+def check_namespace(namespace: object) -> str:
     if not isinstance(namespace, str) or len(namespace) > 63 or not _NAMESPACE.fullmatch(namespace):
         raise InvalidSpec(f"metadata.namespace {namespace!r} must be at most 63 lower-case letters, digits "
                           "and '-', starting and ending with a letter or digit")
@@ -126,7 +126,7 @@ def _service(where: str, obj: dict) -> tuple[ServiceRef, InferenceServiceSpec]:
         meta = obj.get("metadata") or {}
         if not isinstance(meta, dict):
             raise InvalidSpec(f"metadata must be a mapping, found {_a(meta)}")
-        ref = ServiceRef(name=check_name(meta.get("name")), namespace=_check_namespace(meta.get("namespace", "default")))
+        ref = ServiceRef(name=check_name(meta.get("name")), namespace=check_namespace(meta.get("namespace", "default")))
         return ref, parse_spec(obj.get("spec"))
     except InvalidSpec as e:
         raise InvalidSpec(f"{where}: {e}") from None

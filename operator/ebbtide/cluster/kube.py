@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import datetime
+import itertools
 import json
 import logging
 import time
@@ -25,6 +26,7 @@ from ebbtide import api
 from ebbtide.api.ref import ServiceRef
 
 log = logging.getLogger(__name__)
+MAX_API_BACKOFF_S = 60.0
 
 # kind -> (API class, the snake_case name in the client's method names)
 _KINDS = {
@@ -294,6 +296,19 @@ def api_server_problem() -> str | None:
         except (urllib3.exceptions.HTTPError, OSError) as e:
             return f"cannot reach the Kubernetes API server at {configuration.host}: {_root_cause(e)}"
     return None
+
+
+def wait_for_api_server(log: logging.Logger = log) -> None:
+    """Return once there are credentials and the API server answers; until then say why in one
+    line per attempt, with backoff. Started without them, kopf's startup handler and the scaling
+    loop (or the activator's watch) would log a traceback at every retry and every tick."""
+    for attempt in itertools.count():
+        problem = api_server_problem()
+        if problem is None:
+            return
+        delay = min(2.0 ** attempt, MAX_API_BACKOFF_S)
+        log.error("%s; retrying in %g s", problem, delay)
+        time.sleep(delay)
 
 
 def _root_cause(error: BaseException) -> str:

@@ -6,22 +6,17 @@ import argparse
 import contextlib
 import dataclasses
 import http.server
-import itertools
 import logging
 import threading
-import time
 from collections.abc import Iterator
 
 import kopf
 
-from ebbtide.cluster.kube import api_server_problem
+from ebbtide.cluster.kube import wait_for_api_server
 from ebbtide.control.config import OperatorConfig
 from ebbtide.control.leader import LeaseElector, identity, lose_leadership, own_namespace
 from ebbtide.control.metrics import OperatorMetrics
 from ebbtide.control.shard import parse_selector
-
-log = logging.getLogger("ebbtide.run")
-MAX_BACKOFF_S = 60.0
 
 
 def run_operator(args: argparse.Namespace) -> int:
@@ -60,19 +55,6 @@ def run_operator(args: argparse.Namespace) -> int:
         if elector is not None:
             elector.release()
     return 0
-
-
-def wait_for_api_server() -> None:
-    """Return once there are credentials and the API server answers; until then say why in one
-    line per attempt, with backoff. Started without them, kopf's startup handler and the scaling
-    loop would log a traceback at every retry and every tick."""
-    for attempt in itertools.count():
-        problem = api_server_problem()
-        if problem is None:
-            return
-        delay = min(2.0 ** attempt, MAX_BACKOFF_S)
-        log.error("%s; retrying in %g s", problem, delay)
-        time.sleep(delay)
 
 
 @contextlib.contextmanager
