@@ -122,7 +122,8 @@ class Activation(ApiModel):
     query: str = Field(
         min_length=1,
         description="PromQL over something that exists while no replica does (a gateway or router), "
-        "for example `sum(rate(gateway_requests_total{service=\"chat\"}[1m]))`.",
+        "for example the requests `ebbtide activator` holds: "
+        "`sum(ebbtide_activator_pending_requests{service=\"chat\",service_namespace=\"models\"})`.",
     )
     threshold: float = Field(default=0.0, ge=0, description="The service wakes when the query exceeds this.")
 
