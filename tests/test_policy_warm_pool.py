@@ -88,9 +88,11 @@ def test_a_full_pool_drains_before_deleting_and_the_last_replica_never_leaves():
     full = POLICY.model_copy(update={"max_pool": 1})
     plan = plan_pool(1, [awake("a", idle=600), awake("b"), asleep("s", 60)], full, NOW, drain_seconds=300)
     assert plan.draining == ("a",) and not plan.delete
-    plan = plan_pool(0, [awake("a", idle=600)], OFF, NOW, drain_seconds=300)
+    keeper = POLICY.model_copy(update={"max_pool": 0})
+    plan = plan_pool(0, [awake("a", idle=600)], keeper, NOW, drain_seconds=300)
     assert plan.serving == ("a",) and not plan.draining and not plan.delete
-    plan = plan_pool(0, [awake("a", idle=600)], OFF, NOW, allow_scale_to_zero=True, drain_seconds=300)
+    # Without sleep mode min 0 is scale to zero: the last one drains and goes too.
+    plan = plan_pool(0, [awake("a", idle=600)], OFF, NOW, drain_seconds=300)
     assert plan.draining == ("a",) and plan.replicas == 1
 
 
@@ -167,11 +169,11 @@ def test_pool_invariants(desired, replicas, policy, to_zero, drain):
     assert all(by_name[n].state == "asleep" for n in plan.wake)
     moves = list(plan.sleep) + list(plan.wake) + list(plan.delete)
     assert len(moves) == len(set(moves))
-    # The last replica is kept unless scale to zero is allowed; with no pool to sleep in, it
+    # With sleep mode the last replica is kept unless scale to zero is allowed; with no pool, it
     # stays in the Service (or on its way there).
-    if replicas and not to_zero:
+    if replicas and not to_zero and policy.enabled:
         assert plan.replicas >= 1
-        if not (policy.enabled and policy.max_pool):
+        if not policy.max_pool:
             assert plan.serving or plan.starting or plan.create
     # Draining before removal: an awake replica goes only drained, or past its deadline.
     if drain:

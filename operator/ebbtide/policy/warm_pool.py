@@ -20,8 +20,9 @@
 3. Sleepers are deleted after `ttl_seconds`, and beyond `max_pool` (oldest first). A TTL
    deletion waits while a replica is starting: the ReplicaSet controller would delete the
    starting pod instead, whatever the deletion costs say. The pool bound never waits.
-4. With replicas.min 0 and no allowScaleToZero, the last replica is kept: asleep if the pool
-   may hold one (its TTL does not apply), else awake.
+4. With sleep mode, replicas.min 0 and no allowScaleToZero, the last replica is kept: asleep
+   if the pool may hold one (its TTL does not apply), else awake. Without sleep mode, min 0
+   is scale to zero.
 
 The Deployment is asked for every replica that remains (awake + starting + asleep) plus the
 ones to create; `deletion_costs` ranks the pods so that, when the count drops, the ReplicaSet
@@ -208,7 +209,7 @@ def plan_pool(desired: int, replicas: list[Replica] | tuple[Replica, ...], polic
 
     # The last replica sleeps rather than disappears.
     remaining = len(serving) + len(draining) - len(going) + len(starting) + len(sleep) + len(kept) + len(wake) + create
-    if remaining == 0 and replicas and not allow_scale_to_zero:
+    if remaining == 0 and replicas and policy.enabled and not allow_scale_to_zero:
         last = _last_replica(delete + going)
         (delete if last in delete else draining).remove(last)
         if last.state == "asleep" and pool_size > 0:
