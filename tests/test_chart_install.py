@@ -100,7 +100,9 @@ def allowed(server, user: str, verb: str, group: str, resource: str, namespace: 
 def start_and_scale_by_hand(server, **spec) -> None:
     """A service whose on-demand Deployment is then scaled to 3 by hand: the operator must put the
     count back, which takes a `patch` on deployments."""
-    server.create_object(isvc("chat", scaling={"behavior": {"intervalSeconds": 1}}, **spec))
+    # No Prometheus here: no drain can be seen to end, so its deadline (1 s) says when a replica goes.
+    server.create_object(isvc("chat", scaling={"behavior": {"intervalSeconds": 1, "scaleDown": {"drainSeconds": 1}}},
+                              **spec))
     wait_for(lambda: (server.get_object(ISVC, "default", "chat").get("status") or {}).get("lastDecision"),
              what="a first decision")
     server.patch_object(DEPLOYMENTS, "default", "chat", {"spec": {"replicas": 3}})

@@ -203,7 +203,8 @@ def test_spot_pods_wait_for_spot_nodes_and_a_noexecute_taint_evicts(apiserver, k
     (replacement,) = wait_until(lambda: list(api_pods(apiserver)), timeout=10)
     wait_until(lambda: condition(api_pods(apiserver)[replacement], 'PodScheduled') == 'False', timeout=15)
     kubelet.untaint_node('testbed-spot-0', 'karpenter.sh/disrupted')
-    wait_until(lambda: kubelet.pod(NS, replacement) and kubelet.pod(NS, replacement).ready, timeout=30)
+    # The scheduler retries an unschedulable pod on the node's update, or after its backoff: slow on a busy machine.
+    wait_until(lambda: kubelet.pod(NS, replacement) and kubelet.pod(NS, replacement).ready, timeout=90)
 
 
 def test_readiness_gate_holds_ready_until_its_condition_is_true(apiserver, kubelet_factory):
