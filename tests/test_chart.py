@@ -39,7 +39,9 @@ ALL_ON = [
     "--set", "podAnnotations.team=ml",
     "--set", "grafanaDashboard.labels.release=kube-prometheus-stack",
 ]
-CONFIGS = {"default": [], "all-on": ALL_ON}
+WATCHED = ("team-a", "team-b")
+NAMESPACED = ["--set", "rbac.scope=namespaced", "--set", f"operator.namespaces={{{','.join(WATCHED)}}}"]
+CONFIGS = {"default": [], "all-on": ALL_ON, "namespaced": NAMESPACED}
 
 
 def render(*args: str) -> list[dict]:
@@ -76,6 +78,7 @@ def test_helm_lint_strict(config):
     "operator.metricsPort=70000",
     "image.pullPolicy=Sometimes",
     "no.such.value=1",
+    "rbac.scope=everywhere",
 ])
 def test_values_schema_rejects_bad_values(bad):
     result = helm("template", RELEASE, str(CHART), "--set", bad, check=False)
@@ -335,8 +338,9 @@ def test_only_kube_py_talks_to_the_api():
         "\n".join(offenders)
 
 
-def kopf_needs() -> set[tuple[str, str, str]]:
-    """What kopf itself calls for the handlers registered in ebbtide.control.handlers."""
+def kopf_needs(namespaces: list[str]) -> set[tuple[str, str, str]]:
+    """What kopf itself calls for the handlers registered in ebbtide.control.handlers, run with
+    these `--namespace`s (none: cluster-wide)."""
     import kopf
 
     import ebbtide.control.handlers  # noqa: F401  (registers the handlers)
@@ -353,7 +357,8 @@ def kopf_needs() -> set[tuple[str, str, str]]:
             verbs = {"list", "watch"} | ({"patch"} if stateful else set())  # progress annotations, finalizer
             needed |= {(selector.group or "", resource, verb) for verb in verbs}
     needed.add(("", "events", "create"))  # kopf posts its warnings as core v1 Events
-    needed |= {("apiextensions.k8s.io", "customresourcedefinitions", v) for v in ("list", "watch")}
+    if not namespaces:  # with --namespace, control/handlers.py turns kopf's CRD scanning off
+        needed |= {("apiextensions.k8s.io", "customresourcedefinitions", v) for v in ("list", "watch")}
     return needed
 
 
@@ -367,13 +372,78 @@ def granted(cluster_role: dict) -> set[tuple[str, str, str]]:
     return out
 
 
-@pytest.mark.parametrize("config", list(CONFIGS))
-def test_cluster_role_grants_exactly_what_the_operator_uses(config):
-    role = one(render(*CONFIGS[config]), "ClusterRole")
-    needed = operator_api_calls() | kopf_needs()
+def cluster_scoped(group: str, resource: str) -> bool:
+    """From the client: a resource is cluster-scoped when its API class lists it, but never in a namespace."""
+    for cls, cls_group in {**API_GROUPS, kubernetes.client.ApiextensionsV1Api: "apiextensions.k8s.io"}.items():
+        for method in dir(cls) if cls_group == group else ():
+            m = re.match(r"^list_(?!namespaced_)(\w+)$", method)
+            if (m and not method.endswith("_for_all_namespaces") and not hasattr(cls, f"list_namespaced_{m[1]}")
+                    and m[1].replace("_", "") + "s" == resource):
+                return True
+    return False
+
+
+def assert_grants(role: dict, needed: set[tuple[str, str, str]]) -> None:
     have = granted(role)
-    assert not needed - have, f"the operator calls these but the ClusterRole lacks them: {sorted(needed - have)}"
-    assert not have - needed, f"granted but never used (least privilege): {sorted(have - needed)}"
+    name = f"{role['kind']} {role['metadata'].get('namespace', '')}/{role['metadata']['name']}"
+    assert not needed - have, f"the operator calls these but the {name} lacks them: {sorted(needed - have)}"
+    assert not have - needed, f"{name} grants these but they are never used (least privilege): {sorted(have - needed)}"
+
+
+def operator_roles(docs: list[dict]) -> dict[str, dict]:
+    """The Roles holding the operator's own rules (not the Lease's), by namespace."""
+    return {r["metadata"]["namespace"]: r for r in by_kind(docs, "Role")
+            if not r["metadata"]["name"].endswith("-leader-election")}
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_rbac_grants_exactly_what_the_operator_uses(config):
+    docs = render(*CONFIGS[config])
+    from ebbtide.cli import build_parser
+    namespaces = build_parser().parse_args(["run", *_container(docs)["args"]]).namespace
+    needed = operator_api_calls() | kopf_needs(namespaces)
+    roles = operator_roles(docs)
+    if config != "namespaced":
+        assert not roles
+        assert_grants(one(docs, "ClusterRole"), needed)
+        return
+    # A Role in each watched namespace, nothing namespaced left in the ClusterRole.
+    cluster_wide = {need for need in needed if cluster_scoped(need[0], need[1].partition("/")[0])}
+    assert cluster_wide == {("", "nodes", "list")}, cluster_wide
+    assert_grants(one(docs, "ClusterRole"), cluster_wide)
+    assert set(roles) == set(namespaces) == set(WATCHED)
+    for role in roles.values():
+        assert_grants(role, needed - cluster_wide)
+    bindings = {b["metadata"]["namespace"]: b for b in by_kind(docs, "RoleBinding")}
+    for namespace, role in roles.items():
+        binding = bindings[namespace]
+        assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                                      "name": role["metadata"]["name"]}
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "namespace": NAMESPACE,
+                                        "name": one(docs, "ServiceAccount")["metadata"]["name"]}]
+
+
+def test_cluster_scoped_resources_are_told_from_the_client():
+    """(So that the namespaced check above cannot pass by calling everything cluster-scoped.)"""
+    assert cluster_scoped("", "nodes") and cluster_scoped("apiextensions.k8s.io", "customresourcedefinitions")
+    assert not cluster_scoped("", "pods") and not cluster_scoped("apps", "deployments")
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_no_role_grants_anything_on_secrets(config):
+    docs = render(*CONFIGS[config], "--set", "highAvailability.enabled=true")
+    roles = by_kind(docs, "ClusterRole") + by_kind(docs, "Role")
+    assert len(roles) >= 2
+    for role in roles:
+        for group, resource, verb in granted(role):
+            assert resource.partition("/")[0] != "secrets", (role["metadata"]["name"], group, resource, verb)
+
+
+def test_a_namespaced_scope_needs_its_namespaces():
+    result = helm("template", RELEASE, str(CHART), "--set", "rbac.scope=namespaced", check=False)
+    assert result.returncode != 0
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert "rbac.scope=namespaced needs operator.namespaces" in line, result.stderr
 
 
 def test_operator_api_calls_are_seen():
