@@ -1,7 +1,7 @@
 """The chart in a real cluster: `helm install` and `helm uninstall`, and the operator running with
 nothing but its ServiceAccount's permissions (a token minted by the TokenRequest API).
 
-The ClusterRole is least privilege (tests/test_chart.py derives it from the code); here the API
+The ClusterRole is least privilege (tests/test_chart_rbac.py derives it from the code); here the API
 server's RBAC judges it: the operator works with exactly that, and when one verb is taken away
 it says so once, clearly, on the InferenceService and in its log, instead of failing every tick.
 """
