@@ -9,7 +9,8 @@ import kubernetes
 import kubernetes_validate
 import pytest
 
-from tests.test_chart import K8S_VERSION, NAMESPACE, PACKAGE, by_kind, granted, render
+from tests.test_chart import K8S_VERSION, NAMESPACE, PACKAGE, by_kind, render
+from tests.test_chart_rbac import granted
 from tests.testbed.helm import CHART, HELM, MISSING_HELM, helm
 
 pytestmark = pytest.mark.skipif(not HELM.is_file(), reason=MISSING_HELM)

@@ -1,7 +1,7 @@
 """The chart in a real cluster: `helm install` and `helm uninstall`, and the operator running with
 nothing but its ServiceAccount's permissions (a token minted by the TokenRequest API).
 
-The ClusterRole is least privilege (tests/test_chart.py derives it from the code); here the API
+The ClusterRole is least privilege (tests/test_chart_rbac.py derives it from the code); here the API
 server's RBAC judges it: the operator works with exactly that, and when one verb is taken away
 it says so once, clearly, on the InferenceService and in its log, instead of failing every tick.
 """
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import json
-import re
 
 import pytest
 import yaml
@@ -26,7 +25,7 @@ from tests.testbed.helm import (
     service_account_kubeconfig,
 )
 from tests.testbed.kubeapi import KubeApi, resource_of
-from tests.testbed.operator import DEPLOYMENTS, ISVC, condition, isvc, running_operator
+from tests.testbed.operator import DEPLOYMENTS, ISVC, condition, isvc, refusals, running_operator
 from tests.testbed.waiting import wait_for
 
 pytestmark = pytest.mark.skipif(not HELM.is_file(), reason=MISSING_HELM)
@@ -110,12 +109,6 @@ def start_and_scale_by_hand(server, **spec) -> None:
 
 def on_demand_replicas(server) -> int:
     return server.get_object(DEPLOYMENTS, "default", "chat")["spec"]["replicas"]
-
-
-def refusals(output: str) -> list[str]:
-    """Lines of the operator's log where the API server refused something."""
-    return [line for line in output.splitlines() if re.search(r"forbidden|permission denied|\(403\)|'code': 403",
-                                                              line, re.IGNORECASE)]
 
 
 def test_the_operator_works_with_the_charts_service_account_alone(apiserver, release, as_operator):

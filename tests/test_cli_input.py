@@ -117,6 +117,12 @@ def test_run_refuses_a_port_out_of_range(option):
     refused(ebbtide("run", option, "70000"), f"ebbtide run: argument {option}: must be")
 
 
+@pytest.mark.parametrize("namespace", ["team-*", "Team-A", ""])
+def test_run_refuses_a_namespace_that_is_no_name(namespace):
+    """The scaling loop lists in each namespace by name (what a Role there permits): no patterns."""
+    refused(ebbtide("run", "--namespace", namespace), "ebbtide run: argument -n/--namespace: not a namespace name")
+
+
 OPERATOR = ("run", "--metrics-port", "0", "--health-port", "0")
 
 

@@ -17,50 +17,20 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
-from ebbtide.sim.engine_server import free_port
 from tests.test_closed_loop import SCALING
 from tests.testbed.faultproxy import FaultProxy
 from tests.testbed.loadgen import steady_load
-from tests.testbed.operator import isvc, replicas, seconds, status
+from tests.testbed.operator import Operator, isvc, replicas, seconds, status
 from tests.testbed.waiting import wait_for
 
 LEASES = "coordination.k8s.io/v1/leases"
 LEASE = "ebbtide-test"
 RECORD = Path(os.environ.get("EBBTIDE_HA_RECORD", "")) if os.environ.get("EBBTIDE_HA_RECORD") else None
-
-
-class Operator:
-    """One `ebbtide run` process; its log in a file."""
-
-    def __init__(self, cluster, name: str, log_dir: Path, *args: str, prometheus_url: str = "http://127.0.0.1:1",
-                 kubeconfig: Path | None = None):
-        self.name, self.metrics_port = name, free_port()
-        self.log = log_dir / f"{name}-{len(list(log_dir.glob(f'{name}-*.log')))}.log"  # one per incarnation
-        argv = [sys.executable, "-m", "ebbtide.cli", "run", "--prometheus-url", prometheus_url,
-                "--metrics-port", str(self.metrics_port), "--health-port", "0", *args]
-        env = {**os.environ, **cluster.env, "POD_NAME": name, "EBBTIDE_TICK_SECONDS": "0.5"}
-        if kubeconfig is not None:
-            env["KUBECONFIG"] = str(kubeconfig)
-        with open(self.log, "wb") as out:
-            self.process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def metrics(self) -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as response:
-            return response.read().decode()
-
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-        return self.process.wait(30)
 
 
 @pytest.fixture()

@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 
 from ebbtide.arguments import Parser, option, port, refuse
-from ebbtide.control.shard import selector_option
+from ebbtide.control.shard import namespace_option, selector_option
 
 
 def _crd(args: argparse.Namespace) -> int:
@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="run the operator (kopf) against the current cluster")
-    run.add_argument("-n", "--namespace", action="append", default=[],
+    run.add_argument("-n", "--namespace", action="append", default=[], type=option(namespace_option),
                      help="watch only this namespace (repeatable); default: all namespaces")
     run.add_argument("--prometheus-url", default=None,
                      help="Prometheus the signals are read from (default: $EBBTIDE_PROMETHEUS_URL)")

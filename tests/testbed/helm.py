@@ -20,7 +20,7 @@ import pytest
 
 from tests.testbed.controlplane import ControlPlane, kubeconfig_text
 from tests.testbed.fixtures import Cluster
-from tests.testbed.kubeapi import path_of
+from tests.testbed.kubeapi import KubeApi, path_of
 from tests.testbed.waiting import wait_for
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -89,3 +89,15 @@ class AsServiceAccount(Cluster):
     def __init__(self, plane: ControlPlane, kubeconfig: pathlib.Path) -> None:
         super().__init__(plane)  # builds .server from the admin kubeconfig
         self.kubeconfig_path = kubeconfig
+        self.own = KubeApi(self.api_client())  # with the ServiceAccount's token
+
+    def can(self, verb: str, group: str, resource: str, namespace: str | None = None) -> bool:
+        """The API server's RBAC verdict on a request with the ServiceAccount's own token (a
+        SelfSubjectAccessReview, what `kubectl auth can-i` asks); no namespace: all namespaces."""
+        resource, _, subresource = resource.partition('/')
+        attributes = {'verb': verb, 'group': group, 'resource': resource, 'subresource': subresource,
+                      'namespace': namespace or ''}
+        review = {'apiVersion': 'authorization.k8s.io/v1', 'kind': 'SelfSubjectAccessReview',
+                  'spec': {'resourceAttributes': attributes}}
+        return self.own.request('POST', '/apis/authorization.k8s.io/v1/selfsubjectaccessreviews',
+                                review)['status']['allowed']

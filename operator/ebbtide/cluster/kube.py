@@ -92,35 +92,40 @@ def refusal(e: ApiException) -> str:
 
 
 class Kube:
-    def __init__(self, client: kubernetes.client.ApiClient):
+    def __init__(self, client: kubernetes.client.ApiClient, namespaces: tuple[str, ...] = ()):
         self.client = client
         self.core = kubernetes.client.CoreV1Api(client)
         self.custom = kubernetes.client.CustomObjectsApi(client)
-        # Client method -> the API server's refusal (403), until that method is permitted again.
-        # A missing RBAC permission is logged once here, not by every caller on every tick.
+        # `ebbtide run --namespace`: fleet-wide lists go to these namespaces only (empty: all).
+        self.namespaces = namespaces
+        # Client method (and namespace, for a list in one) -> the API server's refusal (403), until
+        # permitted again. A missing RBAC permission is logged once here, not by every caller every tick.
         self.refused: dict[str, str] = {}
 
     @classmethod
-    def from_environment(cls) -> Kube:
+    def from_environment(cls, namespaces: tuple[str, ...] = ()) -> Kube:
         try:
             kubernetes.config.load_incluster_config()
         except kubernetes.config.ConfigException:
             kubernetes.config.load_kube_config()
-        return cls(kubernetes.client.ApiClient())
+        return cls(kubernetes.client.ApiClient(), namespaces)
 
     async def _call(self, fn: Callable, *args: Any, **kwargs: Any) -> Any:
         method = getattr(fn, "__name__", repr(fn))
+        # Keyed by namespace too where one is named: one namespace permitted and another refused
+        # must not toggle a single entry (and log) on every tick.
+        key = f"{method} in {kwargs['namespace']}" if "namespace" in kwargs else method
         try:
             response = await asyncio.to_thread(fn, *args, _preload_content=False, **kwargs)
         except Forbidden as e:
-            if method not in self.refused:
+            if key not in self.refused:
                 log.error("the API server refused a call (403 Forbidden): %s. Grant it to the operator's "
-                          "ServiceAccount (the chart's ClusterRole); said once, until it is permitted again",
-                          refusal(e))
-            self.refused[method] = refusal(e)
+                          "ServiceAccount (the chart's ClusterRole, or its Role in that namespace); said once, "
+                          "until it is permitted again", refusal(e))
+            self.refused[key] = refusal(e)
             raise
-        if self.refused.pop(method, None) is not None:
-            log.info("%s is permitted again", method)
+        if self.refused.pop(key, None) is not None:
+            log.info("%s is permitted again", key)
         data = response.data
         return json.loads(data) if data else None
 
@@ -234,9 +239,17 @@ class Kube:
         except ApiException as e:  # an Event is worth a log line, never a failed reconcile
             log.warning("could not post event %s on %s/%s: %s", reason, ref.namespace, ref.name, e.reason)
 
+    async def _list(self, all_namespaces: Callable, namespaced: Callable, label_selector: str) -> list[dict]:
+        """One list across the cluster, or one per watched namespace: all that a Role in each permits."""
+        if self.namespaces:
+            results = await asyncio.gather(*(self._call(namespaced, namespace=namespace, label_selector=label_selector)
+                                             for namespace in self.namespaces))
+        else:
+            results = [await self._call(all_namespaces, label_selector=label_selector)]
+        return [item for result in results if result for item in result.get("items", [])]
+
     async def list_pods(self, label_selector: str) -> list[dict]:
-        result = await self._call(self.core.list_pod_for_all_namespaces, label_selector=label_selector)
-        return result.get("items", []) if result else []
+        return await self._list(self.core.list_pod_for_all_namespaces, self.core.list_namespaced_pod, label_selector)
 
     async def patch_pod_status(self, namespace: str, name: str, status: dict) -> None:
         """Strategic merge patch of a pod's status (pods/status): e.g. one readiness-gate condition."""
@@ -245,8 +258,8 @@ class Kube:
 
     async def list_deployments(self, label_selector: str) -> list[dict]:
         apps = kubernetes.client.AppsV1Api(self.client)
-        result = await self._call(apps.list_deployment_for_all_namespaces, label_selector=label_selector)
-        return result.get("items", []) if result else []
+        return await self._list(apps.list_deployment_for_all_namespaces, apps.list_namespaced_deployment,
+                                label_selector)
 
     async def list_nodes(self) -> list[dict]:
         result = await self._call(self.core.list_node)

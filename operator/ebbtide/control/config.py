@@ -14,6 +14,9 @@ class OperatorConfig:
     # The longest one POST /sleep or /wake_up may take before it counts as failed (and is
     # retried, then the replica replaced): a level-2 wake reloads the weights from disk.
     engine_timeout_seconds: float = 120.0
+    # `ebbtide run --namespace`: the only namespaces the operator lists pods and Deployments in,
+    # so that a Role in each (the chart's rbac.scope=namespaced) is all it needs. Empty: all.
+    namespaces: tuple[str, ...] = ()
 
     @classmethod
     def from_env(cls) -> OperatorConfig:

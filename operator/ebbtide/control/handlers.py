@@ -36,7 +36,12 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: lo
     settings.watching.server_timeout = 300
     memo.setdefault("config", OperatorConfig.from_env())
     memo.setdefault("in_shard", parse_selector(os.environ.get("EBBTIDE_SELECTOR", "")))
-    memo.kube = Kube.from_environment()
+    if memo.config.namespaces:
+        # Exact namespaces (cli.py refuses patterns): kopf need not list Namespaces or watch CRDs,
+        # both cluster-wide, which a namespaced install does not grant. The CRD must exist at
+        # start (helm installs it first); a CRD version added later is served after a restart.
+        settings.scanning.disabled = True
+    memo.kube = Kube.from_environment(memo.config.namespaces)
     memo.registry = Registry()
     if "metrics" not in memo:  # `ebbtide run` serves them before the Lease is held
         memo.metrics = OperatorMetrics()

@@ -28,7 +28,7 @@ def run_operator(args: argparse.Namespace) -> int:
     # replace(), not a new OperatorConfig: the environment's other settings (the chart's
     # EBBTIDE_ENGINE_TIMEOUT_SECONDS) must survive the command line's.
     config = dataclasses.replace(config, prometheus_url=args.prometheus_url or config.prometheus_url,
-                                 metrics_port=args.metrics_port)
+                                 metrics_port=args.metrics_port, namespaces=tuple(args.namespace))
     # Served from the start: a standby is scrapeable too (ebbtide_leader 0, nothing else).
     metrics = OperatorMetrics()
     metrics.serve(config.metrics_port)

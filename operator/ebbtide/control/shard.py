@@ -1,4 +1,4 @@
-"""`ebbtide run --selector`: the InferenceServices one operator (shard) runs, by their labels.
+"""`ebbtide run --selector` and `--namespace`: the InferenceServices one operator (shard) runs.
 
 Kubernetes' label selector syntax (`tier=gold`, `shard!=b`, `team in (a,b)`, `!legacy`), matched
 in the handlers: services outside the shard never enter the registry, so the scaling loop,
@@ -44,4 +44,15 @@ def parse_selector(text: str) -> Match:
 def selector_option(text: str) -> str:
     """For argparse: the selector as given, once it parses."""
     parse_selector(text)
+    return text
+
+
+_NAMESPACE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+
+
+def namespace_option(text: str) -> str:
+    """For argparse: a namespace's exact name. kopf would take a pattern (`team-*`), but the
+    scaling loop lists in each namespace by name, as a Role per namespace permits."""
+    if not _NAMESPACE.match(text):
+        raise ValueError(f"not a namespace name: {text!r} (name each namespace; patterns are not supported)")
     return text
