@@ -184,6 +184,11 @@ class Kubelet:
         node.taints = [t for t in node.taints if t.get('key') != key]
         self._patch_taints(node)
 
+    def forget_statuses(self) -> None:
+        """Write every status again next sync: a reconnected kubelet undoes what the node controller marked."""
+        for pod in list(self._pods.values()):
+            pod.last_status = None
+
     def kill_engine(self, namespace: str, name: str, sig: int = signal.SIGKILL) -> int:
         """Signal a pod's engine (SIGKILL: a crash the kubelet restarts); returns the pid."""
         pod = next(p for p in self._pods.values() if (p.namespace, p.name) == (namespace, name))
