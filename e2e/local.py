@@ -24,6 +24,7 @@ the engines' under pods/).
 
 from __future__ import annotations
 
+import datetime
 import itertools
 import json
 import os
@@ -31,6 +32,7 @@ import re
 import shutil
 import signal
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -61,6 +63,10 @@ TOKEN_SECONDS = 6 * 3600  # longer than any session: the operator never sees its
 # What a refused API call looks like in the operator's log: the operator's own line for a 403,
 # the official client's ApiException ("(403)"), kopf's APIForbiddenError ("'code': 403").
 FORBIDDEN = re.compile(r"forbidden|permission denied|\(403\)|'code': 403", re.IGNORECASE)
+# A restarted kube-apiserver answers before its RBAC caches are filled: for a moment it refuses
+# every call ("clusterrole ... not found"). 403s that soon after a restart are not the chart's.
+RBAC_WARMUP_SECONDS = 10.0
+LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
 
 
 def install_args(values_file: Path) -> list[str]:
@@ -119,6 +125,7 @@ class LocalBackend(Backend):
         self.targets_file: Path | None = None  # Prometheus's file_sd targets: the scraped gateways
         self.balancers: dict[tuple[str, str], LoadBalancer] = {}
         self.scraped: set[tuple[str, str]] = set()
+        self.restarts: list[tuple[float, float]] = []  # wall-clock spans of control-plane restarts
         self.kubeconfig = self.logs / "controlplane" / "kubeconfig"  # the admin's: the scenarios are the user
         self.operator_kubeconfig = self.logs / "operator.kubeconfig"
         self.prometheus_url = ""
@@ -264,7 +271,9 @@ class LocalBackend(Backend):
         self._start_operator(self.operator_settings)
 
     def restart_component(self, component: str) -> None:
+        started = time.time()
         self.plane.restart(component)
+        self.restarts.append((started, time.time() + RBAC_WARMUP_SECONDS))
 
     def pause_prometheus(self, paused: bool) -> None:
         """SIGSTOP (SIGCONT) Prometheus and its wrapper: its port stays open, nothing answers."""
@@ -306,8 +315,17 @@ class LocalBackend(Backend):
 
     def forbidden_lines(self) -> list[str]:
         """The lines of the operators' logs where the API server refused them (403)."""
-        return [line for operator in self.operators if operator.log_path.exists()
-                for line in operator.output().splitlines() if FORBIDDEN.search(line)]
+        found = []
+        for operator in self.operators:
+            if not operator.log_path.exists():
+                continue
+            when = 0.0  # a line without a time (a traceback's) is as old as the last line with one
+            for line in operator.output().splitlines():
+                if stamp := LOG_TIME.match(line):
+                    when = datetime.datetime.strptime(stamp.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+                if FORBIDDEN.search(line) and not any(start <= when <= end for start, end in self.restarts):
+                    found.append(line)
+        return found
 
     def stop(self) -> None:
         for balancer in self.balancers.values():

@@ -94,6 +94,8 @@ class Scenario:
     disrupt: Callable[[Run], None]  # runs while the load runs
     setup: Callable[[Run], None] | None = None  # under load too, before the pods are counted (keeps_pods)
     rate: float = 4.0  # requests per second, for the whole scenario unless the disruption changes it
+    max_tokens: int = MAX_TOKENS  # longer requests for a scenario about requests in flight
+    stream: bool = True  # False: one answer per request (no chunks to relay: long requests cost less)
     ready: int = 1  # replicas ready before the load starts (0: the load starts at once)
     spot: bool = False  # the service has a spot Deployment too
     keeps_pods: bool = False  # a restart: every pod there when the load started is still there at the end
@@ -157,8 +159,8 @@ def run_scenario(backend: Backend, story: StoryLog, summary: Summary, scenario: 
     try:
         backend.apply(manifest(backend, namespace, scenario.spec))
         url = (scenario.gateway or default_gateway)(backend, NAME, namespace)
-        load = LoadGenerator(url, rate=0, duration=3600, prompt_tokens=PROMPT_TOKENS, max_tokens=MAX_TOKENS,
-                             request_timeout=REQUEST_TIMEOUT, seed=len(scenario.name)).start()
+        load = LoadGenerator(url, rate=0, duration=3600, prompt_tokens=PROMPT_TOKENS, max_tokens=scenario.max_tokens,
+                             stream=scenario.stream, request_timeout=REQUEST_TIMEOUT, seed=len(scenario.name)).start()
         run = Run(backend, story, watch, load, notes)
         try:
             if scenario.ready:

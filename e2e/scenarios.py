@@ -129,13 +129,18 @@ def spot_outage(run: Run) -> None:
     run.backend.patch("v1", "Node", node, {"spec": {"unschedulable": True}}, "")
     try:
         run.edit({"replicas": {"min": 3}})
-        run.wait(lambda: deployment_ready(run, run.watch.name, 2), "on-demand covering the pending spot replica")
+        run.wait(lambda: run.watch.counts().get("status.ready", 0) >= 3 and pending(run),
+                 "3 replicas ready while a spot pod is Pending (on-demand covering it)", timeout=60)
     finally:
         run.backend.patch("v1", "Node", node, {"spec": {"unschedulable": None}}, "")
     run.step("spot capacity back: uncordoned")
     spot = f"{run.watch.name}-spot"
-    run.wait(lambda: deployment_ready(run, spot, 2) and deployment_ready(run, run.watch.name, 1),
-             "spot replicas back and the cover given back", timeout=90)
+    run.wait(lambda: deployment_ready(run, spot, 2) and deployment_ready(run, run.watch.name, 1) and not pending(run),
+             "2 spot replicas ready and the cover given back to the on-demand base", timeout=90)
+
+
+def pending(run: Run) -> list[str]:
+    return [p["metadata"]["name"] for p in run.watch.live_pods() if (p.get("status") or {}).get("phase") == "Pending"]
 
 
 def restarted_operator(run: Run, moment: str) -> None:
@@ -233,7 +238,9 @@ def edit_mid_scale_up(run: Run) -> None:
 RESTART = dict(setup=above_min, keeps_pods=True, ready=2)
 SCENARIOS = [
     Scenario("ramp-up", spec(1, 3), ramp_up, rate=3),
-    Scenario("scale-down", spec(3, 3), scale_down, ready=3, notes=DRAIN_PENDING),
+    # Requests of several seconds (800 tokens), longer than the kubelet's grace period here (5 s).
+    Scenario("scale-down", spec(3, 3), scale_down, ready=3, rate=2, max_tokens=800, stream=False,
+             notes=DRAIN_PENDING),
     Scenario("sleep-and-wake", spec(3, 3, sleep=SLEEP), sleep_and_wake, ready=3),
     Scenario("scale-to-zero-and-back", zero_spec("e2e-scale-to-zero-and-back"), scale_to_zero_and_back, rate=2,
              ready=0, gateway=ACTIVATOR,

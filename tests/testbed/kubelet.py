@@ -48,7 +48,7 @@ from tests.testbed.engines import (
     spawn,
     wait_until,
 )
-from tests.testbed.nodes import FakeNode, default_nodes, register_node, renew_lease
+from tests.testbed.nodes import FakeNode, default_nodes, keep_alive, register_node
 from tests.testbed.podnetwork import PodNetwork
 from tests.testbed.podstate import PodInfo, RunningPod, pod_status, prestop_seconds
 
@@ -184,11 +184,6 @@ class Kubelet:
         node.taints = [t for t in node.taints if t.get('key') != key]
         self._patch_taints(node)
 
-    def forget_statuses(self) -> None:
-        """Write every status again next sync: a reconnected kubelet undoes what the node controller marked."""
-        for pod in list(self._pods.values()):
-            pod.last_status = None
-
     def kill_engine(self, namespace: str, name: str, sig: int = signal.SIGKILL) -> int:
         """Signal a pod's engine (SIGKILL: a crash the kubelet restarts); returns the pid."""
         pod = next(p for p in self._pods.values() if (p.namespace, p.name) == (namespace, name))
@@ -220,7 +215,9 @@ class Kubelet:
         wait_until(clean, timeout=timeout, interval=0.2, message='the node-lifecycle controller left taints')
 
     def _renew_lease(self, node: FakeNode) -> None:
-        renew_lease(self.coordination, node)
+        if keep_alive(self.core, self.coordination, node):  # back from NotReady: write the pods' statuses again
+            for pod in list(self._pods.values()):
+                pod.last_status = None
 
     # ------------------------------------------------------------------------------ the sync loop
 

@@ -7,7 +7,7 @@ Registers the fake Nodes, prints ``kubelet ready`` once the scheduler may use th
 their pods until SIGTERM or SIGINT; then it stops every engine and removes its pod network.
 Pods and Nodes stay in the API, as when a real kubelet stops. SIGUSR1 cuts the spot node off
 (its Lease is no longer renewed: the node-lifecycle controller marks it NotReady, its engines
-run on), SIGUSR2 reconnects it.
+run on), SIGUSR2 reconnects it (its status and its pods' are posted again).
 """
 from __future__ import annotations
 
@@ -20,7 +20,6 @@ import threading
 
 from tests.testbed import kubelet as kubelet_module
 from tests.testbed import podnetwork
-from tests.testbed.nodes import register_node
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,20 +52,13 @@ def main(argv: list[str] | None = None) -> int:
                                      max_grace_seconds=args.max_grace_seconds, honor_prestop=args.honor_prestop,
                                      log_dir=args.log_dir, engine_log_level=args.engine_log_level)
     partitioned = kubelet.unavailable_pools  # a pool in it renews no Lease (Kubelet._sync)
-    reconnect = threading.Event()
     signal.signal(signal.SIGUSR1, lambda *_: partitioned.add('spot'))
-    signal.signal(signal.SIGUSR2, lambda *_: reconnect.set())
+    signal.signal(signal.SIGUSR2, lambda *_: partitioned.discard('spot'))
     try:
         kubelet.start()
         print(f"kubelet ready: nodes {', '.join(kubelet.nodes)}, pod network {kubelet.network.subnet}", flush=True)
         while not stop.wait(0.5):  # a short wait: the signal handler runs between waits
-            if reconnect.is_set():  # post the node's status (Ready) and the pods' again, renew its Lease
-                reconnect.clear()
-                partitioned.discard('spot')
-                for node in kubelet.nodes.values():
-                    if node.capacity_type == 'spot':
-                        register_node(kubelet.core, node)
-                kubelet.forget_statuses()
+            pass
     finally:
         kubelet.stop()
         kubelet.network.close()
