@@ -40,7 +40,19 @@ def story(backend: Backend) -> StoryLog:
     return StoryLog(artifacts_dir() / f"e2e-{backend.name}.log")
 
 
+SUMMARIES: list[Summary] = []
+
+
 @pytest.fixture(scope="session")
 def summary() -> Summary:
     """One entry per counted scenario, the file rewritten after each (e2e/runner.py)."""
-    return Summary(artifacts_dir() / "e2e" / "summary.json")
+    SUMMARIES.append(Summary(artifacts_dir() / "e2e" / "summary.json"))
+    return SUMMARIES[-1]
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """The counts of this session's scenarios, one line each, after pytest's own summary."""
+    for written in SUMMARIES:
+        terminalreporter.section(f"requests counted ({written.path})")
+        for line in written.table():
+            terminalreporter.write_line(line)

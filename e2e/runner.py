@@ -119,6 +119,13 @@ class Summary:
         self.entries = [e for e in self.entries if e["scenario"] != entry["scenario"]] + [entry]
         self._write()
 
+    def table(self) -> list[str]:
+        """One line per scenario: the counts, the causes of failure, the verdict."""
+        verdicts = {True: "ok", False: "FAILED", None: "skipped"}
+        return [f"{e['scenario']:34} sent {e['sent']:5} ok {e['succeeded']:5} failed {e['failed']:4} "
+                f"{verdicts[e['passed']]:7} {json.dumps(e['failed_by_cause']) if e['failed'] else ''}"
+                for e in self.entries]
+
     def _write(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
@@ -178,7 +185,7 @@ def run_scenario(backend: Backend, story: StoryLog, summary: Summary, scenario: 
     except Unsupported as e:  # the backend cannot produce this fault: skipped, and said so
         notes.append(f"skipped: {e}")
         skipped = str(e)
-    except Exception as e:  # the scenario itself broke: recorded, then raised
+    except BaseException as e:  # the scenario broke (or was interrupted): recorded, then raised
         problems.append(f"{type(e).__name__}: {e}".splitlines()[0][:400])
         raise
     finally:

@@ -218,6 +218,9 @@ def node_not_ready(run: Run) -> None:
     run.backend.partition_node(node, True)
     try:
         run.wait(lambda: node_ready(run, node) != "True", f"{node} NotReady", timeout=60)
+        spot = f"{run.watch.name}-spot"
+        run.wait(lambda: run.watch.counts().get(f"{spot}.ready") == 0,
+                 "its replica marked not ready (out of the Service's endpoints)", timeout=30)
         run.ticks(3)
     finally:
         run.backend.partition_node(node, False)
@@ -238,8 +241,9 @@ def edit_mid_scale_up(run: Run) -> None:
 RESTART = dict(setup=above_min, keeps_pods=True, ready=2)
 SCENARIOS = [
     Scenario("ramp-up", spec(1, 3), ramp_up, rate=3),
-    # Requests of several seconds (800 tokens), longer than the kubelet's grace period here (5 s).
-    Scenario("scale-down", spec(3, 3), scale_down, ready=3, rate=2, max_tokens=800, stream=False,
+    # Requests of 800 tokens (6 s or more), longer than the kubelet's grace period here (5 s); few
+    # enough (2.5 in flight) that one replica serves them, or the operator scales back up.
+    Scenario("scale-down", spec(3, 3), scale_down, ready=3, rate=0.4, max_tokens=800, stream=False,
              notes=DRAIN_PENDING),
     Scenario("sleep-and-wake", spec(3, 3, sleep=SLEEP), sleep_and_wake, ready=3),
     Scenario("scale-to-zero-and-back", zero_spec("e2e-scale-to-zero-and-back"), scale_to_zero_and_back, rate=2,
