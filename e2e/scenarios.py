@@ -7,6 +7,9 @@ restart in the middle of one), by load where the load is the point (the ramp, sc
 
 from __future__ import annotations
 
+import math
+import time
+
 from e2e.backend import RECLAIM_TAINT
 from e2e.observe import ANNOTATION_ASLEEP_SINCE, LABEL_SERVING, condition
 from e2e.runner import Run, Scenario, holding_gateway
@@ -88,8 +91,26 @@ def ramp_up(run: Run) -> None:
 
 
 def scale_down(run: Run) -> None:
-    run.edit({"replicas": {"min": 1}})
-    run.wait(lambda: len(run.watch.pods()) == 1, "down to 1 replica, the others gone", timeout=60)
+    terminating: dict[str, float] = {}  # pod -> when it was first seen Terminating (wall clock)
+
+    def down() -> bool:
+        pods = run.watch.pods()
+        for pod in pods:
+            if pod["metadata"].get("deletionTimestamp"):
+                terminating.setdefault(pod["metadata"]["name"], time.time())
+        return len(pods) == 1
+
+    run.wait(lambda: run.load.in_flight >= 4, "4 requests in flight", timeout=30, interval=0.2)
+    run.edit({"replicas": {"min": 1, "max": 1}})  # max too: the load cannot bring them back
+    run.wait(down, "down to 1 replica, the others gone", timeout=60, interval=0.2)
+    begun = list(run.load.records)  # a request names its pod once answered (the balancer's header)
+    run.wait(lambda: all(r.latency is not None or r.cause for r in begun), "the requests begun so far answered",
+             timeout=90)
+    origin = time.time() - run.load.elapsed()  # the load's clock (seconds since it began) on the wall clock
+    caught = [r for r in begun if r.pod in terminating
+              and origin + r.start < terminating[r.pod] < origin + r.start + (r.latency or math.inf)]
+    run.note(f"{len(caught)} request(s) in flight on a replica while it was Terminating, "
+             f"{sum(not r.ok for r in caught)} of them failed")
 
 
 def sleep_and_wake(run: Run) -> None:
@@ -241,9 +262,9 @@ def edit_mid_scale_up(run: Run) -> None:
 RESTART = dict(setup=above_min, keeps_pods=True, ready=2)
 SCENARIOS = [
     Scenario("ramp-up", spec(1, 3), ramp_up, rate=3),
-    # Requests of 800 tokens (6 s or more), longer than the kubelet's grace period here (5 s); few
-    # enough (2.5 in flight) that one replica serves them, or the operator scales back up.
-    Scenario("scale-down", spec(3, 3), scale_down, ready=3, rate=0.4, max_tokens=800, stream=False,
+    # Requests of 800 tokens (6 s or more), longer than the kubelet's grace period here (5 s), about
+    # 2 in flight on each replica when the bounds drop to 1.
+    Scenario("scale-down", spec(3, 3), scale_down, ready=3, rate=1, max_tokens=800, stream=False,
              notes=DRAIN_PENDING),
     Scenario("sleep-and-wake", spec(3, 3, sleep=SLEEP), sleep_and_wake, ready=3),
     Scenario("scale-to-zero-and-back", zero_spec("e2e-scale-to-zero-and-back"), scale_to_zero_and_back, rate=2,
