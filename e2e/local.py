@@ -146,7 +146,9 @@ class LocalBackend(Backend):
         self.kubeconfig = self.plane.kubeconfig
         python = sys.executable
         kubelet = self._spawn("kubelet", [python, "-m", "tests.testbed.kubelet", "--kubeconfig", str(self.kubeconfig),
-                                          "--startup-delay", "1", "--max-grace-seconds", "5",
+                                          # A real kubelet runs the chart's preStop hook (sleep 5) before
+                                          # SIGTERM: while the pod leaves the endpoints, it still serves.
+                                          "--startup-delay", "1", "--max-grace-seconds", "5", "--honor-prestop",
                                           "--log-dir", str(self.logs / "pods")])
         prometheus = self._spawn("prometheus", [python, "-m", "tests.testbed.prometheus", "--kubeconfig",
                                                 str(self.kubeconfig), "--scrape-interval", "1"],

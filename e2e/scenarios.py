@@ -22,8 +22,8 @@ SLEEP = {"enabled": True, "idleSeconds": 1, "maxPool": 2, "ttlSeconds": 600}
 # Where scale-from-zero's requests wait, and what the activation query reads there. `ebbtide
 # activator` (issue #17 item 1) replaces the test bed's holding load balancer by changing these two.
 ACTIVATOR, PENDING_METRIC = holding_gateway, "gateway_pending_requests"
-DRAIN_PENDING = ("drain before removal (issue #17 item 1) is not merged yet: a replica leaves the "
-                 "Service and is deleted at once, its requests in flight with it")
+DRAIN = ("a replica removed with requests in flight loses those its preStop sleep and grace period (5 s + "
+         "5 s here) do not cover, unless it is drained first (issue #17 item 1)")
 
 
 def spec(low: int, high: int, window: int = SHORT_WINDOW, **more) -> dict:
@@ -190,6 +190,11 @@ def kill_mid_sleep(run: Run) -> None:
     run.ticks(3)
 
 
+def kill_steady(run: Run) -> None:
+    restarted_operator(run, "with 2 replicas over a min of 1 (its history lost)")
+    run.ticks(3)
+
+
 def restart(component: str):
     def disrupt(run: Run) -> None:
         run.step(f"restart {component}")
@@ -262,19 +267,20 @@ def edit_mid_scale_up(run: Run) -> None:
 RESTART = dict(setup=above_min, keeps_pods=True, ready=2)
 SCENARIOS = [
     Scenario("ramp-up", spec(1, 3), ramp_up, rate=3),
-    # Requests of 800 tokens (6 s or more), longer than the kubelet's grace period here (5 s), about
-    # 2 in flight on each replica when the bounds drop to 1.
-    Scenario("scale-down", spec(3, 3), scale_down, ready=3, rate=1, max_tokens=800, stream=False,
-             notes=DRAIN_PENDING),
+    # Requests of 1600 tokens (12 s or more), longer than the preStop sleep and the grace period here
+    # (5 s + 5 s), about 2 in flight on each replica when the bounds drop to 1.
+    Scenario("scale-down", spec(3, 3), scale_down, ready=3, rate=0.5, max_tokens=1600, stream=False,
+             notes=DRAIN),
     Scenario("sleep-and-wake", spec(3, 3, sleep=SLEEP), sleep_and_wake, ready=3),
     Scenario("scale-to-zero-and-back", zero_spec("e2e-scale-to-zero-and-back"), scale_to_zero_and_back, rate=2,
              ready=0, gateway=ACTIVATOR,
              notes="requests wait in the test bed's load balancer (holding while no endpoint is ready) "
                    "until `ebbtide activator` ships; their latency includes the cold start"),
-    Scenario("spot-reclaim", spot_spec(2, 2), spot_reclaim, ready=2, spot=True, notes=DRAIN_PENDING),
+    Scenario("spot-reclaim", spot_spec(2, 2), spot_reclaim, ready=2, spot=True, notes=DRAIN),
     Scenario("spot-outage", spot_spec(2, 3), spot_outage, ready=2, spot=True),
     Scenario("operator-kill-mid-scale-up", spec(1, 3, LONG_WINDOW), kill_mid_scale_up, keeps_pods=True),
-    Scenario("operator-kill-mid-sleep", spec(3, 3, sleep=SLEEP), kill_mid_sleep, ready=3),
+    Scenario("operator-kill-mid-sleep", spec(3, 3, sleep=SLEEP), kill_mid_sleep, ready=3, keeps_pods=True),
+    Scenario("operator-kill-steady", spec(2, 3, LONG_WINDOW), kill_steady, **RESTART),
     Scenario("kube-apiserver-restart", spec(2, 3, LONG_WINDOW), restart("kube-apiserver"), **RESTART),
     Scenario("etcd-restart", spec(2, 3, LONG_WINDOW), restart("etcd"), **RESTART),
     Scenario("prometheus-outage", spec(2, 3, LONG_WINDOW), prometheus_outage, **RESTART),
