@@ -1,6 +1,7 @@
 """What every counted scenario must hold at its end (issue #17), as a list of problems (empty: passed).
 
-* 0 failed requests, except for causes the scenario declares unavoidable (each explained in the notes);
+* 0 failed requests, except for causes the scenario declares unavoidable, or its disruption found
+  unavoidable in this run (`Run.excuse`), each explained in the notes;
 * no request refused by a sleeping engine: the engines' ``requests_refused_asleep``, and the load
   generator's ``http_503_engine_asleep`` for engines already gone;
 * no sleeper woken twice (an engine's ``wake_up_calls`` above its ``sleep_calls``) and no orphaned
@@ -39,9 +40,10 @@ def identities(watch) -> dict:
 
 def failures(run: Run, scenario: Scenario, counts: dict) -> list[str]:
     problems = [] if counts["sent"] else ["no request was sent"]
+    unavoidable = scenario.unavoidable | run.excused
     for cause, count in sorted(counts["failed_by_cause"].items()):
-        if cause in scenario.unavoidable:
-            run.note(f"{count} failed with {cause}: {scenario.unavoidable[cause]}")
+        if cause in unavoidable:
+            run.note(f"{count} failed with {cause}: {unavoidable[cause]}")
         else:
             problems.append(f"{count} of {counts['sent']} requests failed: {cause}")
     return problems

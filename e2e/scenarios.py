@@ -7,6 +7,7 @@ restart in the middle of one), by load where the load is the point (the ramp, sc
 
 from __future__ import annotations
 
+import datetime
 import math
 import time
 
@@ -198,10 +199,27 @@ def kill_steady(run: Run) -> None:
 def restart(component: str):
     def disrupt(run: Run) -> None:
         run.step(f"restart {component}")
+        began = time.time()
         run.backend.restart_component(component)
-        run.step(f"{component} back")
+        run.step(f"{component} back after {time.time() - began:.0f} s")
         run.ticks(3)
+        run.ready(2)
+        # Nodes whose Lease the restart made them miss: marked NotReady, then Ready again.
+        if marked := [name for name, since in ready_since(run).items() if since >= began - 1]:
+            run.excuse("http_503_no_endpoint", f"the restart outlasted the node-monitor grace period (20 s "
+                       f"here, 50 s by default): the node controller marked {', '.join(marked)} NotReady and "
+                       "their pods not ready, so the Service had no endpoint until the kubelet posted Ready")
     return disrupt
+
+
+def ready_since(run: Run) -> dict[str, float]:
+    """Node -> when its Ready condition last changed (wall clock)."""
+    since = {}
+    for node in run.backend.list("v1", "Node", ""):
+        stamp = condition((node.get("status") or {}).get("conditions"), "Ready").get("lastTransitionTime")
+        if stamp:
+            since[node["metadata"]["name"]] = datetime.datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+    return since
 
 
 def prometheus_outage(run: Run) -> None:
