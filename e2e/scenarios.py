@@ -101,9 +101,10 @@ def scale_down(run: Run) -> None:
                 terminating.setdefault(pod["metadata"]["name"], time.time())
         return len(pods) == 1
 
-    run.wait(lambda: run.load.in_flight >= 4, "4 requests in flight", timeout=30, interval=0.2)
+    run.wait(lambda: run.load.in_flight >= 6, "6 requests in flight", timeout=60, interval=0.2)
     run.edit({"replicas": {"min": 1, "max": 1}})  # max too: the load cannot bring them back
     run.wait(down, "down to 1 replica, the others gone", timeout=60, interval=0.2)
+    run.load.set_rate(0)  # the removal is over: no queue to build on the one replica left
     begun = list(run.load.records)  # a request names its pod once answered (the balancer's header)
     run.wait(lambda: all(r.latency is not None or r.cause for r in begun), "the requests begun so far answered",
              timeout=90)
@@ -285,9 +286,9 @@ def edit_mid_scale_up(run: Run) -> None:
 RESTART = dict(setup=above_min, keeps_pods=True, ready=2)
 SCENARIOS = [
     Scenario("ramp-up", spec(1, 3), ramp_up, rate=3),
-    # Requests of 1600 tokens (12 s or more), longer than the preStop sleep and the grace period here
-    # (5 s + 5 s), about 2 in flight on each replica when the bounds drop to 1.
-    Scenario("scale-down", spec(3, 3), scale_down, ready=3, rate=0.5, max_tokens=1600, stream=False,
+    # Requests of 1900 tokens (14 s or more; the tiny model's context is 2048), longer than the preStop
+    # sleep and the grace period here (5 s + 5 s), 2 in flight on each replica when the bounds drop to 1.
+    Scenario("scale-down", spec(3, 3), scale_down, ready=3, rate=0.5, max_tokens=1900, stream=False,
              notes=DRAIN),
     Scenario("sleep-and-wake", spec(3, 3, sleep=SLEEP), sleep_and_wake, ready=3),
     Scenario("scale-to-zero-and-back", zero_spec("e2e-scale-to-zero-and-back"), scale_to_zero_and_back, rate=2,
