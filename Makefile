@@ -30,7 +30,7 @@ crds:  ## regenerate crds/ from the API models
 bench:  ## rerun the simulator comparison (conv-week, conv-1h, code-1h) and rewrite bench/RESULTS.md (~5 min)
 	$(PYTHON) bench/run.py
 
-e2e: tools controlplane prometheus-k8s  ## end-to-end scenarios: the chart installed by helm on a real control plane here, every component a process (logs in artifacts/e2e-local/); E2E_CLUSTER=kind for a kind cluster
+e2e: tools controlplane prometheus-k8s  ## end-to-end scenarios: the chart installed by helm on a real control plane here, every component a process (logs in artifacts/e2e-local/), every request counted into artifacts/e2e/summary.json (docs/e2e.md); E2E_CLUSTER=kind for a kind cluster
 	$(PYTHON) -m pytest e2e -q
 
 clean:

@@ -13,7 +13,11 @@ A backend is a running cluster with the Ebbtide operator and a Prometheus in it:
 * ``engine``: what the scenario puts in ``spec.engine`` so replicas run the engine simulator;
 * ``engine_get(pod, path)``: a GET on a pod's engine (``/is_sleeping``) through the API server's pod proxy;
 * ``reclaim_spot_node()`` / ``end_spot_reclaim(node)``: the reclaim notice Karpenter puts on a spot
-  node (the taint ``karpenter.sh/disrupted:NoSchedule``), and its removal.
+  node (the taint ``karpenter.sh/disrupted:NoSchedule``), and its removal;
+* the faults of the counted scenarios (e2e/faults.py): ``kill_operator()`` / ``start_operator()``,
+  ``restart_component(name)`` (etcd, kube-apiserver), ``pause_prometheus(paused)``,
+  ``partition_node(node, partitioned)`` (its kubelet stops renewing the Lease),
+  ``pause_engine(pod, paused)``; a backend that cannot raises `Unsupported` (the scenario skips).
 
 Both backends install Ebbtide with the Helm chart; the local one (e2e/local.py) runs a real
 control plane on this machine, the kind one (e2e/kind.py) a kind cluster where Docker exists.
@@ -42,6 +46,10 @@ MERGE_PATCH = "application/merge-patch+json"
 SPOT_NODE_SELECTOR = "karpenter.sh/capacity-type=spot"
 # What Karpenter v1 puts on a node it is about to take back (a spot interruption included).
 RECLAIM_TAINT = {"key": "karpenter.sh/disrupted", "effect": "NoSchedule"}
+
+
+class Unsupported(NotImplementedError):
+    """A fault this backend cannot produce: the scenario that needs it is skipped, saying so."""
 
 
 def kubectl_binary() -> str | None:
@@ -96,8 +104,34 @@ class Backend(abc.ABC):
         """Tear everything down; raise if a process was left behind."""
 
     @abc.abstractmethod
-    def service_url(self, name: str, namespace: str = "default") -> str:
-        """A base URL on this machine for the model server's Service."""
+    def service_url(self, name: str, namespace: str = "default", hold_seconds: float = 0.0,
+                    scraped: bool = False) -> str:
+        """A base URL on this machine for the model server's Service. `hold_seconds` > 0: a request
+        that finds no ready replica waits that long for one; `scraped`: Prometheus scrapes the
+        gateway's ``gateway_pending_requests`` (what an activation query reads)."""
+
+    def close_service_url(self, name: str, namespace: str = "default") -> None:
+        """Stop what `service_url` started for this Service, if anything."""
+        return None
+
+    # The faults of the counted scenarios: what this backend cannot do, it says.
+    def kill_operator(self) -> None:
+        raise Unsupported(f"{self.name}: kill -9 of the operator")
+
+    def start_operator(self) -> None:
+        raise Unsupported(f"{self.name}: starting the operator again")
+
+    def restart_component(self, component: str) -> None:
+        raise Unsupported(f"{self.name}: restarting {component}")
+
+    def pause_prometheus(self, paused: bool) -> None:
+        raise Unsupported(f"{self.name}: a Prometheus outage")
+
+    def partition_node(self, node: str, partitioned: bool) -> None:
+        raise Unsupported(f"{self.name}: a node that stops renewing its Lease")
+
+    def pause_engine(self, pod: dict, paused: bool) -> None:
+        raise Unsupported(f"{self.name}: an engine that stops answering")
 
     @abc.abstractmethod
     def set_taint(self, node: str, taint: dict, present: bool) -> None:

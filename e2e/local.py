@@ -24,11 +24,15 @@ the engines' under pods/).
 
 from __future__ import annotations
 
+import datetime
 import itertools
+import json
 import os
 import re
 import shutil
+import signal
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -43,20 +47,26 @@ from tests.testbed.loadbalancer import LoadBalancer
 from tests.testbed.prometheus import kubernetes_sd_binary
 from tests.testbed.waiting import wait_for
 
-from e2e.backend import ROOT, Backend
-from e2e.processes import ManagedProcess
+from e2e.backend import ROOT, SPOT_NODE_SELECTOR, Backend, engine_port
+from e2e.processes import ManagedProcess, group_members
 from ebbtide.control.config import OperatorConfig
 from ebbtide.sim.engine_server import free_port
 
 RELEASE = Release("ebbtide", "ebbtide-system")
 TICK_SECONDS = 0.5
 # Not the default (120): the operator's startup line must show the chart's value, not its own.
-ENGINE_TIMEOUT_SECONDS = 30.0
+# Short: an engine that stops answering /sleep or /wake_up is given up on within seconds.
+ENGINE_TIMEOUT_SECONDS = 5.0
 CRDS = ("inferenceservices.ebbtide.dev",)
+SPOT_LABEL = SPOT_NODE_SELECTOR.split("=")[0]
 TOKEN_SECONDS = 6 * 3600  # longer than any session: the operator never sees its token expire
 # What a refused API call looks like in the operator's log: the operator's own line for a 403,
 # the official client's ApiException ("(403)"), kopf's APIForbiddenError ("'code': 403").
 FORBIDDEN = re.compile(r"forbidden|permission denied|\(403\)|'code': 403", re.IGNORECASE)
+# A restarted kube-apiserver answers before its RBAC caches are filled: for a moment it refuses
+# every call ("clusterrole ... not found"). 403s that soon after a restart are not the chart's.
+RBAC_WARMUP_SECONDS = 10.0
+LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
 
 
 def install_args(values_file: Path) -> list[str]:
@@ -108,7 +118,14 @@ class LocalBackend(Backend):
         self.cluster: Cluster | None = None  # the admin's view of the plane (tests/testbed/fixtures.py)
         self.processes: list[ManagedProcess] = []
         self.operator: ManagedProcess | None = None
+        self.operators: list[ManagedProcess] = []  # every operator process, restarts included
+        self.operator_settings: dict = {}
+        self.kubelet: ManagedProcess | None = None
+        self.prometheus: ManagedProcess | None = None
+        self.targets_file: Path | None = None  # Prometheus's file_sd targets: the scraped gateways
         self.balancers: dict[tuple[str, str], LoadBalancer] = {}
+        self.scraped: set[tuple[str, str]] = set()
+        self.restarts: list[tuple[float, float]] = []  # wall-clock spans of control-plane restarts
         self.kubeconfig = self.logs / "controlplane" / "kubeconfig"  # the admin's: the scenarios are the user
         self.operator_kubeconfig = self.logs / "operator.kubeconfig"
         self.prometheus_url = ""
@@ -129,13 +146,17 @@ class LocalBackend(Backend):
         self.kubeconfig = self.plane.kubeconfig
         python = sys.executable
         kubelet = self._spawn("kubelet", [python, "-m", "tests.testbed.kubelet", "--kubeconfig", str(self.kubeconfig),
-                                          "--startup-delay", "1", "--max-grace-seconds", "5",
+                                          # A real kubelet runs the chart's preStop hook (sleep 5) before
+                                          # SIGTERM: while the pod leaves the endpoints, it still serves.
+                                          "--startup-delay", "1", "--max-grace-seconds", "5", "--honor-prestop",
                                           "--log-dir", str(self.logs / "pods")])
         prometheus = self._spawn("prometheus", [python, "-m", "tests.testbed.prometheus", "--kubeconfig",
                                                 str(self.kubeconfig), "--scrape-interval", "1"],
                                  PROMETHEUS_BIN=prometheus_binary)
+        self.kubelet, self.prometheus = kubelet, prometheus
         kubelet.wait_for_line(r"kubelet ready", timeout=120)
-        self.prometheus_url = prometheus.wait_for_line(r"prometheus ready at (\S+)", timeout=60).group(1)
+        ready = prometheus.wait_for_line(r"prometheus ready at (\S+) \(targets file (\S+)\)", timeout=60)
+        self.prometheus_url, self.targets_file = ready.group(1), Path(ready.group(2))
 
         values = install_values(self.prometheus_url)
         (self.logs / "values.yaml").write_text(yaml.safe_dump(values))
@@ -144,6 +165,7 @@ class LocalBackend(Backend):
         (self.logs / "helm.log").write_text(f"$ helm {' '.join(install_args(self.logs / 'values.yaml'))}\n"
                                             f"{installed.stdout}{installed.stderr}")
         self._check_installed()
+        self.operator_settings = values["operator"]
         self._start_operator(values["operator"])
 
     def _check_installed(self) -> None:
@@ -189,8 +211,11 @@ class LocalBackend(Backend):
         command = container["command"] + container.get("args", [])
         assert command[0] == "ebbtide", command
         env = {e["name"]: e["value"] for e in container.get("env") or [] if "value" in e}
-        self.operator = self._spawn("operator", [ebbtide_command(), *command[1:]],
+        # A restarted operator gets a log of its own: the first one's stays for the 403 check.
+        name = "operator" + (f"-{len(self.operators) + 1}" if self.operators else "")
+        self.operator = self._spawn(name, [ebbtide_command(), *command[1:]],
                                     KUBECONFIG=str(self.operator_kubeconfig), **env)
+        self.operators.append(self.operator)
         wait_for(lambda: self._healthy(settings["healthPort"]), timeout=120, interval=0.3,
                  what="the operator's /healthz")
         # What the chart set reaches the operator through its command line and environment.
@@ -211,11 +236,65 @@ class LocalBackend(Backend):
 
     # ------------------------------------------------------------------------------ the backend API
 
-    def service_url(self, name: str, namespace: str = "default") -> str:
+    def service_url(self, name: str, namespace: str = "default", hold_seconds: float = 0.0,
+                    scraped: bool = False) -> str:
         key = (namespace, name)
         if key not in self.balancers:
-            self.balancers[key] = LoadBalancer(name, namespace, kubeconfig=self.kubeconfig).start()
+            self.balancers[key] = LoadBalancer(name, namespace, kubeconfig=self.kubeconfig,
+                                               hold_seconds=hold_seconds).start()
+        if scraped:
+            self.scraped.add(key)
+            self._write_targets()
         return self.balancers[key].url
+
+    def close_service_url(self, name: str, namespace: str = "default") -> None:
+        key = (namespace, name)
+        if balancer := self.balancers.pop(key, None):
+            balancer.stop()
+        if key in self.scraped:
+            self.scraped.discard(key)
+            self._write_targets()
+
+    def _write_targets(self) -> None:
+        """The scraped gateways as Prometheus's file_sd targets (written whole, then renamed)."""
+        groups = [{"targets": [self.balancers[key].url.removeprefix("http://")], "labels": {"job": "gateway"}}
+                  for key in sorted(self.scraped)]
+        tmp = self.targets_file.with_name(f".{self.targets_file.name}.tmp")
+        tmp.write_text(json.dumps(groups))
+        os.replace(tmp, self.targets_file)
+
+    # ------------------------------------------------------------------------------ faults
+
+    def kill_operator(self) -> None:
+        self.operator.popen.kill()
+        self.operator.popen.wait(10)
+
+    def start_operator(self) -> None:
+        self._start_operator(self.operator_settings)
+
+    def restart_component(self, component: str) -> None:
+        started = time.time()
+        self.plane.restart(component)
+        self.restarts.append((started, time.time() + RBAC_WARMUP_SECONDS))
+
+    def pause_prometheus(self, paused: bool) -> None:
+        """SIGSTOP (SIGCONT) Prometheus and its wrapper: its port stays open, nothing answers."""
+        os.killpg(self.prometheus.pid, signal.SIGSTOP if paused else signal.SIGCONT)
+
+    def partition_node(self, node: str, partitioned: bool) -> None:
+        """The kubelet stops (resumes) renewing the spot pool's Leases (tests/testbed/kubelet_cli.py:
+        SIGUSR1, SIGUSR2); the node-lifecycle controller then marks the node NotReady. Its engines run on."""
+        assert (self.get("v1", "Node", node, "") or {}).get("metadata", {}).get("labels", {}).get(
+            SPOT_LABEL) == "spot", f"only the spot node can be partitioned here, not {node}"
+        os.kill(self.kubelet.pid, signal.SIGUSR1 if partitioned else signal.SIGUSR2)
+
+    def pause_engine(self, pod: dict, paused: bool) -> None:
+        """SIGSTOP (SIGCONT) one pod's engine, found among the kubelet's children by its address."""
+        address = ["--host", pod["status"]["podIP"], "--port", str(engine_port(pod))]
+        pids = [pid for pid in group_members(self.kubelet.pid) if contains(cmdline(pid), address)]
+        assert pids, f"no engine process for {pod['metadata']['name']} at {address}"
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP if paused else signal.SIGCONT)
 
     def set_taint(self, node: str, taint: dict, present: bool) -> None:
         """Write the Node's spec.taints, as Karpenter does; the resourceVersion turns a concurrent
@@ -237,10 +316,18 @@ class LocalBackend(Backend):
     # ------------------------------------------------------------------------------ stop
 
     def forbidden_lines(self) -> list[str]:
-        """The lines of the operator's log where the API server refused it (403)."""
-        if self.operator is None or not self.operator.log_path.exists():
-            return []
-        return [line for line in self.operator.output().splitlines() if FORBIDDEN.search(line)]
+        """The lines of the operators' logs where the API server refused them (403)."""
+        found = []
+        for operator in self.operators:
+            if not operator.log_path.exists():
+                continue
+            when = 0.0  # a line without a time (a traceback's) is as old as the last line with one
+            for line in operator.output().splitlines():
+                if stamp := LOG_TIME.match(line):
+                    when = datetime.datetime.strptime(stamp.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+                if FORBIDDEN.search(line) and not any(start <= when <= end for start, end in self.restarts):
+                    found.append(line)
+        return found
 
     def stop(self) -> None:
         for balancer in self.balancers.values():
@@ -266,3 +353,14 @@ class LocalBackend(Backend):
                             "verb it uses):\n" + "\n".join(forbidden[:40]))
         if problems:
             raise AssertionError("\n".join(problems))
+
+
+def cmdline(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return []
+
+
+def contains(argv: list[str], part: list[str]) -> bool:
+    return any(argv[i:i + len(part)] == part for i in range(len(argv)))

@@ -49,7 +49,7 @@ from tests.testbed.engines import (
     spawn,
     wait_until,
 )
-from tests.testbed.nodes import FakeNode, default_nodes, register_node, renew_lease
+from tests.testbed.nodes import FakeNode, default_nodes, keep_alive, register_node
 from tests.testbed.podnetwork import PodNetwork
 from tests.testbed.podstate import PodInfo, RunningPod, pod_status, prestop_seconds
 
@@ -216,7 +216,9 @@ class Kubelet:
         wait_until(clean, timeout=timeout, interval=0.2, message='the node-lifecycle controller left taints')
 
     def _renew_lease(self, node: FakeNode) -> None:
-        renew_lease(self.coordination, node)
+        if keep_alive(self.core, self.coordination, node):  # back from NotReady: write the pods' statuses again
+            for pod in list(self._pods.values()):
+                pod.last_status = None
 
     # ------------------------------------------------------------------------------ the sync loop
 

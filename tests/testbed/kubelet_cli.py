@@ -5,7 +5,9 @@ The test bed's kubelet as a process of its own (for the end-to-end backend and b
 
 Registers the fake Nodes, prints ``kubelet ready`` once the scheduler may use them, and runs
 their pods until SIGTERM or SIGINT; then it stops every engine and removes its pod network.
-Pods and Nodes stay in the API, as when a real kubelet stops.
+Pods and Nodes stay in the API, as when a real kubelet stops. SIGUSR1 cuts the spot node off
+(its Lease is no longer renewed: the node-lifecycle controller marks it NotReady, its engines
+run on), SIGUSR2 reconnects it (its status and its pods' are posted again).
 """
 from __future__ import annotations
 
@@ -49,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     kubelet = kubelet_module.Kubelet(client, preset=args.preset, startup_delay=args.startup_delay,
                                      max_grace_seconds=args.max_grace_seconds, honor_prestop=args.honor_prestop,
                                      log_dir=args.log_dir, engine_log_level=args.engine_log_level)
+    partitioned = kubelet.unavailable_pools  # a pool in it renews no Lease (Kubelet._sync)
+    signal.signal(signal.SIGUSR1, lambda *_: partitioned.add('spot'))
+    signal.signal(signal.SIGUSR2, lambda *_: partitioned.discard('spot'))
     try:
         kubelet.start()
         print(f"kubelet ready: nodes {', '.join(kubelet.nodes)}, pod network {kubelet.network.subnet}", flush=True)

@@ -11,8 +11,9 @@ ends by itself.
 
 Per request it records the start (seconds since the run began), HTTP status, time to first
 token (streaming: the first chunk with text), latency, the pod that served it (the load
-balancer's ``X-Testbed-Pod`` header) and any error. ``summary()`` gives counts, errors and
-TTFT/latency percentiles, over the whole run or a window of start times.
+balancer's ``X-Testbed-Pod`` header), any error and its cause (`failure_cause`: refused, reset,
+timeout, no endpoint, an asleep engine, HTTP status, ...). ``summary()`` gives counts, failures
+by cause and TTFT/latency percentiles, over the whole run or a window of start times.
 
     gen = LoadGenerator(lb.url, rate=20, duration=10, prompt_tokens=100, max_tokens=20).start()
     gen.set_rate(60)
@@ -50,10 +51,38 @@ class RequestRecord:
     output_tokens: int = 0
     pod: str | None = None
     error: str | None = None
+    cause: str | None = None  # why it failed (failure_cause); None when it succeeded
 
     @property
     def ok(self) -> bool:
         return self.status == 200 and self.error is None
+
+
+# What the test bed's load balancer and the engine simulator answer, told apart by their bodies:
+# a 503 with no endpoint behind the Service is not the same failure as an engine that is asleep.
+BODY_CAUSES = (('no ready endpoint', 'no_endpoint'), ('engine is sleeping', 'engine_asleep'))
+
+
+def failure_cause(status: int, error: BaseException | str) -> str:
+    """One word for why a request failed: its HTTP status (refined by what the body says), or
+    what happened to the connection."""
+    if status:
+        text = str(error)
+        named = next((cause for needle, cause in BODY_CAUSES if needle in text), None)
+        if status == 502:  # the load balancer could not reach the pod (kube-proxy's reset)
+            named = 'upstream_refused' if 'Connect' in text else 'upstream_reset'
+        return f'http_{status}' + (f'_{named}' if named else '')
+    if isinstance(error, str):
+        return error
+    if isinstance(error, aiohttp.ClientConnectorError):
+        return 'connection_refused'
+    if isinstance(error, aiohttp.ServerDisconnectedError | aiohttp.ClientPayloadError | ConnectionResetError):
+        return 'connection_reset'
+    if isinstance(error, TimeoutError):
+        return 'timeout'
+    if isinstance(error, ValueError):
+        return 'bad_response'
+    return type(error).__name__
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -214,6 +243,7 @@ class LoadGenerator:
                 record.pod = response.headers.get(POD_HEADER)
                 if response.status != 200:
                     record.error = (await response.text())[:300]
+                    record.cause = failure_cause(response.status, record.error)
                 elif self.stream:
                     done = False
                     async for line in response.content:
@@ -231,15 +261,17 @@ class LoadGenerator:
                                 record.ttft = time.monotonic() - started
                     if not done:
                         record.error = 'the stream ended without [DONE]'
+                        record.cause = 'stream_cut'
                 else:
                     data = await response.json()
                     record.output_tokens = (data.get('usage') or {}).get('completion_tokens', 0)
                 record.latency = time.monotonic() - started
         except asyncio.CancelledError:
-            record.error = 'cancelled'
+            record.error = record.cause = 'cancelled'
             raise
         except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as e:
             record.error = repr(e)
+            record.cause = failure_cause(0, e)
             record.latency = time.monotonic() - started
         finally:
             self.in_flight -= 1
@@ -258,6 +290,8 @@ class LoadGenerator:
             'sent': len(records),
             'ok': len(ok),
             'errors': len(records) - len(ok),
+            'failed_by_cause': dict(Counter(r.cause or ('in_flight' if r.latency is None else 'unknown')
+                                            for r in records if not r.ok)),
             'dropped': self.dropped if since is None and until is None else None,
             'statuses': dict(Counter(r.status for r in records)),
             'per_pod': dict(Counter(r.pod for r in records if r.pod)),

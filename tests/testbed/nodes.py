@@ -105,3 +105,15 @@ def renew_lease(coordination: Any, node: FakeNode) -> None:
         if e.status != 404:
             raise
         call_api(coordination.create_namespaced_lease, 'kube-node-lease', lease_body(node))
+
+
+def keep_alive(core: Any, coordination: Any, node: FakeNode) -> bool:
+    """Renew the Lease and, as a kubelet does, post the node's status again where the node-lifecycle
+    controller has marked it NotReady (a Lease missed while the API server restarted, a partition);
+    True when it did: the controller marked the node's pods not ready too."""
+    renew_lease(coordination, node)
+    conditions = (call_api(core.read_node, node.name).get('status') or {}).get('conditions') or []
+    if all(c.get('status') == 'True' for c in conditions if c.get('type') == 'Ready'):
+        return False
+    call_api(core.patch_node_status, node.name, node_status(node))
+    return True
