@@ -278,13 +278,14 @@ def test_load_above_capacity_queues_and_ttft_grows(apiserver, kubelet_factory, l
     balancer = load_balancer_factory('chat')
     balancer.wait_for_endpoints(1, timeout=30)
     # tiny: 4 sequences, ~10 ms per step: ~20 requests/s of 20 tokens. Calm first, then 3x that.
-    gen = LoadGenerator(balancer.url, rate=4, duration=3.0, prompt_tokens=100, max_tokens=20, seed=7).start()
+    # The overload lasts 4 s: on a busy machine the generator itself can fall behind for a while.
+    gen = LoadGenerator(balancer.url, rate=4, duration=5.0, prompt_tokens=100, max_tokens=20, seed=7).start()
     wait_for(lambda: gen.elapsed() >= 1.0, timeout=10)
     gen.set_rate(50)
     summary = gen.wait(timeout=60)
     assert summary['errors'] == 0, summary
     calm = [r.ttft for r in gen.records if r.start < 1.0]
-    late = [r.ttft for r in gen.records if r.start >= 2.2]
+    late = [r.ttft for r in gen.records if r.start >= 3.5]
     assert calm and late
     assert percentile(late, 0.5) > 5 * percentile(calm, 0.5)
     assert summary['ttft_p99'] >= summary['ttft_p90'] >= summary['ttft_p50']
