@@ -26,11 +26,12 @@ import socket
 import ssl
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Iterator
 
 import yaml
+
+from tests.testbed.waiting import wait_for
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = ROOT / 'tools' / 'controlplane' / 'build.sh'
@@ -252,12 +253,13 @@ class ControlPlane:
 
     def _wait_for(self, path: str, failure: str, timeout: float) -> None:
         """Until GET path answers 200, while every component runs."""
-        deadline = time.monotonic() + timeout
-        while self.get(path)[0] != 200:
+        def answered() -> bool:
             self._check_alive()
-            if time.monotonic() > deadline:
-                raise ControlPlaneError(f'{failure} in {timeout:.0f} s; see {self.logs}')
-            time.sleep(0.2)
+            return self.get(path)[0] == 200
+        try:
+            wait_for(answered, timeout=timeout, interval=0.2, what=f'GET {path}')
+        except AssertionError:
+            raise ControlPlaneError(f'{failure} in {timeout:.0f} s; see {self.logs}') from None
 
     def _register_crds(self, timeout: float) -> None:
         if not self.crds:
@@ -300,9 +302,9 @@ def _down(workdir: pathlib.Path) -> None:
     for pid in reversed(list(json.loads(pids_file.read_text()).values())):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
-            deadline = time.monotonic() + 30  # the API server drains its requests first
-            while time.monotonic() < deadline and os.path.exists(f'/proc/{pid}') and not _zombie(pid):
-                time.sleep(0.1)
+            with contextlib.suppress(AssertionError):  # the API server drains its requests first; then SIGKILL
+                wait_for(lambda pid=pid: not os.path.exists(f'/proc/{pid}') or _zombie(pid), timeout=30,
+                         what=f'{pid} to exit')
             os.kill(pid, signal.SIGKILL)
     pids_file.unlink()
     print('control plane stopped')

@@ -18,7 +18,6 @@ import pathlib
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, TypeVar
 
@@ -47,21 +46,9 @@ def _kill_leftovers() -> None:
             proc.wait(timeout=5)
 
 
-def now_rfc3339() -> str:
-    return datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%dT%H:%M:%SZ')
-
-
-def wait_until(probe: Callable[[], T], timeout: float = 10.0, interval: float = 0.05,
-               message: str | None = None) -> T:
-    """Poll ``probe()`` until it returns something truthy (returned); AssertionError on timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = probe()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(message or f'timed out after {timeout}s waiting for {probe!r}')
-        time.sleep(interval)
+def now_rfc3339(micro: bool = False) -> str:
+    """Now as the API server writes times: whole seconds (Time), or microseconds (MicroTime)."""
+    return datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%dT%H:%M:%S.%fZ' if micro else '%Y-%m-%dT%H:%M:%SZ')
 
 
 def pid_alive(pid: int) -> bool:

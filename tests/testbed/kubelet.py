@@ -47,11 +47,11 @@ from tests.testbed.engines import (
     readiness_gates_passed,
     reaped,
     spawn,
-    wait_until,
 )
 from tests.testbed.nodes import FakeNode, default_nodes, keep_alive, register_node
 from tests.testbed.podnetwork import PodNetwork
 from tests.testbed.podstate import PodInfo, RunningPod, pod_status, prestop_seconds
+from tests.testbed.waiting import wait_for
 
 logger = logging.getLogger(__name__)
 
@@ -117,8 +117,8 @@ class Kubelet:
         self._wait_schedulable(timeout)
         self._loop.start()
         self._main = self._loop.submit(self._run())
-        wait_until(lambda: self._ticks > 0 or self._main.done(), timeout=timeout,
-                   message='the kubelet did not complete its first sync')
+        wait_for(lambda: self._ticks > 0 or self._main.done(), timeout=timeout, interval=0.05,
+                 what="the kubelet's first sync")
         if self._main.done():
             self._main.result()
         return self
@@ -140,7 +140,7 @@ class Kubelet:
     def sync(self, ticks: int = 2, timeout: float = 30.0) -> None:
         """Block until ``ticks`` full syncs have run after this call."""
         target = self._ticks + ticks
-        wait_until(lambda: self._ticks >= target, timeout=timeout, message='the kubelet did not sync')
+        wait_for(lambda: self._ticks >= target, timeout=timeout, interval=0.05, what='the kubelet to sync')
 
     # ------------------------------------------------------------------------------ test API
 
@@ -213,7 +213,7 @@ class Kubelet:
                 if any(t['key'] not in ours for t in (body.get('spec') or {}).get('taints') or []):
                     return False
             return True
-        wait_until(clean, timeout=timeout, interval=0.2, message='the node-lifecycle controller left taints')
+        wait_for(clean, timeout=timeout, interval=0.2, what='the node-lifecycle controller to lift its taints')
 
     def _renew_lease(self, node: FakeNode) -> None:
         if keep_alive(self.core, self.coordination, node):  # back from NotReady: write the pods' statuses again

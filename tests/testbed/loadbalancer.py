@@ -42,7 +42,8 @@ from aiohttp import web
 
 from ebbtide.activator.endpoints import Endpoint, ready_endpoints, service_selector
 from ebbtide.activator.proxy import Broken, Unreachable, error, forward
-from tests.testbed.engines import LoopThread, call_api, make_api_client, wait_until
+from tests.testbed.engines import LoopThread, call_api, make_api_client
+from tests.testbed.waiting import wait_for
 
 logger = logging.getLogger(__name__)
 
@@ -156,12 +157,12 @@ class LoadBalancer:
     def refresh(self, timeout: float = 10.0) -> None:
         """Block until the endpoint list has been re-read after this call."""
         target = self._refreshed + 2
-        wait_until(lambda: self._refreshed >= target, timeout=timeout, interval=0.02)
+        wait_for(lambda: self._refreshed >= target, timeout=timeout, interval=0.02, what='an endpoint refresh')
 
     def wait_for_endpoints(self, count: int, timeout: float = 30.0) -> list[str]:
         """Block until exactly ``count`` endpoints are in the list; returns them."""
-        wait_until(lambda: len(self._endpoints) == count, timeout=timeout,
-                   message=f'{self.service}: expected {count} endpoints, have {self.endpoints()}')
+        wait_for(lambda: len(self._endpoints) == count, timeout=timeout, interval=0.05,
+                 what=f'{self.service} with {count} endpoints')
         return self.endpoints()
 
     def stats(self) -> dict[str, Any]:

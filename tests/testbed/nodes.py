@@ -72,13 +72,12 @@ def node_status(node: FakeNode) -> dict[str, Any]:
 
 def lease_body(node: FakeNode, resource_version: str | None = None) -> dict[str, Any]:
     """The node's heartbeat; the node-lifecycle controller marks a node whose Lease stops NotReady."""
-    from datetime import UTC, datetime
     metadata: dict[str, Any] = {'name': node.name, 'namespace': 'kube-node-lease'}
     if resource_version:
         metadata['resourceVersion'] = resource_version
     return {'apiVersion': 'coordination.k8s.io/v1', 'kind': 'Lease', 'metadata': metadata,
             'spec': {'holderIdentity': node.name, 'leaseDurationSeconds': 40,
-                     'renewTime': datetime.now(UTC).strftime('%Y-%m-%dT%H:%M:%S.%fZ')}}
+                     'renewTime': now_rfc3339(micro=True)}}
 
 
 def register_node(core: Any, node: FakeNode) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import json
 import os
 import shutil
@@ -39,6 +40,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from ebbtide.sim.engine_server import free_port
 from tests.testbed.controlplane import stop_process
+from tests.testbed.waiting import wait_for
 
 JOB = "vllm"
 SCRAPE_CONFIG = Path(__file__).resolve().parents[2] / "docs" / "prometheus-scrape.yaml"
@@ -184,19 +186,19 @@ class PrometheusServer:
         return self
 
     def _wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def ready() -> bool:
             if self._process is None or self._process.poll() is not None:
                 raise RuntimeError(f"prometheus exited during startup:\n{self.log_tail()}")
             try:
                 with urllib.request.urlopen(f"{self.url}/-/ready", timeout=1) as response:
-                    if response.status == 200:
-                        return
+                    return response.status == 200
             except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.05)
-        self.stop()
-        raise TimeoutError(f"prometheus not ready after {timeout} s at {self.url}:\n{self.log_tail()}")
+                return False
+        try:
+            wait_for(ready, timeout=timeout, interval=0.05, what="prometheus ready")
+        except AssertionError:
+            self.stop()
+            raise TimeoutError(f"prometheus not ready after {timeout} s at {self.url}:\n{self.log_tail()}") from None
 
     def stop(self, crash: bool = False) -> None:
         """Stops the process; storage, port and target file stay for a later `start()`.
@@ -278,27 +280,27 @@ class PrometheusServer:
 
     def wait_for_targets_up(self, count: int, timeout: float = 20.0) -> None:
         """Until `count` targets have been scraped successfully at least once."""
-        deadline = time.monotonic() + timeout
-        up = 0
-        while time.monotonic() < deadline:
-            up = sum(1 for t in self.active_targets() if t.get("health") == "up")
-            if up >= count:
-                return
-            time.sleep(0.2)
-        raise TimeoutError(f"only {up} of {count} targets up after {timeout} s:\n{self.log_tail()}")
+        up = [0]
+
+        def enough() -> bool:
+            up[0] = sum(1 for t in self.active_targets() if t.get("health") == "up")
+            return up[0] >= count
+        try:
+            wait_for(enough, timeout=timeout, interval=0.2, what=f"{count} targets up")
+        except AssertionError:
+            raise TimeoutError(f"only {up[0]} of {count} targets up after {timeout} s:\n{self.log_tail()}") from None
 
 
 def _wait_for_state(pid: int, state: str, timeout: float = 2.0) -> None:
-    """Until /proc says the process is in `state` ("T": stopped); a no-op without /proc."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    """Until /proc says the process is in `state` ("T": stopped), for up to `timeout`; a no-op without /proc."""
+    def there() -> bool:
         try:
             with open(f"/proc/{pid}/stat") as stat:
-                if stat.read().rsplit(")", 1)[1].split()[0] == state:
-                    return
+                return stat.read().rsplit(")", 1)[1].split()[0] == state
         except (OSError, IndexError):
-            return
-        time.sleep(0.01)
+            return True
+    with contextlib.suppress(AssertionError):
+        wait_for(there, timeout=timeout, interval=0.01, what=f"{pid} in state {state}")
 
 
 def _duration(seconds: float) -> str:
