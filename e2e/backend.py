@@ -104,14 +104,16 @@ class Backend(abc.ABC):
         """Tear everything down; raise if a process was left behind."""
 
     @abc.abstractmethod
-    def service_url(self, name: str, namespace: str = "default", hold_seconds: float = 0.0,
-                    scraped: bool = False) -> str:
-        """A base URL on this machine for the model server's Service. `hold_seconds` > 0: a request
-        that finds no ready replica waits that long for one; `scraped`: Prometheus scrapes the
-        gateway's ``gateway_pending_requests`` (what an activation query reads)."""
+    def service_url(self, name: str, namespace: str = "default") -> str:
+        """A base URL on this machine for the model server's Service."""
+
+    def activator_url(self, name: str, namespace: str = "default") -> str:
+        """A base URL of `ebbtide activator` in front of the Service, scraped by Prometheus (its
+        ``ebbtide_activator_pending_requests`` is what an activation query reads)."""
+        raise Unsupported(f"{type(self).__name__}: no activator process")
 
     def close_service_url(self, name: str, namespace: str = "default") -> None:
-        """Stop what `service_url` started for this Service, if anything."""
+        """Stop what `service_url` or `activator_url` started for this Service, if anything."""
         return None
 
     # The faults of the counted scenarios: what this backend cannot do, it says.

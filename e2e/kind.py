@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from e2e.backend import ROOT, Backend, Unsupported, kubectl_binary
+from e2e.backend import ROOT, Backend, kubectl_binary
 from e2e.processes import ManagedProcess
 from ebbtide.sim.engine_server import free_port
 
@@ -133,10 +133,7 @@ class KindBackend(Backend):
             self.forwards[key] = (process, f"http://127.0.0.1:{local}")
         return self.forwards[key][1]
 
-    def service_url(self, name: str, namespace: str = "default", hold_seconds: float = 0.0,
-                    scraped: bool = False) -> str:
-        if hold_seconds or scraped:
-            raise Unsupported("kind: a gateway that holds requests (until `ebbtide activator` ships)")
+    def service_url(self, name: str, namespace: str = "default") -> str:
         # Not a port-forward: that sticks to one pod, which may be the one put to sleep.
         return f"{self.proxy_url}/api/v1/namespaces/{namespace}/services/{name}:http/proxy"
 

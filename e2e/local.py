@@ -40,6 +40,7 @@ import yaml
 from kubernetes.client.rest import ApiException
 from kubernetes.dynamic.exceptions import ConflictError
 from tests.testbed import podnetwork
+from tests.testbed.activator import ActivatorProcess
 from tests.testbed.controlplane import ControlPlane
 from tests.testbed.fixtures import Cluster
 from tests.testbed.helm import CHART, HELM, MISSING_HELM, Release, helm, service_account_kubeconfig
@@ -124,7 +125,7 @@ class LocalBackend(Backend):
         self.prometheus: ManagedProcess | None = None
         self.targets_file: Path | None = None  # Prometheus's file_sd targets: the scraped gateways
         self.balancers: dict[tuple[str, str], LoadBalancer] = {}
-        self.scraped: set[tuple[str, str]] = set()
+        self.activators: dict[tuple[str, str], ActivatorProcess] = {}
         self.restarts: list[tuple[float, float]] = []  # wall-clock spans of control-plane restarts
         self.kubeconfig = self.logs / "controlplane" / "kubeconfig"  # the admin's: the scenarios are the user
         self.operator_kubeconfig = self.logs / "operator.kubeconfig"
@@ -236,29 +237,32 @@ class LocalBackend(Backend):
 
     # ------------------------------------------------------------------------------ the backend API
 
-    def service_url(self, name: str, namespace: str = "default", hold_seconds: float = 0.0,
-                    scraped: bool = False) -> str:
+    def service_url(self, name: str, namespace: str = "default") -> str:
         key = (namespace, name)
         if key not in self.balancers:
-            self.balancers[key] = LoadBalancer(name, namespace, kubeconfig=self.kubeconfig,
-                                               hold_seconds=hold_seconds).start()
-        if scraped:
-            self.scraped.add(key)
-            self._write_targets()
+            self.balancers[key] = LoadBalancer(name, namespace, kubeconfig=self.kubeconfig).start()
         return self.balancers[key].url
+
+    def activator_url(self, name: str, namespace: str = "default") -> str:
+        key = (namespace, name)
+        if key not in self.activators:
+            self.activators[key] = ActivatorProcess(self.kubeconfig, self.logs / f"activator-{namespace}-{name}.log",
+                                                    name, namespace)
+            self._write_targets()
+        return self.activators[key].url
 
     def close_service_url(self, name: str, namespace: str = "default") -> None:
         key = (namespace, name)
         if balancer := self.balancers.pop(key, None):
             balancer.stop()
-        if key in self.scraped:
-            self.scraped.discard(key)
+        if activator := self.activators.pop(key, None):
+            activator.stop()
             self._write_targets()
 
     def _write_targets(self) -> None:
-        """The scraped gateways as Prometheus's file_sd targets (written whole, then renamed)."""
-        groups = [{"targets": [self.balancers[key].url.removeprefix("http://")], "labels": {"job": "gateway"}}
-                  for key in sorted(self.scraped)]
+        """The activators' metrics as Prometheus's file_sd targets (written whole, then renamed)."""
+        groups = [{"targets": [self.activators[key].metrics_url.removeprefix("http://")],
+                   "labels": {"job": "activator"}} for key in sorted(self.activators)]
         tmp = self.targets_file.with_name(f".{self.targets_file.name}.tmp")
         tmp.write_text(json.dumps(groups))
         os.replace(tmp, self.targets_file)
@@ -333,6 +337,9 @@ class LocalBackend(Backend):
         for balancer in self.balancers.values():
             balancer.stop()
         self.balancers.clear()
+        for activator in self.activators.values():
+            activator.stop()
+        self.activators.clear()
         leftovers = {}
         # The operator first (it would recreate what goes away), the control plane last.
         for process in reversed(self.processes):

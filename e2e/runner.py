@@ -208,9 +208,9 @@ def default_gateway(backend: Backend, name: str, namespace: str) -> str:
 
 
 def holding_gateway(backend: Backend, name: str, namespace: str) -> str:
-    """A gateway that holds requests while no replica is ready, scraped by Prometheus for the
-    activation query: the test bed's load balancer with a hold, until `ebbtide activator` ships."""
-    return backend.service_url(name, namespace, hold_seconds=REQUEST_TIMEOUT, scraped=True)
+    """`ebbtide activator`: it holds requests while no replica is ready, and Prometheus scrapes
+    the count for the activation query."""
+    return backend.activator_url(name, namespace)
 
 
 def clean_up(backend: Backend, watch: Observer, namespace: str) -> None:

@@ -22,7 +22,7 @@ LONG_WINDOW = 600
 SLEEP = {"enabled": True, "idleSeconds": 1, "maxPool": 2, "ttlSeconds": 600}
 # Where scale-from-zero's requests wait, and what the activation query reads there. `ebbtide
 # activator` (issue #17 item 1) replaces the test bed's holding load balancer by changing these two.
-ACTIVATOR, PENDING_METRIC = holding_gateway, "gateway_pending_requests"
+ACTIVATOR, PENDING_METRIC = holding_gateway, "ebbtide_activator_pending_requests"
 DRAIN = ("a replica removed with requests in flight loses those its preStop sleep and grace period (5 s + "
          "5 s here) do not cover, unless it is drained first (issue #17 item 1)")
 
@@ -45,7 +45,7 @@ def zero_spec(namespace: str) -> dict:
     """min 0, the last replica deleted (not kept asleep), woken by the requests held at the gateway."""
     zero = spec(0, 1)
     zero["replicas"]["allowScaleToZero"] = True
-    zero["scaling"]["activation"] = {"query": f'sum({PENDING_METRIC}{{namespace="{namespace}"}})'}
+    zero["scaling"]["activation"] = {"query": f'sum({PENDING_METRIC}{{service_namespace="{namespace}"}})'}
     return zero
 
 
