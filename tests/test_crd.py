@@ -97,7 +97,9 @@ def test_crd_files_are_established_and_explained(without_the_crd, source):
     for field in spec["properties"]:
         assert f"\n  {field}\t<" in explained, f"{field} missing from kubectl explain:\n{explained}"
     assert "stabilizationSeconds\t<integer>" in explained and "enum: Active, Advisory" in explained
-    described = kubectl(apiserver, "explain", "isvc.spec.replicas.min")
+    # By its short name: kubectl's discovery cache may not have it yet either.
+    described = wait_for(lambda: (done := run_kubectl(apiserver, "explain", "isvc.spec.replicas.min"))
+                         .returncode == 0 and done.stdout, timeout=30, what="kubectl explain to know the short name")
     assert spec["properties"]["replicas"]["properties"]["min"]["description"] in " ".join(described.split())
 
 

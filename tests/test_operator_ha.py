@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from tests.test_closed_loop import SCALING
+from tests.testbed.engines import now_rfc3339
 from tests.testbed.faultproxy import FaultProxy
 from tests.testbed.loadgen import steady_load
 from tests.testbed.operator import Operator, isvc, replicas, seconds, status
@@ -137,7 +138,7 @@ def test_a_leader_exits_when_its_lease_is_taken_and_hands_it_over_on_sigterm(api
              what="op-a leading")
     # Another holder writes the Lease (a split brain the leader must resolve by stopping).
     lease = server.get_object(LEASES, "default", LEASE)
-    now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    now = now_rfc3339(micro=True)
     server.patch_object(LEASES, "default", LEASE, {"spec": {"holderIdentity": "intruder", "renewTime": now},
                                                   "metadata": {"resourceVersion": lease["metadata"]["resourceVersion"]}})
     assert first.process.wait(30) == 1

@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import http.server
 import logging
+import signal
 import threading
 from collections.abc import Iterator
 
@@ -24,6 +25,8 @@ def run_operator(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Until kopf's own handler is in place, SIGTERM is a clean exit too (the Lease released below).
+    signal.signal(signal.SIGTERM, _exit_cleanly)
     config = OperatorConfig.from_env()
     # replace(), not a new OperatorConfig: the environment's other settings (the chart's
     # EBBTIDE_ENGINE_TIMEOUT_SECONDS) must survive the command line's.
@@ -55,6 +58,10 @@ def run_operator(args: argparse.Namespace) -> int:
         if elector is not None:
             elector.release()
     return 0
+
+
+def _exit_cleanly(signum: int, frame: object) -> None:
+    raise SystemExit(0)
 
 
 @contextlib.contextmanager
