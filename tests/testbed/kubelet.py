@@ -257,7 +257,9 @@ class Kubelet:
                     continue
                 pod = self._pods[uid] = self._admit(body)
             pod.gates_passed = readiness_gates_passed(body)
-            if pod.last_status is not None and is_pod_ready(body) != is_pod_ready({'status': pod.last_status}):
+            if self._cut_off(pod):
+                pass  # its node cannot reach the API server: the node controller's word stands
+            elif pod.last_status is not None and is_pod_ready(body) != is_pod_ready({'status': pod.last_status}):
                 # Someone else set Ready (the node-lifecycle controller marks the pods of a node
                 # it thinks lost NotReady): say again what is true, as the kubelet's status manager does.
                 pod.last_status = None
@@ -267,8 +269,13 @@ class Kubelet:
                 await self._check(pod)
         self._refresh_snapshot()
         for pod in list(self._pods.values()):
-            if not pod.terminating:
+            if not pod.terminating and not self._cut_off(pod):
                 await self._write_status(pod)
+
+    def _cut_off(self, pod: RunningPod) -> bool:
+        """On a node of a pool cut off from the API server (it renews no Lease either)."""
+        node = self.nodes.get(pod.node)
+        return node is not None and node.capacity_type in self.unavailable_pools
 
     def _admit(self, body: Body) -> RunningPod:
         meta, spec = body['metadata'], body.get('spec') or {}
