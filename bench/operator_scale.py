@@ -120,12 +120,23 @@ class Bed:
             stop_process(process, grace=20)
 
 
+def progress(bed: Bed, started: float) -> int:
+    """Pods Running; and every half minute, how far each step of the pipeline got."""
+    running = len(bed.writer.running())
+    if int(time.monotonic() - started) % 30 < 5:
+        pods = bed.api.list_objects("v1/pods")
+        print(f"  {time.monotonic() - started:.0f} s: {len(bed.api.list_objects(DEPLOYMENTS))} Deployments, "
+              f"{len(pods)} pods, {sum(1 for p in pods if p['spec'].get('nodeName'))} bound, {running} Running",
+              flush=True)
+    return running
+
+
 def settle(bed: Bed, services: list[tuple[str, str]], replicas: int, watcher: TickWatcher, timeout: float) -> float:
     """Until every pod runs, Prometheus has every pod's series and the operator has ticked over
     the whole fleet twice since (the default interval is 15 s: every service evaluated). Seconds taken."""
     started = time.monotonic()
     pods = len(services) * replicas
-    wait_for(lambda: len(bed.writer.running()) >= pods, timeout=timeout, interval=2, what=f"{pods} pods Running")
+    wait_for(lambda: progress(bed, started) >= pods, timeout=timeout, interval=5, what=f"{pods} pods Running")
     wait_for(lambda: bed.scraped_pods() >= pods, timeout=timeout, interval=2, what=f"{pods} pods in Prometheus")
     ticks = watcher.count
     wait_for(lambda: watcher.count >= ticks + 8, timeout=timeout, interval=1, what="8 more ticks")

@@ -54,7 +54,7 @@ class StatusOnlyPod(RunningPod):
 
 def status_nodes(pods: int, prefix: str = 'status-only') -> list[FakeNode]:
     """On-demand Nodes enough for `pods` pods (with a quarter to spare), as many GPUs as pods each."""
-    count = max(1, -(-pods * 5 // 4) // PODS_PER_NODE)
+    count = max(1, -(-pods * 5 // (4 * PODS_PER_NODE)))
     return [FakeNode(f'{prefix}-{i}', 'on-demand', pool_labels(f'{prefix}-{i}', 'on-demand'), gpus=PODS_PER_NODE)
             for i in range(count)]
 
@@ -77,6 +77,7 @@ class StatusWriter:
         self._threads: list[threading.Thread] = []
         self._addresses = ipaddress.ip_network('10.128.0.0/10').hosts()  # never dialled: no process listens
         self.status_writes = 0
+        self._response: Any = None  # the open watch, closed by stop() so that it need not time out
 
     # ------------------------------------------------------------------------------ lifecycle
 
@@ -94,8 +95,10 @@ class StatusWriter:
 
     def stop(self) -> None:
         self._stop.set()
+        with contextlib.suppress(Exception):
+            self._response.close()
         for thread in self._threads:
-            thread.join(WATCH_SECONDS + 5 if thread.name.endswith('pods') else 10)
+            thread.join(10)
         self._pool.shutdown(wait=True, cancel_futures=True)
 
     def __enter__(self) -> StatusWriter:
@@ -139,6 +142,7 @@ class StatusWriter:
                 response = self.core.list_pod_for_all_namespaces(
                     watch=True, resource_version=version, allow_watch_bookmarks=True,
                     timeout_seconds=WATCH_SECONDS, _preload_content=False)
+                self._response = response
                 for line in kubernetes.watch.watch.iter_resp_lines(response):
                     event = json.loads(line)
                     if event['type'] == 'ERROR':
@@ -150,6 +154,8 @@ class StatusWriter:
                     if self._stop.is_set():
                         break
             except Exception:  # a restarting API server: list again
+                if self._stop.is_set():
+                    return
                 logger.exception('watching pods failed; listing again')
                 version = None
                 self._stop.wait(1.0)
