@@ -23,8 +23,8 @@ import argparse
 import contextlib
 import json
 import os
-import random
 import pathlib
+import random
 import subprocess
 import sys
 import tempfile
@@ -33,10 +33,7 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "operator")]
 
-from bench.scale_probes import (  # noqa: E402
-    TickWatcher, cpu_seconds, load_average, percentile, rss_mib)
-from ebbtide.api.crd import crd  # noqa: E402
-from ebbtide.cluster.render import LABEL_SERVICE  # noqa: E402
+from bench.scale_probes import TickWatcher, cpu_seconds, load_average, percentile, rss_mib  # noqa: E402
 from tests.testbed.controlplane import ControlPlane, free_port, kubeconfig_text, stop_process  # noqa: E402
 from tests.testbed.countingproxy import CountingProxy  # noqa: E402
 from tests.testbed.fleetexporter import FleetExporter  # noqa: E402
@@ -44,6 +41,9 @@ from tests.testbed.kubeapi import KubeApi  # noqa: E402
 from tests.testbed.prometheus import PrometheusServer  # noqa: E402
 from tests.testbed.statuswriter import StatusWriter, status_nodes  # noqa: E402
 from tests.testbed.waiting import wait_for  # noqa: E402
+
+from ebbtide.api.crd import crd  # noqa: E402
+from ebbtide.cluster.render import LABEL_SERVICE  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "operator-scale.json"
 ISVC = "ebbtide.dev/v1alpha1/inferenceservices"
@@ -186,7 +186,7 @@ def backlog_samples(bed: Bed, services: list[tuple[str, str]], samples: int) -> 
         started = time.monotonic()
         for pod in pods:
             bed.exporter.set(namespace, pod.name, waiting=BACKLOG)
-        wait_for(lambda ns=namespace, n=name: bed.api.get_object(DEPLOYMENTS, ns, n)["spec"]["replicas"] != before,
+        wait_for(lambda ns=namespace, n=name, b=before: bed.api.get_object(DEPLOYMENTS, ns, n)["spec"]["replicas"] != b,
                  timeout=120, interval=0.1, what=f"{namespace}/{name} scaled")
         taken.append(round(time.monotonic() - started, 2))
         for pod in pods:  # the backlog is served: the service stays scaled up until its window passes
