@@ -31,9 +31,10 @@ import tempfile
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "operator")]
+sys.path[:0] = [str(ROOT), str(ROOT / "operator"), str(ROOT / "bench")]
 
 from bench.scale_probes import TickWatcher, cpu_seconds, load_average, percentile, rss_mib  # noqa: E402
+from render import render  # noqa: E402
 from tests.testbed.controlplane import ControlPlane, free_port, kubeconfig_text, stop_process  # noqa: E402
 from tests.testbed.countingproxy import CountingProxy  # noqa: E402
 from tests.testbed.fleetexporter import FleetExporter  # noqa: E402
@@ -214,6 +215,8 @@ def run(sizes: list[int], namespaces: int, replicas: int, window: float, samples
                           "prometheus_series": bed.exporter.series(), "settle_s": round(settled, 1),
                           **measure_window(bed, operator.pid, watcher, window)}
                 result["load_average"] = load_average()
+                result["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                                                  capture_output=True, text=True).stdout.strip()
                 result["backlog_to_patch_s"] = backlog_samples(bed, fleet[:size], samples)
                 result["rss_mib_after_backlog"] = round(rss_mib(operator.pid), 1)
                 print(json.dumps(result), flush=True)
@@ -255,6 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     results = run(sizes, args.namespaces, args.replicas, args.window, args.samples, workdir)
     command = "python bench/operator_scale.py " + " ".join(argv if argv is not None else sys.argv[1:])
     print(json.dumps(record(results, command.strip(), args.output), indent=2))
+    if args.output == RESULTS:
+        (ROOT / "bench" / "RESULTS.md").write_text(render(RESULTS.parent))
+        print("wrote bench/RESULTS.md")
     return 0
 
 
