@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 
-.PHONY: install install-test system-deps test test-fast lint crds bench e2e clean controlplane prometheus-k8s cluster cluster-down
+.PHONY: install install-test system-deps test test-fast lint crds bench bench-scale e2e clean controlplane prometheus-k8s cluster cluster-down
 
 install:  ## the operator, the simulator and the CLI
 	$(PIP) install -q -e .
@@ -29,6 +29,9 @@ crds:  ## regenerate crds/ from the API models
 
 bench:  ## rerun the simulator comparison (conv-week, conv-1h, code-1h) and rewrite bench/RESULTS.md (~5 min)
 	$(PYTHON) bench/run.py
+
+bench-scale: install-test system-deps controlplane  ## the operator with 100 then 1,000 InferenceServices (3,000 pods) on the real control plane; writes bench/results/operator-scale.json (~25 min on 2 cores)
+	$(PYTHON) bench/operator_scale.py --sizes 100,1000
 
 e2e: tools controlplane prometheus-k8s  ## end-to-end scenarios: the chart installed by helm on a real control plane here, every component a process (logs in artifacts/e2e-local/), every request counted into artifacts/e2e/summary.json (docs/e2e.md); E2E_CLUSTER=kind for a kind cluster
 	$(PYTHON) -m pytest e2e -q

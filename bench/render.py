@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import statistics
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
@@ -30,6 +31,7 @@ REACTIVE, ALL_FEATURES = "ebbtide-reactive", "ebbtide-lifecycle"
 FLOOR = "static-max"
 RAMP_RATIO = 0.5
 GPU_HOURS_RATIO = 1.10
+SCALE_TICK_S, SCALE_RSS_MIB = 5.0, 500  # issue 18: tick p99 under the tick interval, RSS under 500 MiB
 
 
 def render(results: Path) -> str:
@@ -89,6 +91,8 @@ def render(results: Path) -> str:
     scale = results / "operator-scale.json"
     if scale.exists() and "failover_s" in json.loads(scale.read_text()):
         out += [_failover(json.loads(scale.read_text())), ""]
+    if scale.exists() and "services" in json.loads(scale.read_text()):
+        out += _scale(json.loads(scale.read_text()), notes.get("operator-scale"))
     if "summary" in notes:
         out += ["## What this says", "", notes["summary"], ""]
     return "\n".join(out).rstrip() + "\n"
@@ -298,6 +302,33 @@ def _failover(doc: dict) -> str:
     if "how" in detail:
         lines += ["", f"Measured with {detail['how']}."]
     return "\n".join(lines)
+
+
+def _scale(doc: dict, note: str | None) -> list[str]:
+    """The operator at fleet scale (bench/operator_scale.py)."""
+    out = ["## Operator at scale", "", f"    {doc['command']}", "",
+           f"The operator (`ebbtide run`, its own process, default {doc['tick_interval_s']:g} s tick) on the real "
+           f"control plane with {doc['cpus']} CPUs shared; status-only pods, one exporter, a real Prometheus "
+           f"scraping every {doc['scrape_interval_s']:g} s. Per tick: averages over a window with nothing changing. "
+           f"Targets: tick p99 < {SCALE_TICK_S:g} s, Prometheus queries and API requests per tick that do not grow "
+           f"with the services, RSS < {SCALE_RSS_MIB} MiB.", ""]
+    rows = [*doc["sizes"], *doc.get("before_fix", [])]
+    out += ["| operator at | services | pods | tick p50 | tick p99 | Prometheus queries / tick | API requests / tick "
+            "| watches | RSS | CPU | backlog to patch (median, max) | load |",
+            "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---|"]
+    for r in rows:
+        backlog = r.get("backlog_to_patch_s") or []
+        waited = f"{statistics.median(backlog):.1f} s, {max(backlog):.1f} s" if backlog else "-"
+        requests = ", ".join(f"{verb} {n:g}" for verb, n in r["api_requests_per_tick"].items())
+        out.append(f"| {r.get('commit', '')} | {r['services']:,} | {r['pods']:,} | {r['tick_p50_s']:.2f} s | "
+                   f"{r['tick_p99_s']:.2f} s {_mark(r['tick_p99_s'] < SCALE_TICK_S)} | {r['prometheus_queries_per_tick']:g} | "
+                   f"{requests} | {r['watches']} | {r['rss_mib']:.0f} MiB {_mark(r['rss_mib'] < SCALE_RSS_MIB)} | "
+                   f"{r['cpu_cores']:.2f} | {waited} | {' / '.join(str(x) for x in r.get('load_average', []))} |")
+    if "failover_s" in doc:
+        out += ["", f"Leader failover: {doc['failover_s']} s."]
+    if note:
+        out += ["", note]
+    return out + [""]
 
 
 def _notes(path: Path) -> dict[str, str]:

@@ -101,6 +101,8 @@ class Kube:
         # Client method (and namespace, for a list in one) -> the API server's refusal (403), until
         # permitted again. A missing RBAC permission is logged once here, not by every caller every tick.
         self.refused: dict[str, str] = {}
+        # (namespace, name) -> uid, resourceVersion and status as our last status write left them.
+        self._written: dict[tuple[str, str], dict] = {}
 
     @classmethod
     def from_environment(cls, namespaces: tuple[str, ...] = ()) -> Kube:
@@ -197,21 +199,37 @@ class Kube:
         the resourceVersion in the patch makes the API server refuse a write based on a stale
         read (409), and we retry on the fresh object instead of losing the other writer's fields.
         """
+        key = (ref.namespace, ref.name)
         for _ in range(attempts):
-            obj = await self.read_service(ref.namespace, ref.name)
+            # What our last write left saves a GET per service and tick; if anyone wrote since,
+            # its resourceVersion is stale, the API server answers 409 and we read afresh.
+            obj = self._written.pop(key, None)
+            if obj is None or obj["metadata"].get("uid") != ref.uid:
+                obj = await self.read_service(ref.namespace, ref.name)
             if obj is None or obj["metadata"].get("uid") != ref.uid:
                 return None
             status = mutate(copy.deepcopy(obj.get("status") or {}))
             body = {"metadata": {"resourceVersion": obj["metadata"]["resourceVersion"]}, "status": status}
             try:
-                return await self._call(self.custom.patch_namespaced_custom_object_status,
-                                        api.GROUP, api.VERSION, ref.namespace, api.PLURAL, ref.name, body,
-                                        _content_type=MERGE_PATCH)
+                written = await self._call(self.custom.patch_namespaced_custom_object_status,
+                                           api.GROUP, api.VERSION, ref.namespace, api.PLURAL, ref.name, body,
+                                           _content_type=MERGE_PATCH)
             except ApiException as e:
+                if e.status == 404:
+                    return None
                 if e.status != 409:
                     raise
+                continue
+            meta = written["metadata"]
+            self._written[key] = {"metadata": {"uid": meta.get("uid"), "resourceVersion": meta["resourceVersion"]},
+                                  "status": written.get("status") or {}}
+            return written
         log.warning("status of %s/%s not written: it kept changing under us", ref.namespace, ref.name)
         return None
+
+    def forget_status(self, namespace: str, name: str) -> None:
+        """A deleted service's last write is no base for anything."""
+        self._written.pop((namespace, name), None)
 
     async def post_event(self, ref: ServiceRef, type: str, reason: str, message: str) -> None:
         """An Event on the InferenceService, so `kubectl describe` tells the story."""
