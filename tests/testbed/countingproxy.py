@@ -22,21 +22,21 @@ from tests.testbed.faultproxy import FaultProxy
 
 def classify(method: str, path: str, query: str) -> tuple[str, str]:
     """(verb, resource) of a request, with the API server's verb names (`list`, `watch`, `get`...)."""
-    parts = [p for p in path.split('/') if p]
-    rest = parts[2:] if parts[:1] == ['api'] else parts[3:]  # past /api/v1 or /apis/GROUP/VERSION
-    if len(rest) >= 3 and rest[0] == 'namespaces':
+    parts = [p for p in path.split("/") if p]
+    rest = parts[2:] if parts[:1] == ["api"] else parts[3:]  # past /api/v1 or /apis/GROUP/VERSION
+    if len(rest) >= 3 and rest[0] == "namespaces":
         rest = rest[2:]
-    resource = rest[0] if rest else ''
+    resource = rest[0] if rest else ""
     if len(rest) >= 3:
-        resource += '/' + rest[2]  # a subresource: inferenceservices/status
+        resource += "/" + rest[2]  # a subresource: inferenceservices/status
     params = urllib.parse.parse_qs(query)
-    if method == 'GET':
-        if params.get('watch', [''])[0] in ('1', 'true'):
-            verb = 'watch'
+    if method == "GET":
+        if params.get("watch", [""])[0] in ("1", "true"):
+            verb = "watch"
         else:
-            verb = 'get' if len(rest) >= 2 else 'list'
+            verb = "get" if len(rest) >= 2 else "list"
     else:
-        verb = {'POST': 'create', 'PUT': 'update', 'PATCH': 'patch', 'DELETE': 'delete'}.get(method, method.lower())
+        verb = {"POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}.get(method, method.lower())
     return verb, resource
 
 
@@ -50,8 +50,8 @@ class CountingProxy(FaultProxy):
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         verb, resource = classify(request.method, request.path, request.query_string)
         with self._lock:
-            self.counts[f'{verb} {resource}'] += 1
-        watching = verb == 'watch'
+            self.counts[f"{verb} {resource}"] += 1
+        watching = verb == "watch"
         self.open_watches += watching
         try:
             return await super()._handle(request)

@@ -21,14 +21,14 @@ import threading
 from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, TypeVar
 
-T = TypeVar('T')
+T = TypeVar("T")
 
 # The vLLM flags whose values the simulator models (they are also its capacity knobs).
-ENGINE_KNOB_FLAGS = ('--max-model-len', '--max-num-seqs', '--max-num-batched-tokens', '--block-size')
+ENGINE_KNOB_FLAGS = ("--max-model-len", "--max-num-seqs", "--max-num-batched-tokens", "--block-size")
 # vLLM's store-true flags that may come before a positional argument.
-BOOLEAN_FLAGS = frozenset({'--enable-sleep-mode', '--enforce-eager', '--trust-remote-code',
-                           '--enable-prefix-caching', '--no-enable-prefix-caching', '--enable-chunked-prefill',
-                           '--disable-log-requests', '--disable-log-stats', '--enable-lora'})
+BOOLEAN_FLAGS = frozenset({"--enable-sleep-mode", "--enforce-eager", "--trust-remote-code",
+                           "--enable-prefix-caching", "--no-enable-prefix-caching", "--enable-chunked-prefill",
+                           "--disable-log-requests", "--disable-log-stats", "--enable-lora"})
 
 # Every engine process started here and not reaped yet: killed at exit.
 _LIVE_PROCESSES: set[subprocess.Popen] = set()
@@ -48,7 +48,7 @@ def _kill_leftovers() -> None:
 
 def now_rfc3339(micro: bool = False) -> str:
     """Now as the API server writes times: whole seconds (Time), or microseconds (MicroTime)."""
-    return datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%dT%H:%M:%S.%fZ' if micro else '%Y-%m-%dT%H:%M:%SZ')
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ" if micro else "%Y-%m-%dT%H:%M:%SZ")
 
 
 def pid_alive(pid: int) -> bool:
@@ -60,8 +60,8 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     with contextlib.suppress(OSError):
-        stat = pathlib.Path(f'/proc/{pid}/stat').read_text()
-        return stat.rsplit(')', 1)[1].split()[0] != 'Z'
+        stat = pathlib.Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"
     return True
 
 
@@ -83,15 +83,15 @@ def call_api(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
 
 
 def is_pod_ready(pod: Mapping[str, Any]) -> bool:
-    conditions = (pod.get('status') or {}).get('conditions') or []
-    return any(c.get('type') == 'Ready' and c.get('status') == 'True' for c in conditions)
+    conditions = (pod.get("status") or {}).get("conditions") or []
+    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
 
 
 def readiness_gates_passed(pod: Mapping[str, Any]) -> bool:
     """True when the condition of every ``spec.readinessGates`` entry is True (none: True)."""
-    gates = {g.get('conditionType') for g in (pod.get('spec') or {}).get('readinessGates') or []}
-    conditions = {c.get('type'): c.get('status') for c in (pod.get('status') or {}).get('conditions') or []}
-    return all(conditions.get(gate) == 'True' for gate in gates)
+    gates = {g.get("conditionType") for g in (pod.get("spec") or {}).get("readinessGates") or []}
+    conditions = {c.get("type"): c.get("status") for c in (pod.get("status") or {}).get("conditions") or []}
+    return all(conditions.get(gate) == "True" for gate in gates)
 
 
 class LoopThread:
@@ -123,7 +123,7 @@ class LoopThread:
 
     def submit(self, coro: Coroutine[Any, Any, T]) -> Any:
         """Schedule a coroutine in the loop; a concurrent.futures.Future."""
-        assert self.loop is not None, 'the loop thread is not started'
+        assert self.loop is not None, "the loop thread is not started"
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
@@ -151,9 +151,9 @@ class EngineCommand:
     served_model_name: str
 
 
-def engine_command(container: Mapping[str, Any], *, host: str, port: int, preset: str = 'tiny', startup_delay: float = 0.0,
+def engine_command(container: Mapping[str, Any], *, host: str, port: int, preset: str = "tiny", startup_delay: float = 0.0,
                    shutdown_timeout: float = 30.0, capacity_overrides: Mapping[str, Any] | None = None,
-                   log_level: str = 'WARNING', base_env: Mapping[str, str] | None = None) -> EngineCommand:
+                   log_level: str = "WARNING", base_env: Mapping[str, str] | None = None) -> EngineCommand:
     """
     The simulator command (without the interpreter) and environment for a vLLM container.
 
@@ -163,9 +163,9 @@ def engine_command(container: Mapping[str, Any], *, host: str, port: int, preset
     long vLLM lets requests in flight finish on SIGTERM) is kept. ``capacity_overrides`` (knob
     name to value, e.g. ``{'max_num_seqs': 8}``) win over the container's flags.
     """
-    command = list(container.get('command') or [])
-    args = list(container.get('args') or [])
-    if command[:2] == ['vllm', 'serve']:
+    command = list(container.get("command") or [])
+    args = list(container.get("args") or [])
+    if command[:2] == ["vllm", "serve"]:
         args = command[2:] + args
     model: str | None = None
     served: list[str] = []
@@ -175,59 +175,59 @@ def engine_command(container: Mapping[str, Any], *, host: str, port: int, preset
     while i < len(args):
         arg = str(args[i])
         i += 1
-        if not arg.startswith('-'):
+        if not arg.startswith("-"):
             model = model or arg
             continue
-        flag, eq, inline = arg.partition('=')
+        flag, eq, inline = arg.partition("=")
         values: list[str] = [inline] if eq else []
         if not eq and flag not in BOOLEAN_FLAGS:
-            while i < len(args) and not str(args[i]).startswith('--'):
+            while i < len(args) and not str(args[i]).startswith("--"):
                 values.append(str(args[i]))
                 i += 1
-                if flag != '--served-model-name':
+                if flag != "--served-model-name":
                     break  # every other flag takes at most one value
-        if flag == '--served-model-name':
+        if flag == "--served-model-name":
             served = values
-        elif flag == '--model' and values:
+        elif flag == "--model" and values:
             model = values[0]
-        elif flag == '--enable-sleep-mode':
-            sleep_mode = not values or values[0].lower() not in ('false', '0')
-        elif flag == '--no-enable-sleep-mode':
+        elif flag == "--enable-sleep-mode":
+            sleep_mode = not values or values[0].lower() not in ("false", "0")
+        elif flag == "--no-enable-sleep-mode":
             sleep_mode = False
         elif flag in ENGINE_KNOB_FLAGS and values:
             knobs[flag] = values[0]
-        elif flag == '--shutdown-timeout' and values:  # vLLM's own flag: the container's wins
+        elif flag == "--shutdown-timeout" and values:  # vLLM's own flag: the container's wins
             shutdown_timeout = float(values[0])
         # anything else (--port, --tensor-parallel-size, ...) is not modelled
-    model = model or 'model'
-    argv = ['--host', host, '--port', str(port), '--model', model, '--preset', preset,
-            '--startup-delay', f'{startup_delay:g}', '--shutdown-timeout', f'{shutdown_timeout:g}',
-            '--log-level', log_level]
+    model = model or "model"
+    argv = ["--host", host, "--port", str(port), "--model", model, "--preset", preset,
+            "--startup-delay", f"{startup_delay:g}", "--shutdown-timeout", f"{shutdown_timeout:g}",
+            "--log-level", log_level]
     if served:
-        argv += ['--served-model-name', *served]
+        argv += ["--served-model-name", *served]
     if sleep_mode:
-        argv.append('--enable-sleep-mode')
+        argv.append("--enable-sleep-mode")
     for flag, value in knobs.items():
         with contextlib.suppress(ValueError):
             argv += [flag, str(int(value))]
     for name, value in (capacity_overrides or {}).items():
-        argv += ['--' + name.replace('_', '-'), str(value)]
+        argv += ["--" + name.replace("_", "-"), str(value)]
 
     env = dict(os.environ if base_env is None else base_env)
-    env.pop('VLLM_SERVER_DEV_MODE', None)  # only the container's env decides
-    for var in container.get('env') or []:
-        if var.get('name') and 'valueFrom' not in var:  # secrets are not the test bed's to read
-            env[var['name']] = str(var.get('value', ''))
-    env['PYTHONUNBUFFERED'] = '1'
+    env.pop("VLLM_SERVER_DEV_MODE", None)  # only the container's env decides
+    for var in container.get("env") or []:
+        if var.get("name") and "valueFrom" not in var:  # secrets are not the test bed's to read
+            env[var["name"]] = str(var.get("value", ""))
+    env["PYTHONUNBUFFERED"] = "1"
     return EngineCommand(argv=argv, env=env, served_model_name=served[0] if served else model)
 
 
 # A trampoline that ties the engine's life to the thread that started it (PR_SET_PDEATHSIG
 # survives exec), so a runner killed hard leaves no engines behind.
 _TRAMPOLINE = (
-    'import ctypes, os, signal, sys\n'
-    'ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)\n'
-    'if os.getppid() != int(sys.argv[1]): sys.exit(1)\n'
+    "import ctypes, os, signal, sys\n"
+    "ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)\n"
+    "if os.getppid() != int(sys.argv[1]): sys.exit(1)\n"
     "os.execv(sys.executable, [sys.executable, '-m', 'ebbtide.sim.engine_server', *sys.argv[2:]])\n"
 )
 
@@ -235,10 +235,10 @@ _TRAMPOLINE = (
 def spawn(argv: list[str], env: Mapping[str, str], log_path: pathlib.Path | None,
           wrap: Callable[[list[str]], list[str]] = list) -> subprocess.Popen:
     """Start the engine; ``wrap`` prefixes the command (``ip netns exec NS``, which keeps the pid)."""
-    cmd = wrap([sys.executable, '-c', _TRAMPOLINE, str(os.getpid()), *argv])
+    cmd = wrap([sys.executable, "-c", _TRAMPOLINE, str(os.getpid()), *argv])
     if log_path is not None:
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(log_path, 'ab') as log:
+        with open(log_path, "ab") as log:
             proc = subprocess.Popen(cmd, env=dict(env), stdin=subprocess.DEVNULL, stdout=log, stderr=log)
     else:
         proc = subprocess.Popen(cmd, env=dict(env), stdin=subprocess.DEVNULL,

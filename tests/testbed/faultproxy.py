@@ -19,8 +19,8 @@ from aiohttp import web
 
 from tests.testbed.engines import LoopThread
 
-HOP_BY_HOP = frozenset({'connection', 'keep-alive', 'transfer-encoding', 'upgrade', 'content-length', 'host',
-                        'content-encoding'})
+HOP_BY_HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "upgrade", "content-length", "host",
+                        "content-encoding"})
 
 
 @dataclasses.dataclass
@@ -33,17 +33,17 @@ class Rule:
     hits: int = 0
 
     def matches(self, method: str, path: str) -> bool:
-        return (self.method in ('*', method)) and bool(self.pattern.search(path)) and (
+        return (self.method in ("*", method)) and bool(self.pattern.search(path)) and (
             self.times is None or self.hits < self.times)
 
 
 class FaultProxy:
     def __init__(self, upstream: str, ca_file: str) -> None:
-        self.upstream = upstream.rstrip('/')
+        self.upstream = upstream.rstrip("/")
         self.ssl = ssl.create_default_context(cafile=ca_file)
         self.rules: list[Rule] = []
-        self.url = ''
-        self._loop = LoopThread('fault-proxy')
+        self.url = ""
+        self._loop = LoopThread("fault-proxy")
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
 
@@ -58,7 +58,7 @@ class FaultProxy:
         import kubernetes.client
         configuration = kubernetes.client.Configuration()
         configuration.host = self.url
-        configuration.api_key = {'authorization': f'Bearer {token}'}
+        configuration.api_key = {"authorization": f"Bearer {token}"}
         return kubernetes.client.ApiClient(configuration)
 
     def clear(self) -> None:
@@ -76,15 +76,15 @@ class FaultProxy:
                     await asyncio.sleep(rule.delay)
                 if rule.status is not None:
                     return web.json_response(
-                        {'kind': 'Status', 'apiVersion': 'v1', 'status': 'Failure', 'code': rule.status,
-                         'reason': 'Conflict' if rule.status == 409 else 'InternalError',
-                         'message': f'injected by the test bed: {rule.status}'}, status=rule.status)
+                        {"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": rule.status,
+                         "reason": "Conflict" if rule.status == 409 else "InternalError",
+                         "message": f"injected by the test bed: {rule.status}"}, status=rule.status)
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
         # skip_auto_headers: a body sent without a Content-Type must reach the server without one
         # (the official client sends creates that way), not as application/octet-stream.
         async with self._session.request(request.method, self.upstream + request.path_qs, headers=headers,
                                          data=await request.read(), ssl=self.ssl,
-                                         skip_auto_headers=('Content-Type',)) as upstream:
+                                         skip_auto_headers=("Content-Type",)) as upstream:
             response = web.StreamResponse(status=upstream.status, headers={
                 k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP})
             await response.prepare(request)
@@ -96,15 +96,15 @@ class FaultProxy:
     async def _start(self) -> str:
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))
         app = web.Application()
-        app.router.add_route('*', '/{tail:.*}', self._handle)
+        app.router.add_route("*", "/{tail:.*}", self._handle)
         # A client that goes away (a killed process) ends its forwarded request, watches too, as
         # with the real API server; else stop() waits for watches that nobody reads any more.
         self._runner = web.AppRunner(app, handler_cancellation=True)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, '127.0.0.1', 0)
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()
         port = site._server.sockets[0].getsockname()[1]
-        return f'http://127.0.0.1:{port}'
+        return f"http://127.0.0.1:{port}"
 
     async def _stop(self) -> None:
         await self._runner.cleanup()

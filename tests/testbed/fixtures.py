@@ -30,10 +30,10 @@ from tests.testbed.operator import running_operator
 from tests.testbed.prometheus import MISSING_BINARY, PrometheusServer, prometheus_binary
 from tests.testbed.waiting import wait_for
 
-NAMESPACE = 'default'
+NAMESPACE = "default"
 # What a test leaves in the namespace, deleted before the next one (collections, in this order).
-LEFTOVERS = ('apps/v1/deployments', 'apps/v1/replicasets', 'v1/services', 'policy/v1/poddisruptionbudgets',
-             'v1/events', 'coordination.k8s.io/v1/leases')
+LEFTOVERS = ("apps/v1/deployments", "apps/v1/replicasets", "v1/services", "policy/v1/poddisruptionbudgets",
+             "v1/events", "coordination.k8s.io/v1/leases")
 
 
 class Cluster:
@@ -51,7 +51,7 @@ class Cluster:
 
     @property
     def env(self) -> dict[str, str]:
-        return {'KUBECONFIG': str(self.kubeconfig_path)}
+        return {"KUBECONFIG": str(self.kubeconfig_path)}
 
     def api_client(self) -> Any:
         import kubernetes.config
@@ -69,37 +69,37 @@ class Cluster:
         $KUBECONFIG alone is not enough in a test process: the official client reads it once, at import.
         """
         import kubernetes.config.kube_config as kube_config
-        saved_env, saved_default = os.environ.get('KUBECONFIG'), kube_config.KUBE_CONFIG_DEFAULT_LOCATION
-        os.environ['KUBECONFIG'] = kube_config.KUBE_CONFIG_DEFAULT_LOCATION = str(self.kubeconfig_path)
+        saved_env, saved_default = os.environ.get("KUBECONFIG"), kube_config.KUBE_CONFIG_DEFAULT_LOCATION
+        os.environ["KUBECONFIG"] = kube_config.KUBE_CONFIG_DEFAULT_LOCATION = str(self.kubeconfig_path)
         try:
             yield self.kubeconfig_path
         finally:
             kube_config.KUBE_CONFIG_DEFAULT_LOCATION = saved_default
             if saved_env is None:
-                os.environ.pop('KUBECONFIG', None)
+                os.environ.pop("KUBECONFIG", None)
             else:
-                os.environ['KUBECONFIG'] = saved_env
+                os.environ["KUBECONFIG"] = saved_env
 
     def empty_namespace(self, namespace: str = NAMESPACE) -> None:
         """Delete what a test left: InferenceServices (their finalizers too: no operator runs now) and the rest."""
         api = self.server
-        for isvc in api.list_objects('ebbtide.dev/v1alpha1/inferenceservices', namespace):
-            name = isvc['metadata']['name']
-            api.patch_object('ebbtide.dev/v1alpha1/inferenceservices', namespace, name,
-                             {'metadata': {'finalizers': None}})
-            api.delete_object('ebbtide.dev/v1alpha1/inferenceservices', namespace, name)
+        for isvc in api.list_objects("ebbtide.dev/v1alpha1/inferenceservices", namespace):
+            name = isvc["metadata"]["name"]
+            api.patch_object("ebbtide.dev/v1alpha1/inferenceservices", namespace, name,
+                             {"metadata": {"finalizers": None}})
+            api.delete_object("ebbtide.dev/v1alpha1/inferenceservices", namespace, name)
         for resource in LEFTOVERS:
-            api.request('DELETE', _collection(resource, namespace))
-        api.request('DELETE', _collection('v1/configmaps', namespace),
-                    query={'fieldSelector': 'metadata.name!=kube-root-ca.crt'})
+            api.request("DELETE", _collection(resource, namespace))
+        api.request("DELETE", _collection("v1/configmaps", namespace),
+                    query={"fieldSelector": "metadata.name!=kube-root-ca.crt"})
 
         def empty() -> bool:
             # Pods at once and again until their ReplicaSets are gone (one may still create a pod):
             # their kubelet has stopped, nothing would finish a graceful deletion.
-            api.request('DELETE', _collection('v1/pods', namespace), {'gracePeriodSeconds': 0})
+            api.request("DELETE", _collection("v1/pods", namespace), {"gracePeriodSeconds": 0})
             return not any(api.list_objects(resource, namespace) for resource in (
-                'apps/v1/replicasets', 'v1/pods', 'ebbtide.dev/v1alpha1/inferenceservices'))
-        wait_for(empty, timeout=60, interval=0.5, what=f'an empty namespace {namespace}')
+                "apps/v1/replicasets", "v1/pods", "ebbtide.dev/v1alpha1/inferenceservices"))
+        wait_for(empty, timeout=60, interval=0.5, what=f"an empty namespace {namespace}")
 
     def close(self) -> None:
         for client in self._clients:
@@ -112,14 +112,14 @@ def _collection(resource: str, namespace: str) -> str:
     return path_of(resource, namespace)
 
 
-@pytest.fixture(scope='session')
+@pytest.fixture(scope="session")
 def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
     """etcd, kube-apiserver, kube-controller-manager and kube-scheduler, once per session."""
-    if shutil.which('go') is None and not os.environ.get('EBBTIDE_CONTROLPLANE_BIN'):
-        pytest.skip('Go is not installed: the control plane is built from its Go modules (tools/controlplane)')
+    if shutil.which("go") is None and not os.environ.get("EBBTIDE_CONTROLPLANE_BIN"):
+        pytest.skip("Go is not installed: the control plane is built from its Go modules (tools/controlplane)")
     if reason := podnetwork.missing_requirement():
         pytest.skip(reason)
-    plane = ControlPlane(tmp_path_factory.mktemp('controlplane'), crds=(crd(),))
+    plane = ControlPlane(tmp_path_factory.mktemp("controlplane"), crds=(crd(),))
     try:
         plane.start()
     except ControlPlaneError as e:
@@ -179,9 +179,9 @@ def kubelet_factory(apiserver: Cluster, tmp_path_factory: pytest.TempPathFactory
     started: list[Kubelet] = []
 
     def make(**kwargs: Any) -> Kubelet:
-        kwargs.setdefault('startup_delay', 1.0)
-        kwargs.setdefault('max_grace_seconds', 5.0)
-        kwargs.setdefault('log_dir', tmp_path_factory.mktemp('pods'))
+        kwargs.setdefault("startup_delay", 1.0)
+        kwargs.setdefault("max_grace_seconds", 5.0)
+        kwargs.setdefault("log_dir", tmp_path_factory.mktemp("pods"))
         kubelet = Kubelet(apiserver.api_client(), **kwargs)
         started.append(kubelet)
         return kubelet.start()
@@ -191,7 +191,7 @@ def kubelet_factory(apiserver: Cluster, tmp_path_factory: pytest.TempPathFactory
         kubelet.stop()
     leftovers = {pid for kubelet in started for pid in kubelet.live_pids()}
     if leftovers:
-        pytest.fail(f'engine processes left behind by the kubelet: {sorted(leftovers)}')
+        pytest.fail(f"engine processes left behind by the kubelet: {sorted(leftovers)}")
 
 
 @pytest.fixture()
@@ -221,7 +221,7 @@ def activator_factory(apiserver: Cluster, tmp_path: pathlib.Path) -> Iterator[Ca
     started: list[ActivatorProcess] = []
 
     def make(service: str, *options: str, namespace: str = NAMESPACE) -> ActivatorProcess:
-        log_path = tmp_path / f'activator-{service}-{len(started)}.log'
+        log_path = tmp_path / f"activator-{service}-{len(started)}.log"
         started.append(ActivatorProcess(apiserver.kubeconfig_path, log_path, service, namespace, *options))
         return started[-1]
 

@@ -24,14 +24,14 @@ from tests.testbed.kubeapi import KubeApi, path_of
 from tests.testbed.waiting import wait_for
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-CHART = ROOT / 'charts' / 'ebbtide'
-HELM = ROOT / 'tools' / 'bin' / 'helm'
-MISSING_HELM = 'tools/bin/helm is missing: run tools/install-helm.sh (or `make tools`)'
+CHART = ROOT / "charts" / "ebbtide"
+HELM = ROOT / "tools" / "bin" / "helm"
+MISSING_HELM = "tools/bin/helm is missing: run tools/install-helm.sh (or `make tools`)"
 
 
 def helm(*args: str, kubeconfig: pathlib.Path | None = None, check: bool = True) -> subprocess.CompletedProcess:
     """helm's outcome; with ``check`` a failure fails the test with helm's own words."""
-    command = [str(HELM), *args] + (['--kubeconfig', str(kubeconfig)] if kubeconfig else [])
+    command = [str(HELM), *args] + (["--kubeconfig", str(kubeconfig)] if kubeconfig else [])
     result = subprocess.run(command, capture_output=True, text=True, timeout=180)
     if check and result.returncode != 0:
         pytest.fail(f"helm {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
@@ -46,36 +46,36 @@ class Release:
     @property
     def fullname(self) -> str:
         """The chart's name for its objects (ClusterRole, ServiceAccount, Deployment) with default values."""
-        return self.name if 'ebbtide' in self.name else f'{self.name}-ebbtide'
+        return self.name if "ebbtide" in self.name else f"{self.name}-ebbtide"
 
 
 @contextlib.contextmanager
-def installed_release(cluster: Cluster, *values: str, name: str = 'rel',
-                      namespace: str = 'ebbtide-system') -> Iterator[Release]:
+def installed_release(cluster: Cluster, *values: str, name: str = "rel",
+                      namespace: str = "ebbtide-system") -> Iterator[Release]:
     """``helm install`` of charts/ebbtide; ``helm uninstall`` and the namespace deleted after."""
-    helm('install', name, str(CHART), '--namespace', namespace, '--create-namespace', *values,
+    helm("install", name, str(CHART), "--namespace", namespace, "--create-namespace", *values,
          kubeconfig=cluster.kubeconfig_path)
     try:
         yield Release(name, namespace)
     finally:
-        helm('uninstall', name, '--namespace', namespace, '--wait', kubeconfig=cluster.kubeconfig_path,
+        helm("uninstall", name, "--namespace", namespace, "--wait", kubeconfig=cluster.kubeconfig_path,
              check=False)
         api = cluster.server
-        api.request('DELETE', path_of('v1/pods', namespace), query={'gracePeriodSeconds': 0})
-        api.delete_object('v1/namespaces', None, namespace)
-        wait_for(lambda: api.get_object('v1/namespaces', None, namespace) is None, timeout=60,
-                 what=f'namespace {namespace} deleted')
+        api.request("DELETE", path_of("v1/pods", namespace), query={"gracePeriodSeconds": 0})
+        api.delete_object("v1/namespaces", None, namespace)
+        wait_for(lambda: api.get_object("v1/namespaces", None, namespace) is None, timeout=60,
+                 what=f"namespace {namespace} deleted")
 
 
 def service_account_kubeconfig(cluster: Cluster, release: Release, path: pathlib.Path,
                                seconds: int = 3600) -> pathlib.Path:
     """A kubeconfig with a token for the release's ServiceAccount, minted by the TokenRequest API."""
-    request = {'apiVersion': 'authentication.k8s.io/v1', 'kind': 'TokenRequest',
-               'spec': {'expirationSeconds': seconds}}
+    request = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+               "spec": {"expirationSeconds": seconds}}
     minted = cluster.server.request(
-        'POST', path_of('v1/serviceaccounts', release.namespace, release.fullname, 'token'), request)
-    user = f'system:serviceaccount:{release.namespace}:{release.fullname}'
-    path.write_text(kubeconfig_text(cluster.url, cluster.plane.pki / 'ca.crt', minted['status']['token'], user))
+        "POST", path_of("v1/serviceaccounts", release.namespace, release.fullname, "token"), request)
+    user = f"system:serviceaccount:{release.namespace}:{release.fullname}"
+    path.write_text(kubeconfig_text(cluster.url, cluster.plane.pki / "ca.crt", minted["status"]["token"], user))
     return path
 
 
@@ -94,10 +94,10 @@ class AsServiceAccount(Cluster):
     def can(self, verb: str, group: str, resource: str, namespace: str | None = None) -> bool:
         """The API server's RBAC verdict on a request with the ServiceAccount's own token (a
         SelfSubjectAccessReview, what `kubectl auth can-i` asks); no namespace: all namespaces."""
-        resource, _, subresource = resource.partition('/')
-        attributes = {'verb': verb, 'group': group, 'resource': resource, 'subresource': subresource,
-                      'namespace': namespace or ''}
-        review = {'apiVersion': 'authorization.k8s.io/v1', 'kind': 'SelfSubjectAccessReview',
-                  'spec': {'resourceAttributes': attributes}}
-        return self.own.request('POST', '/apis/authorization.k8s.io/v1/selfsubjectaccessreviews',
-                                review)['status']['allowed']
+        resource, _, subresource = resource.partition("/")
+        attributes = {"verb": verb, "group": group, "resource": resource, "subresource": subresource,
+                      "namespace": namespace or ""}
+        review = {"apiVersion": "authorization.k8s.io/v1", "kind": "SelfSubjectAccessReview",
+                  "spec": {"resourceAttributes": attributes}}
+        return self.own.request("POST", "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews",
+                                review)["status"]["allowed"]

@@ -56,7 +56,7 @@ from tests.testbed.waiting import wait_for
 logger = logging.getLogger(__name__)
 
 Body = dict[str, Any]
-STRATEGIC_MERGE_PATCH = 'application/strategic-merge-patch+json'
+STRATEGIC_MERGE_PATCH = "application/strategic-merge-patch+json"
 READY_FAILURE_THRESHOLD = 2
 RESTART_BACKOFF_SECONDS = 1.0
 LEASE_RENEW_SECONDS = 5.0
@@ -81,10 +81,10 @@ class Kubelet:
     log per pod.
     """
 
-    def __init__(self, api_client: Any, *, nodes: Sequence[FakeNode] | None = None, preset: str = 'tiny',
+    def __init__(self, api_client: Any, *, nodes: Sequence[FakeNode] | None = None, preset: str = "tiny",
                  startup_delay: float = 1.0, capacity_overrides: Mapping[str, Any] | None = None,
                  max_grace_seconds: float | None = None, honor_prestop: bool = False, interval: float = 0.2,
-                 log_dir: str | pathlib.Path | None = None, engine_log_level: str = 'WARNING') -> None:
+                 log_dir: str | pathlib.Path | None = None, engine_log_level: str = "WARNING") -> None:
         import kubernetes.client
         self.core = kubernetes.client.CoreV1Api(api_client)
         self.coordination = kubernetes.client.CoordinationV1Api(api_client)
@@ -100,7 +100,7 @@ class Kubelet:
         self._pods: dict[str, RunningPod] = {}  # by uid
         self._all_pids: set[int] = set()
         self._snapshot: list[PodInfo] = []
-        self._loop = LoopThread('kubelet')
+        self._loop = LoopThread("kubelet")
         self._stop: asyncio.Event | None = None
         self._main: Any = None
         self._ticks = 0
@@ -140,7 +140,7 @@ class Kubelet:
     def sync(self, ticks: int = 2, timeout: float = 30.0) -> None:
         """Block until ``ticks`` full syncs have run after this call."""
         target = self._ticks + ticks
-        wait_for(lambda: self._ticks >= target, timeout=timeout, interval=0.05, what='the kubelet to sync')
+        wait_for(lambda: self._ticks >= target, timeout=timeout, interval=0.05, what="the kubelet to sync")
 
     # ------------------------------------------------------------------------------ test API
 
@@ -177,18 +177,18 @@ class Kubelet:
         """Add (or replace, by key and effect) a taint: NoExecute ones the taint-eviction controller acts on."""
         node = self.nodes[name]
         node.taints = [t for t in node.taints
-                       if (t.get('key'), t.get('effect')) != (taint.get('key'), taint.get('effect'))] + [dict(taint)]
+                       if (t.get("key"), t.get("effect")) != (taint.get("key"), taint.get("effect"))] + [dict(taint)]
         self._patch_taints(node)
 
     def untaint_node(self, name: str, key: str) -> None:
         node = self.nodes[name]
-        node.taints = [t for t in node.taints if t.get('key') != key]
+        node.taints = [t for t in node.taints if t.get("key") != key]
         self._patch_taints(node)
 
     def kill_engine(self, namespace: str, name: str, sig: int = signal.SIGKILL) -> int:
         """Signal a pod's engine (SIGKILL: a crash the kubelet restarts); returns the pid."""
         pod = next(p for p in self._pods.values() if (p.namespace, p.name) == (namespace, name))
-        assert pod.proc is not None, f'{namespace}/{name} runs no engine'
+        assert pod.proc is not None, f"{namespace}/{name} runs no engine"
         pod.proc.send_signal(sig)
         return pod.proc.pid
 
@@ -199,21 +199,21 @@ class Kubelet:
         self._renew_lease(node)
 
     def _patch_taints(self, node: FakeNode) -> None:
-        call_api(self.core.patch_node, node.name, {'spec': {'taints': node.taints or None}})
+        call_api(self.core.patch_node, node.name, {"spec": {"taints": node.taints or None}})
 
     def _wait_schedulable(self, timeout: float) -> None:
         """New Nodes carry ``not-ready`` taints until the node-lifecycle controller sees them Ready."""
-        ours = {t.get('key') for n in self.nodes.values() for t in n.taints}
+        ours = {t.get("key") for n in self.nodes.values() for t in n.taints}
 
         def clean() -> bool:
             for node in self.nodes.values():
                 if node.capacity_type in self.unavailable_pools:
                     continue
                 body = call_api(self.core.read_node, node.name)
-                if any(t['key'] not in ours for t in (body.get('spec') or {}).get('taints') or []):
+                if any(t["key"] not in ours for t in (body.get("spec") or {}).get("taints") or []):
                     return False
             return True
-        wait_for(clean, timeout=timeout, interval=0.2, what='the node-lifecycle controller to lift its taints')
+        wait_for(clean, timeout=timeout, interval=0.2, what="the node-lifecycle controller to lift its taints")
 
     def _renew_lease(self, node: FakeNode) -> None:
         if keep_alive(self.core, self.coordination, node):  # back from NotReady: write the pods' statuses again
@@ -230,7 +230,7 @@ class Kubelet:
                 try:
                     await self._sync()
                 except Exception:  # the API server may be restarting: a kubelet keeps going
-                    logger.exception('kubelet sync failed')
+                    logger.exception("kubelet sync failed")
                 self._ticks += 1
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), self.interval)
@@ -244,26 +244,26 @@ class Kubelet:
                     await asyncio.to_thread(self._renew_lease, node)
             self._lease_renewed = time.monotonic()
         listed = await asyncio.to_thread(call_api, self.core.list_pod_for_all_namespaces)
-        bound = {b['metadata']['uid']: b for b in listed.get('items') or []
-                 if (b.get('spec') or {}).get('nodeName') in self.nodes}
+        bound = {b["metadata"]["uid"]: b for b in listed.get("items") or []
+                 if (b.get("spec") or {}).get("nodeName") in self.nodes}
         for uid, pod in list(self._pods.items()):
             if uid not in bound and not pod.terminating:  # force-deleted, or its Node is gone
                 self._begin_termination(pod, delete=False)
         for uid, body in bound.items():
             pod = self._pods.get(uid)
             if pod is None:
-                if body['metadata'].get('deletionTimestamp') or (body.get('status') or {}).get('phase') in (
-                        'Succeeded', 'Failed'):
+                if body["metadata"].get("deletionTimestamp") or (body.get("status") or {}).get("phase") in (
+                        "Succeeded", "Failed"):
                     continue
                 pod = self._pods[uid] = self._admit(body)
             pod.gates_passed = readiness_gates_passed(body)
             if self._cut_off(pod):
                 pass  # its node cannot reach the API server: the node controller's word stands
-            elif pod.last_status is not None and is_pod_ready(body) != is_pod_ready({'status': pod.last_status}):
+            elif pod.last_status is not None and is_pod_ready(body) != is_pod_ready({"status": pod.last_status}):
                 # Someone else set Ready (the node-lifecycle controller marks the pods of a node
                 # it thinks lost NotReady): say again what is true, as the kubelet's status manager does.
                 pod.last_status = None
-            if body['metadata'].get('deletionTimestamp') and not pod.terminating:
+            if body["metadata"].get("deletionTimestamp") and not pod.terminating:
                 self._begin_termination(pod)
             if not pod.terminating:
                 await self._check(pod)
@@ -278,15 +278,15 @@ class Kubelet:
         return node is not None and node.capacity_type in self.unavailable_pools
 
     def _admit(self, body: Body) -> RunningPod:
-        meta, spec = body['metadata'], body.get('spec') or {}
-        containers = spec.get('containers') or [{}]
-        container = next((c for c in containers if c.get('name') == 'vllm'), containers[0])
-        port = next((int(p['containerPort']) for p in container.get('ports') or [] if p.get('containerPort')), 8000)
-        grace = float(spec.get('terminationGracePeriodSeconds', 30))
+        meta, spec = body["metadata"], body.get("spec") or {}
+        containers = spec.get("containers") or [{}]
+        container = next((c for c in containers if c.get("name") == "vllm"), containers[0])
+        port = next((int(p["containerPort"]) for p in container.get("ports") or [] if p.get("containerPort")), 8000)
+        grace = float(spec.get("terminationGracePeriodSeconds", 30))
         if self.max_grace_seconds is not None:
             grace = min(grace, self.max_grace_seconds)
-        return RunningPod(namespace=meta['namespace'], name=meta['name'], uid=meta['uid'], node=spec['nodeName'],
-                    ip=self.network.allocate(), port=port, grace=grace, container=container, labels=meta.get('labels') or {})
+        return RunningPod(namespace=meta["namespace"], name=meta["name"], uid=meta["uid"], node=spec["nodeName"],
+                    ip=self.network.allocate(), port=port, grace=grace, container=container, labels=meta.get("labels") or {})
 
     async def _check(self, pod: RunningPod) -> None:
         """Start, probe, or restart the engine."""
@@ -296,16 +296,16 @@ class Kubelet:
             return
         code = pod.proc.poll()
         if code is not None:  # crashed: back off, then start it again
-            pod.last_state = {'terminated': {'exitCode': code if code >= 0 else 137, 'reason': 'Error',
-                                             'startedAt': pod.started_at, 'finishedAt': now_rfc3339()}}
+            pod.last_state = {"terminated": {"exitCode": code if code >= 0 else 137, "reason": "Error",
+                                             "startedAt": pod.started_at, "finishedAt": now_rfc3339()}}
             pod.restart_count += 1
             reaped(pod.proc)
             pod.healthy, pod.proc = False, None
             pod.restart_after = time.monotonic() + RESTART_BACKOFF_SECONDS
-            logger.warning('engine of %s/%s exited with %s; restarting', pod.namespace, pod.name, code)
+            logger.warning("engine of %s/%s exited with %s; restarting", pod.namespace, pod.name, code)
             return
         try:
-            async with self._session.get(f'http://{pod.ip}:{pod.port}/health') as response:
+            async with self._session.get(f"http://{pod.ip}:{pod.port}/health") as response:
                 ok = response.status == 200
         except (aiohttp.ClientError, TimeoutError, OSError):
             ok = False
@@ -319,11 +319,11 @@ class Kubelet:
         command = engine_command(pod.container, host=pod.ip, port=pod.port, preset=self.preset,
                                  startup_delay=self.startup_delay, shutdown_timeout=max(0.0, pod.grace - 0.5),
                                  capacity_overrides=self.capacity_overrides, log_level=self.engine_log_level)
-        log_path = self.log_dir / f'{pod.namespace}_{pod.name}.log' if self.log_dir is not None else None
+        log_path = self.log_dir / f"{pod.namespace}_{pod.name}.log" if self.log_dir is not None else None
         pod.proc = spawn(command.argv, command.env, log_path, wrap=self.network.command)
         self._all_pids.add(pod.proc.pid)
         pod.started_at, pod.restart_after, pod.failures, pod.healthy = now_rfc3339(), None, 0, False
-        logger.info('started %s/%s: pid %d at %s:%d', pod.namespace, pod.name, pod.proc.pid, pod.ip, pod.port)
+        logger.info("started %s/%s: pid %d at %s:%d", pod.namespace, pod.name, pod.proc.pid, pod.ip, pod.port)
 
     # ------------------------------------------------------------------------------ pod status
 
@@ -334,7 +334,7 @@ class Kubelet:
         from kubernetes.client.rest import ApiException
         try:  # strategic merge: conditions merge by type, so the readiness-gate conditions stay
             await asyncio.to_thread(call_api, self.core.patch_namespaced_pod_status, pod.name, pod.namespace,
-                                    {'status': status}, _content_type=STRATEGIC_MERGE_PATCH)
+                                    {"status": status}, _content_type=STRATEGIC_MERGE_PATCH)
             pod.last_status = status
         except ApiException as e:
             if e.status != 404:  # the pod is gone: nothing to report
@@ -357,9 +357,9 @@ class Kubelet:
                 from kubernetes.client.rest import ApiException
                 with contextlib.suppress(ApiException):
                     await asyncio.to_thread(call_api, self.core.delete_namespaced_pod, pod.name, pod.namespace,
-                                            body={'gracePeriodSeconds': 0, 'preconditions': {'uid': pod.uid}})
+                                            body={"gracePeriodSeconds": 0, "preconditions": {"uid": pod.uid}})
         except Exception:
-            logger.exception('terminating %s/%s failed', pod.namespace, pod.name)
+            logger.exception("terminating %s/%s failed", pod.namespace, pod.name)
         finally:
             self._pods.pop(pod.uid, None)
             self.network.release(pod.ip)
@@ -376,7 +376,7 @@ class Kubelet:
             while proc.poll() is None and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
             if proc.poll() is None:
-                logger.warning('%s/%s did not stop in %.1f s: SIGKILL', pod.namespace, pod.name, grace)
+                logger.warning("%s/%s did not stop in %.1f s: SIGKILL", pod.namespace, pod.name, grace)
                 with contextlib.suppress(OSError):
                     proc.kill()
                 await asyncio.to_thread(proc.wait)
@@ -403,6 +403,6 @@ class Kubelet:
                           for p in self._pods.values()]
 
 
-if __name__ == '__main__':  # python -m tests.testbed.kubelet: the command line lives in kubelet_cli
+if __name__ == "__main__":  # python -m tests.testbed.kubelet: the command line lives in kubelet_cli
     from tests.testbed.kubelet_cli import main
     raise SystemExit(main())

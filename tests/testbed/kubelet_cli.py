@@ -23,24 +23,24 @@ from tests.testbed import podnetwork
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog='python -m tests.testbed.kubelet',
-                                     description='Run the test bed kubelet: fake Nodes whose pods run engine simulators.')
-    parser.add_argument('--kubeconfig', type=pathlib.Path, required=True, help='credentials for the API server')
-    parser.add_argument('--preset', default='tiny', help='engine-simulator preset of every pod (default tiny)')
-    parser.add_argument('--startup-delay', type=float, default=1.0, help='seconds an engine takes to start')
-    parser.add_argument('--max-grace-seconds', type=float, default=None,
+    parser = argparse.ArgumentParser(prog="python -m tests.testbed.kubelet",
+                                     description="Run the test bed kubelet: fake Nodes whose pods run engine simulators.")
+    parser.add_argument("--kubeconfig", type=pathlib.Path, required=True, help="credentials for the API server")
+    parser.add_argument("--preset", default="tiny", help="engine-simulator preset of every pod (default tiny)")
+    parser.add_argument("--startup-delay", type=float, default=1.0, help="seconds an engine takes to start")
+    parser.add_argument("--max-grace-seconds", type=float, default=None,
                         help="cap on a pod's termination grace period (default: the pod's own)")
-    parser.add_argument('--honor-prestop', action='store_true', help='wait out a `sleep N` preStop hook')
-    parser.add_argument('--log-dir', type=pathlib.Path, default=None, help='one log per pod (default: none)')
-    parser.add_argument('--engine-log-level', default='WARNING')
+    parser.add_argument("--honor-prestop", action="store_true", help="wait out a `sleep N` preStop hook")
+    parser.add_argument("--log-dir", type=pathlib.Path, default=None, help="one log per pod (default: none)")
+    parser.add_argument("--engine-log-level", default="WARNING")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(name)s: %(message)s')
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if reason := podnetwork.missing_requirement():
-        print(f'kubelet: {reason}', file=sys.stderr)
+        print(f"kubelet: {reason}", file=sys.stderr)
         return 2
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -52,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
                                      max_grace_seconds=args.max_grace_seconds, honor_prestop=args.honor_prestop,
                                      log_dir=args.log_dir, engine_log_level=args.engine_log_level)
     partitioned = kubelet.unavailable_pools  # a pool in it renews no Lease (Kubelet._sync)
-    signal.signal(signal.SIGUSR1, lambda *_: partitioned.add('spot'))
-    signal.signal(signal.SIGUSR2, lambda *_: partitioned.discard('spot'))
+    signal.signal(signal.SIGUSR1, lambda *_: partitioned.add("spot"))
+    signal.signal(signal.SIGUSR2, lambda *_: partitioned.discard("spot"))
     try:
         kubelet.start()
         print(f"kubelet ready: nodes {', '.join(kubelet.nodes)}, pod network {kubelet.network.subnet}", flush=True)
@@ -65,11 +65,11 @@ def main(argv: list[str] | None = None) -> int:
         client.close()
     leftovers = kubelet.live_pids()
     if leftovers:
-        print(f'kubelet: engines still alive after stop: {sorted(leftovers)}', file=sys.stderr)
+        print(f"kubelet: engines still alive after stop: {sorted(leftovers)}", file=sys.stderr)
         return 1
-    print('kubelet stopped', flush=True)
+    print("kubelet stopped", flush=True)
     return 0
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
     sys.exit(main())

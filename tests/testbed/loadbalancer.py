@@ -47,8 +47,8 @@ from tests.testbed.waiting import wait_for
 
 logger = logging.getLogger(__name__)
 
-POD_HEADER = 'X-Testbed-Pod'
-__all__ = ['POD_HEADER', 'Endpoint', 'LoadBalancer', 'ready_endpoints']
+POD_HEADER = "X-Testbed-Pod"
+__all__ = ["POD_HEADER", "Endpoint", "LoadBalancer", "ready_endpoints"]
 
 
 class LoadBalancer:
@@ -60,9 +60,9 @@ class LoadBalancer:
     picks a free one (see ``url`` after start). ``request_timeout`` bounds a forwarded request.
     """
 
-    def __init__(self, service: str, namespace: str = 'default', *, api_client: Any = None,
+    def __init__(self, service: str, namespace: str = "default", *, api_client: Any = None,
                  kubeconfig: str | os.PathLike | None = None,
-                 endpoints: Callable[[], list[Endpoint]] | None = None, host: str = '127.0.0.1', port: int = 0,
+                 endpoints: Callable[[], list[Endpoint]] | None = None, host: str = "127.0.0.1", port: int = 0,
                  refresh_interval: float = 0.5, request_timeout: float = 300.0) -> None:
         self.service = service
         self.namespace = namespace
@@ -71,7 +71,7 @@ class LoadBalancer:
         self.host, self.port = host, port
         self.refresh_interval = refresh_interval
         self.request_timeout = request_timeout
-        self.url = ''
+        self.url = ""
 
         self._endpoints: list[Endpoint] = []
         self._outstanding: collections.Counter[str] = collections.Counter()
@@ -93,7 +93,7 @@ class LoadBalancer:
 
     def start(self) -> LoadBalancer:
         """Serve from a background thread; returns once listening with a first endpoint list."""
-        self._thread = LoopThread(f'load-balancer-{self.service}')
+        self._thread = LoopThread(f"load-balancer-{self.service}")
         self._thread.start()
         try:
             self._thread.run(self.astart(), timeout=30)
@@ -125,13 +125,13 @@ class LoadBalancer:
                                               connector=aiohttp.TCPConnector(limit=0), auto_decompress=False)
         await self._refresh_once()
         app = web.Application()
-        app.router.add_route('*', '/{tail:.*}', self._handle)
+        app.router.add_route("*", "/{tail:.*}", self._handle)
         self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
         await site.start()
         self.port = self._runner.addresses[0][1]
-        self.url = f'http://{self.host}:{self.port}'
+        self.url = f"http://{self.host}:{self.port}"
         self._refresher = asyncio.get_running_loop().create_task(self._refresh_forever())
         return self.url
 
@@ -157,23 +157,23 @@ class LoadBalancer:
     def refresh(self, timeout: float = 10.0) -> None:
         """Block until the endpoint list has been re-read after this call."""
         target = self._refreshed + 2
-        wait_for(lambda: self._refreshed >= target, timeout=timeout, interval=0.02, what='an endpoint refresh')
+        wait_for(lambda: self._refreshed >= target, timeout=timeout, interval=0.02, what="an endpoint refresh")
 
     def wait_for_endpoints(self, count: int, timeout: float = 30.0) -> list[str]:
         """Block until exactly ``count`` endpoints are in the list; returns them."""
         wait_for(lambda: len(self._endpoints) == count, timeout=timeout, interval=0.05,
-                 what=f'{self.service} with {count} endpoints')
+                 what=f"{self.service} with {count} endpoints")
         return self.endpoints()
 
     def stats(self) -> dict[str, Any]:
         return {
-            'requests': self.requests_total,
-            'no_endpoint': self.no_endpoint,
-            'upstream_errors': self.upstream_errors,
-            'per_pod': dict(self._per_pod),
-            'outstanding': {k: v for k, v in self._outstanding.items() if v},
-            'statuses': dict(self._statuses),
-            'endpoints': self.endpoints(),
+            "requests": self.requests_total,
+            "no_endpoint": self.no_endpoint,
+            "upstream_errors": self.upstream_errors,
+            "per_pod": dict(self._per_pod),
+            "outstanding": {k: v for k, v in self._outstanding.items() if v},
+            "statuses": dict(self._statuses),
+            "endpoints": self.endpoints(),
         }
 
     def reset_stats(self) -> None:
@@ -196,9 +196,9 @@ class LoadBalancer:
                 slices = await asyncio.to_thread(call_api, self._discovery.list_namespaced_endpoint_slice,
                                                  self.namespace,
                                                  label_selector=service_selector(self.service))
-                self._endpoints = ready_endpoints(slices.get('items') or [])
+                self._endpoints = ready_endpoints(slices.get("items") or [])
         except Exception as e:  # keep the last known endpoints, as kube-proxy does
-            logger.warning('%s: could not refresh the endpoints: %s', self.service, e)
+            logger.warning("%s: could not refresh the endpoints: %s", self.service, e)
         self._refreshed += 1
 
     def _pick(self) -> Endpoint | None:
@@ -208,14 +208,14 @@ class LoadBalancer:
         return random.choice([e for e in self._endpoints if self._outstanding[e.name] == least])
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
-        if not request.path.startswith('/v1/'):
-            return error(404, 'NotFoundError', f'{request.path}: only /v1/* is forwarded')
+        if not request.path.startswith("/v1/"):
+            return error(404, "NotFoundError", f"{request.path}: only /v1/* is forwarded")
         self.requests_total += 1
         endpoint = self._pick()
         if endpoint is None:
             self.no_endpoint += 1
             self._statuses[503] += 1
-            return error(503, 'ServiceUnavailableError', f'no ready endpoint for service {self.service}')
+            return error(503, "ServiceUnavailableError", f"no ready endpoint for service {self.service}")
         assert self._session is not None
         self._outstanding[endpoint.name] += 1
         self._per_pod[endpoint.name] += 1
@@ -226,24 +226,24 @@ class LoadBalancer:
             return response
         except (Unreachable, Broken) as e:
             self.upstream_errors += 1
-            logger.info('%s: forwarding to %s failed: %s', self.service, endpoint.name, e)
+            logger.info("%s: forwarding to %s failed: %s", self.service, endpoint.name, e)
             if isinstance(e, Broken) and e.begun:
                 raise  # the response has begun: all we can do is cut it short
             self._statuses[502] += 1
-            return error(502, 'BadGateway', f'upstream {endpoint.name} failed: {e}', **{POD_HEADER: endpoint.name})
+            return error(502, "BadGateway", f"upstream {endpoint.name} failed: {e}", **{POD_HEADER: endpoint.name})
         finally:
             self._outstanding[endpoint.name] -= 1
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog='python -m tests.testbed.loadbalancer',
+    parser = argparse.ArgumentParser(prog="python -m tests.testbed.loadbalancer",
                                      description="Forward /v1/* to the ready serving pods of one ebbtide service.")
-    parser.add_argument('--kubeconfig', type=pathlib.Path)
-    parser.add_argument('--namespace', default='default')
-    parser.add_argument('--service', required=True)
-    parser.add_argument('--host', default='127.0.0.1')
-    parser.add_argument('--port', type=int, default=0)
-    parser.add_argument('--refresh-interval', type=float, default=0.5)
+    parser.add_argument("--kubeconfig", type=pathlib.Path)
+    parser.add_argument("--namespace", default="default")
+    parser.add_argument("--service", required=True)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--refresh-interval", type=float, default=0.5)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     balancer = LoadBalancer(args.service, args.namespace, kubeconfig=args.kubeconfig, host=args.host,
@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         url = await balancer.astart()
-        print(f'Load balancer for {args.namespace}/{args.service} at {url}', flush=True)
+        print(f"Load balancer for {args.namespace}/{args.service} at {url}", flush=True)
         try:
             await stop.wait()
         finally:
@@ -264,5 +264,5 @@ def main(argv: list[str] | None = None) -> None:
     asyncio.run(run())
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
     main()

@@ -60,7 +60,7 @@ class RequestRecord:
 
 # What the test bed's load balancer and the engine simulator answer, told apart by their bodies:
 # a 503 with no endpoint behind the Service is not the same failure as an engine that is asleep.
-BODY_CAUSES = (('no ready endpoint', 'no_endpoint'), ('engine is sleeping', 'engine_asleep'))
+BODY_CAUSES = (("no ready endpoint", "no_endpoint"), ("engine is sleeping", "engine_asleep"))
 
 
 def failure_cause(status: int, error: BaseException | str) -> str:
@@ -70,18 +70,18 @@ def failure_cause(status: int, error: BaseException | str) -> str:
         text = str(error)
         named = next((cause for needle, cause in BODY_CAUSES if needle in text), None)
         if status == 502:  # the load balancer could not reach the pod (kube-proxy's reset)
-            named = 'upstream_refused' if 'Connect' in text else 'upstream_reset'
-        return f'http_{status}' + (f'_{named}' if named else '')
+            named = "upstream_refused" if "Connect" in text else "upstream_reset"
+        return f"http_{status}" + (f"_{named}" if named else "")
     if isinstance(error, str):
         return error
     if isinstance(error, aiohttp.ClientConnectorError):
-        return 'connection_refused'
+        return "connection_refused"
     if isinstance(error, aiohttp.ServerDisconnectedError | aiohttp.ClientPayloadError | ConnectionResetError):
-        return 'connection_reset'
+        return "connection_reset"
     if isinstance(error, TimeoutError):
-        return 'timeout'
+        return "timeout"
     if isinstance(error, ValueError):
-        return 'bad_response'
+        return "bad_response"
     return type(error).__name__
 
 
@@ -108,8 +108,8 @@ class LoadGenerator:
     def __init__(self, url: str, *, rate: float, duration: float, prompt_tokens: IntOrSampler = 100,
                  max_tokens: IntOrSampler = 32, max_concurrency: int = 256, model: str | None = None,
                  stream: bool = True, request_timeout: float = 60.0, drain_timeout: float | None = None,
-                 path: str = '/v1/completions', seed: int | None = None) -> None:
-        self.url = url.rstrip('/')
+                 path: str = "/v1/completions", seed: int | None = None) -> None:
+        self.url = url.rstrip("/")
         self.rate = float(rate)
         self.duration = float(duration)
         self.prompt_tokens = prompt_tokens
@@ -136,7 +136,7 @@ class LoadGenerator:
 
     def start(self) -> LoadGenerator:
         """Run in a background thread; returns at once."""
-        self._thread = LoopThread('load-generator')
+        self._thread = LoopThread("load-generator")
         self._thread.start()
         self._future = self._thread.submit(self.run())
         return self
@@ -231,10 +231,10 @@ class LoadGenerator:
         record = RequestRecord(start=self.elapsed(), prompt_tokens=self._size(self.prompt_tokens),
                                max_tokens=self._size(self.max_tokens))
         self.records.append(record)
-        body: dict[str, Any] = {'prompt': 'x', 'ebbtide_prompt_tokens': record.prompt_tokens,
-                                'max_tokens': record.max_tokens, 'stream': self.stream}
+        body: dict[str, Any] = {"prompt": "x", "ebbtide_prompt_tokens": record.prompt_tokens,
+                                "max_tokens": record.max_tokens, "stream": self.stream}
         if self.model is not None:
-            body['model'] = self.model
+            body["model"] = self.model
         self.in_flight += 1
         started = time.monotonic()
         try:
@@ -247,27 +247,27 @@ class LoadGenerator:
                 elif self.stream:
                     done = False
                     async for line in response.content:
-                        if not line.startswith(b'data: '):
+                        if not line.startswith(b"data: "):
                             continue
                         payload = line[6:].strip()
-                        if payload == b'[DONE]':
+                        if payload == b"[DONE]":
                             done = True
                             break
                         chunk = json.loads(payload)
-                        choices = chunk.get('choices') or []
-                        if choices and (choices[0].get('text') or (choices[0].get('delta') or {}).get('content')):
+                        choices = chunk.get("choices") or []
+                        if choices and (choices[0].get("text") or (choices[0].get("delta") or {}).get("content")):
                             record.output_tokens += 1
                             if record.ttft is None:
                                 record.ttft = time.monotonic() - started
                     if not done:
-                        record.error = 'the stream ended without [DONE]'
-                        record.cause = 'stream_cut'
+                        record.error = "the stream ended without [DONE]"
+                        record.cause = "stream_cut"
                 else:
                     data = await response.json()
-                    record.output_tokens = (data.get('usage') or {}).get('completion_tokens', 0)
+                    record.output_tokens = (data.get("usage") or {}).get("completion_tokens", 0)
                 record.latency = time.monotonic() - started
         except asyncio.CancelledError:
-            record.error = record.cause = 'cancelled'
+            record.error = record.cause = "cancelled"
             raise
         except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as e:
             record.error = repr(e)
@@ -287,22 +287,22 @@ class LoadGenerator:
         latencies = [r.latency for r in ok if r.latency is not None]
         span = (until if until is not None else self.elapsed()) - (since or 0.0)
         return {
-            'sent': len(records),
-            'ok': len(ok),
-            'errors': len(records) - len(ok),
-            'failed_by_cause': dict(Counter(r.cause or ('in_flight' if r.latency is None else 'unknown')
+            "sent": len(records),
+            "ok": len(ok),
+            "errors": len(records) - len(ok),
+            "failed_by_cause": dict(Counter(r.cause or ("in_flight" if r.latency is None else "unknown")
                                             for r in records if not r.ok)),
-            'dropped': self.dropped if since is None and until is None else None,
-            'statuses': dict(Counter(r.status for r in records)),
-            'per_pod': dict(Counter(r.pod for r in records if r.pod)),
-            'rate': len(records) / span if span > 0 else None,
-            'ttft_p50': percentile(ttfts, 0.5),
-            'ttft_p90': percentile(ttfts, 0.9),
-            'ttft_p99': percentile(ttfts, 0.99),
-            'latency_p50': percentile(latencies, 0.5),
-            'latency_p90': percentile(latencies, 0.9),
-            'latency_p99': percentile(latencies, 0.99),
-            'output_tokens': sum(r.output_tokens for r in ok),
+            "dropped": self.dropped if since is None and until is None else None,
+            "statuses": dict(Counter(r.status for r in records)),
+            "per_pod": dict(Counter(r.pod for r in records if r.pod)),
+            "rate": len(records) / span if span > 0 else None,
+            "ttft_p50": percentile(ttfts, 0.5),
+            "ttft_p90": percentile(ttfts, 0.9),
+            "ttft_p99": percentile(ttfts, 0.99),
+            "latency_p50": percentile(latencies, 0.5),
+            "latency_p90": percentile(latencies, 0.9),
+            "latency_p99": percentile(latencies, 0.99),
+            "output_tokens": sum(r.output_tokens for r in ok),
         }
 
 

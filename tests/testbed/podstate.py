@@ -28,7 +28,7 @@ class PodInfo:
 
     @property
     def url(self) -> str:
-        return f'http://{self.ip}:{self.port}'
+        return f"http://{self.ip}:{self.port}"
 
 
 @dataclasses.dataclass
@@ -62,7 +62,7 @@ class RunningPod:
     @property
     def deployment(self) -> str:
         """The owning Deployment's name: the ReplicaSet's name less its template hash."""
-        return self.name.rsplit('-', 2)[0] if 'pod-template-hash' in self.labels else self.name
+        return self.name.rsplit("-", 2)[0] if "pod-template-hash" in self.labels else self.name
 
     def transition(self, condition: str, status: bool) -> str:
         """The lastTransitionTime of a condition, moved when its status changes."""
@@ -74,36 +74,36 @@ class RunningPod:
 def pod_status(pod: RunningPod) -> Body:
     """What the kubelet writes to pods/status: Ready only with the engine healthy and every gate True."""
     ready = pod.healthy and pod.alive
-    conditions = [{'type': c, 'status': 'True', 'lastTransitionTime': pod.transition(c, True)}
-                  for c in ('PodReadyToStartContainers', 'Initialized')]
-    for condition, true in (('ContainersReady', ready), ('Ready', ready and pod.gates_passed)):
-        item = {'type': condition, 'status': str(true), 'lastTransitionTime': pod.transition(condition, true)}
+    conditions = [{"type": c, "status": "True", "lastTransitionTime": pod.transition(c, True)}
+                  for c in ("PodReadyToStartContainers", "Initialized")]
+    for condition, true in (("ContainersReady", ready), ("Ready", ready and pod.gates_passed)):
+        item = {"type": condition, "status": str(true), "lastTransitionTime": pod.transition(condition, true)}
         if not ready:
-            item.update(reason='ContainersNotReady', message='containers with unready status: [vllm]')
+            item.update(reason="ContainersNotReady", message="containers with unready status: [vllm]")
         elif not true:
-            item.update(reason='ReadinessGatesNotReady', message='the status of pod readiness gate is not "True"')
+            item.update(reason="ReadinessGatesNotReady", message='the status of pod readiness gate is not "True"')
         conditions.append(item)
     if pod.alive:
-        state: Body = {'running': {'startedAt': pod.started_at}}
+        state: Body = {"running": {"startedAt": pod.started_at}}
     elif pod.restart_after is not None:
-        state = {'waiting': {'reason': 'CrashLoopBackOff',
-                             'message': f'back-off restarting failed container vllm in pod {pod.name}'}}
+        state = {"waiting": {"reason": "CrashLoopBackOff",
+                             "message": f"back-off restarting failed container vllm in pod {pod.name}"}}
     else:
-        state = {'waiting': {'reason': 'ContainerCreating'}}
-    container = {'name': pod.container.get('name', 'vllm'), 'image': pod.container.get('image', ''),
-                 'imageID': '', 'ready': ready, 'started': pod.alive and pod.healthy,
-                 'restartCount': pod.restart_count, 'state': state, 'lastState': pod.last_state}
+        state = {"waiting": {"reason": "ContainerCreating"}}
+    container = {"name": pod.container.get("name", "vllm"), "image": pod.container.get("image", ""),
+                 "imageID": "", "ready": ready, "started": pod.alive and pod.healthy,
+                 "restartCount": pod.restart_count, "state": state, "lastState": pod.last_state}
     if pod.proc is not None:
-        container['containerID'] = f'testbed://{pod.proc.pid}'
-    return {'phase': 'Running', 'conditions': conditions, 'hostIP': '127.0.0.1', 'hostIPs': [{'ip': '127.0.0.1'}],
-            'podIP': pod.ip, 'podIPs': [{'ip': pod.ip}], 'startTime': pod.start_time,
-            'containerStatuses': [container]}
+        container["containerID"] = f"testbed://{pod.proc.pid}"
+    return {"phase": "Running", "conditions": conditions, "hostIP": "127.0.0.1", "hostIPs": [{"ip": "127.0.0.1"}],
+            "podIP": pod.ip, "podIPs": [{"ip": pod.ip}], "startTime": pod.start_time,
+            "containerStatuses": [container]}
 
 
 def prestop_seconds(container: Mapping[str, Any]) -> float:
     """The N of a ``sleep N`` preStop exec hook (the only kind the test bed runs), else 0."""
-    command = ((((container.get('lifecycle') or {}).get('preStop') or {}).get('exec') or {}).get('command')) or []
+    command = ((((container.get("lifecycle") or {}).get("preStop") or {}).get("exec") or {}).get("command")) or []
     with contextlib.suppress(ValueError, IndexError):
-        if command[0] == 'sleep':
+        if command[0] == "sleep":
             return float(command[1])
     return 0.0

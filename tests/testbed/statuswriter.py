@@ -31,13 +31,14 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from tests.testbed.engines import call_api, now_rfc3339, readiness_gates_passed, wait_until
+from tests.testbed.engines import call_api, now_rfc3339, readiness_gates_passed
 from tests.testbed.nodes import FakeNode, pool_labels, register_node, renew_lease
 from tests.testbed.podstate import RunningPod, pod_status
+from tests.testbed.waiting import wait_for
 
 logger = logging.getLogger(__name__)
 
-STRATEGIC_MERGE_PATCH = 'application/strategic-merge-patch+json'
+STRATEGIC_MERGE_PATCH = "application/strategic-merge-patch+json"
 PODS_PER_NODE = 250  # what nodes.node_status() declares as the node's pod capacity
 LEASE_RENEW_SECONDS = 5.0
 WATCH_SECONDS = 240  # the API server ends a watch after this; we list again only on 410 Gone
@@ -52,10 +53,10 @@ class StatusOnlyPod(RunningPod):
         return True
 
 
-def status_nodes(pods: int, prefix: str = 'status-only') -> list[FakeNode]:
+def status_nodes(pods: int, prefix: str = "status-only") -> list[FakeNode]:
     """On-demand Nodes enough for `pods` pods (with a quarter to spare), as many GPUs as pods each."""
     count = max(1, -(-pods * 5 // (4 * PODS_PER_NODE)))
-    return [FakeNode(f'{prefix}-{i}', 'on-demand', pool_labels(f'{prefix}-{i}', 'on-demand'), gpus=PODS_PER_NODE)
+    return [FakeNode(f"{prefix}-{i}", "on-demand", pool_labels(f"{prefix}-{i}", "on-demand"), gpus=PODS_PER_NODE)
             for i in range(count)]
 
 
@@ -72,10 +73,10 @@ class StatusWriter:
         self.on_gone = on_gone or (lambda pod: None)
         self._pods: dict[str, StatusOnlyPod] = {}  # by uid
         self._lock = threading.Lock()
-        self._pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix='status-writer')
+        self._pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="status-writer")
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._addresses = ipaddress.ip_network('10.128.0.0/10').hosts()  # never dialled: no process listens
+        self._addresses = ipaddress.ip_network("10.128.0.0/10").hosts()  # never dialled: no process listens
         self.status_writes = 0
         self._response: Any = None  # the open watch, closed by stop() so that it need not time out
 
@@ -85,10 +86,10 @@ class StatusWriter:
         for node in self.nodes.values():
             register_node(self.core, node)
             renew_lease(self.coordination, node)
-        wait_until(self._schedulable, timeout=timeout, interval=0.5,
-                   message='the node-lifecycle controller left taints on the status-only nodes')
-        for target, name in ((self._renew_leases, 'leases'), (self._watch_pods, 'pods')):
-            thread = threading.Thread(target=target, name=f'status-writer-{name}', daemon=True)
+        wait_for(self._schedulable, timeout=timeout, interval=0.5,
+                 what="the node-lifecycle controller to lift its taints from the status-only nodes")
+        for target, name in ((self._renew_leases, "leases"), (self._watch_pods, "pods")):
+            thread = threading.Thread(target=target, name=f"status-writer-{name}", daemon=True)
             thread.start()
             self._threads.append(thread)
         return self
@@ -113,7 +114,7 @@ class StatusWriter:
 
     def _schedulable(self) -> bool:
         for node in self.nodes.values():
-            taints = (call_api(self.core.read_node, node.name).get('spec') or {}).get('taints') or []
+            taints = (call_api(self.core.read_node, node.name).get("spec") or {}).get("taints") or []
             if taints:
                 return False
         return True
@@ -124,7 +125,7 @@ class StatusWriter:
                 try:
                     renew_lease(self.coordination, node)
                 except Exception:  # the API server may be busy: the next round retries
-                    logger.exception('renewing the Lease of %s failed', node.name)
+                    logger.exception("renewing the Lease of %s failed", node.name)
 
     # ------------------------------------------------------------------------------ pods
 
@@ -136,49 +137,49 @@ class StatusWriter:
             try:
                 if version is None:
                     listed = call_api(self.core.list_pod_for_all_namespaces)
-                    for body in listed.get('items') or []:
-                        self._handle('ADDED', body)
-                    version = listed['metadata']['resourceVersion']
+                    for body in listed.get("items") or []:
+                        self._handle("ADDED", body)
+                    version = listed["metadata"]["resourceVersion"]
                 response = self.core.list_pod_for_all_namespaces(
                     watch=True, resource_version=version, allow_watch_bookmarks=True,
                     timeout_seconds=WATCH_SECONDS, _preload_content=False)
                 self._response = response
                 for line in kubernetes.watch.watch.iter_resp_lines(response):
                     event = json.loads(line)
-                    if event['type'] == 'ERROR':
-                        version = None if event['object'].get('code') == 410 else version
+                    if event["type"] == "ERROR":
+                        version = None if event["object"].get("code") == 410 else version
                         break
-                    version = event['object']['metadata']['resourceVersion']
-                    if event['type'] != 'BOOKMARK':
-                        self._handle(event['type'], event['object'])
+                    version = event["object"]["metadata"]["resourceVersion"]
+                    if event["type"] != "BOOKMARK":
+                        self._handle(event["type"], event["object"])
                     if self._stop.is_set():
                         break
             except Exception:  # a restarting API server: list again
                 if self._stop.is_set():
                     return
-                logger.exception('watching pods failed; listing again')
+                logger.exception("watching pods failed; listing again")
                 version = None
                 self._stop.wait(1.0)
 
     def _handle(self, kind: str, body: dict) -> None:
-        meta, spec = body['metadata'], body.get('spec') or {}
-        if spec.get('nodeName') not in self.nodes:
+        meta, spec = body["metadata"], body.get("spec") or {}
+        if spec.get("nodeName") not in self.nodes:
             return
-        uid = meta['uid']
+        uid = meta["uid"]
         with self._lock:
             pod = self._pods.get(uid)
-            if kind == 'DELETED':
+            if kind == "DELETED":
                 gone = self._pods.pop(uid, None)
-            elif pod is None and not meta.get('deletionTimestamp'):
+            elif pod is None and not meta.get("deletionTimestamp"):
                 pod = self._pods[uid] = self._admit(body)
-        if kind == 'DELETED':
+        if kind == "DELETED":
             if gone is not None:
                 self.on_gone(gone)
             return
         if pod is None:
             return
         pod.gates_passed = readiness_gates_passed(body)
-        if meta.get('deletionTimestamp'):
+        if meta.get("deletionTimestamp"):
             if not pod.terminating:
                 pod.terminating = True
                 self.on_gone(pod)
@@ -189,21 +190,21 @@ class StatusWriter:
             self._pool.submit(self._write_status, pod, status)
 
     def _admit(self, body: dict) -> StatusOnlyPod:
-        meta, spec = body['metadata'], body['spec']
-        container = next((c for c in spec.get('containers') or [] if c.get('name') == 'vllm'), spec['containers'][0])
-        port = next((int(p['containerPort']) for p in container.get('ports') or [] if p.get('containerPort')), 8000)
-        return StatusOnlyPod(namespace=meta['namespace'], name=meta['name'], uid=meta['uid'], node=spec['nodeName'],
+        meta, spec = body["metadata"], body["spec"]
+        container = next((c for c in spec.get("containers") or [] if c.get("name") == "vllm"), spec["containers"][0])
+        port = next((int(p["containerPort"]) for p in container.get("ports") or [] if p.get("containerPort")), 8000)
+        return StatusOnlyPod(namespace=meta["namespace"], name=meta["name"], uid=meta["uid"], node=spec["nodeName"],
                              ip=str(next(self._addresses)), port=port, grace=0.0, container=container,
-                             labels=meta.get('labels') or {}, started_at=now_rfc3339(), healthy=True)
+                             labels=meta.get("labels") or {}, started_at=now_rfc3339(), healthy=True)
 
     def _write_status(self, pod: StatusOnlyPod, status: dict) -> None:
         from kubernetes.client.rest import ApiException
         try:  # strategic merge: conditions merge by type, so the readiness-gate conditions stay
-            call_api(self.core.patch_namespaced_pod_status, pod.name, pod.namespace, {'status': status},
+            call_api(self.core.patch_namespaced_pod_status, pod.name, pod.namespace, {"status": status},
                      _content_type=STRATEGIC_MERGE_PATCH)
         except ApiException as e:
             if e.status != 404:
-                logger.warning('status of %s/%s not written: %s', pod.namespace, pod.name, e.reason)
+                logger.warning("status of %s/%s not written: %s", pod.namespace, pod.name, e.reason)
             return
         first = pod.last_status is None
         pod.last_status = status
@@ -215,10 +216,9 @@ class StatusWriter:
         from kubernetes.client.rest import ApiException
         with contextlib.suppress(ApiException):
             call_api(self.core.delete_namespaced_pod, pod.name, pod.namespace,
-                     body={'gracePeriodSeconds': 0, 'preconditions': {'uid': pod.uid}})
+                     body={"gracePeriodSeconds": 0, "preconditions": {"uid": pod.uid}})
 
 
 def wait_running(writer: StatusWriter, count: int, timeout: float) -> None:
     """Until `count` pods have had their Running status written."""
-    wait_until(lambda: len(writer.running()) >= count, timeout=timeout, interval=1.0,
-               message=f'{count} pods Running within {timeout:.0f} s')
+    wait_for(lambda: len(writer.running()) >= count, timeout=timeout, interval=1.0, what=f"{count} pods Running")

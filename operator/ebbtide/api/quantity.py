@@ -17,7 +17,7 @@ def check_quantity(value: object) -> int | str:
     """Runs before pydantic's int | str, so that 1.5 or `true` gets one sentence, not one per branch."""
     if isinstance(value, bool) or not isinstance(value, int | str) or (
             isinstance(value, str) and not _QUANTITY.fullmatch(value.removeprefix("-"))):
-        raise ValueError(f"{value!r} is not a Kubernetes quantity (for example 4, \"500m\" or \"32Gi\")")
+        raise ValueError(f'{value!r} is not a Kubernetes quantity (for example 4, "500m" or "32Gi")')
     if value < 0 if isinstance(value, int) else value.startswith("-"):
         raise ValueError(f"a resource quantity must not be negative, found {value!r}")
     return value
@@ -28,5 +28,5 @@ def check_quantity(value: object) -> int | str:
 Quantity = Annotated[
     int | str,
     BeforeValidator(check_quantity),
-    Field(description="A Kubernetes quantity, for example 4, \"500m\" or \"32Gi\"."),
+    Field(description='A Kubernetes quantity, for example 4, "500m" or "32Gi".'),
 ]

@@ -123,7 +123,7 @@ class Activation(ApiModel):
         min_length=1,
         description="PromQL over something that exists while no replica does (a gateway or router), "
         "for example the requests `ebbtide activator` holds: "
-        "`sum(ebbtide_activator_pending_requests{service=\"chat\",service_namespace=\"models\"})`.",
+        '`sum(ebbtide_activator_pending_requests{service="chat",service_namespace="models"})`.',
     )
     threshold: float = Field(default=0.0, ge=0, description="The service wakes when the query exceeds this.")
 
