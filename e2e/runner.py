@@ -140,10 +140,10 @@ class Summary:
         os.replace(tmp, self.path)  # a reader never sees half a file
 
 
-def manifest(backend: Backend, namespace: str, spec: dict) -> dict:
+def manifest(backend: Backend, namespace: str, spec: dict, name: str = NAME) -> dict:
     if backend.engine:
         spec = {**spec, "engine": backend.engine}
-    return {"apiVersion": ISVC[0], "kind": ISVC[1], "metadata": {"name": NAME, "namespace": namespace},
+    return {"apiVersion": ISVC[0], "kind": ISVC[1], "metadata": {"name": name, "namespace": namespace},
             "spec": spec}
 
 

@@ -33,6 +33,7 @@ from e2e.observe import (
     Observer,
     condition,
 )
+from e2e.runner import drain, manifest
 
 pytestmark = pytest.mark.slow
 
@@ -65,22 +66,6 @@ SPOT_SPEC = {
     "scaling": {"behavior": {"intervalSeconds": SPOT_TICK,
                              "scaleDown": {"stabilizationSeconds": GIVE_BACK_WINDOW}}},
 }
-
-
-def manifest(backend: Backend, name: str, spec: dict) -> dict:
-    if backend.engine:
-        spec = {**spec, "engine": backend.engine}
-    return {"apiVersion": ISVC[0], "kind": ISVC[1], "metadata": {"name": name, "namespace": NAMESPACE},
-            "spec": spec}
-
-
-def drain(generator: LoadGenerator) -> dict:
-    """No new arrivals; let the requests in flight finish rather than cancel them; the summary."""
-    generator.set_rate(0)
-    deadline = time.monotonic() + 30
-    while generator.in_flight and time.monotonic() < deadline:
-        time.sleep(0.2)
-    return generator.stop()
 
 
 def describe_load(summary: dict) -> str:
@@ -124,7 +109,7 @@ def test_lifecycle_scale_up_sleep_wake_edit_delete(backend: Backend, story: Stor
 
     story.step(f"apply InferenceService {NAMESPACE}/{NAME} (replicas 1..4, tick {TICK} s, scale-down window "
                f"{DOWN_WINDOW} s; sleep after {IDLE} s idle, pool of 3, TTL {POOL_TTL} s; warm-up: the default)")
-    backend.apply(manifest(backend, NAME, CHAT_SPEC))
+    backend.apply(manifest(backend, NAMESPACE, CHAT_SPEC, NAME))
     watch.wait(lambda: backend.get(*DEPLOYMENT, NAME, NAMESPACE), "the Deployment")
     assert backend.get(*SERVICE, NAME, NAMESPACE), "the Service comes with the Deployment"
     watch.wait(lambda: watch.counts().get("status.ready", 0) >= 1, "the first replica ready", timeout=120)
@@ -215,7 +200,7 @@ def test_spot_reclaim_falls_back_to_on_demand_and_recovers(backend: Backend, sto
     spot_node = backend.spot_node()
     story.step(f"apply InferenceService {NAMESPACE}/{SPOT_NAME} (replicas 2, spot via karpenter with an on-demand "
                f"base of 1, give-back window {GIVE_BACK_WINDOW} s); the spot node is {spot_node}")
-    backend.apply(manifest(backend, SPOT_NAME, SPOT_SPEC))
+    backend.apply(manifest(backend, NAMESPACE, SPOT_SPEC, SPOT_NAME))
 
     def ready(counts: dict, deployment: str, replicas: int) -> bool:
         return counts.get(deployment) == replicas and counts.get(f"{deployment}.ready") == replicas

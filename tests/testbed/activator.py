@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.testbed.controlplane import free_port
 from tests.testbed.replays import CLI_ENV
-from tests.testbed.waiting import wait_for
+from tests.testbed.waiting import answers, wait_for
 
 
 class ActivatorProcess:
@@ -33,11 +33,7 @@ class ActivatorProcess:
     def _ready(self) -> bool:
         if not self.process.alive():
             raise AssertionError(f"the activator exited:\n{self.process.tail()}")
-        try:
-            with urllib.request.urlopen(f"{self.metrics_url}/readyz", timeout=2) as response:
-                return response.status == 200
-        except (urllib.error.URLError, OSError):
-            return False
+        return answers(f"{self.metrics_url}/readyz", timeout=2)
 
     def metrics(self) -> dict[str, float]:
         """Its samples as {'name{label="value",...}': value}, labels sorted, service labels left out."""

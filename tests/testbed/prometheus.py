@@ -40,7 +40,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from ebbtide.sim.engine_server import free_port
 from tests.testbed.controlplane import stop_process
-from tests.testbed.waiting import wait_for
+from tests.testbed.waiting import answers, wait_for
 
 JOB = "vllm"
 SCRAPE_CONFIG = Path(__file__).resolve().parents[2] / "docs" / "prometheus-scrape.yaml"
@@ -189,11 +189,7 @@ class PrometheusServer:
         def ready() -> bool:
             if self._process is None or self._process.poll() is not None:
                 raise RuntimeError(f"prometheus exited during startup:\n{self.log_tail()}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/-/ready", timeout=1) as response:
-                    return response.status == 200
-            except (urllib.error.URLError, OSError):
-                return False
+            return answers(f"{self.url}/-/ready")
         try:
             wait_for(ready, timeout=timeout, interval=0.05, what="prometheus ready")
         except AssertionError:

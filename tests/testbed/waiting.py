@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -19,3 +21,12 @@ def wait_for(probe: Callable[[], T], timeout: float = 20.0, interval: float = 0.
             return last
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}; last seen: {last!r}")
+
+
+def answers(url: str, timeout: float = 1.0) -> bool:
+    """Whether GET url answers 200 now (a readiness endpoint); any failure to connect is a no."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
