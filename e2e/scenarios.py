@@ -20,11 +20,11 @@ SHORT_WINDOW = 3  # seconds of scale-down stabilization where a scale-down is th
 # Longer than any scenario: a scale-down seen in one is not the window running out but a lost history.
 LONG_WINDOW = 600
 SLEEP = {"enabled": True, "idleSeconds": 1, "maxPool": 2, "ttlSeconds": 600}
-# Where scale-from-zero's requests wait, and what the activation query reads there. `ebbtide
-# activator` (issue #17 item 1) replaces the test bed's holding load balancer by changing these two.
+# Where scale-from-zero's requests wait (`ebbtide activator`), and what the activation query reads there.
 ACTIVATOR, PENDING_METRIC = holding_gateway, "ebbtide_activator_pending_requests"
-DRAIN = ("a replica removed with requests in flight loses those its preStop sleep and grace period (5 s + "
-         "5 s here) do not cover, unless it is drained first (issue #17 item 1)")
+DRAIN = ("a replica removed leaves the Service first and goes once nothing is in flight "
+         "(scaling.behavior.scaleDown.drainSeconds); without that, its preStop sleep and grace period "
+         "(5 s + 5 s here) would cover only the shortest requests")
 
 
 def spec(low: int, high: int, window: int = SHORT_WINDOW, **more) -> dict:
