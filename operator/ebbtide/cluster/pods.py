@@ -83,7 +83,7 @@ class ServicePods:
     @property
     def draining(self) -> int:
         """Awake but out of the Service: surplus on its way to sleep or deletion."""
-        return sum(1 for m in self.members if m.state == "awake" and not m.serving)
+        return len(self.left_service)
 
     @property
     def left_service(self) -> dict[str, float]:
