@@ -112,6 +112,7 @@ def _refusal(apiserver, spec: dict, name: str = "bad") -> dict:
 
 BIG_SCHEDULE = [{"name": "a", "cron": "0 8 * * *", "durationMinutes": 5, "minReplicas": 9}]
 FROM_SECRET = {"secretKeyRef": {"name": "hf", "key": "token"}}
+L4 = {"name": "l4", "accelerator": "L4", "pricePerGpuHour": 0.8}
 
 
 @pytest.mark.parametrize("spec, field, message", [
@@ -132,6 +133,12 @@ FROM_SECRET = {"secretKeyRef": {"name": "hf", "key": "token"}}
      "exactly one of secretRef and configMapRef must be set"),
     ({"engine": {"modelCache": {}}}, "spec.engine.modelCache",
      "exactly one of persistentVolumeClaim and emptyDir must be set"),
+    ({"variants": [L4, L4]}, "spec", "variant names must be unique"),
+    ({"variants": [{**L4, "replicas": {"min": 2, "max": 1}}]}, "spec.variants[0].replicas",
+     "a variant's replicas.min must not be greater than its replicas.max"),
+    ({"variants": [{**L4, "tensorParallelSize": 2}]}, "spec.variants[0]",
+     "a variant's tensorParallelSize must not be greater than its gpusPerReplica"),
+    ({"variants": [{**L4, "name": "L4"}]}, "spec.variants[0].name", "should match"),
 ])
 def test_server_refuses_what_the_schema_and_its_cel_rules_refuse(apiserver, spec, field, message):
     status = _refusal(apiserver, spec)
@@ -147,6 +154,8 @@ def test_server_refuses_what_the_schema_and_its_cel_rules_refuse(apiserver, spec
     {"replicas": {"min": 3, "max": 3}, "schedules": [{**BIG_SCHEDULE[0], "minReplicas": 3}]},
     {"engine": {"env": [{"name": "T", "value": "", "valueFrom": FROM_SECRET}],  # an empty value is none
                 "modelCache": {"emptyDir": {"sizeLimit": "40Gi"}}}},
+    {"variants": [L4, {**L4, "name": "h100", "accelerator": "H100", "capacityType": "reserved"}],
+     "budget": {"maxUsdPerHour": 12.5}},
 ])
 def test_server_accepts_specs_within_the_rules(apiserver, spec):
     created = apiserver.server.create_object(isvc("good", **spec))

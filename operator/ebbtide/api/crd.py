@@ -57,6 +57,8 @@ def _constraints(metadata: list[Any]) -> dict:
                 out["minLength"] = v
             case at.MaxLen(max_length=v):
                 out["maxLength"] = v
+            case _ if isinstance(getattr(item, "pattern", None), str):  # pydantic's Field(pattern=...)
+                out["pattern"] = item.pattern
     return out
 
 

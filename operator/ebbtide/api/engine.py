@@ -193,11 +193,18 @@ class EngineSpec(ApiModel):
     @field_validator("args")
     @classmethod
     def no_managed_args(cls, args: list[str]) -> list[str]:
-        managed = {"--port", "--served-model-name", "--enable-sleep-mode"}
-        clashes = sorted({a.split("=", 1)[0] for a in args} & managed)
-        if clashes:
-            raise ValueError(
-                f"engine.args must not set {', '.join(clashes)}: Ebbtide sets them from the spec "
-                "(engine.port, model.servedName, sleep.enabled)"
-            )
+        if clash := managed_args_clash(args, "engine.args"):
+            raise ValueError(clash)
         return args
+
+
+def managed_args_clash(args: list[str], where: str) -> str | None:
+    """Why `args` may not be used, if they set a flag Ebbtide sets itself; None when they may."""
+    managed = {"--port", "--served-model-name", "--enable-sleep-mode"}
+    clashes = sorted({a.split("=", 1)[0] for a in args} & managed)
+    if not clashes:
+        return None
+    return (
+        f"{where} must not set {', '.join(clashes)}: Ebbtide sets them from the spec "
+        "(engine.port, model.servedName, sleep.enabled)"
+    )

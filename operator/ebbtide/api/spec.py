@@ -17,6 +17,8 @@ from pydantic import Field, field_validator, model_validator
 
 from ebbtide.api.base import ApiModel, cel
 from ebbtide.api.engine import EngineSpec, Quantity
+from ebbtide.api.nodes import Provider, Toleration
+from ebbtide.api.variants import MAX_VARIANTS, UNIQUE_NAMES, Budget, Variant, unique_names
 
 
 class ModelSpec(ApiModel):
@@ -238,16 +240,6 @@ class SleepPolicy(ApiModel):
     )
 
 
-class Toleration(ApiModel):
-    key: str | None = Field(default=None, description="Taint key; empty with Exists matches every taint.")
-    operator: Literal["Exists", "Equal"] = Field(default="Equal", description="Exists or Equal.")
-    value: str | None = Field(default=None, description="Taint value for Equal.")
-    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
-        default=None, description="Taint effect to match; empty matches all."
-    )
-    toleration_seconds: int | None = Field(default=None, description="How long a NoExecute taint is tolerated.")
-
-
 class SpotPlacement(ApiModel):
     enabled: bool = Field(default=False, description="Run replicas beyond the on-demand base on spot capacity.")
     on_demand_base: int = Field(default=1, ge=0, le=1000, description="Replicas that always run on demand.")
@@ -261,7 +253,7 @@ class SpotPlacement(ApiModel):
         le=3600,
         description="A spot pod Pending longer than this counts as unavailable and on-demand covers it.",
     )
-    provider: Literal["karpenter", "eks", "gke", "aks", "custom"] = Field(
+    provider: Provider = Field(
         default="karpenter", description="Preset of spot node labels and taints."
     )
     node_selector: dict[str, str] = Field(default_factory=dict, description="Extra node labels for spot pods.")
@@ -290,6 +282,7 @@ class InferenceServiceSpec(ApiModel):
                 "!has(self.schedules) || self.schedules.all(w, !has(w.minReplicas) || w.minReplicas <= self.replicas.max)",
                 "a schedule's minReplicas must not be greater than replicas.max",
             ),
+            UNIQUE_NAMES,
         )
     }
     mode: Literal["Active", "Advisory"] = Field(
@@ -308,6 +301,17 @@ class InferenceServiceSpec(ApiModel):
     sleep: SleepPolicy = Field(default_factory=SleepPolicy, description="vLLM sleep mode as a warm pool.")
     placement: Placement = Field(default_factory=Placement, description="Where replicas run: nodes, spot.")
     pricing: Pricing = Field(default_factory=Pricing, description="GPU prices, for cost reporting.")
+    variants: list[Variant] = Field(
+        default_factory=list,
+        max_length=MAX_VARIANTS,
+        description="Accelerator variants of the model (GPU type, capacity type, price), one Deployment each; "
+        "each tick picks the cheapest mix that carries the demand, reserved capacity first. "
+        "None or one: a single Deployment as without variants.",
+    )
+    budget: Budget | None = Field(
+        default=None,
+        description="A hard cap on the GPU spend: cheaper variants first, then fewer replicas (BudgetLimited).",
+    )
 
     @model_validator(mode="after")
     def consistent(self) -> InferenceServiceSpec:
@@ -316,6 +320,7 @@ class InferenceServiceSpec(ApiModel):
                 f"placement.spot.onDemandBase ({self.placement.spot.on_demand_base}) must not be greater "
                 f"than replicas.max ({self.replicas.max})"
             )
+        unique_names(self.variants)
         names = [w.name for w in self.schedules]
         if len(names) != len(set(names)):
             raise ValueError("schedules must have unique names")
@@ -330,3 +335,8 @@ class InferenceServiceSpec(ApiModel):
     @property
     def served_model_name(self) -> str:
         return self.model.served_name or self.model.name
+
+    @property
+    def has_variants(self) -> bool:
+        """More than one variant: the tick chooses a mix (policy/variants.py)."""
+        return len(self.variants) > 1
