@@ -8,10 +8,27 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ebbtide.api.engine import EngineSpec
 from ebbtide.api.spec import InferenceServiceSpec, Toleration
 from ebbtide.policy.capacity_types import SPOT
 
+LABEL_SERVICE = "ebbtide.dev/service"
+LABEL_CAPACITY = "ebbtide.dev/capacity-type"
 ZONE = "topology.kubernetes.io/zone"
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What sets one of a service's Deployments apart from its others: a capacity type's, or a
+    variant's (cluster/variants.py)."""
+
+    name: str
+    selector: dict[str, str]  # besides the service label: what tells its pods from the others'
+    labels: dict[str, str]  # on the Deployment and its pods (the selector's included)
+    placement: dict  # nodeSelector, affinity, tolerations, spread
+    grace_seconds: int
+    engine: EngineSpec
+    tensor_parallel: int
 
 
 @dataclass(frozen=True)
@@ -27,7 +44,7 @@ class SpotPreset:
     reclaim_notice_seconds: int | None  # the shortest warning a pod gets before its node goes
 
 
-def _not_in(key: str, value: str) -> dict:
+def not_in(key: str, value: str) -> dict:
     # NotIn also matches nodes without the label, which is what plain on-demand nodes look like.
     return {"key": key, "operator": "NotIn", "values": [value]}
 
@@ -49,9 +66,9 @@ SPOT_PRESETS: dict[str, SpotPreset] = {
     # GKE and AKS label only spot nodes: keep on-demand pods away from that label. GKE gives
     # ordinary pods 15 s of the 30 s notice; Autopilot (and many node pools) taint spot nodes.
     "gke": SpotPreset({GKE_SPOT: "true"}, (_no_schedule(GKE_SPOT, "true"),), {},
-                      (_not_in(GKE_SPOT, "true"), _not_in(GKE_PREEMPTIBLE, "true")), 15),
+                      (not_in(GKE_SPOT, "true"), not_in(GKE_PREEMPTIBLE, "true")), 15),
     "aks": SpotPreset({AKS_PRIORITY: "spot"}, (_no_schedule(AKS_PRIORITY, "spot"),), {},
-                      (_not_in(AKS_PRIORITY, "spot"),), 30),
+                      (not_in(AKS_PRIORITY, "spot"),), 30),
     # Only what the user wrote: placement.spot.nodeSelector says which nodes are spot (see _custom).
     "custom": SpotPreset({}, (), {}, (), None),
 }
@@ -79,8 +96,24 @@ def _on_demand_terms(spec: InferenceServiceSpec, preset: SpotPreset) -> list[dic
     if preset.on_demand_requirements:
         return [{"matchExpressions": list(preset.on_demand_requirements)}]
     if spec.placement.spot.provider == "custom":
-        return [{"matchExpressions": [_not_in(k, v)]} for k, v in sorted(spec.placement.spot.node_selector.items())]
+        return [{"matchExpressions": [not_in(k, v)]} for k, v in sorted(spec.placement.spot.node_selector.items())]
     return []
+
+
+def spread(selector: dict[str, str]) -> list[dict]:
+    """Spot replicas spread over zones.
+
+    Reclaims take capacity pools, often one zone at a time: spread so one reclaim takes as few
+    replicas as it can (SkyServe spreads over zones the same way). ScheduleAnyway: a replica in
+    a crowded zone beats a replica Pending.
+    """
+    return [{"maxSkew": 1, "topologyKey": ZONE, "whenUnsatisfiable": "ScheduleAnyway",
+             "labelSelector": {"matchLabels": dict(selector)}}]
+
+
+def required(terms: list[dict]) -> dict:
+    """A pod affinity that allows only nodes matching one of `terms` (ORed)."""
+    return {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": terms}}}
 
 
 def pod_placement(spec: InferenceServiceSpec, capacity: str, selector: dict[str, str]) -> dict:
@@ -96,19 +129,12 @@ def pod_placement(spec: InferenceServiceSpec, capacity: str, selector: dict[str,
             # the spot pods unschedulable); the user's spot selector wins over the preset.
             node_selector |= preset.spot_selector | placement.spot.node_selector
             tolerations += [*preset.spot_tolerations, *tolerations_wire(placement.spot.tolerations)]
-            # Reclaims take capacity pools, often one zone at a time: spread spot replicas so one
-            # reclaim takes as few of them as it can (SkyServe spreads over zones the same way).
-            # ScheduleAnyway: a replica in a crowded zone beats a replica Pending.
-            out["topologySpreadConstraints"] = [{
-                "maxSkew": 1, "topologyKey": ZONE, "whenUnsatisfiable": "ScheduleAnyway",
-                "labelSelector": {"matchLabels": dict(selector)},
-            }]
+            out["topologySpreadConstraints"] = spread(selector)
         else:
             node_selector |= preset.on_demand_selector
             terms = _on_demand_terms(spec, preset)
             if terms:
-                out["affinity"] = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
-                    "nodeSelectorTerms": terms}}}
+                out["affinity"] = required(terms)
     if node_selector:
         out["nodeSelector"] = node_selector
     if tolerations:
@@ -126,7 +152,10 @@ def grace_period(spec: InferenceServiceSpec, capacity: str) -> int:
     value stands.
     """
     grace = spec.engine.termination_grace_period_seconds
-    if capacity != SPOT:
-        return grace
-    notice = SPOT_PRESETS[spec.placement.spot.provider].reclaim_notice_seconds
+    return grace if capacity != SPOT else within_notice(grace, spec.placement.spot.provider)
+
+
+def within_notice(grace: int, provider: str) -> int:
+    """A spot replica's grace period, fitted in its provider's reclaim notice (if known)."""
+    notice = SPOT_PRESETS[provider].reclaim_notice_seconds
     return grace if notice is None else min(grace, notice)

@@ -14,19 +14,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
 
 from ebbtide.api.engine import EngineSpec
 from ebbtide.api.manifest import parse_spec
 from ebbtide.api.redaction import redacted, restored
 from ebbtide.api.ref import ServiceRef
 from ebbtide.api.spec import InferenceServiceSpec
-from ebbtide.cluster.placement import grace_period, pod_placement
+from ebbtide.cluster.placement import LABEL_CAPACITY, LABEL_SERVICE, Shape, grace_period, pod_placement
+from ebbtide.cluster.variants import first_counts, single_variant_shape, variant_shape
 from ebbtide.policy.capacity_types import ON_DEMAND, SPOT
 from ebbtide.policy.spot import SpotPods, split
 
-LABEL_SERVICE = "ebbtide.dev/service"
-LABEL_CAPACITY = "ebbtide.dev/capacity-type"
 # The Service selects only pods labelled serving=true: a sleeping or still-warming replica is
 # taken out of the endpoints by flipping this label, since vLLM's /health stays 200 while asleep.
 LABEL_SERVING = "ebbtide.dev/serving"
@@ -130,20 +128,6 @@ def _volumes(engine: EngineSpec) -> tuple[list[dict], list[dict]]:
         volumes.append({"name": "model-cache", **source})
         mounts.append({"name": "model-cache", "mountPath": cache.mount_path})
     return volumes, mounts
-
-
-@dataclass(frozen=True)
-class Shape:
-    """What sets one of a service's Deployments apart from its others: a capacity type's, or a
-    variant's (cluster/variants.py)."""
-
-    name: str
-    selector: dict[str, str]  # besides the service label: what tells its pods from the others'
-    labels: dict[str, str]  # on the Deployment and its pods (the selector's included)
-    placement: dict  # nodeSelector, affinity, tolerations, spread
-    grace_seconds: int
-    engine: EngineSpec
-    tensor_parallel: int
 
 
 def render_deployment(ref: ServiceRef, spec: InferenceServiceSpec, capacity: str = ON_DEMAND,
@@ -264,10 +248,16 @@ def render_workload(ref: ServiceRef, spec: InferenceServiceSpec) -> list[dict]:
     """Every object the service owns, in apply order.
 
     With spot placement, both Deployments; their replica counts are the first split of
-    replicas.min (no spot pod exists yet, so nothing is covered). They only matter when a
-    Deployment is created: from then on the scaling loop sets the counts.
+    replicas.min (no spot pod exists yet, so nothing is covered). With variants, one
+    Deployment each (cluster/variants.py). The counts only matter when a Deployment is created:
+    from then on the scaling loop sets them.
     """
-    if not spec.placement.spot.enabled:
+    if len(spec.variants) > 1:  # one Deployment per variant (cluster/variants.py)
+        counts = first_counts(spec)
+        deployments = [deployment(ref, spec, variant_shape(ref, spec, v), counts[v.name]) for v in spec.variants]
+    elif spec.variants:
+        deployments = [deployment(ref, spec, single_variant_shape(ref, spec, spec.variants[0]))]
+    elif not spec.placement.spot.enabled:
         deployments = [render_deployment(ref, spec)]
     else:
         first = split(spec.replicas.min, spec.placement.spot, SpotPods(), (), 0.0, 0.0)
