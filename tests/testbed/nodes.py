@@ -7,6 +7,7 @@ from typing import Any
 from tests.testbed.engines import call_api, now_rfc3339
 
 CAPACITY_TYPE_LABEL = "karpenter.sh/capacity-type"
+GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"  # as NVIDIA's GPU feature discovery labels a node's GPU type
 KUBE_VERSION = "v1.36.3"
 
 
@@ -42,6 +43,12 @@ def default_nodes() -> list[FakeNode]:
     """One node per capacity pool."""
     return [FakeNode(name, capacity, pool_labels(name, capacity))
             for name, capacity in (("testbed-ondemand-0", "on-demand"), ("testbed-spot-0", "spot"))]
+
+
+def accelerator_node(name: str, product: str, capacity: str, pool: str | None = None, gpus: int = 8) -> FakeNode:
+    """A GPU node of one accelerator type (its gpu.product label) in a capacity pool; `pool` (default:
+    the name) is what set_capacity() switches, so each accelerator's nodes can run out on their own."""
+    return FakeNode(name, pool or name, pool_labels(name, capacity) | {GPU_PRODUCT_LABEL: product}, gpus=gpus)
 
 
 def node_body(node: FakeNode) -> dict[str, Any]:

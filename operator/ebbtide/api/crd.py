@@ -33,6 +33,8 @@ PRINTER_COLUMNS = [
     {"name": "USD/h", "type": "number", "jsonPath": ".status.cost.usdPerHour", "description": "Dollars per hour now"},
     {"name": "USD/1M-tok", "type": "number", "jsonPath": ".status.cost.usdPerMillionTokens",
      "description": "Dollars per million tokens, recent window"},
+    {"name": "Variants", "type": "string", "jsonPath": ".status.variantsSummary", "priority": 1,
+     "description": "Per accelerator variant: ready/desired replicas and dollars per hour"},
     {"name": "Last-Decision", "type": "string", "jsonPath": ".status.lastDecisionSummary",
      "description": "The latest scaling decision"},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},

@@ -61,6 +61,27 @@ class Cost(ApiModel):
     )
 
 
+class VariantStatus(ApiModel):
+    name: str = Field(description="The variant (spec.variants[].name); its Deployment is NAME-<variant>.")
+    accelerator: str = Field(description="Its GPU type.")
+    capacity_type: str = Field(description="reserved, on-demand or spot.")
+    desired: int = Field(default=0, description="Replicas the latest mix asks of it.")
+    ready: int = Field(default=0, description="Its replicas ready to serve.")
+    starting: int = Field(default=0, description="Its replicas on a node, not ready yet.")
+    pending: int = Field(default=0, description="Its replicas on no node: its kind of node ran out, or is coming.")
+    usd_per_hour: float = Field(default=0.0, description="What its replicas on a node cost per hour now.")
+    usd_per_replica_hour: float = Field(default=0.0, description="pricePerGpuHour x gpusPerReplica.")
+
+
+class Spend(ApiModel):
+    projected_usd_per_hour: float | None = Field(
+        default=None, description="What the latest mix of variants costs per hour once in place (reserved "
+        "variants counted in full: they are paid for either way).")
+    max_usd_per_hour: float | None = Field(default=None, description="The hourly cap in force (spec.budget).")
+    budget_limited: bool = Field(default=False, description="The cap binds: the mix carries less than the demand.")
+    reasons: list[str] = Field(default_factory=list, description="Why this mix, in words and numbers.")
+
+
 class Startup(ApiModel):
     measured_seconds: float | None = Field(
         default=None,
@@ -96,6 +117,15 @@ class InferenceServiceStatus(ApiModel):
         default_factory=list, description="Recent scaling decisions that changed the size, newest last (bounded)."
     )
     cost: Cost = Field(default_factory=Cost, description="GPU-hours and dollars.")
+    variants: list[VariantStatus] = Field(
+        default_factory=list, description="Per accelerator variant: replicas and dollars per hour (spec.variants)."
+    )
+    variants_summary: str | None = Field(
+        default=None, description="The variants in one line: name=ready/desired@USD per hour (kubectl get -o wide)."
+    )
+    spend: Spend | None = Field(
+        default=None, description="The variants' mix: its projected dollars per hour, the budget, and why."
+    )
     startup: Startup = Field(default_factory=Startup, description="Measured replica startup time.")
     demand_profile: DemandProfile | None = Field(
         default=None, description="What pre-warming has learned (the profile itself: ConfigMap NAME-demand-profile)."

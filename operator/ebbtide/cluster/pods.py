@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from ebbtide.api.conditions import get_condition
 from ebbtide.cluster.engine import engine_started_at, engine_url
 from ebbtide.cluster.render import LABEL_CAPACITY, LABEL_SERVICE, LABEL_SERVING
+from ebbtide.cluster.variants import LABEL_VARIANT
 from ebbtide.policy.capacity_types import ON_DEMAND, SPOT
 from ebbtide.policy.cost import Held
 from ebbtide.policy.observation import Pod, PodState
@@ -52,6 +53,7 @@ class PodRecord:
     node: str | None = None
     phase: str = "Running"
     left_at: float | None = None  # out of the Service since (unix seconds); None while in it
+    variant: str | None = None  # the accelerator variant whose Deployment it belongs to (spec.variants)
 
     def view(self) -> Pod:
         return Pod(self.name, self.capacity, self.state, self.serving, self.asleep_since, self.created, self.node,
@@ -64,6 +66,8 @@ class ServicePods:
     # Pods Ready and serving now: the startup times the lead time is measured from.
     startups: list[Startup] = field(default_factory=list)
     members: list[PodRecord] = field(default_factory=list)  # every live pod
+    # Replicas holding a GPU by variant (spec.variants), pods on their way out included: what each costs.
+    held_by_variant: dict[str, int] = field(default_factory=dict)
 
     @property
     def ready(self) -> int:
@@ -149,6 +153,8 @@ def summarize(pods: list[dict]) -> dict[tuple[str, str], ServicePods]:
                           spot=s.held.spot + (on_spot and not asleep),
                           asleep_on_demand=s.held.asleep_on_demand + (not on_spot and asleep),
                           asleep_spot=s.held.asleep_spot + (on_spot and asleep))
+            if variant := labels.get(LABEL_VARIANT):
+                s.held_by_variant[variant] = s.held_by_variant.get(variant, 0) + 1
         finished = pod.get("status", {}).get("phase") in ("Succeeded", "Failed")
         if meta.get("deletionTimestamp") or finished:
             continue  # on its way out: holds a GPU until gone, but is no capacity
@@ -162,7 +168,7 @@ def summarize(pods: list[dict]) -> dict[tuple[str, str], ServicePods]:
                                    asleep_since if asleep else None,
                                    annotations.get(ANNOTATION_DELETION_COST), engine_url(pod), created,
                                    pod.get("spec", {}).get("nodeName"), pod.get("status", {}).get("phase", "Pending"),
-                                   left_at))
+                                   left_at, labels.get(LABEL_VARIANT)))
     return out
 
 

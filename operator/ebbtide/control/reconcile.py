@@ -15,7 +15,7 @@ from ebbtide.api.manifest import InvalidSpec, check_name, parse_spec
 from ebbtide.api.ref import ServiceRef
 from ebbtide.api.spec import InferenceServiceSpec
 from ebbtide.cluster.kube import Conflict, Kube, controller_of, now_rfc3339
-from ebbtide.cluster.render import SPOT, applied_spec, deployment_name, render_workload
+from ebbtide.cluster.render import LABEL_SERVICE, SPOT, applied_spec, deployment_name, render_workload
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,8 @@ async def last_applied_spec(kube: Kube, ref: ServiceRef) -> InferenceServiceSpec
     """The spec the running Deployment was rendered from (kept in an annotation on it, its env
     values in its pod template: see api/redaction.py)."""
     deployment = await kube.read("Deployment", ref.namespace, deployment_name(ref))
+    if deployment is None:  # with variants there is no `<service>` Deployment: any of its own will do
+        deployment = next(iter(await _owned_deployments(kube, ref)), None)
     if deployment is None:
         return None
     try:
@@ -90,10 +92,13 @@ async def _reconcile(kube: Kube, registry: Registry, ref: ServiceRef, raw_spec: 
     # correction must compare them with this spec, not restore the previous one.
     registry.put(ref, spec)
     try:
-        outcomes = {f'{obj["kind"]} {obj["metadata"]["name"]}': await kube.apply(obj, ref)
-                    for obj in render_workload(ref, spec)}
+        workload = render_workload(ref, spec)
+        outcomes = {f'{obj["kind"]} {obj["metadata"]["name"]}': await kube.apply(obj, ref) for obj in workload}
         if not spec.placement.spot.enabled and await _delete_owned_spot_deployment(kube, ref, spec):
             outcomes[f"Deployment {deployment_name(ref, SPOT)}"] = "deleted (spot placement is off)"
+        rendered = {obj["metadata"]["name"] for obj in workload if obj["kind"] == "Deployment"}
+        for name in await _delete_unrendered(kube, ref, rendered):
+            outcomes.setdefault(f"Deployment {name}", "deleted (no longer in the spec)")
     except Conflict as e:
         await kube.post_event(ref, "Warning", "OwnershipConflict", str(e))
         await _set_status(kube, ref, generation, "Ready", "False", "OwnershipConflict", str(e))
@@ -122,6 +127,24 @@ async def _delete_owned_spot_deployment(kube: Kube, ref: ServiceRef, spec: Infer
         await kube.scale(ref.namespace, deployment_name(ref), min(have + moved, max(have, spec.replicas.max)))
     await kube.delete("Deployment", ref.namespace, name)
     return True
+
+
+async def _owned_deployments(kube: Kube, ref: ServiceRef) -> list[dict]:
+    """The Deployments this service owns (labelled with its name, and controlled by it)."""
+    listed = await kube.list_deployments(f"{LABEL_SERVICE}={ref.name}")
+    return [d for d in listed if d["metadata"].get("namespace") == ref.namespace
+            and (controller_of(d) or {}).get("uid") == ref.uid]
+
+
+async def _delete_unrendered(kube: Kube, ref: ServiceRef, rendered: set[str]) -> list[str]:
+    """Delete the service's Deployments its spec no longer renders: a variant removed, the
+    variants' Deployments once there is one or none, the single Deployment once there are several.
+    Their replicas go at once: the new Deployments were applied first, and the tick sizes them."""
+    gone = [d["metadata"]["name"] for d in await _owned_deployments(kube, ref)
+            if d["metadata"]["name"] not in rendered and not d["metadata"].get("deletionTimestamp")]
+    for name in gone:
+        await kube.delete("Deployment", ref.namespace, name)
+    return gone
 
 
 async def _reject(kube: Kube, registry: Registry, ref: ServiceRef, problem: str, generation: int | None) -> None:
