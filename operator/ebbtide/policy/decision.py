@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from ebbtide.policy.profile import Profile
+from ebbtide.policy.variants import MixPlan
 
 ConditionStatus = Literal["True", "False", "Unknown"]
 
@@ -161,6 +162,8 @@ class Decision:
     # Off-peak consolidation in force (a window with offPeak, or a valley the profile knows):
     # the shell then places and pools the fleet as schedules.consolidated(spec) says.
     off_peak: bool = False
+    # With spec.variants: the replicas of each variant, what they cost and why (policy/variants.py).
+    variants: MixPlan | None = None
 
     @property
     def changed(self) -> bool:

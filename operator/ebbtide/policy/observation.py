@@ -123,3 +123,8 @@ class Observation:
     reclaimed_nodes: frozenset[str] = frozenset()  # nodes announcing their end (policy/spot.py)
     activation: float | None = None  # scaling.activation's query, read while nothing is awake
     stored_profile: Profile | None = None  # the demand profile as stored, read when the state has none
+    # With spec.variants (policy/variant_tick.py): each variant's own signals (its pods, its token
+    # rate, its latency quantiles where known), by variant name; and the shares of the token rate
+    # by the context its requests need, (max prompt + output tokens, share), where the shell knows them.
+    variant_signals: Mapping[str, Signals] = field(default_factory=dict)
+    context_mix: tuple[tuple[int, float], ...] = ()

@@ -23,12 +23,13 @@ from ebbtide.policy.current_size import fleet_state
 from ebbtide.policy.decision import ConditionReport, Decision, Entries, Memory
 from ebbtide.policy.idle import track_idle
 from ebbtide.policy.lifecycle import plan, window_off_peak
-from ebbtide.policy.observation import FleetState, Observation, Pod
+from ebbtide.policy.observation import Deployments, FleetState, Observation, Pod
 from ebbtide.policy.profile import Profile
 from ebbtide.policy.schedules import consolidated
 from ebbtide.policy.spot import PodView, Split, SpotPods, classify, shares, split
 from ebbtide.policy.startup import StartupEstimate, lead_time_samples, observe_startups
 from ebbtide.policy.telling import SPOT_AVAILABLE, Said, decision_events, phase, spot_condition
+from ebbtide.policy.variant_tick import MixMemory, mix_decision, plan_mix, spend_now
 from ebbtide.policy.warm_pool import PoolPlan, Replica, plan_pool
 
 
@@ -50,6 +51,7 @@ class TickState:
     last_advice: int | None = None
     idle: Mapping[str, float] = field(default_factory=dict)  # pod -> idle since (warm pool)
     profile: Profile | None = None  # the learned demand profile (pre-warming)
+    mix: MixMemory | None = None  # with spec.variants: each variant's learned limit, the mix asked for
 
     @classmethod
     def start(cls, now: float, capacity: float | None = None, startup: StartupEstimate | None = None,
@@ -91,6 +93,8 @@ class Turn:
 
 
 def tick(spec: InferenceServiceSpec, seen: Observation, state: TickState, now: float) -> Turn:
+    if spec.has_variants:
+        return variant_turn(spec, seen, state, now)
     fleet = fleet_state(spec, seen.pods, seen.deployments, state.target)
     startup = observe_startups(state.startup, lead_time_samples(seen.startups, spec), now=now)
     known = known_profile(spec, state)
@@ -128,6 +132,35 @@ def tick(spec: InferenceServiceSpec, seen: Observation, state: TickState, now: f
                 spend=Spend(per_hour, usd_per_million_tokens(per_hour, seen.signals.tokens_per_second)),
                 news=news, events=decision_events(decision, placed, active, spot, news, state.covering),
                 state=applied, kept=kept)
+
+
+def variant_turn(spec: InferenceServiceSpec, seen: Observation, state: TickState, now: float) -> Turn:
+    """A tick with several variants: one Deployment each, `replicas` keyed by variant name."""
+    startup = observe_startups(state.startup, lead_time_samples(seen.startups, spec), now=now)
+    before = state.mix.targets if state.mix is not None else None
+    current = sum(before.values()) if before is not None else sum(1 for p in seen.pods if p.state != "asleep")
+    lead = startup.seconds if startup.seconds is not None else spec.warmup.default_startup_seconds
+    plan, mix, why = plan_mix(spec, seen, state.mix, now, lead)
+    decision = mix_decision(spec, plan, why, current, seen.signals.source, state.memory)
+    fleet = fleet_state(spec, seen.pods, Deployments(current), current)
+    active = spec.mode == "Active"
+    changed = before is None or dict(before) != dict(plan.targets)
+    news = changed and (active or plan.total != state.last_advice)
+    events: tuple[Said, ...] = ()
+    if news:
+        kind = "VariantMix" if active else "AdvisoryVariantMix"
+        events += (Said("Normal", kind, decision.message if active else f"advisory, not applied: {decision.message}"),)
+    if plan.budget_limited and not (state.mix is not None and state.mix.budget_limited):
+        events += (Said("Warning", "BudgetLimited", plan.reasons[-1]),)
+    per_hour = spend_now(spec, seen.pods)
+    kept_mix = replace(mix, targets=before)
+    kept = replace(state, startup=startup, mix=kept_mix, last_advice=plan.total if news else state.last_advice)
+    applied = replace(state, startup=startup, mix=mix, target=plan.total) if active else kept
+    return Turn(decision=decision, fleet=fleet, placed=Split(plan.total, 0, (), plan.message), spot_pods=SpotPods(),
+                replicas=dict(plan.targets), pools={}, conditions=decision.conditions,
+                dropped_conditions=(SPOT_AVAILABLE,), phase=phase(fleet, decision),
+                spend=Spend(per_hour, usd_per_million_tokens(per_hour, seen.signals.tokens_per_second)),
+                news=news, events=events, state=applied, kept=kept)
 
 
 def known_profile(spec: InferenceServiceSpec, state: TickState) -> Profile | None:

@@ -220,7 +220,39 @@ TINY = CapacityModel(
     wake_level2_s=0.5,
 )
 
-PRESETS: dict[str, CapacityModel] = {m.name: m for m in (LLAMA_3_1_8B_H100, TINY)}
+# The same model on three more accelerators (issue 19, accelerator variants), derived the way the
+# H100's is from each GPU's datasheet: the bandwidth-bound terms (step_base_s, the context term)
+# scale with 1 / memory bandwidth (75 % of it reached), the compute-bound ones (per-seq, prefill)
+# with 1 / dense bf16 TFLOPS, and the KV cache is what 0.9 of the memory leaves after 15.0 GiB
+# of weights and the runtime's share. The A100's compute terms are calibrated on the one
+# published figure for it (vLLM 0.6.0, ShareGPT, offline: 21.3 requests/s, 4,132 output
+# tokens/s; this preset gives 21.7 and 4,402): 40 us per sequence and prefill at 50 % MFU, and
+# the other two scale from it. Figures and sources in docs/simulator.md ("Accelerator presets"):
+# - A100-80G SXM: 2.04 TB/s, 312 TFLOPS, 80 GB: base 10.5 ms (16.1 GB / 2.04 TB/s at 75 %) plus
+#   overhead, 85 ns per context token, 40 us per sequence, prefill 9.7k tok/s, ~53 GiB KV.
+# - L40S: 0.864 TB/s, 362 TFLOPS, 48 GB: base 25 ms, 202 ns, 34 us, prefill 11.3k tok/s,
+#   0.9 x 44.5 GiB - 15.0 - 3.0 = ~22 GiB of KV (180k tokens).
+# - L4: 0.300 TB/s, 121 TFLOPS, 24 GB: base 71.6 ms (about 14 tokens/s for a lone request),
+#   583 ns, 103 us, prefill 3.8k tok/s; 0.9 x 22.0 GiB - 15.0 - 1.5 = ~3.3 GiB of KV (27k
+#   tokens), so vLLM refuses the model's 131k context: max_model_len 16384 (examples/variants.yaml).
+LLAMA_3_1_8B_A100_80G = LLAMA_3_1_8B_H100.with_overrides(
+    name="llama-3.1-8b-a100-80g", kv_cache_tokens=27_000 * 16, prefill_tokens_per_s=9_700.0,
+    step_base_s=0.0108, step_per_seq_s=40e-6, step_per_context_token_s=85e-9, startup_s=45.0,
+    wake_level1_s=1.5, wake_level2_s=6.0)
+LLAMA_3_1_8B_L40S = LLAMA_3_1_8B_H100.with_overrides(
+    name="llama-3.1-8b-l40s", kv_cache_tokens=11_250 * 16, prefill_tokens_per_s=11_300.0,
+    step_base_s=0.0250, step_per_seq_s=34e-6, step_per_context_token_s=202e-9, startup_s=50.0,
+    wake_level1_s=1.5, wake_level2_s=6.0)
+LLAMA_3_1_8B_L4 = LLAMA_3_1_8B_H100.with_overrides(
+    name="llama-3.1-8b-l4", kv_cache_tokens=1_700 * 16, max_model_len=16_384, prefill_tokens_per_s=3_800.0,
+    step_base_s=0.0716, step_per_seq_s=103e-6, step_per_context_token_s=583e-9, startup_s=60.0,
+    wake_level1_s=2.0, wake_level2_s=8.0)
+
+PRESETS: dict[str, CapacityModel] = {m.name: m for m in (
+    LLAMA_3_1_8B_H100, LLAMA_3_1_8B_A100_80G, LLAMA_3_1_8B_L40S, LLAMA_3_1_8B_L4, TINY)}
+# The preset of each accelerator a variant names (spec.variants[].accelerator), for the model above.
+ACCELERATOR_PRESETS: dict[str, CapacityModel] = {
+    "H100": LLAMA_3_1_8B_H100, "A100-80G": LLAMA_3_1_8B_A100_80G, "L40S": LLAMA_3_1_8B_L40S, "L4": LLAMA_3_1_8B_L4}
 
 
 def get_preset(name: str) -> CapacityModel:

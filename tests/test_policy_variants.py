@@ -1,0 +1,162 @@
+"""Accelerator variants (policy/variants.py, policy/variant_tick.py): the cheapest mix that carries
+the demand, reserved first, spot priced with its reclaims, stuck variants left behind, budgets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ebbtide.api.manifest import parse_spec
+from ebbtide.policy.observation import Deployments, Observation, Pod, PodSignals, Signals
+from ebbtide.policy.tick import TickState, tick
+from ebbtide.policy.variant_tick import SEED_TOKENS_PER_S, max_model_len, seed_capacity
+from ebbtide.policy.variants import Demand, VariantView, choose_mix
+from ebbtide.sim.capacity import ACCELERATOR_PRESETS
+
+NOW = 1_715_594_400.0
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def view(name: str, kind: str = "on-demand", usd: float = 1.0, cap: float = 1000.0, **more) -> VariantView:
+    return VariantView(name=name, capacity_type=kind, usd_per_replica_hour=usd, capacity_tokens_per_s=cap,
+                       **{"max": 10, **more})
+
+
+H100_RESERVED = view("h100", "reserved", usd=2.2, cap=16_000, max=2)
+A100 = view("a100", usd=3.4, cap=8_000)
+L40S_SPOT = view("l40s", "spot", usd=0.9, cap=6_000, reclaims_per_hour=0.05, startup_seconds=180)
+L4 = view("l4", usd=0.8, cap=800, max_context_tokens=16_384)
+
+
+def test_reserved_capacity_runs_first_because_it_is_paid_for_anyway():
+    plan = choose_mix(10_000, [A100, H100_RESERVED], share=1.0)
+    assert plan.targets == {"a100": 0, "h100": 2}
+    assert plan.usd_per_hour == pytest.approx(4.4)  # both reserved replicas count, running or not
+    assert any("sunk" in r for r in plan.reasons)
+
+
+def test_beyond_reserved_the_cheapest_dollars_per_token_fill_the_rest():
+    plan = choose_mix(32_000 + 24_000, [A100, L40S_SPOT, H100_RESERVED], share=1.0)
+    assert plan.targets == {"a100": 0, "l40s": 4, "h100": 2}  # spot L40S: 0.04 USD/M tokens, A100: 0.12
+
+
+def test_spot_is_priced_with_its_reclaim_and_retry_cost():
+    cheap_but_reclaimed = view("spot", "spot", usd=1.0, cap=1000, reclaims_per_hour=2.0, startup_seconds=1800)
+    steady = view("od", usd=1.5, cap=1000)
+    assert cheap_but_reclaimed.effective_usd_per_hour == pytest.approx(2.0)  # 2 reclaims/h x 0.5 h lost
+    assert choose_mix(3000, [cheap_but_reclaimed, steady], share=1.0).targets == {"spot": 0, "od": 3}
+
+
+def test_a_small_remainder_goes_to_the_cheapest_replica_that_covers_it():
+    plan = choose_mix(8_000 + 500, [A100, L4], share=1.0)
+    assert plan.targets == {"a100": 1, "l4": 1}  # not a second A100 for 500 tokens/s
+
+
+def test_from_zero_only_the_cheapest_suitable_variant_starts():
+    plan = choose_mix(1e-6, [A100, L40S_SPOT, L4], share=1.0)
+    assert plan.targets == {"a100": 0, "l40s": 0, "l4": 1}
+    long_only = choose_mix([Demand(1e-6, 60_000)], [A100, L40S_SPOT, L4], share=1.0)
+    assert long_only.targets == {"a100": 0, "l40s": 1, "l4": 0}  # the L4 cannot hold the prompt
+
+
+def test_long_prompts_are_carried_by_variants_that_hold_them_and_the_plan_says_so():
+    demand = [Demand(3_000, 16_000), Demand(6_000, 100_000)]  # the A100's spare 2,000 carries some
+    plan = choose_mix(demand, [L4, A100], share=1.0)
+    assert plan.targets == {"l4": 2, "a100": 1}
+    assert any("only fit a100" in r and "gateway" in r for r in plan.reasons)
+
+
+def test_a_variant_whose_replicas_find_no_node_is_capped_and_the_next_cheapest_takes_over():
+    stuck = view("l40s", "spot", usd=0.9, cap=6_000, ready=1, pending_unschedulable=2, stuck=True)
+    plan = choose_mix(20_000, [stuck, A100], share=1.0)
+    assert plan.targets == {"l40s": 1, "a100": 2}
+    assert any("capped at 1: 2 replicas found no node" in r for r in plan.reasons)
+
+
+def test_with_running_replicas_a_tick_adds_the_cheapest_and_removes_the_dearest_never_swaps():
+    plan = choose_mix(5_000, [A100, L40S_SPOT], share=1.0, keep={"a100": 2, "l40s": 1})
+    assert plan.targets == {"a100": 0, "l40s": 1}  # the dearest per token went first
+    plan = choose_mix(9_000, [A100, L40S_SPOT], share=1.0, keep={"a100": 2, "l40s": 0})
+    assert plan.targets == {"a100": 2, "l40s": 0}  # no cold start to swap what runs
+    plan = choose_mix(30_000, [A100, L40S_SPOT], share=1.0, keep={"a100": 2, "l40s": 0})
+    assert plan.targets == {"a100": 2, "l40s": 3}  # the A100s kept, the rest on spot
+
+
+def test_a_binding_budget_moves_to_cheaper_variants_then_cuts_capacity_and_says_so():
+    fast, cheap = view("fast", usd=4.0, cap=10_000, max=10), view("cheap", usd=1.0, cap=2_000, max=3)
+    plan = choose_mix(20_000, [fast, cheap], share=1.0)
+    assert plan.targets == {"fast": 2, "cheap": 0} and not plan.budget_limited
+    limited = choose_mix(20_000, [fast, cheap], share=1.0, budget_usd_per_hour=6.0)
+    assert limited.targets == {"fast": 0, "cheap": 3} or limited.targets == {"fast": 1, "cheap": 2}
+    assert limited.usd_per_hour <= 6.0 and limited.budget_limited
+    assert any(r.startswith("BudgetLimited: 6.00 USD/h cap") for r in limited.reasons)
+
+
+def test_seeds_are_the_simulator_presets_at_the_chat_mix():
+    for accelerator, model in ACCELERATOR_PRESETS.items():
+        at_limit = model.max_request_rate(1155, 211, 0.1) * (1155 + 211)
+        assert SEED_TOKENS_PER_S[accelerator] == pytest.approx(at_limit, rel=0.05), accelerator
+    assert seed_capacity("a100-80gb") == SEED_TOKENS_PER_S["A100-80G"]
+    assert max_model_len(["--max-model-len", "8192", "--max-model-len=4096"]) == 4096
+
+
+# --- the tick ----------------------------------------------------------------------------------
+
+def example():
+    (doc,) = [d for d in yaml.safe_load_all((ROOT / "examples/variants.yaml").read_text()) if d]
+    return parse_spec({**doc["spec"], "budget": None})
+
+
+def signals(pods, tokens: float, **more) -> Signals:
+    return Signals(source="prometheus", sampled_at=NOW - 5, tokens_per_second=tokens,
+                   pods=tuple(PodSignals(p.name, NOW - 5, running=3.0, kv_cache_usage=0.3) for p in pods), **more)
+
+
+def observe(pods, tokens: float, **more) -> Observation:
+    return Observation(signals=signals(pods, tokens, **more.pop("signal_fields", {})), pods=tuple(pods),
+                       deployments=Deployments(len(pods)), **more)
+
+
+def test_the_tick_starts_from_zero_with_the_cheapest_variant_only():
+    spec = example().model_copy(update={"replicas": parse_spec({"model": {"name": "m"}}).replicas})
+    turn = tick(spec, observe([], 0.0, activation=3.0), TickState.start(NOW), NOW)
+    assert turn.replicas == {"h100": 2, "a100": 0, "l40s": 0, "l4": 0}  # reserved: already paid for
+
+
+def test_the_tick_fills_reserved_then_spot_and_tells_why():
+    spec = example()
+    pods = [Pod("h1", "h100", node="n1"), Pod("h2", "h100", node="n2")]
+    turn = tick(spec, observe(pods, 40_000.0), TickState.start(NOW), NOW)
+    mix = turn.decision.variants
+    assert turn.replicas == mix.targets and mix.targets["h100"] == 2
+    assert mix.planned_tokens_per_s >= 40_000 / 0.8 and mix.targets["l40s"] >= 3 and mix.targets["a100"] == 0
+    assert [e.reason for e in turn.events] == ["VariantMix"] and "USD/h" in turn.events[0].message
+    assert turn.decision.condition("BudgetLimited").status == "False"
+    assert turn.spend.usd_per_hour == pytest.approx(4.4)  # the two reserved H100s
+
+
+def test_the_tick_under_a_budget_reports_budget_limited_once():
+    spec = example().model_copy(update={"budget": parse_spec({"model": {"name": "m"}, "budget": {
+        "maxUsdPerHour": 6.0}}).budget})
+    pods = [Pod("h1", "h100", node="n1"), Pod("h2", "h100", node="n2")]
+    turn = tick(spec, observe(pods, 40_000.0), TickState.start(NOW), NOW)
+    assert turn.decision.variants.budget_limited and turn.decision.reason == "BudgetLimited"
+    assert turn.decision.variants.usd_per_hour <= 6.0
+    assert [e.reason for e in turn.events] == ["VariantMix", "BudgetLimited"]
+    again = tick(spec, observe(pods, 40_000.0), turn.state, NOW + 15)
+    assert "BudgetLimited" not in [e.reason for e in again.events]
+
+
+def test_each_variant_learns_its_own_limit_from_its_own_replicas():
+    spec = example()
+    pods = [Pod("l1", "l40s", node="n1"), Pod("l2", "l40s", node="n2")]
+    queued = Signals(source="prometheus", sampled_at=NOW - 5, tokens_per_second=7_000.0,
+                     pods=tuple(PodSignals(p.name, NOW - 5, waiting=10.0, running=40.0, kv_cache_usage=0.9)
+                                for p in pods))
+    state = TickState.start(NOW - 600)
+    for t in (NOW - 300, NOW - 200, NOW - 100, NOW):
+        state = tick(spec, observe(pods, 7_000.0, variant_signals={"l40s": queued}), state, t).state
+    assert state.mix.variants["l40s"].capacity == pytest.approx(3_500.0)  # 7,000 tokens/s over 2 at a queue
+    assert state.mix.variants["a100"].capacity is None  # no replicas: still its seed
