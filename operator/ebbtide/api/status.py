@@ -77,7 +77,8 @@ class Spend(ApiModel):
     projected_usd_per_hour: float | None = Field(
         default=None, description="What the latest mix of variants costs per hour once in place (reserved "
         "variants counted in full: they are paid for either way).")
-    max_usd_per_hour: float | None = Field(default=None, description="The hourly cap in force (spec.budget).")
+    max_usd_per_hour: float | None = Field(default=None, description="The hourly cap (spec.budget).")
+    max_usd_per_month: float | None = Field(default=None, description="The monthly cap (spec.budget), if any.")
     budget_limited: bool = Field(default=False, description="The cap binds: the mix carries less than the demand.")
     reasons: list[str] = Field(default_factory=list, description="Why this mix, in words and numbers.")
 

@@ -56,8 +56,9 @@ class PodRecord:
     variant: str | None = None  # the accelerator variant whose Deployment it belongs to (spec.variants)
 
     def view(self) -> Pod:
-        return Pod(self.name, self.capacity, self.state, self.serving, self.asleep_since, self.created, self.node,
-                   self.phase, ready=self.state != "starting", left_service_at=self.left_at)
+        # The tick knows a variant's pods by their Deployment: the variant's name (policy/variant_tick.py).
+        return Pod(self.name, self.variant or self.capacity, self.state, self.serving, self.asleep_since, self.created,
+                   self.node, self.phase, ready=self.state != "starting", left_service_at=self.left_at)
 
 
 @dataclass
@@ -66,8 +67,6 @@ class ServicePods:
     # Pods Ready and serving now: the startup times the lead time is measured from.
     startups: list[Startup] = field(default_factory=list)
     members: list[PodRecord] = field(default_factory=list)  # every live pod
-    # Replicas holding a GPU by variant (spec.variants), pods on their way out included: what each costs.
-    held_by_variant: dict[str, int] = field(default_factory=dict)
 
     @property
     def ready(self) -> int:
@@ -153,8 +152,6 @@ def summarize(pods: list[dict]) -> dict[tuple[str, str], ServicePods]:
                           spot=s.held.spot + (on_spot and not asleep),
                           asleep_on_demand=s.held.asleep_on_demand + (not on_spot and asleep),
                           asleep_spot=s.held.asleep_spot + (on_spot and asleep))
-            if variant := labels.get(LABEL_VARIANT):
-                s.held_by_variant[variant] = s.held_by_variant.get(variant, 0) + 1
         finished = pod.get("status", {}).get("phase") in ("Succeeded", "Failed")
         if meta.get("deletionTimestamp") or finished:
             continue  # on its way out: holds a GPU until gone, but is no capacity

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from ebbtide.api.ref import ServiceRef
 from ebbtide.cluster.pods import PodRecord
 from ebbtide.cluster.render import deployment_name
+from ebbtide.cluster.variants import variant_deployment_name
 from ebbtide.cluster.warm_pool import PoolMoves, pool_moves
 from ebbtide.policy.capacity_types import ON_DEMAND, SPOT
 from ebbtide.policy.observation import Deployments
@@ -27,7 +28,15 @@ class Actions:
     pools: Mapping[str, PoolMoves]  # capacity type -> its pods' moves
 
 
-def actions(ref: ServiceRef, turn: Turn, deployments: Deployments, pods: list[PodRecord]) -> Actions:
+def actions(ref: ServiceRef, turn: Turn, deployments: Deployments, pods: list[PodRecord],
+            variants: Mapping[str, int] | None = None) -> Actions:
+    """`variants`: with spec.variants, each variant's Deployment's count (those there)."""
+    if turn.decision.variants is not None:
+        # One Deployment per variant, sized as the mix says (turn.replicas is keyed by variant); one
+        # not there yet is the reconciler's to create. No warm pool: a surplus goes with its count.
+        have = variants or {}
+        return Actions(tuple((variant_deployment_name(ref, name), n) for name, n in turn.replicas.items()
+                             if name in have and have[name] != n), {})
     held = {ON_DEMAND: deployments.on_demand}
     if deployments.spot is not None:  # absent: the reconciler is creating it, with its own count
         held[SPOT] = deployments.spot

@@ -10,6 +10,7 @@ from ebbtide.cluster.kube import Kube, rfc3339
 from ebbtide.control.decide import Step
 from ebbtide.control.metrics import TIERS, OperatorMetrics
 from ebbtide.control.state import ServiceState
+from ebbtide.control.variant_report import spend, summary, variant_rows
 from ebbtide.policy.capacity_types import ON_DEMAND, SPOT
 from ebbtide.policy.profile import Profile
 from ebbtide.policy.tick import Turn
@@ -93,6 +94,11 @@ def render_status(status: dict, state: ServiceState, step: Step, turn: Turn, app
         "usdPerHour": round(turn.spend.usd_per_hour, 4),
         "usdPerMillionTokens": None if per_million is None else round(per_million, 4),
     }
+    rows = variant_rows(step.spec, decision.variants, step.pods.members)
+    # None removes a field: a service without variants (or no longer with them) shows none.
+    status["variants"] = rows or None
+    status["variantsSummary"] = summary(rows)
+    status["spend"] = spend(step.spec, decision.variants)
     status["startup"] = tick.startup.to_json()
     status["demandProfile"] = None if tick.profile is None else _profile_status(tick.profile)  # None: removed
     status["scaler"] = state.to_json()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from kubernetes.client.rest import ApiException
 
@@ -44,6 +44,8 @@ class Snapshot:
     signals: Mapping[Key, Signals]  # by service
     activation: Mapping[Key, float]  # by service, for those read (nothing awake, and the read worked)
     profiles: Mapping[Key, Profile]  # by service, the stored demand profiles read this tick
+    # By service with spec.variants: each variant's own signals (its pods' series), by variant name.
+    variant_signals: Mapping[Key, Mapping[str, Signals]] = field(default_factory=dict)
 
     @classmethod
     def of(cls, now: float, pods: list[dict], deployments: list[dict], nodes: list[dict],
@@ -67,14 +69,23 @@ async def observe(kube: Kube, source: PrometheusSource, due: list[Due], listed: 
     keyed = [((ref.namespace, ref.name), ref, spec, state) for ref, spec, state in due]
     queries = [ServiceQuery.for_spec(key, ref.namespace, tuple(seen.pods_of(key).names), spec)
                for key, ref, spec, _ in keyed]
-    signals = await asyncio.to_thread(source.observe, queries, now)
+    # A variant's signals are its pods' series out of the same answers: more keys, not more queries.
+    per_variant = [((key, v.name), ref, spec) for key, ref, spec, _ in keyed if spec.has_variants for v in spec.variants]
+    queries += [ServiceQuery.for_spec(vkey, ref.namespace, tuple(p.name for p in seen.pods_of(vkey[0]).members
+                                                                 if p.variant == vkey[1]), spec)
+                for vkey, ref, spec in per_variant]
+    observed = await asyncio.to_thread(source.observe, queries, now)
+    signals = {key: observed[key] for key, _, _, _ in keyed}
+    variant_signals: dict[Key, dict[str, Signals]] = {}
+    for (key, name), _, _ in per_variant:
+        variant_signals.setdefault(key, {})[name] = observed[(key, name)]
     # Read only where they count: the activation query while nothing is awake, a profile not held yet.
     asleep = [(key, ref, spec) for key, ref, spec, _ in keyed if wants_activation(spec, seen.pods_of(key).views())]
     unknown = [(key, ref, spec) for key, ref, spec, state in keyed
                if spec.warmup.predictive.enabled and known_profile(spec, state.tick) is None]
     values = await asyncio.gather(*(_activation(source, ref, spec, now) for _, ref, spec in asleep))
     profiles = await asyncio.gather(*(_profile(kube, ref, spec) for _, ref, spec in unknown))
-    return replace(seen, signals=signals,
+    return replace(seen, signals=signals, variant_signals=variant_signals,
                    activation={key: v for (key, _, _), v in zip(asleep, values, strict=True) if v is not None},
                    profiles={key: p for (key, _, _), p in zip(unknown, profiles, strict=True) if p is not None})
 
