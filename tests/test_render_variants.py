@@ -110,10 +110,10 @@ def test_gke_variants_tolerate_spot_taints_or_keep_off_spot_nodes_and_the_users_
     assert spot["terminationGracePeriodSeconds"] == 15 and on_demand["terminationGracePeriodSeconds"] == 60
 
 
-def test_first_counts_start_on_the_reserved_then_the_cheapest_variant():
+def test_new_deployments_start_at_each_variants_floor():
     counts = {n: d["spec"]["replicas"] for n, d in deployments(spec(*THREE, replicas={"min": 4, "max": 9})).items()}
-    # l4's floor is 1; the other 3 of min go to the reserved h100 (at most its 2), then the cheapest: l4.
-    assert counts == {"chat-h100": 2, "chat-a100": 0, "chat-l4": 2}
+    # What replicas.min asks beyond the floors, the tick places (the cheapest suitable, within the budget).
+    assert counts == {"chat-h100": 0, "chat-a100": 0, "chat-l4": 1}
 
 
 def test_a_single_variant_renders_as_a_service_without_variants_on_that_variants_nodes():

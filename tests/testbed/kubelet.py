@@ -252,8 +252,13 @@ class Kubelet:
         for uid, body in bound.items():
             pod = self._pods.get(uid)
             if pod is None:
-                if body["metadata"].get("deletionTimestamp") or (body.get("status") or {}).get("phase") in (
-                        "Succeeded", "Failed"):
+                if body["metadata"].get("deletionTimestamp"):
+                    # Deleted before it was started (scaled away at once): nothing to stop, so the
+                    # deletion is finished at once, as the kubelet's status manager does.
+                    meta = body["metadata"]
+                    await asyncio.to_thread(self._delete_now, meta["namespace"], meta["name"], meta["uid"])
+                    continue
+                if (body.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
                     continue
                 pod = self._pods[uid] = self._admit(body)
             pod.gates_passed = readiness_gates_passed(body)
@@ -271,6 +276,13 @@ class Kubelet:
         for pod in list(self._pods.values()):
             if not pod.terminating and not self._cut_off(pod):
                 await self._write_status(pod)
+
+    def _delete_now(self, namespace: str, name: str, uid: str) -> None:
+        """Finish a pod's deletion (grace 0), once nothing of it runs here."""
+        from kubernetes.client.rest import ApiException
+        with contextlib.suppress(ApiException):
+            call_api(self.core.delete_namespaced_pod, name, namespace,
+                     body={"gracePeriodSeconds": 0, "preconditions": {"uid": uid}})
 
     def _cut_off(self, pod: RunningPod) -> bool:
         """On a node of a pool cut off from the API server (it renews no Lease either)."""
@@ -354,10 +366,7 @@ class Kubelet:
                 await asyncio.sleep(min(prestop_seconds(pod.container), pod.grace))
             await self._stop_engine(pod, pod.grace)
             if delete:  # what the kubelet's status manager does once the containers are gone
-                from kubernetes.client.rest import ApiException
-                with contextlib.suppress(ApiException):
-                    await asyncio.to_thread(call_api, self.core.delete_namespaced_pod, pod.name, pod.namespace,
-                                            body={"gracePeriodSeconds": 0, "preconditions": {"uid": pod.uid}})
+                await asyncio.to_thread(self._delete_now, pod.namespace, pod.name, pod.uid)
         except Exception:
             logger.exception("terminating %s/%s failed", pod.namespace, pod.name)
         finally:

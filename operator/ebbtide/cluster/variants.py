@@ -136,18 +136,8 @@ def single_variant_shape(ref: ServiceRef, spec: InferenceServiceSpec, variant: V
                  shape.tensor_parallel)
 
 
-def preference(variant: Variant) -> tuple[int, float]:
-    """Which variant a new service starts on: reserved first (already paid for), then the cheapest replica-hour."""
-    return (variant.capacity_type != RESERVED, variant.usd_per_replica_hour)
-
-
 def first_counts(spec: InferenceServiceSpec) -> dict[str, int]:
-    """Replicas per variant when its Deployments are created: each variant's floor, and what
-    replicas.min asks beyond the floors on the preferred variants (from then on the tick decides)."""
-    counts = {v.name: v.replicas.min for v in spec.variants}
-    left = spec.replicas.min - sum(counts.values())
-    for variant in sorted(spec.variants, key=preference):
-        add = max(0, min(left, variant.replicas.max - counts[variant.name]))
-        counts[variant.name] += add
-        left -= add
-    return counts
+    """Replicas per variant when its Deployments are created: each variant's floor. What
+    replicas.min asks beyond the floors is the tick's to place (from zero, on the cheapest
+    suitable variant, within the budget) once the Deployments are there."""
+    return {v.name: v.replicas.min for v in spec.variants}

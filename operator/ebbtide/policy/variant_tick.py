@@ -186,7 +186,8 @@ def plan_mix(spec: InferenceServiceSpec, seen: Observation, mix: MixMemory | Non
     history = prune(mix.demand, now - stabilization)
     if wanted is None:
         held = dict(mix.targets) if mix.targets is not None else {v.name: v.ready + v.starting for v in views}
-        targets = {v.name: min(held.get(v.name, 0), v.ceiling) for v in views}
+        # A held mix still keeps each variant's floor (a new service's first tick may see no pods yet).
+        targets = {v.name: min(max(held.get(v.name, 0), v.min), v.ceiling) for v in views}
         plan = MixPlan(targets=targets, usd_per_hour=projected_usd_per_hour(views, targets),
                        required_tokens_per_s=mix.planned, planned_tokens_per_s=mix.planned, budget_limited=False,
                        reasons=())
