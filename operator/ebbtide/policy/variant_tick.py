@@ -196,13 +196,13 @@ def plan_mix(spec: InferenceServiceSpec, seen: Observation, mix: MixMemory | Non
     if kept_demand > wanted:
         why += f"; the scale-down window keeps {kept_demand:.0f} tokens/s"
     share = spec.scaling.targets.throughput
-    plan = choose_mix(demand_classes(kept_demand, share, seen.context_mix), views, share, _budget(spec),
+    plan = choose_mix(demand_classes(kept_demand, share, seen.context_mix), views, share, hourly_budget(spec),
                       keep=mix.targets)
     return plan, MixMemory(mix.since, memories, history, plan.targets, plan.planned_tokens_per_s,
                            plan.budget_limited), why
 
 
-def _budget(spec: InferenceServiceSpec) -> float | None:
+def hourly_budget(spec: InferenceServiceSpec) -> float | None:
     """The hourly cap in force: maxUsdPerHour, or a monthly cap spread evenly over a 30-day
     month, whichever is lower (the spend so far is the shell's to subtract: docs/variants.md)."""
     budget = spec.budget
@@ -218,7 +218,7 @@ def mix_decision(spec: InferenceServiceSpec, plan: MixPlan, why: str, current: i
     conditions = (ConditionReport(BUDGET_LIMITED, "True" if plan.budget_limited else "False",
                                   BUDGET_LIMITED if plan.budget_limited else "WithinBudget",
                                   f"projected {plan.usd_per_hour:.2f} USD/h"
-                                  + (f" of {_budget(spec):.2f}" if spec.budget is not None else "")),)
+                                  + (f" of {hourly_budget(spec):.2f}" if spec.budget is not None else "")),)
     mix = ", ".join(f"{name} {n}" for name, n in plan.targets.items())
     message = f"{current} -> {plan.total} ({mix}; {plan.usd_per_hour:.2f} USD/h): {why}; {plan.message}"
     return Decision(desired=plan.total, current=current, reason=BUDGET_LIMITED if plan.budget_limited else VARIANT_MIX,

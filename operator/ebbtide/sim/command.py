@@ -159,7 +159,8 @@ def run(args: argparse.Namespace) -> int:
             bar.advance(task)
     if variant_policies:
         try:
-            variant_results, usd_by_variant = run_variant_policies(variant_policies, spec, trace, settings)
+            variant_results, usd_by_variant = run_variant_policies(variant_policies, spec, trace, settings,
+                                                                   args.budget)
         except ValueError as e:
             return refuse(PROG, e)
         results += variant_results
@@ -294,6 +295,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="request logs: overlay this many time-shifted copies (default: 1)")
     parser.add_argument("--hours", type=number(above=0), default=None,
                         help="rate traces: replay only the first HOURS")
+    parser.add_argument("--budget", type=number(above=0), default=None, metavar="USD",
+                        help="with a spec that lists variants: also replay ebbtide-variants under this hourly budget "
+                        "(spec.budget.maxUsdPerHour), as ebbtide-variants-budget")
     lifecycle = parser.add_argument_group(
         "lifecycle", "pre-warming and the sleep pool (spec.warmup.predictive, spec.sleep; the policies "
         f"{', '.join(LIFECYCLE)} switch them off and on whatever the spec says)")

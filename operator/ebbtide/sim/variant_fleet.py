@@ -29,7 +29,14 @@ from ebbtide.api.variants import Variant
 from ebbtide.policy.capacity_types import ON_DEMAND
 from ebbtide.policy.observation import Deployments, Observation, Signals
 from ebbtide.policy.tick import TickState, tick
-from ebbtide.policy.variant_tick import MixMemory, VariantMemory, max_context, observe_variant, seed_capacity
+from ebbtide.policy.variant_tick import (
+    MixMemory,
+    VariantMemory,
+    hourly_budget,
+    max_context,
+    observe_variant,
+    seed_capacity,
+)
 from ebbtide.policy.variants import choose_mix
 from ebbtide.sim.capacity import ACCELERATOR_PRESETS, CapacityModel
 from ebbtide.sim.ebbtide_policy import EbbtidePolicy
@@ -78,7 +85,7 @@ class VariantsPolicy:
     spec: InferenceServiceSpec
     name: str = VARIANTS_POLICY
     state: TickState | None = None
-    turns: list = field(default_factory=list)  # (time, targets) whenever the mix changed
+    turns: list = field(default_factory=list)  # (time, targets, projected USD/h) whenever the mix changed
 
     def __post_init__(self) -> None:
         self.interval_s = float(self.spec.scaling.behavior.interval_seconds)
@@ -89,7 +96,7 @@ class VariantsPolicy:
         spec = self.spec
         views = [observe_variant(spec, v, [], None, VariantMemory(), now, now, spec.warmup.default_startup_seconds)[0]
                  for v in spec.variants]
-        plan = choose_mix(first_tokens_per_s, views, spec.scaling.targets.throughput)
+        plan = choose_mix(first_tokens_per_s, views, spec.scaling.targets.throughput, hourly_budget(spec))
         mix = MixMemory(since=now, demand=((now, plan.required_tokens_per_s),), targets=dict(plan.targets),
                         planned=plan.planned_tokens_per_s)
         self.state = replace(TickState.start(now, target=plan.total), mix=mix)
@@ -103,7 +110,7 @@ class VariantsPolicy:
     def orders(self, view: FleetView, variant_signals: Mapping[str, Signals], mix: tuple) -> dict[str, int]:
         turn = tick(self.spec, self.observation(view, variant_signals, mix), self.state, view.now)
         if not self.turns or self.turns[-1][1] != dict(turn.replicas):
-            self.turns.append((view.now, dict(turn.replicas)))
+            self.turns.append((view.now, dict(turn.replicas), turn.decision.variants.usd_per_hour))
         self.state = turn.state
         return dict(turn.replicas)
 

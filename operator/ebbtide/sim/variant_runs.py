@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from ebbtide.api.spec import InferenceServiceSpec
+from ebbtide.api.variants import Budget
 from ebbtide.policy.capacity_types import ON_DEMAND, SPOT
 from ebbtide.sim import report
 from ebbtide.sim.fleet import SimSettings
@@ -26,6 +27,7 @@ from ebbtide.sim.variant_fleet import (
 )
 
 PREFIX = "ebbtide-"
+BUDGET_POLICY = f"{VARIANTS_POLICY}-budget"
 
 
 def variant_policy_names(spec: InferenceServiceSpec) -> list[str]:
@@ -48,21 +50,26 @@ def split_policies(names: list[str], spec: InferenceServiceSpec, defaulted: bool
     return asked, others
 
 
-def run_variant_policies(names: list[str], spec: InferenceServiceSpec, trace: Trace, settings: SimSettings
-                         ) -> tuple[list[report.PolicyResult], dict[str, dict]]:
-    """Each policy's result (its cost: what its variants cost) and its dollars per variant."""
+def run_variant_policies(names: list[str], spec: InferenceServiceSpec, trace: Trace, settings: SimSettings,
+                         budget: float | None = None) -> tuple[list[report.PolicyResult], dict[str, dict]]:
+    """Each policy's result (its cost: what its variants cost) and its dollars per variant; with
+    `budget`, also ebbtide-variants under that hourly cap (spec.budget.maxUsdPerHour)."""
     results, by_variant = [], {}
     ramps = report.ramp_hours(trace)
+    if budget is not None and VARIANTS_POLICY in names:
+        names = [*names, BUDGET_POLICY]
     for name in names:
-        if name == VARIANTS_POLICY:
+        if name in (VARIANTS_POLICY, BUDGET_POLICY):
             kinds = {v.name: sim_variant(spec, v) for v in spec.variants}
-            policy = VariantsPolicy(spec)
+            capped = spec if name == VARIANTS_POLICY else spec.model_copy(update={"budget": Budget(
+                max_usd_per_hour=budget, max_usd_per_month=None)})
+            policy = VariantsPolicy(capped, name=name)
         else:
             variant = next(v for v in spec.variants if f"{PREFIX}{v.name}" == name)
             kinds = {ON_DEMAND: sim_variant(spec, variant)}
             policy = single_policy(spec, variant)
         run, usd = simulate_variants(trace, policy, kinds, settings)
-        if name != VARIANTS_POLICY:
+        if name not in (VARIANTS_POLICY, BUDGET_POLICY):
             usd = {variant.name: usd[ON_DEMAND]}
         result = report.summarize(run, spec, ramps)
         cost = sum(usd.values())
@@ -75,6 +82,7 @@ def run_variant_policies(names: list[str], spec: InferenceServiceSpec, trace: Tr
                                usd_per_million_tokens=round(cost / run.tokens_served * 1e6, 4)
                                if run.tokens_served else float("nan")))
         by_variant[name] = {"usd": {k: round(v, 2) for k, v in usd.items()},
+                            "usd_per_hour_max": round(max_usd_per_hour(policy), 2),
                             "gpu_hours": {k: round(h, 3) for k, h in hours.items()},
                             "refused_requests": refused(trace, kinds)}
     return results, by_variant
@@ -87,8 +95,14 @@ def describe(by_variant: dict[str, dict]) -> list[str]:
         spent = ", ".join(f"{k} {v:,.2f}" for k, v in run["usd"].items())
         refused_note = (f"; {run['refused_requests']:,} requests longer than any of its variants holds, refused"
                         if run["refused_requests"] else "")
-        lines.append(f"{name}: USD by variant {spent}{refused_note}")
+        peak = f"; the mix projected at most {run['usd_per_hour_max']:,.2f} USD/h" if run["usd_per_hour_max"] else ""
+        lines.append(f"{name}: USD by variant {spent}{peak}{refused_note}")
     return lines
+
+
+def max_usd_per_hour(policy: object) -> float:
+    """The highest USD/h a mix projected during the replay (0 for a single-variant run)."""
+    return max((usd for _, _, usd in getattr(policy, "turns", [])), default=0.0)
 
 
 def _capacity_type(spec: InferenceServiceSpec, name: str) -> str:
