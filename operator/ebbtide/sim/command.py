@@ -109,7 +109,8 @@ def run(args: argparse.Namespace) -> int:
     mode = "request by request" if trace.per_request else f"fluid, {settings.fluid_step_s:g} s steps"
     console.print(f"[bold]{spec_name}[/] on [bold]{escape(trace.name)}[/]: {trace.requests:,} requests over "
                   f"{trace.duration_s / 3600:.1f} h ({mode})")
-    console.print(f"capacity model {capacity.name}, cold start {settings.cold_start_s:g} s")
+    models = "each variant's accelerator preset" if variant_policies and not others else f"capacity model {capacity.name}"
+    console.print(f"{models}, cold start {settings.cold_start_s:g} s")
     results: list[report.PolicyResult] = []
     series: list[report.PlotSeries] = []
     extra: dict[str, float | None] = {}
