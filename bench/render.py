@@ -31,6 +31,7 @@ REACTIVE, ALL_FEATURES = "ebbtide-reactive", "ebbtide-lifecycle"
 FLOOR = "static-max"
 RAMP_RATIO = 0.5
 GPU_HOURS_RATIO = 1.10
+VARIANTS, VARIANT_SAVING = "ebbtide-variants", 0.25  # issue 19: the mix against the best single variant
 SCALE_TICK_S, SCALE_RSS_MIB = 5.0, 500  # issue 18: tick p99 under the tick interval, RSS under 500 MiB
 
 
@@ -84,6 +85,8 @@ def render(results: Path) -> str:
             out += [notes[key], ""]
     if lifecycle:
         out += _lifecycle(lifecycle, notes)
+    if (results / "variants.json").exists():
+        out += _variants(json.loads((results / "variants.json").read_text()), notes.get("variants"))
     out += _peers(runs, notes)
     seeds = results / "seeds.json"
     if seeds.exists():
@@ -329,6 +332,37 @@ def _scale(doc: dict, note: str | None) -> list[str]:
     if note:
         out += ["", note]
     return out + [""]
+
+
+def _variants(doc: dict, note: str | None) -> list[str]:
+    """Issue 19: the mix against the best single variant at 99 % SLO, per-variant dollars, the budget row."""
+    policies, spent = doc["policies"], doc["settings"]["usd_by_variant"]
+    mix = policies[VARIANTS]
+    singles = {name: r for name, r in policies.items() if name not in (VARIANTS, f"{VARIANTS}-budget")}
+    meeting = {name: r for name, r in singles.items() if r["slo_attainment"] >= SLO_TARGET}
+    if meeting:
+        name, best = min(meeting.items(), key=lambda kv: kv[1]["usd_per_million_tokens"])
+        versus = f"best single variant at {SLO_TARGET:.0%}: {name}"
+    else:  # then against those that come within a point of the mix's attainment
+        close = {n: r for n, r in singles.items() if r["slo_attainment"] >= mix["slo_attainment"] - 0.01} or singles
+        name, best = min(close.items(), key=lambda kv: kv[1]["usd_per_million_tokens"])
+        versus = (f"no single variant meets {SLO_TARGET:.0%}; the cheapest per token of those within a point of "
+                  f"the mix's attainment: {name}")
+    saving = 1 - mix["usd_per_million_tokens"] / best["usd_per_million_tokens"]
+    met = saving >= VARIANT_SAVING and mix["slo_attainment"] >= SLO_TARGET
+    out = ["## variants", "", f"    {doc['bench']['command']}", "",
+           f"{doc['requests']:,} requests over {doc['duration_s'] / 3600:.1f} h; spec `{doc['spec']}`; each "
+           "replica on its variant's capacity preset; reserved variants charged in full.", "",
+           f"Target: at least {VARIANT_SAVING:.0%} lower USD per million tokens than the best single variant, at "
+           f"{SLO_TARGET:.0%} SLO. {VARIANTS}: {mix['usd_per_million_tokens']:.3f} at "
+           f"{_percent(mix['slo_attainment'])}; {versus}, {best['usd_per_million_tokens']:.3f} at "
+           f"{_percent(best['slo_attainment'])}: {abs(saving):.1%} {'lower' if saving >= 0 else 'higher'}: {_mark(met)}.",
+           "", _table(policies), "", "| policy | USD by variant | most USD/h the mix projected | refused |",
+           "|---|---|---:|---:|"]
+    for run, row in spent.items():
+        usd = ", ".join(f"{k} {v:,.2f}" for k, v in row["usd"].items())
+        out.append(f"| {run} | {usd} | {row['usd_per_hour_max'] or '-'} | {row['refused_requests']:,} |")
+    return out + ([""] + [note] if note else []) + [""]
 
 
 def _notes(path: Path) -> dict[str, str]:

@@ -65,6 +65,12 @@ LIFECYCLE_RUNS = [
                                                  "static-max"]))
 ]
 
+# Accelerator variants (issue 19): the mix against each variant alone, on a trace with a wide
+# size mix (Azure's conversation hour with Mooncake's long-context hour), plus the mix under a
+# 12 USD/h budget (about two thirds of what it spends uncapped). The policies are the spec's own
+# (ebbtide-variants and one ebbtide-<variant> each); the spec is bench/variants.yaml.
+VARIANTS = ("variants", ["bench/variants.yaml", "--trace", "conv-1h+mooncake-1h", "--budget", "12"])
+
 
 def main() -> int:
     RESULTS.mkdir(exist_ok=True)
@@ -72,6 +78,7 @@ def main() -> int:
                                                                       os.environ.get("PYTHONPATH")])))
     runs = [(key, [*args, "--policies", *POLICIES, *extra, "--plot", f"bench/{key}.png"]) for key, args, extra in RUNS]
     runs += [SPEED[:2], *((key, [*args, "--policies", *policies]) for key, args, policies in LIFECYCLE_RUNS)]
+    runs += [VARIANTS]
     only = set(sys.argv[1:])  # `python bench/run.py KEY...`: rerun those runs only, then render
     unknown = only - {key for key, _ in runs}
     if unknown:

@@ -11,7 +11,14 @@ import yaml
 from ebbtide.api.manifest import parse_spec
 from ebbtide.policy.observation import Deployments, Observation, Pod, PodSignals, Signals
 from ebbtide.policy.tick import TickState, tick
-from ebbtide.policy.variant_tick import SEED_TOKENS_PER_S, max_model_len, seed_capacity
+from ebbtide.policy.variant_tick import (
+    SEED_TOKENS_PER_S,
+    MixMemory,
+    hourly_budget,
+    hours_left_in_month,
+    max_model_len,
+    seed_capacity,
+)
 from ebbtide.policy.variants import Demand, VariantView, choose_mix
 from ebbtide.sim.capacity import ACCELERATOR_PRESETS
 
@@ -160,3 +167,21 @@ def test_each_variant_learns_its_own_limit_from_its_own_replicas():
         state = tick(spec, observe(pods, 7_000.0, variant_signals={"l40s": queued}), state, t).state
     assert state.mix.variants["l40s"].capacity == pytest.approx(3_500.0)  # 7,000 tokens/s over 2 at a queue
     assert state.mix.variants["a100"].capacity is None  # no replicas: still its seed
+
+
+def test_the_mix_memory_survives_a_restart_and_bad_history_is_forgotten():
+    spec = example()
+    pods = [Pod("l1", "l40s", node="n1")]
+    state = tick(spec, observe(pods, 5_000.0), TickState.start(NOW), NOW).state
+    kept = state.mix.to_json()
+    assert MixMemory.load(kept, NOW + 1) == state.mix
+    assert MixMemory.load({"since": "soon"}, NOW + 1) == MixMemory(since=NOW + 1)
+
+
+def test_a_monthly_cap_spreads_what_is_left_over_the_hours_left():
+    spec = parse_spec({"model": {"name": "m"}, "budget": {"maxUsdPerHour": 50, "maxUsdPerMonth": 7200}})
+    assert hourly_budget(spec) == pytest.approx(10.0)  # 7,200 over a 30-day month
+    end_of_may = 1_717_113_600.0  # 2024-05-31 00:00 UTC: 24 hours left
+    assert hours_left_in_month(end_of_may) == pytest.approx(24.0)
+    assert hourly_budget(spec, spent_this_month=6960.0, now=end_of_may) == pytest.approx(10.0)
+    assert hourly_budget(spec, spent_this_month=7200.0, now=end_of_may) == 0.0

@@ -19,6 +19,7 @@ Not applied per variant in this version: schedules, predictive pre-warming and t
 
 from __future__ import annotations
 
+import datetime
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -64,6 +65,32 @@ class MixMemory:
     targets: Mapping[str, int] | None = None  # the mix last asked for
     planned: float = 0.0  # its capacity at the limit
     budget_limited: bool = False  # the last mix was cut by the budget (told once, when it starts)
+
+    def to_json(self) -> dict:
+        """What the shell keeps in the cluster, so a restart keeps each variant's learned limit."""
+        return {"since": self.since, "planned": self.planned, "budgetLimited": self.budget_limited,
+                "demand": [list(e) for e in self.demand], "targets": None if self.targets is None else dict(self.targets),
+                "variants": {name: {"capacityTokensPerSecond": m.capacity, "breachedAt": m.breached_at,
+                                    "lastReady": m.last_ready, "readyChangedAt": m.ready_changed_at,
+                                    "stuckAt": m.stuck_at} for name, m in self.variants.items()}}
+
+    @classmethod
+    def load(cls, data: object, now: float) -> MixMemory:
+        """The inverse of to_json; anything unreadable is lost history: a fresh memory from `now`."""
+        try:
+            def number(value: object) -> float | None:
+                return None if value is None else float(value)  # type: ignore[arg-type]
+            variants = {str(name): VariantMemory(number(m["capacityTokensPerSecond"]), number(m["breachedAt"]),
+                                                 None if m["lastReady"] is None else int(m["lastReady"]),
+                                                 number(m["readyChangedAt"]), number(m["stuckAt"]))
+                        for name, m in data["variants"].items()}  # type: ignore[index]
+            targets = data["targets"]  # type: ignore[index]
+            return cls(since=float(data["since"]), variants=variants,  # type: ignore[index]
+                       demand=tuple((float(t), float(d)) for t, d in data["demand"]),  # type: ignore[index]
+                       targets=None if targets is None else {str(k): int(v) for k, v in targets.items()},
+                       planned=float(data["planned"]), budget_limited=bool(data["budgetLimited"]))  # type: ignore[index]
+        except (KeyError, TypeError, ValueError, AttributeError):
+            return cls(since=now)
 
 
 def seed_capacity(accelerator: str) -> float:
@@ -197,20 +224,35 @@ def plan_mix(spec: InferenceServiceSpec, seen: Observation, mix: MixMemory | Non
     if kept_demand > wanted:
         why += f"; the scale-down window keeps {kept_demand:.0f} tokens/s"
     share = spec.scaling.targets.throughput
-    plan = choose_mix(demand_classes(kept_demand, share, seen.context_mix), views, share, _budget(spec),
+    plan = choose_mix(demand_classes(kept_demand, share, seen.context_mix), views, share, hourly_budget(spec),
                       keep=mix.targets)
     return plan, MixMemory(mix.since, memories, history, plan.targets, plan.planned_tokens_per_s,
                            plan.budget_limited), why
 
 
-def _budget(spec: InferenceServiceSpec) -> float | None:
-    """The hourly cap in force: maxUsdPerHour, or a monthly cap spread evenly over a 30-day
-    month, whichever is lower (the spend so far is the shell's to subtract: docs/variants.md)."""
+def hourly_budget(spec: InferenceServiceSpec, spent_this_month: float | None = None,
+                  now: float | None = None) -> float | None:
+    """The hourly cap in force: maxUsdPerHour, or the monthly cap's share, whichever is lower.
+    The monthly share is what is left of it (with the spend so far this calendar month, UTC)
+    over the hours left in the month; without the spend, the cap over a 30-day month."""
     budget = spec.budget
     if budget is None:
         return None
-    monthly = budget.max_usd_per_month / (30 * 24) if budget.max_usd_per_month is not None else math.inf
+    monthly = math.inf
+    if budget.max_usd_per_month is not None:
+        if spent_this_month is not None and now is not None:
+            left = max(0.0, budget.max_usd_per_month - spent_this_month)
+            monthly = left / max(hours_left_in_month(now), 1.0 / 60)
+        else:
+            monthly = budget.max_usd_per_month / (30 * 24)
     return min(budget.max_usd_per_hour, monthly)
+
+
+def hours_left_in_month(now: float) -> float:
+    """Hours from `now` (unix seconds) to the start of the next calendar month, UTC."""
+    at = datetime.datetime.fromtimestamp(now, datetime.UTC)
+    following = datetime.datetime(at.year + (at.month == 12), at.month % 12 + 1, 1, tzinfo=datetime.UTC)
+    return (following - at).total_seconds() / 3600.0
 
 
 def mix_decision(spec: InferenceServiceSpec, plan: MixPlan, why: str, current: int, source: str,
@@ -219,7 +261,7 @@ def mix_decision(spec: InferenceServiceSpec, plan: MixPlan, why: str, current: i
     conditions = (ConditionReport(BUDGET_LIMITED, "True" if plan.budget_limited else "False",
                                   BUDGET_LIMITED if plan.budget_limited else "WithinBudget",
                                   f"projected {plan.usd_per_hour:.2f} USD/h"
-                                  + (f" of {_budget(spec):.2f}" if spec.budget is not None else "")),)
+                                  + (f" of {hourly_budget(spec):.2f}" if spec.budget is not None else "")),)
     mix = ", ".join(f"{name} {n}" for name, n in plan.targets.items())
     message = f"{current} -> {plan.total} ({mix}; {plan.usd_per_hour:.2f} USD/h): {why}; {plan.message}"
     return Decision(desired=plan.total, current=current, reason=BUDGET_LIMITED if plan.budget_limited else VARIANT_MIX,

@@ -26,6 +26,7 @@ from ebbtide.sim.catalog import (
     build_policies,
     policy_names,
 )
+from ebbtide.sim.combined_traces import is_combined, load_combined
 from ebbtide.sim.ebbtide_policy import EbbtidePolicy, EbbtideSpotPolicy
 from ebbtide.sim.fleet import SimSettings, simulate
 from ebbtide.sim.inputs import (
@@ -42,13 +43,16 @@ from ebbtide.sim.peers.tuning import SLO as TUNING_SLO
 from ebbtide.sim.peers.tuning import Tuned, Tuning
 from ebbtide.sim.spot_market import SpotMarket
 from ebbtide.sim.training import train
+from ebbtide.sim.variant_runs import describe, run_variant_policies, split_policies
 
 PROG = "ebbtide simulate"
+KNOWN = {*ALL_POLICIES, *EXTRA_POLICIES, *SHORT_NAMES}
 MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
 
 
 def settle(args: argparse.Namespace) -> None:
     """What argparse cannot check alone: the policy names, and options that need each other."""
+    args.policies_defaulted = not args.policies
     args.policies, args.spec = policies_and_spec(args.policies, args.spec)
     if args.train_rotate and not args.train_profile:
         raise ValueError("--train-rotate shifts the training replay: it needs --train-profile")
@@ -60,10 +64,9 @@ def policies_and_spec(words: list[str] | None, spec: str | None) -> tuple[list[s
     but a manifest (by its suffix, or an existing file) is the spec."""
     if not words:
         return list(ALL_POLICIES), spec
-    known = {*ALL_POLICIES, *EXTRA_POLICIES, *SHORT_NAMES}
     last = words[-1]
     names_a_file = last.endswith(MANIFEST_SUFFIXES) or Path(last).is_file()
-    if spec is None and names_a_file and not set(last.split(",")) & known:
+    if spec is None and names_a_file and not any(w in KNOWN or w.startswith("ebbtide-") for w in last.split(",")):
         spec, words = last, words[:-1]
     names = policy_names([name for word in words for name in word.split(",") if name])
     if not names:
@@ -82,9 +85,13 @@ def run(args: argparse.Namespace) -> int:
         settle(args)
         spec_name, spec = load_spec(args.spec)
         capacity = get_preset(args.preset)
-        trace = load_trace(args.trace, capacity, spec, args.peak_replicas, args.scale, args.seed, args.hours)
+        variant_policies, others = split_policies(args.policies, spec, defaulted=args.policies_defaulted)
+        if is_combined(args.trace):
+            trace = load_combined(args.trace, args.seed)
+        else:
+            trace = load_trace(args.trace, capacity, spec, args.peak_replicas, args.scale, args.seed, args.hours)
         cold_start = float(spec.warmup.default_startup_seconds if args.cold_start is None else args.cold_start)
-        policies = build_policies(args.policies, spec, trace, capacity)
+        policies = build_policies(others, spec, trace, capacity)
     except (InvalidSpec, traces.TraceError, ValueError, OSError) as e:
         return refuse(PROG, e)
     targets = spec.scaling.targets
@@ -102,7 +109,8 @@ def run(args: argparse.Namespace) -> int:
     mode = "request by request" if trace.per_request else f"fluid, {settings.fluid_step_s:g} s steps"
     console.print(f"[bold]{spec_name}[/] on [bold]{escape(trace.name)}[/]: {trace.requests:,} requests over "
                   f"{trace.duration_s / 3600:.1f} h ({mode})")
-    console.print(f"capacity model {capacity.name}, cold start {settings.cold_start_s:g} s")
+    models = "each variant's accelerator preset" if variant_policies and not others else f"capacity model {capacity.name}"
+    console.print(f"{models}, cold start {settings.cold_start_s:g} s")
     results: list[report.PolicyResult] = []
     series: list[report.PlotSeries] = []
     extra: dict[str, float | None] = {}
@@ -150,6 +158,14 @@ def run(args: argparse.Namespace) -> int:
                 series.append(report.plot_series(result, trace))
             del result  # millions of latency points per week-long run
             bar.advance(task)
+    if variant_policies:
+        try:
+            variant_results, usd_by_variant = run_variant_policies(variant_policies, spec, trace, settings,
+                                                                   args.budget)
+        except ValueError as e:
+            return refuse(PROG, e)
+        results += variant_results
+        extra.update(usd_by_variant=usd_by_variant)
     elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_started
     spotted = [p for p in policies if isinstance(p, EbbtideSpotPolicy)]
     title = f"{trace.name} - {spec_name} ({elapsed:.1f} s, CPU {cpu:.1f} s)"
@@ -159,6 +175,8 @@ def run(args: argparse.Namespace) -> int:
     for table in report.tables(results, console.width):
         console.print(table)
     console.print(report.slo_caption(spec))
+    for line in describe(extra.get("usd_by_variant", {})):
+        console.print(line, markup=False)
     if spotted:
         extra.update(spot_enabled_by_simulator=spotted[0].spot_enabled_here)
         console.print(f"spot market: {describe_market(settings.spot)}; {report.spot_note(results)}")
@@ -246,7 +264,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("spec", nargs="?", default=None, metavar="SPEC",
                         help=f"an InferenceService manifest (default: the bundled examples/{DEFAULT_SPEC})")
     parser.add_argument("--trace", default=DEFAULT_TRACE,
-                        help=f"a bundled trace ({', '.join(traces.BUNDLED)}) or a CSV path (default: {DEFAULT_TRACE})")
+                        help=f"a bundled trace ({', '.join(traces.BUNDLED)}, mooncake-1h) or a CSV path; two request "
+                        f"logs joined by + are served together, e.g. conv-1h+mooncake-1h (default: {DEFAULT_TRACE})")
     parser.add_argument("--policies", nargs="+", metavar="NAME",
                         help="policies to compare, as the table names them, space- or comma-separated "
                         f"(default: {', '.join(ALL_POLICIES)}; {', '.join(SHORT_NAMES)} also name the middle "
@@ -257,7 +276,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         f"allows, all the time; the peers {', '.join(PEERS)} at their documented defaults, and "
                         f"{', '.join(p + '-tuned' for p in PEERS)}, each with its main threshold swept on this "
                         "replay and set to the cheapest setting meeting 99%% of the SLO (several replays each). "
-                        f"The peers hold the spec's schedule floors, as Ebbtide does")
+                        "The peers hold the spec's schedule floors, as Ebbtide does. A spec with variants runs "
+                        "ebbtide-variants (the mix) and ebbtide-<variant> (one variant alone) instead")
     parser.add_argument("--json", metavar="PATH", type=writable_file,
                         help="write the results as JSON (schema in sim/report.py)")
     parser.add_argument("--plot", metavar="PATH", type=writable_file,
@@ -276,6 +296,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="request logs: overlay this many time-shifted copies (default: 1)")
     parser.add_argument("--hours", type=number(above=0), default=None,
                         help="rate traces: replay only the first HOURS")
+    parser.add_argument("--budget", type=number(above=0), default=None, metavar="USD",
+                        help="with a spec that lists variants: also replay ebbtide-variants under this hourly budget "
+                        "(spec.budget.maxUsdPerHour), as ebbtide-variants-budget")
     lifecycle = parser.add_argument_group(
         "lifecycle", "pre-warming and the sleep pool (spec.warmup.predictive, spec.sleep; the policies "
         f"{', '.join(LIFECYCLE)} switch them off and on whatever the spec says)")

@@ -54,10 +54,18 @@ class RequestServing:
         """A replica joins (or, still draining, rejoins with what it holds) the endpoints."""
         engine = self.draining.pop(rid, None)
         if engine is None:
-            engine = EngineCore(self.capacity)
+            engine = EngineCore(self.model_for(rid))
             engine.advance(now)
             self._outstanding[rid] = 0
         self.engines[rid] = engine
+
+    def model_for(self, rid: int) -> CapacityModel:
+        """The capacity model of a new replica: one for all here (sim/variant_serving.py: by variant)."""
+        return self.capacity
+
+    def admitting(self, prompt: int, output: int) -> list[int]:
+        """The replicas the gateway may send a request of this size to: all of them here."""
+        return list(self.engines)
 
     def idle_since(self, rid: int, now: float) -> float | None:
         """When the replica last had nothing running or waiting, or None if it has something
@@ -118,7 +126,7 @@ class RequestServing:
         return gone
 
     def _route(self, arrival: float, prompt: int, output: int, now: float) -> None:
-        ids = list(self.engines)
+        ids = self.admitting(prompt, output)
         if len(ids) == 1:
             candidates = ids
         else:  # two distinct replicas at random (random.sample costs more than the rest of this)
@@ -129,7 +137,7 @@ class RequestServing:
             self._collect(rid, self.engines[rid].advance(now))
         rid = min(candidates, key=self._outstanding.__getitem__)
         engine = self.engines[rid]
-        prompt = max(1, min(prompt, self.capacity.max_model_len - output - 1))
+        prompt = max(1, min(prompt, engine.model.max_model_len - output - 1))
         request_id = str(self._next_id)
         if now > arrival:  # waited at the gateway while no replica could take it
             self._held[request_id] = now - arrival

@@ -1,0 +1,87 @@
+"""Serving over replicas of several accelerator variants (issue 19): each replica is an engine of
+its own variant's capacity model, and the gateway sends a request only to replicas whose
+max_model_len holds it (power of two choices among those, as RequestServing does among all).
+
+That is the routing assumption of spec.variants: the user's gateway knows which variants admit
+which request sizes (a vLLM replica refuses a request longer than its --max-model-len). Beyond
+that it balances on requests in flight, which sends fewer requests to slower replicas.
+
+What the operator reads per variant is scraped per variant too: its pods and its token rate
+(vLLM's counters summed over the variant's replicas, including those gone since), and the
+shares of the token rate by the context the requests need (the shell's `context_mix`).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+
+from ebbtide.policy.observation import Signals
+from ebbtide.sim.capacity import CapacityModel
+from ebbtide.sim.engine_core import EngineCore
+from ebbtide.sim.request_serving import RequestServing, _tokens_counted
+
+
+class VariantServing(RequestServing):
+    def __init__(self, models: Mapping[str, CapacityModel], kind_of: Callable[[int], str], arrivals: np.ndarray,
+                 prompts: np.ndarray, outputs: np.ndarray, dt: float = 1.0, seed: int = 0):
+        widest = max(models.values(), key=lambda m: m.max_model_len)
+        super().__init__(widest, arrivals, prompts, outputs, dt=dt, seed=seed)
+        self.models = dict(models)
+        self._kind_of = kind_of
+        self.kinds: dict[int, str] = {}  # replica -> its variant
+        self._ever: dict[str, list[EngineCore]] = {kind: [] for kind in models}  # for the token counters
+        self._marks: dict[str, deque[tuple[float, float]]] = {kind: deque() for kind in models}
+
+    def model_for(self, rid: int) -> CapacityModel:
+        kind = self.kinds[rid] = self._kind_of(rid)
+        return self.models[kind]
+
+    def add_replica(self, rid: int, now: float) -> None:
+        new = rid not in self.draining and rid not in self.engines
+        super().add_replica(rid, now)
+        if new:
+            self._ever[self.kinds[rid]].append(self.engines[rid])
+
+    def admitting(self, prompt: int, output: int) -> list[int]:
+        need = prompt + output + 1
+        fits = [rid for rid, engine in self.engines.items() if engine.model.max_model_len >= need]
+        return fits or list(self.engines)
+
+    def variant_signals(self, t: float, window: float, service: Signals) -> dict[str, Signals]:
+        """Each variant's pods (as the service's scrape saw them) and its token rate over the window."""
+        by_pod = {f"replica-{rid}": kind for rid, kind in self.kinds.items()}
+        out = {}
+        for kind, engines in self._ever.items():
+            counted = sum(_tokens_counted(e) for e in engines)
+            marks = self._marks[kind]
+            marks.append((t, counted))
+            while marks[0][0] < t - window:
+                marks.popleft()
+            first_t, first = marks[0]
+            out[kind] = Signals(source=service.source, sampled_at=service.sampled_at,
+                                pods=tuple(p for p in service.pods if by_pod.get(p.pod) == kind),
+                                tokens_per_second=(counted - first) / (t - first_t) if t > first_t else None)
+        return out
+
+
+def context_mix(arrivals: np.ndarray, prompts: np.ndarray, outputs: np.ndarray, t: float, window: float,
+                limits: Sequence[int]) -> tuple[tuple[int, float], ...]:
+    """Shares of the tokens that arrived over the window by the context their requests need,
+    in classes at the variants' limits (a request goes to the smallest limit that holds it)."""
+    bounds = sorted(set(limits))
+    if len(bounds) < 2:
+        return ()
+    lo, hi = np.searchsorted(arrivals, [t - window, t], side="right")
+    if hi <= lo:
+        return ()
+    need = prompts[lo:hi] + outputs[lo:hi] + 1
+    tokens = (prompts[lo:hi] + outputs[lo:hi]).astype(float)
+    cls = np.minimum(np.searchsorted(bounds, need, side="left"), len(bounds) - 1)
+    per_class = np.bincount(cls, weights=tokens, minlength=len(bounds))
+    total = per_class.sum()
+    if total <= 0:
+        return ()
+    return tuple((bound, float(share / total)) for bound, share in zip(bounds, per_class, strict=True) if share > 0)
