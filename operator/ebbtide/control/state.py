@@ -9,6 +9,7 @@ from ebbtide.policy.cost import Ledger
 from ebbtide.policy.decision import Memory
 from ebbtide.policy.startup import StartupEstimate
 from ebbtide.policy.tick import TickState
+from ebbtide.policy.variant_tick import MixMemory
 
 
 @dataclass
@@ -33,12 +34,17 @@ class ServiceState:
         except (TypeError, ValueError):
             target, cover = None, ()
         startup = (status or {}).get("startup")
+        # With spec.variants: each variant's learned limit and the mix (policy/variant_tick.py).
+        mix = MixMemory.load(stored["mix"], now) if "mix" in stored else None
         return cls(TickState(memory=Memory.load(stored or None, now), ledger=Ledger.load(stored.get("cost"), now),
                              target=target, spot_cover=cover,
-                             startup=StartupEstimate.load(startup if isinstance(startup, dict) else None)))
+                             startup=StartupEstimate.load(startup if isinstance(startup, dict) else None), mix=mix))
 
     def to_json(self) -> dict:
         """status.scaler (the startup estimate has a status field of its own)."""
         t = self.tick
-        return {**t.memory.to_json(), "cost": t.ledger.to_json(),
+        kept = {**t.memory.to_json(), "cost": t.ledger.to_json(),
                 "spot": {"target": t.target, "cover": [list(e) for e in t.spot_cover]}}
+        if t.mix is not None:
+            kept["mix"] = t.mix.to_json()
+        return kept

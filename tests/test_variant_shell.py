@@ -1,0 +1,83 @@
+"""The operator's side of accelerator variants, without a cluster: the pods and Deployments the
+API server returns, through decide (control/decide.py) to the counts each variant's Deployment is
+set to, the status rows, and the mix memory kept in status across a restart."""
+
+from __future__ import annotations
+
+from ebbtide.api.manifest import parse_spec
+from ebbtide.api.ref import ServiceRef
+from ebbtide.cluster.kube import rfc3339
+from ebbtide.cluster.render import LABEL_CAPACITY, LABEL_SERVICE, LABEL_SERVING
+from ebbtide.cluster.variants import LABEL_VARIANT
+from ebbtide.control.decide import decide
+from ebbtide.control.explain import render_status
+from ebbtide.control.observe import Snapshot
+from ebbtide.control.state import ServiceState
+from ebbtide.policy.observation import PodSignals, Signals
+
+NOW = 1_750_000_000.0
+REF = ServiceRef(name="chat", namespace="ml", uid="u1")
+SPEC = parse_spec({"model": {"name": "m"}, "replicas": {"min": 1, "max": 8}, "variants": [
+    {"name": "h100", "accelerator": "H100", "capacityType": "reserved", "pricePerGpuHour": 2.0,
+     "replicas": {"min": 0, "max": 2}},
+    {"name": "l4", "accelerator": "L4", "capacityType": "on-demand", "pricePerGpuHour": 0.8,
+     "gpusPerReplica": 2, "replicas": {"min": 0, "max": 4}}]})
+
+
+def pod(name: str, variant: str, node: str | None, ready: bool) -> dict:
+    conditions = [{"type": "Ready", "status": "True", "lastTransitionTime": rfc3339(NOW - 600)}] if ready else []
+    return {"metadata": {"name": name, "namespace": "ml", "creationTimestamp": rfc3339(NOW - 900),
+                         "labels": {LABEL_SERVICE: "chat", LABEL_VARIANT: variant, LABEL_SERVING: "true",
+                                    LABEL_CAPACITY: "on-demand"}},
+            "spec": {"nodeName": node}, "status": {"phase": "Running" if node else "Pending", "conditions": conditions}}
+
+
+def deployment(name: str, replicas: int) -> dict:
+    return {"metadata": {"namespace": "ml", "name": name}, "spec": {"replicas": replicas}}
+
+
+def snapshot(tokens: float) -> Snapshot:
+    pods = [pod("chat-h100-a", "h100", "n1", True), pod("chat-l4-a", "l4", "n2", True),
+            pod("chat-l4-b", "l4", None, False)]
+    signals = Signals("prometheus", NOW - 1, pods=(PodSignals("chat-h100-a", NOW - 1), PodSignals("chat-l4-a", NOW - 1)),
+                      tokens_per_second=tokens)
+    return Snapshot.of(NOW, pods, [deployment("chat-h100", 1), deployment("chat-l4", 2)], [],
+                       {("ml", "chat"): signals})
+
+
+def test_each_variants_deployment_is_set_to_the_mix_and_status_prices_each_variant():
+    state = ServiceState.restore(None, NOW)
+    step = decide(snapshot(tokens=20_000.0), REF, SPEC, state.tick)
+    assert {p.capacity for p in step.seen.pods} == {"h100", "l4"}, "the tick knows a variant's pods by its name"
+    mix = step.turn.decision.variants
+    assert mix is not None and dict(step.turn.replicas) == dict(mix.targets)
+    # The reserved H100s run to their max first (already paid for); the rest goes on L4s.
+    assert mix.targets["h100"] == 2
+    assert dict(step.actions.scale) == {f"chat-{n}": c for n, c, have in
+                                        (("h100", mix.targets["h100"], 1), ("l4", mix.targets["l4"], 2)) if c != have}
+    assert step.actions.pools == {}
+
+    status = render_status({}, state, step, step.turn, applied=True)
+    rows = {r["name"]: r for r in status["variants"]}
+    # Reserved: paid in full (2 x 2.0); L4: the one pod on a node (2 GPUs x 0.8), not the Pending one.
+    assert (rows["h100"]["usdPerHour"], rows["l4"]["usdPerHour"]) == (4.0, 1.6)
+    assert (rows["l4"]["ready"], rows["l4"]["pending"]) == (1, 1)
+    assert status["cost"]["usdPerHour"] == sum(r["usdPerHour"] for r in rows.values())
+    assert status["variantsSummary"] == f"h100=1/2@4,l4=1/{mix.targets['l4']}@1.6"
+    assert status["spend"]["projectedUsdPerHour"] == round(mix.usd_per_hour, 4)
+
+
+def test_the_mix_memory_is_kept_in_status_across_a_restart():
+    state = ServiceState.restore(None, NOW)
+    step = decide(snapshot(tokens=3_000.0), REF, SPEC, state.tick)
+    state.tick = step.turn.state
+    restarted = ServiceState.restore({"scaler": state.to_json()}, NOW + 60)
+    assert restarted.tick.mix == state.tick.mix and restarted.tick.mix is not None
+
+
+def test_a_service_without_variants_writes_no_variant_fields():
+    plain = parse_spec({"model": {"name": "m"}})
+    snap = Snapshot.of(NOW, [], [deployment("chat", 1)], [], {})
+    step = decide(snap, REF, plain, ServiceState.restore(None, NOW).tick)
+    status = render_status({}, ServiceState.restore(None, NOW), step, step.turn, applied=True)
+    assert (status["variants"], status["variantsSummary"], status["spend"]) == (None, None, None)
