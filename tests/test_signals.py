@@ -15,6 +15,11 @@ from dataclasses import dataclass
 
 import pytest
 
+from ebbtide.api.manifest import parse_spec
+from ebbtide.api.ref import ServiceRef
+from ebbtide.cluster.render import LABEL_SERVICE
+from ebbtide.cluster.variants import LABEL_VARIANT
+from ebbtide.control.observe import Snapshot, signal_queries
 from ebbtide.signals.prometheus import QUERY_NAMES, PrometheusSource, ServiceQuery
 from ebbtide.signals.quantiles import bucket_quantile, quantile_or_none
 from ebbtide.signals.scrape import ScrapeQuery, ScrapeSource
@@ -234,6 +239,26 @@ def test_query_count_does_not_grow_with_services(bed):
     for k in range(MANY):
         s = signals_many[f"ns-many/s{k}"]
         assert s.error is None and [p.pod for p in s.pods] == [f"p-{k}"] and s.waiting == k
+
+
+@pytest.mark.prometheus
+@needs_prometheus
+def test_each_variant_gets_its_own_pods_signals_out_of_the_same_queries(bed):
+    """With spec.variants the operator asks once more per variant, keyed (service, variant), with that
+    variant's pods (control/observe.py): the same 11 queries, each variant's own series."""
+    spec = parse_spec({"model": {"name": "m"}, "variants": [
+        {"name": name, "accelerator": name.upper(), "pricePerGpuHour": 1.0} for name in ("h100", "l4")]})
+    pods = [{"metadata": {"name": name, "namespace": "ns-a", "labels": {LABEL_SERVICE: "chat", LABEL_VARIANT: variant}},
+             "spec": {"nodeName": "n"}, "status": {"phase": "Running"}} for name, variant in (("p-1", "h100"),
+                                                                                           ("p-2", "l4"))]
+    due = [(ServiceRef(name="chat", namespace="ns-a", uid="u"), spec, None)]
+    source = PrometheusSource(bed.prometheus.url)
+    signals = source.observe(signal_queries(Snapshot.of(bed.at, pods, [], [], {}), due), bed.at)
+    assert source.last_queries == len(QUERY_NAMES)
+    service, h100, l4 = signals[("ns-a", "chat")], signals[(("ns-a", "chat"), "h100")], signals[(("ns-a", "chat"), "l4")]
+    assert [p.pod for p in h100.pods] == ["p-1"] and [p.pod for p in l4.pods] == ["p-2"]
+    assert (h100.waiting, l4.waiting, service.waiting) == (3, 1, 4)
+    assert h100.tokens_per_second == pytest.approx(service.tokens_per_second) and not l4.tokens_per_second
 
 
 @pytest.mark.prometheus

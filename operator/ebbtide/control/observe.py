@@ -67,17 +67,10 @@ async def observe(kube: Kube, source: PrometheusSource, due: list[Due], listed: 
     nodes = await kube.list_nodes() if any(spec.placement.spot.enabled for _, spec, _ in due) else []
     seen = Snapshot.of(now, listed, deployments, nodes, {})
     keyed = [((ref.namespace, ref.name), ref, spec, state) for ref, spec, state in due]
-    queries = [ServiceQuery.for_spec(key, ref.namespace, tuple(seen.pods_of(key).names), spec)
-               for key, ref, spec, _ in keyed]
-    # A variant's signals are its pods' series out of the same answers: more keys, not more queries.
-    per_variant = [((key, v.name), ref, spec) for key, ref, spec, _ in keyed if spec.has_variants for v in spec.variants]
-    queries += [ServiceQuery.for_spec(vkey, ref.namespace, tuple(p.name for p in seen.pods_of(vkey[0]).members
-                                                                 if p.variant == vkey[1]), spec)
-                for vkey, ref, spec in per_variant]
-    observed = await asyncio.to_thread(source.observe, queries, now)
-    signals = {key: observed[key] for key, _, _, _ in keyed}
+    observed = await asyncio.to_thread(source.observe, signal_queries(seen, due), now)
+    signals = {(ref.namespace, ref.name): observed[(ref.namespace, ref.name)] for ref, _, _ in due}
     variant_signals: dict[Key, dict[str, Signals]] = {}
-    for (key, name), _, _ in per_variant:
+    for key, name in _variant_keys(due):
         variant_signals.setdefault(key, {})[name] = observed[(key, name)]
     # Read only where they count: the activation query while nothing is awake, a profile not held yet.
     asleep = [(key, ref, spec) for key, ref, spec, _ in keyed if wants_activation(spec, seen.pods_of(key).views())]
@@ -88,6 +81,20 @@ async def observe(kube: Kube, source: PrometheusSource, due: list[Due], listed: 
     return replace(seen, signals=signals, variant_signals=variant_signals,
                    activation={key: v for (key, _, _), v in zip(asleep, values, strict=True) if v is not None},
                    profiles={key: p for (key, _, _), p in zip(unknown, profiles, strict=True) if p is not None})
+
+
+def _variant_keys(due: list[Due]) -> list[tuple[Key, str]]:
+    return [((ref.namespace, ref.name), v.name) for ref, spec, _ in due if spec.has_variants for v in spec.variants]
+
+
+def signal_queries(seen: Snapshot, due: list[Due]) -> list[ServiceQuery]:
+    """One query per service, its pods; with spec.variants one more per variant, its pods, keyed
+    (service, variant). A variant's signals are its pods' series out of the same answers: more
+    keys, not more queries to Prometheus."""
+    specs = {(ref.namespace, ref.name): spec for ref, spec, _ in due}
+    queries = [ServiceQuery.for_spec(key, key[0], tuple(seen.pods_of(key).names), spec) for key, spec in specs.items()]
+    return queries + [ServiceQuery.for_spec((key, name), key[0], tuple(
+        p.name for p in seen.pods_of(key).members if p.variant == name), specs[key]) for key, name in _variant_keys(due)]
 
 
 async def _activation(source: PrometheusSource, ref: ServiceRef, spec: InferenceServiceSpec,
