@@ -10,9 +10,10 @@ routes by size (sim/variant_serving.py). Two kinds of policy run here:
 Costs: a replica is charged from creation to the end of its drain at its variant's price;
 reserved variants are charged for all their replicas (replicas.max) for the whole replay, run
 or not. Requests that no variant of the run can hold (longer than every max_model_len) are
-refused, as vLLM refuses them, and count as SLO misses. Not replayed here: the spot market
-(spot variants are priced with the expected reclaim cost in the decision, but not reclaimed)
-and the warm pool (docs/variants.md).
+refused, as vLLM refuses them, and count as SLO misses. Spot variants meet the spot market of
+sim/spot_market.py (the CLI's --spot-* options): reclaims, and outages in which their new pods
+stay Pending, which the mix sees as a variant whose nodes ran out. Not replayed here: the warm
+pool (docs/variants.md).
 """
 
 from __future__ import annotations
