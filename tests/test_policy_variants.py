@@ -73,6 +73,7 @@ def test_long_prompts_are_carried_by_variants_that_hold_them_and_the_plan_says_s
     plan = choose_mix(demand, [L4, A100], share=1.0)
     assert plan.targets == {"l4": 2, "a100": 1}
     assert any("only fit a100" in r and "gateway" in r for r in plan.reasons)
+    assert "requests needing 16000 tokens of context are cheapest per token on a100 (0.118 USD/M" in plan.message
 
 
 def test_a_variant_whose_replicas_find_no_node_is_capped_and_the_next_cheapest_takes_over():
@@ -185,3 +186,18 @@ def test_a_monthly_cap_spreads_what_is_left_over_the_hours_left():
     assert hours_left_in_month(end_of_may) == pytest.approx(24.0)
     assert hourly_budget(spec, spent_this_month=6960.0, now=end_of_may) == pytest.approx(10.0)
     assert hourly_budget(spec, spent_this_month=7200.0, now=end_of_may) == 0.0
+
+
+def test_without_a_token_rate_the_mix_is_held_and_advisory_mode_only_advises():
+    spec = example()
+    pods = [Pod("h1", "h100", node="n1"), Pod("h2", "h100", node="n2"), Pod("l1", "l40s", node="n3")]
+    first = tick(spec, observe(pods, 40_000.0), TickState.start(NOW), NOW)
+    blind = Observation(signals=Signals.missing("Prometheus unreachable"), pods=tuple(pods),
+                        deployments=Deployments(3))
+    held = tick(spec, blind, first.state, NOW + 15)
+    assert held.replicas == first.replicas and not held.news
+    assert "no token rate (Prometheus unreachable)" in held.decision.message
+    advisory = spec.model_copy(update={"mode": "Advisory"})
+    advised = tick(advisory, observe(pods, 40_000.0), TickState.start(NOW), NOW)
+    assert [e.reason for e in advised.events] == ["AdvisoryVariantMix"]
+    assert advised.state.mix.targets is None  # nothing was applied: the next tick keeps from what runs

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from ebbtide.policy.capacity_types import ON_DEMAND
 from ebbtide.sim.capacity import LLAMA_3_1_8B_H100
 from ebbtide.sim.combined_traces import _trace, load_combined
 from ebbtide.sim.fleet import SimSettings
+from ebbtide.sim.spot_market import SpotMarket
 from ebbtide.sim.variant_fleet import VariantsPolicy, sim_variant, simulate_variants, single_policy
 from ebbtide.sim.variant_runs import run_variant_policies
 from ebbtide.sim.variant_serving import context_mix
@@ -93,3 +95,18 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 def test_what_it_cannot_run_is_refused_in_one_line(args, words):
     done = run_cli(*args)
     assert done.returncode != 0 and words in done.stderr and "Traceback" not in done.stderr
+
+
+def test_when_the_spot_variant_finds_no_nodes_the_next_cheapest_takes_over():
+    """An outage of spot capacity from 60 s on: the L40S replicas are reclaimed and their
+    replacements stay Pending; past the pending timeout the mix caps the L40S at what found a
+    node and adds A100s (the reserved H100s carry what they can all along)."""
+    s, trace = spec(), small_trace(600, per_second=30)
+    settings = replace(SETTINGS, spot=SpotMarket(notice_s=30, outages=((60.0, 600.0),)))
+    policy = VariantsPolicy(s)
+    run, usd = simulate_variants(trace, policy, {v.name: sim_variant(s, v) for v in s.variants}, settings)
+    before = [m for t, m, _ in policy.turns if t - policy.turns[0][0] < 60]
+    after = [m for t, m, _ in policy.turns if t - policy.turns[0][0] > 300]
+    assert any(m["l40s"] > 0 for m in before) and max(m["a100"] for m in before) == 0
+    assert after and after[-1]["l40s"] == 0 and after[-1]["a100"] > 0
+    assert run.spot.replicas_reclaimed > 0 and usd["a100"] > 0

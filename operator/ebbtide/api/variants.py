@@ -23,9 +23,10 @@ MAX_VARIANTS = 8  # bounds the cost of the CEL rule that checks names are unique
 
 class VariantPlacement(ApiModel):
     provider: Provider = Field(
-        default="karpenter",
+        default="custom",
         description="Preset of capacity-type node labels and taints (as placement.spot.provider): a spot "
-        "variant goes to the provider's spot nodes, the others to its on-demand ones; custom adds none.",
+        "variant goes to the provider's spot nodes, the others to its on-demand ones. The default, custom, "
+        "adds none: a cluster without those labels still schedules the variant on its nodeSelector alone.",
     )
     node_selector: dict[str, str] = Field(
         default_factory=dict, description="Node labels this variant's replicas need (for example the GPU type)."

@@ -161,9 +161,11 @@ def wanted_capacity(spec: InferenceServiceSpec, seen: Observation, views: list[V
     awake = sum(v.ready + v.starting for v in views)
     load = aggregate(signals, now - behavior.stale_after_seconds)
     waiting_outside = (seen.activation or 0.0) > (spec.scaling.activation.threshold if spec.scaling.activation else 0.0)
+    known = tokens is not None and math.isfinite(tokens) and tokens >= 0
     if awake == 0 and (waiting_outside or (load.waiting or 0) > 0 or spec.replicas.min > 0):
-        return 1e-6, "nothing awake and demand waiting (or replicas.min > 0): the cheapest suitable variant"
-    if tokens is None or not math.isfinite(tokens) or tokens < 0:
+        rate = tokens / targets.throughput if known else 0.0
+        return max(1e-6, rate), "nothing awake and demand waiting (or replicas.min > 0): the cheapest suitable mix"
+    if not known:
         return None, f"no token rate ({signals.error or 'not observed'}): the mix is held"
     wanted, why = tokens / targets.throughput, (f"{tokens:.0f} tokens/s at {targets.throughput:.0%} of the "
                                                   f"limit = {tokens / targets.throughput:.0f} tokens/s of capacity")
@@ -205,9 +207,9 @@ def plan_mix(spec: InferenceServiceSpec, seen: Observation, mix: MixMemory | Non
         views.append(view)
         memories[variant.name] = memory
     window = spec.scaling.behavior.metrics_window_seconds
-    rose = any(m.ready_changed_at is not None and now - m.ready_changed_at < window
-               and (mix.variants.get(n) is None or (m.last_ready or 0) > (mix.variants[n].last_ready or 0))
-               for n, m in memories.items())
+    # A latency quantile covers a window: while it still holds the minutes before a variant's
+    # ready count changed, it describes another fleet, and stepping on it again would step twice.
+    rose = any(m.ready_changed_at is not None and now - m.ready_changed_at < window for m in memories.values())
     wanted, why = wanted_capacity(spec, seen, views, mix, rose, now)
     stabilization = spec.scaling.behavior.scale_down.stabilization_seconds
     history = prune(mix.demand, now - stabilization)

@@ -148,6 +148,10 @@ def choose_mix(demand: Sequence[Demand] | float, views: Sequence[VariantView], s
         if demand_class.context_tokens is not None and len(eligible) < len(views):
             notes.append(f"requests needing {_context(demand_class)} ({demand_class.tokens_per_s:.0f} tokens/s) "
                          f"only fit {', '.join(v.name for v in eligible)}: the gateway must route them there")
+        if len(classes) > 1:  # by request size: where this size is served for the fewest dollars
+            cheapest = min(eligible, key=lambda v: v.usd_per_million_tokens)
+            notes.append(f"requests needing {_context(demand_class)} are cheapest per token on {cheapest.name} "
+                         f"({cheapest.usd_per_million_tokens:.3f} USD/M tokens at the limit)")
     _trim(views, targets, classes, share)
     limited = False
     if budget_usd_per_hour is not None and projected_usd_per_hour(views, targets) > budget_usd_per_hour + _EPSILON:

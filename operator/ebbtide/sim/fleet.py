@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import datetime
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -108,10 +108,11 @@ def _initial_guess(trace: Trace, settings: SimSettings) -> int:
 
 
 def _resize(fleet: Fleet, serving: Serving, kind: str, desired: int, t: float,
-            obtainable: bool) -> None:
-    """Carry out one Deployment's replica count, as its ReplicaSet would."""
+            obtainable: bool, spot_kinds: frozenset[str] = frozenset({SPOT})) -> None:
+    """Carry out one Deployment's replica count, as its ReplicaSet would (only spot ones can
+    find no capacity)."""
     while fleet.count(kind) < desired:
-        fleet.add(t, kind=kind, obtainable=obtainable or kind != SPOT)
+        fleet.add(t, kind=kind, obtainable=obtainable or kind not in spot_kinds)
     while fleet.count(kind) > desired:
         victim = fleet.victim(kind)
         drain_end = serving.remove_replica(victim.rid, t) if victim.ready else None
@@ -196,7 +197,7 @@ def simulate(trace: Trace, policy: SimulatedPolicy, settings: SimSettings, per_r
     while n < steps:
         t = n * dt
         if market is not None:
-            _spot_events(market, fleet, serving, wanted, t)
+            _spot_events(market, fleet, serving, {SPOT: wanted[1]}, t)
         for replica in fleet.promote(t):
             serving.add_replica(replica.rid, t)
         if t >= next_scrape:
@@ -245,22 +246,24 @@ def simulate(trace: Trace, policy: SimulatedPolicy, settings: SimSettings, per_r
                      spot=market.stats if market is not None else SpotStats())
 
 
-def _spot_events(market: SpotClock, fleet: Fleet, serving: Serving,
-                 wanted: tuple[int, int], t: float) -> None:
+def _spot_events(market: SpotClock, fleet: Fleet, serving: Serving, wanted: Mapping[str, int], t: float,
+                 spot_kinds: frozenset[str] = frozenset({SPOT})) -> None:
     """At a step boundary: capacity that came back is used, reclaim notices mark their
-    replicas, and replicas whose notice is over are gone. The spot Deployment's ReplicaSet
-    then recreates the pods it lost (Pending if no capacity is to be had)."""
+    replicas, and replicas whose notice is over are gone. Each spot Deployment's ReplicaSet
+    (`wanted`: its replicas; with variants, one per spot variant) then recreates the pods it
+    lost (Pending if no capacity is to be had)."""
     obtainable = market.obtainable(t)
     if obtainable:
         fleet.schedule_pending(t)
-    market.notice(t, fleet)
+    market.notice(t, fleet, spot_kinds)
     lost = False
     for replica in market.due(t):
         if replica.ready or replica.rid in fleet.draining:
             market.retried(serving.preempt_replica(replica.rid, t))
         lost |= fleet.kill(replica, t)
     if lost:
-        _resize(fleet, serving, SPOT, wanted[1], t, obtainable)
+        for kind in spot_kinds:
+            _resize(fleet, serving, kind, wanted.get(kind, 0), t, obtainable, spot_kinds)
 
 
 def _binned(counts: np.ndarray, dt: float, steps: int) -> np.ndarray:

@@ -82,12 +82,13 @@ class SpotClock:
         upcoming += [b for a, b in self.outages if b > t] + [a for a, b in self.outages if a > t]
         return min(upcoming)
 
-    def notice(self, t: float, fleet: Fleet) -> None:
-        """Reclaim events due by `t` mark their victims: spot replicas with a node."""
+    def notice(self, t: float, fleet: Fleet, spot_kinds: frozenset[str] = frozenset({SPOT})) -> None:
+        """Reclaim events due by `t` mark their victims: spot replicas with a node (of the
+        Deployments in `spot_kinds`: with variants, each spot variant's)."""
         while self.notices and self.notices[0][0] <= t:
             _, size = self.notices.pop(0)
             held = [r for r in fleet.replicas
-                    if r.capacity_type == SPOT and r.scheduled_at is not None and r.reclaimed_at is None]
+                    if r.capacity_type in spot_kinds and r.scheduled_at is not None and r.reclaimed_at is None]
             if not held:
                 continue
             taken = self._victims.sample(held, min(size, len(held)))

@@ -10,9 +10,10 @@ routes by size (sim/variant_serving.py). Two kinds of policy run here:
 Costs: a replica is charged from creation to the end of its drain at its variant's price;
 reserved variants are charged for all their replicas (replicas.max) for the whole replay, run
 or not. Requests that no variant of the run can hold (longer than every max_model_len) are
-refused, as vLLM refuses them, and count as SLO misses. Not replayed here: the spot market
-(spot variants are priced with the expected reclaim cost in the decision, but not reclaimed)
-and the warm pool (docs/variants.md).
+refused, as vLLM refuses them, and count as SLO misses. Spot variants meet the spot market of
+sim/spot_market.py (the CLI's --spot-* options): reclaims, and outages in which their new pods
+stay Pending, which the mix sees as a variant whose nodes ran out. Not replayed here: the warm
+pool (docs/variants.md).
 """
 
 from __future__ import annotations
@@ -40,10 +41,18 @@ from ebbtide.policy.variant_tick import (
 from ebbtide.policy.variants import choose_mix
 from ebbtide.sim.capacity import ACCELERATOR_PRESETS, CapacityModel
 from ebbtide.sim.ebbtide_policy import EbbtidePolicy
-from ebbtide.sim.fleet import PolicyRun, SimSettings, _carry_out, _idle_since, _resize, _timeline
+from ebbtide.sim.fleet import (
+    PolicyRun,
+    SimSettings,
+    _carry_out,
+    _idle_since,
+    _resize,
+    _spot_events,
+    _timeline,
+)
 from ebbtide.sim.policy import FleetView
 from ebbtide.sim.replicas import Fleet
-from ebbtide.sim.spot_market import SpotStats
+from ebbtide.sim.spot_market import SpotClock, SpotStats
 from ebbtide.sim.traces import Trace
 from ebbtide.sim.variant_serving import VariantServing, context_mix
 
@@ -57,6 +66,7 @@ class SimVariant:
     model: CapacityModel
     usd_per_replica_hour: float
     committed: int = 0  # reserved replicas, paid for the whole replay
+    spot: bool = False  # meets the spot market: reclaims, and outages that leave new pods Pending
 
 
 def sim_variant(spec: InferenceServiceSpec, variant: Variant) -> SimVariant:
@@ -66,7 +76,7 @@ def sim_variant(spec: InferenceServiceSpec, variant: Variant) -> SimVariant:
     limit = max_context(spec, variant)
     model = preset.with_overrides(max_model_len=min(limit, preset.max_model_len)) if limit else preset
     committed = variant.replicas.max if variant.capacity_type == "reserved" else 0
-    return SimVariant(model, variant.usd_per_replica_hour, committed)
+    return SimVariant(model, variant.usd_per_replica_hour, committed, variant.capacity_type == "spot")
 
 
 def restricted(spec: InferenceServiceSpec, variant: Variant) -> InferenceServiceSpec:
@@ -146,6 +156,8 @@ def simulate_variants(trace: Trace, policy: VariantsPolicy | EbbtidePolicy, kind
     for kind, count in wanted.items():
         for _ in range(count):
             serving.add_replica(fleet.add(0.0, ready=True, kind=kind).rid, 0.0)
+    spot_kinds = frozenset(kind for kind, k in kinds.items() if k.spot)
+    market = SpotClock(settings.spot, end, settings.seed) if spot_kinds else None
     snapshot = Signals.missing("no scrape yet")
     per_variant: dict[str, Signals] = {}
     mix: tuple = ()
@@ -155,6 +167,8 @@ def simulate_variants(trace: Trace, policy: VariantsPolicy | EbbtidePolicy, kind
     n = 0
     while n < steps:
         t = n * dt
+        if market is not None:
+            _spot_events(market, fleet, serving, wanted, t, spot_kinds)
         for replica in fleet.promote(t):
             serving.add_replica(replica.rid, t)
         if t >= next_scrape:
@@ -178,13 +192,15 @@ def simulate_variants(trace: Trace, policy: VariantsPolicy | EbbtidePolicy, kind
             if asked != wanted and isinstance(policy, VariantsPolicy):
                 scale_actions += 1
             wanted = asked
+            obtainable = market is None or market.obtainable(t)
             for kind, count in wanted.items():
-                _resize(fleet, serving, kind, count, t, True)
+                _resize(fleet, serving, kind, count, t, obtainable, spot_kinds)
             next_tick += policy.interval_s
-        row = (len(fleet.replicas), fleet.ready, 0, 0, 0)
+        spot_now = [r for r in fleet.replicas if r.capacity_type in spot_kinds]
+        row = (len(fleet.replicas), fleet.ready, len(spot_now), sum(r.ready for r in spot_now), 0)
         if not changes or changes[-1][1:] != row:
             changes.append((n, *row))
-        upcoming = min(next_scrape, next_tick, fleet.next_ready_at())
+        upcoming = min(next_scrape, next_tick, fleet.next_ready_at(), market.next_at(t) if market else math.inf)
         following = min(steps, max(n + 1, math.ceil(upcoming / dt - 1e-9)))
         for rid, when in serving.advance(n, following):
             fleet.drained(rid, when)
@@ -197,7 +213,7 @@ def simulate_variants(trace: Trace, policy: VariantsPolicy | EbbtidePolicy, kind
            else seconds.get(kind, 0.0) / 3600.0 * k.usd_per_replica_hour for kind, k in kinds.items()}
     run = PolicyRun(name=policy.name, gpu_seconds=seconds, scale_actions=scale_actions, records=records,
                     tokens_served=serving.tokens_served, timeline=_timeline(trace, changes, dt, steps),
-                    spot=SpotStats())
+                    spot=market.stats if market is not None else SpotStats())
     return run, usd
 
 
