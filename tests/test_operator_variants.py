@@ -23,10 +23,12 @@ H100, A100, L4 = "NVIDIA-H100-80GB-HBM3", "NVIDIA-A100-SXM4-80GB", "NVIDIA-L4"
 FAST = {"behavior": {"intervalSeconds": 1, "scaleDown": {"stabilizationSeconds": 30, "drainSeconds": 0}}}
 
 
-def variant(name: str, product: str, capacity: str, price: float, low: int, high: int, **fields) -> dict:
+def variant(name: str, product: str, capacity: str, price: float, low: int, high: int,
+            provider: str = "karpenter", **fields) -> dict:
+    """A variant on the nodes of one GPU type, of its capacity type as Karpenter labels them."""
     return {"name": name, "accelerator": name.upper(), "capacityType": capacity, "pricePerGpuHour": price,
-            "replicas": {"min": low, "max": high}, "placement": {"nodeSelector": {GPU_PRODUCT_LABEL: product}},
-            **fields}
+            "replicas": {"min": low, "max": high},
+            "placement": {"provider": provider, "nodeSelector": {GPU_PRODUCT_LABEL: product}}, **fields}
 
 
 def ready_on(kubelet, deployment: str) -> set[str]:

@@ -15,9 +15,9 @@ GPU = "nvidia.com/gpu.product"
 K8S_VERSION = "1.30.0"  # as tests/test_render.py
 
 
-def variant(name, accelerator, capacity="on-demand", price=1.0, **fields):
+def variant(name, accelerator, capacity="on-demand", price=1.0, provider="karpenter", **fields):
     return {"name": name, "accelerator": accelerator, "capacityType": capacity, "pricePerGpuHour": price,
-            "placement": {"nodeSelector": {GPU: accelerator}}, **fields}
+            "placement": {"provider": provider, "nodeSelector": {GPU: accelerator}}, **fields}
 
 
 def spec(*variants, **overrides):
@@ -92,6 +92,9 @@ def test_placement_is_the_capacity_presets_then_the_variants_own():
     (spread,) = l4["topologySpreadConstraints"]
     assert spread["labelSelector"]["matchLabels"] == by_name["chat-l4"]["spec"]["selector"]["matchLabels"]
     assert "topologySpreadConstraints" not in a100
+    # The custom provider (the default) adds no capacity-type label: only the variant's own selector.
+    custom = deployments(spec(variant("a", "A100", provider="custom"), variant("b", "L4", "spot", provider="custom")))
+    assert [pod(d)["nodeSelector"] for d in custom.values()] == [{GPU: "A100"}, {GPU: "L4"}]
 
 
 def test_gke_variants_tolerate_spot_taints_or_keep_off_spot_nodes_and_the_users_affinity_is_kept():
