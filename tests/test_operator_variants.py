@@ -18,6 +18,7 @@ from tests.testbed.operator import ISVC, condition, events, isvc, replicas, runn
 from tests.testbed.waiting import wait_for
 
 pytestmark = pytest.mark.slow
+DEPLOYMENTS = "apps/v1/deployments"
 
 H100, A100, L4 = "NVIDIA-H100-80GB-HBM3", "NVIDIA-A100-SXM4-80GB", "NVIDIA-L4"
 FAST = {"behavior": {"intervalSeconds": 1, "scaleDown": {"stabilizationSeconds": 30, "drainSeconds": 0}}}
@@ -61,7 +62,7 @@ def test_each_variant_runs_on_its_own_accelerators_and_says_what_it_costs(apiser
         for name, node in (("h100", "h100-0"), ("a100", "a100-0"), ("l4", "l4-0")):
             wait_for(lambda name=name, node=node: ready_on(kubelet, f"chat-{name}") == {node}, timeout=60,
                      what=f"chat-{name} ready on {node}")
-        assert server.get_object("apps/v1/deployments", "default", "chat") is None, "no Deployment but the variants'"
+        assert server.get_object(DEPLOYMENTS, "default", "chat") is None, "no Deployment but the variants'"
 
         # Status: per variant its replicas and dollars per hour (reserved counted in full, the
         # others per pod on a node, at pricePerGpuHour x gpusPerReplica), adding up to the total.
@@ -110,6 +111,13 @@ def test_when_a_variants_nodes_run_out_the_next_cheapest_takes_over(apiserver, k
                         what="a VariantMix Event for the A100")
         assert "l4" in told[-1], told
 
+        # A variant taken out of the spec: its Deployment goes, the others stay.
+        kept = server.get_object(ISVC, "default", "chat")["spec"]["variants"][:2]
+        server.patch_object(ISVC, "default", "chat", {"spec": {"variants": kept}})
+        wait_for(lambda: server.get_object(DEPLOYMENTS, "default", "chat-h100") is None, timeout=30,
+                 what="chat-h100 deleted")
+        assert replicas(server, "chat-a100") == 1 and ready_on(kubelet, "chat-a100") == {"a100-0"}
+
 
 def test_a_budget_that_binds_says_budget_limited_and_holds_the_cap(apiserver):
     server = apiserver.server
@@ -132,3 +140,9 @@ def test_a_budget_that_binds_says_budget_limited_and_holds_the_cap(apiserver):
         wait_for(lambda: (condition(server, "BudgetLimited") or {}).get("status") == "False", timeout=30,
                  what="BudgetLimited=False")
         assert (replicas(server, "chat-l4"), replicas(server, "chat-a100")) == (1, 0)
+
+        # Down to one variant: one Deployment named after the service, as without variants.
+        one = server.get_object(ISVC, "default", "chat")["spec"]["variants"][:1]
+        server.patch_object(ISVC, "default", "chat", {"spec": {"variants": one}})
+        wait_for(lambda: [d["metadata"]["name"] for d in server.list_objects(DEPLOYMENTS, "default")] == ["chat"],
+                 timeout=30, what="the variants' Deployments replaced by chat")
