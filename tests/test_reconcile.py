@@ -9,7 +9,7 @@ import asyncio
 
 from ebbtide.api.ref import ServiceRef
 from ebbtide.cluster.kube import Kube
-from ebbtide.control.reconcile import Registry, reconcile, restore_owned
+from ebbtide.control.reconcile import Registry, last_applied_spec, reconcile, restore_owned
 from tests.testbed.faultproxy import FaultProxy
 from tests.testbed.operator import ISVC, isvc
 
@@ -57,3 +57,29 @@ def test_drift_correction_that_overlaps_a_spec_edit_does_not_restore_the_old_spe
     assert deployment["spec"]["replicas"] == 3, "the replica count is not drift"
     reasons = [e["reason"] for e in apiserver.server.list_objects("v1/events", "default")]
     assert "DriftCorrected" not in reasons, reasons
+
+
+def test_variants_deployments_come_and_go_with_the_spec_and_a_variant_named_spot_is_not_spot_placement(apiserver):
+    """Applying a spec with variants, then one without: the Deployments the spec no longer renders
+    go; the last valid spec is read back from a variant's Deployment (there is no `<service>`
+    one); a variant named "spot" is not taken for the spot Deployment of spot placement."""
+    variants = [{"name": name, "accelerator": name.upper(), "pricePerGpuHour": 1.0} for name in ("l4", "spot")]
+    created = apiserver.server.create_object(isvc("chat", variants=variants))
+    ref = ServiceRef(name="chat", namespace="default", uid=created["metadata"]["uid"])
+
+    def names() -> list[str]:
+        return sorted(d["metadata"]["name"] for d in apiserver.server.list_objects(DEPLOYMENTS, "default"))
+
+    async def run() -> None:
+        client = apiserver.api_client()
+        kube = Kube(client)
+        await reconcile(kube, Registry(), ref, {**spec(OLD), "variants": variants}, 1)
+        assert names() == ["chat-l4", "chat-spot"]
+        kept = await last_applied_spec(kube, ref)
+        assert kept is not None and [v.name for v in kept.variants] == ["l4", "spot"]
+        await reconcile(kube, Registry(), ref, spec(OLD), 2)
+        assert names() == ["chat"]
+
+    asyncio.run(run())
+    applied = [e["message"] for e in apiserver.server.list_objects("v1/events", "default") if e["reason"] == "Applied"]
+    assert any("chat-l4 deleted (no longer in the spec)" in m for m in applied), applied

@@ -16,6 +16,7 @@ from ebbtide.api.ref import ServiceRef
 from ebbtide.api.spec import InferenceServiceSpec
 from ebbtide.cluster.kube import Conflict, Kube, controller_of, now_rfc3339
 from ebbtide.cluster.render import LABEL_SERVICE, SPOT, applied_spec, deployment_name, render_workload
+from ebbtide.cluster.variants import variant_of
 
 log = logging.getLogger(__name__)
 
@@ -118,8 +119,9 @@ async def _delete_owned_spot_deployment(kube: Kube, ref: ServiceRef, spec: Infer
     """
     name = deployment_name(ref, SPOT)
     live = await kube.read("Deployment", ref.namespace, name)
-    if live is None or (controller_of(live) or {}).get("uid") != ref.uid:
-        return False  # not there, or not ours: never touch someone else's workload
+    if live is None or (controller_of(live) or {}).get("uid") != ref.uid or variant_of(live) is not None:
+        # Not there, or not ours (never touch someone else's workload), or a variant named "spot".
+        return False
     on_demand = await kube.read("Deployment", ref.namespace, deployment_name(ref))
     moved = live["spec"].get("replicas") or 0
     if on_demand is not None and moved:
