@@ -250,3 +250,18 @@ def _opening_size(policy: EbbtidePolicy, tokens_per_s: float) -> int:
 def refused(trace: Trace, kinds: Mapping[str, SimVariant]) -> int:
     widest = max(k.model.max_model_len for k in kinds.values())
     return int(np.sum(trace.prompt_tokens + trace.output_tokens + 1 > widest))
+
+
+def out_of_reach(trace: Trace, kinds: Mapping[str, SimVariant], ttft_target_s: float | None) -> int:
+    """Requests a variant of the run holds but none can serve within the TTFT target even alone
+    on an idle replica (the prompt's prefill takes longer): no scaling meets them. They count as
+    misses, as refused ones do, and are reported apart so the SLO can be read without them."""
+    if ttft_target_s is None:
+        return 0
+    need = trace.prompt_tokens + trace.output_tokens + 1
+    reachable = np.zeros(len(need), dtype=bool)
+    for k in kinds.values():
+        fastest = np.vectorize(k.model.prefill_seconds, otypes=[float])(trace.prompt_tokens)
+        reachable |= (need <= k.model.max_model_len) & (fastest <= ttft_target_s)
+    fits = need <= max(k.model.max_model_len for k in kinds.values())
+    return int(np.sum(fits & ~reachable))

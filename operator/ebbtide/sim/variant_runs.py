@@ -21,6 +21,7 @@ from ebbtide.sim.traces import Trace
 from ebbtide.sim.variant_fleet import (
     VARIANTS_POLICY,
     VariantsPolicy,
+    out_of_reach,
     refused,
     sim_variant,
     simulate_variants,
@@ -57,6 +58,7 @@ def run_variant_policies(names: list[str], spec: InferenceServiceSpec, trace: Tr
     `budget`, also ebbtide-variants under that hourly cap (spec.budget.maxUsdPerHour)."""
     results, by_variant = [], {}
     ramps = report.ramp_hours(trace)
+    ttft_target = spec.scaling.targets.ttft.target_seconds if spec.scaling.targets.ttft else None
     if budget is not None and VARIANTS_POLICY in names:
         names = [*names, BUDGET_POLICY]
     for name in names:
@@ -81,7 +83,8 @@ def run_variant_policies(names: list[str], spec: InferenceServiceSpec, trace: Tr
         by_variant[name] = {"usd": {k: round(v, 2) for k, v in usd.items()},
                             "usd_per_hour_max": round(max_usd_per_hour(policy), 2),
                             "gpu_hours": {k: round(h, 3) for k, h in hours.items()},
-                            "refused_requests": refused(trace, kinds)}
+                            "refused_requests": refused(trace, kinds),
+                            "out_of_reach_requests": out_of_reach(trace, kinds, ttft_target)}
     return results, by_variant
 
 
@@ -107,6 +110,9 @@ def describe(by_variant: dict[str, dict]) -> list[str]:
         spent = ", ".join(f"{k} {v:,.2f}" for k, v in run["usd"].items())
         refused_note = (f"; {run['refused_requests']:,} requests longer than any of its variants holds, refused"
                         if run["refused_requests"] else "")
+        if run.get("out_of_reach_requests"):
+            refused_note += (f"; {run['out_of_reach_requests']:,} requests whose prompt no variant of it prefills "
+                             "within the TTFT target even alone (misses whatever the scaling)")
         peak = f"; the mix projected at most {run['usd_per_hour_max']:,.2f} USD/h" if run["usd_per_hour_max"] else ""
         lines.append(f"{name}: USD by variant {spent}{peak}{refused_note}")
     return lines
