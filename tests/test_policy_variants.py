@@ -19,7 +19,7 @@ from ebbtide.policy.variant_tick import (
     max_model_len,
     seed_capacity,
 )
-from ebbtide.policy.variants import Demand, VariantView, choose_mix
+from ebbtide.policy.variants import Demand, VariantView, choose_mix, size_routes
 from ebbtide.sim.capacity import ACCELERATOR_PRESETS
 
 NOW = 1_715_594_400.0
@@ -74,6 +74,18 @@ def test_long_prompts_are_carried_by_variants_that_hold_them_and_the_plan_says_s
     assert plan.targets == {"l4": 2, "a100": 1}
     assert any("only fit a100" in r and "gateway" in r for r in plan.reasons)
     assert "requests needing 16000 tokens of context are cheapest per token on a100 (0.118 USD/M" in plan.message
+
+
+def test_the_plan_routes_each_size_to_variants_a_longer_size_does_not_use_where_the_mix_allows():
+    long, short = Demand(30_000, 131_072), Demand(4_000, 16_384)
+    plan = choose_mix([long, short], [H100_RESERVED, L40S_SPOT, L4], share=1.0)
+    # The long prompts fill the reserved H100s first; the short ones go where the long ones are not.
+    assert plan.routes == ((131_072, ("h100",)), (16_384, ("l40s",)))
+    assert "route requests needing 16384 tokens of context to l40s" in plan.message
+    # More long prompts than the H100s carry: they spill onto the L40S, which the short ones then share.
+    assert size_routes([H100_RESERVED, L40S_SPOT], {"h100": 2, "l40s": 3}, [Demand(40_000, 131_072), short], 1.0) == (
+        (131_072, ("h100", "l40s")), (16_384, ("l40s",)))
+    assert size_routes([H100_RESERVED, L40S_SPOT], {"h100": 2, "l40s": 3}, [Demand(9_000)]) == ()
 
 
 def test_a_variant_whose_replicas_find_no_node_is_capped_and_the_next_cheapest_takes_over():

@@ -3,6 +3,7 @@ at its price (reserved ones in full), and the CLI says in one line what it canno
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 from dataclasses import replace
@@ -17,9 +18,16 @@ from ebbtide.sim.capacity import LLAMA_3_1_8B_H100
 from ebbtide.sim.combined_traces import _trace, load_combined
 from ebbtide.sim.fleet import SimSettings
 from ebbtide.sim.spot_market import SpotMarket
-from ebbtide.sim.variant_fleet import VariantsPolicy, sim_variant, simulate_variants, single_policy
+from ebbtide.sim.variant_fleet import (
+    VariantsPolicy,
+    opening_tokens_per_s,
+    out_of_reach,
+    sim_variant,
+    simulate_variants,
+    single_policy,
+)
 from ebbtide.sim.variant_runs import run_variant_policies
-from ebbtide.sim.variant_serving import context_mix
+from ebbtide.sim.variant_serving import VariantServing, context_mix, route_for
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = SimSettings(capacity=LLAMA_3_1_8B_H100, cold_start_s=60, ttft_quantile=0.9, tpot_quantile=0.9)
@@ -106,7 +114,54 @@ def test_when_the_spot_variant_finds_no_nodes_the_next_cheapest_takes_over():
     policy = VariantsPolicy(s)
     run, usd = simulate_variants(trace, policy, {v.name: sim_variant(s, v) for v in s.variants}, settings)
     before = [m for t, m, _ in policy.turns if t - policy.turns[0][0] < 60]
-    after = [m for t, m, _ in policy.turns if t - policy.turns[0][0] > 300]
+    after = [m for t, m, _ in policy.turns if t - policy.turns[0][0] > 60]
     assert any(m["l40s"] > 0 for m in before) and max(m["a100"] for m in before) == 0
     assert after and after[-1]["l40s"] == 0 and after[-1]["a100"] > 0
     assert run.spot.replicas_reclaimed > 0 and usd["a100"] > 0
+
+
+ROUTES = ((131_072, ("h100", "l40s")), (16_384, ("l40s",)))
+
+
+def test_the_gateway_follows_the_plans_size_routes_and_spills_only_past_a_queue():
+    s = spec()
+    models = {v.name: sim_variant(s, v).model for v in s.variants}
+    kinds = {0: "h100", 1: "l40s", 2: "l40s"}
+    none = np.array([])
+    serving = VariantServing(models, kinds.__getitem__, none, none.astype(int), none.astype(int))
+    for rid in kinds:
+        serving.add_replica(rid, 0.0)
+    assert sorted(serving.admitting(1000, 200)) == [0, 1, 2]  # no routes: wherever it fits
+    serving.routes = ROUTES
+    assert sorted(serving.admitting(1000, 200)) == [1, 2]  # short: never behind an 85k-token prefill
+    assert serving.admitting(40_000, 300) == [0]  # long: its own variant while it has no queue
+    for n in range(3):  # the H100 busy with one long prefill, two more waiting behind it
+        serving.engines[0].submit(f"long-{n}", 100_000, 300, 0.0)
+    assert sorted(serving.admitting(40_000, 300)) == [0, 1, 2]  # then the shared variant takes some
+    assert route_for(ROUTES, 20_000) == ("h100", "l40s") and route_for(ROUTES, 200_000) == ()
+
+
+def test_every_run_starts_warm_for_the_opening_minutes_from_what_it_learned_before():
+    trace = small_trace(300, per_second=2)
+    minutes = [(trace.prompt_sum[m * 60:(m + 1) * 60].sum() + trace.output_sum[m * 60:(m + 1) * 60].sum()) / 60
+               for m in range(5)]
+    assert opening_tokens_per_s(trace, 300) == pytest.approx(max(minutes))
+    s = spec()
+    # 50,000 tokens/s at 80 %: 62,500 of capacity; the reserved H100s' seed 33,600, the rest on L40S.
+    seeded = VariantsPolicy(s).start(50_000.0, 0.0)
+    taught = VariantsPolicy(s, learned={"l40s": 4_000.0})
+    assert seeded["l40s"] == 5 and taught.start(50_000.0, 0.0)["l40s"] == 8  # 28,900 over 6,300, over 4,000
+    assert taught.limits() == {"l40s": 4_000.0}  # what its next replay starts from
+    l40s = next(v for v in s.variants if v.name == "l40s")
+    single = single_policy(s, l40s, learned=4_000.0)
+    run, _ = simulate_variants(trace, single, {ON_DEMAND: sim_variant(s, l40s)}, SETTINGS)
+    assert run.timeline.replicas[0] == math.ceil(opening_tokens_per_s(trace, 300) / 0.8 / 4_000.0)
+
+
+def test_prompts_no_variant_prefills_within_the_ttft_target_are_counted_apart():
+    s = spec()
+    trace = _trace("long", np.array([1.0, 2.0, 3.0]), np.array([1_000, 60_000, 120_000]), np.array([100, 100, 100]))
+    kinds = {v.name: sim_variant(s, v) for v in s.variants}
+    assert out_of_reach(trace, {"l40s": kinds["l40s"]}, 10.0) == 1  # 120k tokens at 11.3k/s: 10.7 s alone
+    assert out_of_reach(trace, kinds, 10.0) == 0  # an H100 prefills it in 6 s
+    assert out_of_reach(trace, {"l4": kinds["l4"]}, 10.0) == 0  # too long for it: refused, not counted twice

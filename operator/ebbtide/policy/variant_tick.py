@@ -41,8 +41,8 @@ VARIANT_MIX = "VariantMix"
 SEED_TOKENS_PER_S: dict[str, float] = {"H100": 16_800.0, "A100-80G": 8_100.0, "L40S": 6_300.0, "L4": 800.0}
 # An accelerator not listed: the lowest seed, so the first mix has too many replicas, not too few.
 UNKNOWN_SEED = min(SEED_TOKENS_PER_S.values())
-# Spot reclaims per replica-hour expected until observed (the simulator's default market:
-# 0.05 events per hour, docs/simulator.md).
+# Spot reclaims expected per replica-hour: the simulator's default market (0.05 events per hour,
+# docs/simulator.md); counting the reclaims a variant actually meets is not done yet.
 SPOT_RECLAIMS_PER_HOUR = 0.05
 
 

@@ -18,7 +18,10 @@ In order:
    variant that can serve the requests at all.
 4. Longer contexts first: a request whose prompt does not fit a variant (max context) must go
    to one that holds it. Routing is the user's gateway's job; the plan says which variants
-   carry which sizes so that the gateway can be set up to match (docs/variants.md).
+   carry which sizes so that the gateway can be set up to match (docs/variants.md): the plan's
+   `routes` give, per request size, the variants it holds for it, longest first, each size
+   placed where a longer one is not (isolation: a short chat request does not share a step with
+   an 85k-token prefill chunk when the gateway routes as the plan says).
 5. A variant whose new replicas find no node (Pending past the pending timeout) is capped at
    the replicas it has until the shell says otherwise, so the next cheapest takes over.
 6. A budget caps the projected $/h: the dearest dollars per token are given up first, and
@@ -95,6 +98,9 @@ class MixPlan:
     planned_tokens_per_s: float  # the capacity asked for, at the limit
     budget_limited: bool
     reasons: tuple[str, ...]  # one line per variant, and one per constraint that bound
+    # Per request size (the context it needs; None: any), the variants carrying it, longest first;
+    # empty with one size. The gateway's size routing, if the user's gateway is set up to follow it.
+    routes: tuple[tuple[int | None, tuple[str, ...]], ...] = ()
 
     @property
     def message(self) -> str:
@@ -163,10 +169,40 @@ def choose_mix(demand: Sequence[Demand] | float, views: Sequence[VariantView], s
         notes.append(f"BudgetLimited: {budget_usd_per_hour:.2f} USD/h cap; the cheapest mix for {required:.0f} "
                      f"tokens/s would cost more, so {after:.0f} tokens/s of capacity (was {before:.0f}) "
                      f"for {spend:.2f} USD/h")
+    routes = size_routes(views, targets, classes, share)
+    notes += [f"route requests needing {_context(Demand(0.0, bound))} to {', '.join(names)}"
+              for bound, names in routes if names]
     reasons = tuple(_line(by_name[name], n) for name, n in targets.items() if n or by_name[name].stuck) + tuple(notes)
     return MixPlan(targets=targets, usd_per_hour=projected_usd_per_hour(views, targets),
                    required_tokens_per_s=required, planned_tokens_per_s=_capacity(views, targets),
-                   budget_limited=limited, reasons=reasons)
+                   budget_limited=limited, reasons=reasons, routes=routes)
+
+
+def size_routes(views: Sequence[VariantView], targets: Mapping[str, int], demand: Sequence[Demand],
+                share: float = 0.8) -> tuple[tuple[int | None, tuple[str, ...]], ...]:
+    """Per request size, longest first, the variants of the mix that carry it: each size takes
+    the capacity left on the variants that admit it, those no longer size uses first (so sizes
+    share a variant only when the mix leaves no other), then the cheapest per token (reserved
+    first). () with a single size: nothing to route by."""
+    classes = sorted((c for c in demand if c.tokens_per_s > 0), key=_longest_first)
+    if len(classes) < 2:
+        return ()
+    left = {v.name: targets.get(v.name, 0) * v.capacity_tokens_per_s for v in views}
+    used: set[str] = set()
+    routes = []
+    for demand_class in classes:
+        open_ = [v for v in views if left[v.name] > _EPSILON and v.admits(demand_class.context_tokens)]
+        need, names = demand_class.tokens_per_s / share, []
+        for v in sorted(open_, key=lambda v: (v.name in used, v.usd_per_million_tokens)):
+            if need <= _EPSILON:
+                break
+            taken = min(need, left[v.name])
+            left[v.name] -= taken
+            need -= taken
+            names.append(v.name)
+        used.update(names)
+        routes.append((demand_class.context_tokens, tuple(names)))
+    return tuple(routes)
 
 
 def _longest_first(demand_class: Demand) -> float:

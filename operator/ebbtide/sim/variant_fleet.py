@@ -96,21 +96,31 @@ class VariantsPolicy:
     name: str = VARIANTS_POLICY
     state: TickState | None = None
     turns: list = field(default_factory=list)  # (time, targets, projected USD/h) whenever the mix changed
+    learned: Mapping[str, float] = field(default_factory=dict)  # each variant's limit from an earlier replay
+    size_routing: bool = True  # the gateway follows the plan's size routes (else it routes by fit only)
+    routes: tuple = ()  # the routes of the last plan that gave any
 
     def __post_init__(self) -> None:
         self.interval_s = float(self.spec.scaling.behavior.interval_seconds)
 
     def start(self, first_tokens_per_s: float, now: float) -> dict[str, int]:
-        """Warm, as the other policies start: the mix for the first minute's load, from the seeds,
-        as if it had been running at it (its Deployments and its memory say so)."""
+        """Warm, as the other policies start: the mix for the opening load, from each variant's
+        limit learned in an earlier replay (`learned`; the seeds without one), as if it had been
+        running at it (its Deployments and its memory say so)."""
         spec = self.spec
-        views = [observe_variant(spec, v, [], None, VariantMemory(), now, now, spec.warmup.default_startup_seconds)[0]
-                 for v in spec.variants]
+        memories = {v.name: VariantMemory(capacity=self.learned.get(v.name)) for v in spec.variants}
+        views = [observe_variant(spec, v, [], None, memories[v.name], now, now,
+                                 spec.warmup.default_startup_seconds)[0] for v in spec.variants]
         plan = choose_mix(first_tokens_per_s, views, spec.scaling.targets.throughput, hourly_budget(spec))
-        mix = MixMemory(since=now, demand=((now, plan.required_tokens_per_s),), targets=dict(plan.targets),
-                        planned=plan.planned_tokens_per_s)
+        mix = MixMemory(since=now, variants=memories, demand=((now, plan.required_tokens_per_s),),
+                        targets=dict(plan.targets), planned=plan.planned_tokens_per_s)
         self.state = replace(TickState.start(now, target=plan.total), mix=mix)
         return dict(plan.targets)
+
+    def limits(self) -> dict[str, float]:
+        """Each variant's limit as learned so far (tokens/s a replica serves), for a later replay."""
+        mix = self.state.mix if self.state is not None else None
+        return {name: m.capacity for name, m in (mix.variants.items() if mix else ()) if m.capacity is not None}
 
     def observation(self, view: FleetView, variant_signals: Mapping[str, Signals], mix: tuple) -> Observation:
         return Observation(signals=view.signals, pods=view.pods, deployments=view.deployments,
@@ -119,17 +129,28 @@ class VariantsPolicy:
 
     def orders(self, view: FleetView, variant_signals: Mapping[str, Signals], mix: tuple) -> dict[str, int]:
         turn = tick(self.spec, self.observation(view, variant_signals, mix), self.state, view.now)
+        if self.size_routing and turn.decision.variants is not None and turn.decision.variants.routes:
+            self.routes = turn.decision.variants.routes  # a held mix gives none: the last ones stand
         if not self.turns or self.turns[-1][1] != dict(turn.replicas):
             self.turns.append((view.now, dict(turn.replicas), turn.decision.variants.usd_per_hour))
         self.state = turn.state
         return dict(turn.replicas)
 
 
-def single_policy(spec: InferenceServiceSpec, variant: Variant) -> EbbtidePolicy:
-    """`ebbtide-<variant>`: the classic tick on the restricted spec, starting from the seed limit
-    (as ebbtide-variants does) rather than from nothing."""
+def single_policy(spec: InferenceServiceSpec, variant: Variant, learned: float | None = None) -> EbbtidePolicy:
+    """`ebbtide-<variant>`: the classic tick on the restricted spec, starting from the limit
+    learned in an earlier replay, else from the seed (as ebbtide-variants does), not from nothing."""
     return EbbtidePolicy(restricted(spec, variant), name=f"ebbtide-{variant.name}",
-                         learned_capacity=seed_capacity(variant.accelerator))
+                         learned_capacity=learned if learned is not None else seed_capacity(variant.accelerator))
+
+
+def opening_tokens_per_s(trace: Trace, window_s: float) -> float:
+    """The demand every run starts warm for: the highest one-minute token rate (prompt +
+    generated) of the trace's first `window_s` seconds, which is what a running operator's
+    scale-down window would hold if that load had been going on for a while."""
+    tokens = trace.prompt_sum + trace.output_sum
+    minutes = max(1, int(window_s // 60))
+    return max(float(tokens[m * 60:(m + 1) * 60].sum()) / 60.0 for m in range(minutes))
 
 
 def simulate_variants(trace: Trace, policy: VariantsPolicy | EbbtidePolicy, kinds: Mapping[str, SimVariant],
@@ -148,11 +169,11 @@ def simulate_variants(trace: Trace, policy: VariantsPolicy | EbbtidePolicy, kind
                              trace.arrivals[fits], trace.prompt_tokens[fits], trace.output_tokens[fits], dt,
                              settings.seed)
     limits = [k.model.max_model_len for k in kinds.values()]
+    opening = opening_tokens_per_s(trace, policy.spec.scaling.behavior.scale_down.stabilization_seconds)
     if isinstance(policy, VariantsPolicy):
-        first = float(trace.prompt_sum[:60].sum() + trace.output_sum[:60].sum()) / 60.0
-        wanted = policy.start(first, epoch)
+        wanted = policy.start(opening, epoch)
     else:
-        wanted = {ON_DEMAND: policy.start(_first_guess(trace, next(iter(kinds.values())).model), epoch)[ON_DEMAND]}
+        wanted = {ON_DEMAND: policy.start(_opening_size(policy, opening), epoch)[ON_DEMAND]}
     for kind, count in wanted.items():
         for _ in range(count):
             serving.add_replica(fleet.add(0.0, ready=True, kind=kind).rid, 0.0)
@@ -182,6 +203,7 @@ def simulate_variants(trace: Trace, policy: VariantsPolicy | EbbtidePolicy, kind
             view = fleet.view(t, epoch, snapshot, serving.pending(), deployments, _idle_since(serving, t))
             if isinstance(policy, VariantsPolicy):
                 asked = policy.orders(view, per_variant, mix)
+                serving.routes = policy.routes
             else:  # one Deployment; its removals drain first, as the operator's pool plan says
                 orders = policy.orders(view)
                 plan = orders.pools.get(ON_DEMAND)
@@ -217,15 +239,29 @@ def simulate_variants(trace: Trace, policy: VariantsPolicy | EbbtidePolicy, kind
     return run, usd
 
 
-def _first_guess(trace: Trace, model: CapacityModel) -> int:
-    """As sim/fleet.py starts every policy: sized for the first minute at 70 % of saturation."""
-    requests = max(trace.requests, 1)
-    rate = float(trace.counts[:60].sum()) / 60.0
-    saturation = model.max_request_rate(float(trace.prompt_sum.sum()) / requests,
-                                        max(1.0, float(trace.output_sum.sum()) / requests))
-    return max(1, math.ceil(rate / (0.7 * saturation)))
+def _opening_size(policy: EbbtidePolicy, tokens_per_s: float) -> int:
+    """A single fleet's warm start: the opening load over the throughput share of its limit."""
+    spec = policy.spec
+    limit = policy.learned_capacity or seed_capacity(spec.variants[0].accelerator)
+    wanted = math.ceil(tokens_per_s / spec.scaling.targets.throughput / limit)
+    return max(1, spec.replicas.min, min(spec.replicas.max, wanted))
 
 
 def refused(trace: Trace, kinds: Mapping[str, SimVariant]) -> int:
     widest = max(k.model.max_model_len for k in kinds.values())
     return int(np.sum(trace.prompt_tokens + trace.output_tokens + 1 > widest))
+
+
+def out_of_reach(trace: Trace, kinds: Mapping[str, SimVariant], ttft_target_s: float | None) -> int:
+    """Requests a variant of the run holds but none can serve within the TTFT target even alone
+    on an idle replica (the prompt's prefill takes longer): no scaling meets them. They count as
+    misses, as refused ones do, and are reported apart so the SLO can be read without them."""
+    if ttft_target_s is None:
+        return 0
+    need = trace.prompt_tokens + trace.output_tokens + 1
+    reachable = np.zeros(len(need), dtype=bool)
+    for k in kinds.values():
+        fastest = np.vectorize(k.model.prefill_seconds, otypes=[float])(trace.prompt_tokens)
+        reachable |= (need <= k.model.max_model_len) & (fastest <= ttft_target_s)
+    fits = need <= max(k.model.max_model_len for k in kinds.values())
+    return int(np.sum(fits & ~reachable))

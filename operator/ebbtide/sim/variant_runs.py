@@ -14,12 +14,14 @@ from ebbtide.api.spec import InferenceServiceSpec
 from ebbtide.api.variants import Budget
 from ebbtide.policy.capacity_types import ON_DEMAND, SPOT
 from ebbtide.sim import report
+from ebbtide.sim.ebbtide_policy import EbbtidePolicy
 from ebbtide.sim.fleet import SimSettings
 from ebbtide.sim.replicas import ASLEEP
 from ebbtide.sim.traces import Trace
 from ebbtide.sim.variant_fleet import (
     VARIANTS_POLICY,
     VariantsPolicy,
+    out_of_reach,
     refused,
     sim_variant,
     simulate_variants,
@@ -56,21 +58,18 @@ def run_variant_policies(names: list[str], spec: InferenceServiceSpec, trace: Tr
     `budget`, also ebbtide-variants under that hourly cap (spec.budget.maxUsdPerHour)."""
     results, by_variant = [], {}
     ramps = report.ramp_hours(trace)
+    ttft_target = spec.scaling.targets.ttft.target_seconds if spec.scaling.targets.ttft else None
     if budget is not None and VARIANTS_POLICY in names:
         names = [*names, BUDGET_POLICY]
     for name in names:
-        if name in (VARIANTS_POLICY, BUDGET_POLICY):
-            kinds = {v.name: sim_variant(spec, v) for v in spec.variants}
-            capped = spec if name == VARIANTS_POLICY else spec.model_copy(update={"budget": Budget(
-                max_usd_per_hour=budget, max_usd_per_month=None)})
-            policy = VariantsPolicy(capped, name=name)
-        else:
-            variant = next(v for v in spec.variants if f"{PREFIX}{v.name}" == name)
-            kinds = {ON_DEMAND: sim_variant(spec, variant)}
-            policy = single_policy(spec, variant)
+        kinds, policy = _setup(name, spec, budget)
+        # Every run starts as an operator that has served this service before: its limits are
+        # those its own replicas taught it in a first replay of the trace, not reported.
+        simulate_variants(trace, policy, kinds, settings)
+        kinds, policy = _setup(name, spec, budget, learned=policy)
         run, usd = simulate_variants(trace, policy, kinds, settings)
         if name not in (VARIANTS_POLICY, BUDGET_POLICY):
-            usd = {variant.name: usd[ON_DEMAND]}
+            usd = {name.removeprefix(PREFIX): usd[ON_DEMAND]}
         result = report.summarize(run, spec, ramps)
         cost = sum(usd.values())
         hours = {kind if kind != ON_DEMAND else name.removeprefix(PREFIX): s / 3600.0
@@ -84,8 +83,24 @@ def run_variant_policies(names: list[str], spec: InferenceServiceSpec, trace: Tr
         by_variant[name] = {"usd": {k: round(v, 2) for k, v in usd.items()},
                             "usd_per_hour_max": round(max_usd_per_hour(policy), 2),
                             "gpu_hours": {k: round(h, 3) for k, h in hours.items()},
-                            "refused_requests": refused(trace, kinds)}
+                            "refused_requests": refused(trace, kinds),
+                            "out_of_reach_requests": out_of_reach(trace, kinds, ttft_target)}
     return results, by_variant
+
+
+def _setup(name: str, spec: InferenceServiceSpec, budget: float | None,
+           learned: VariantsPolicy | EbbtidePolicy | None = None) -> tuple[dict, VariantsPolicy | EbbtidePolicy]:
+    """The Deployments and the policy of run `name`; with `learned`, a policy that ran before,
+    starting from the limits it learned."""
+    if name in (VARIANTS_POLICY, BUDGET_POLICY):
+        capped = spec if name == VARIANTS_POLICY else spec.model_copy(update={"budget": Budget(
+            max_usd_per_hour=budget, max_usd_per_month=None)})
+        limits = learned.limits() if isinstance(learned, VariantsPolicy) else {}
+        return ({v.name: sim_variant(spec, v) for v in spec.variants},
+                VariantsPolicy(capped, name=name, learned=limits))
+    variant = next(v for v in spec.variants if f"{PREFIX}{v.name}" == name)
+    limit = learned.capacity if isinstance(learned, EbbtidePolicy) else None
+    return {ON_DEMAND: sim_variant(spec, variant)}, single_policy(spec, variant, limit)
 
 
 def describe(by_variant: dict[str, dict]) -> list[str]:
@@ -95,6 +110,9 @@ def describe(by_variant: dict[str, dict]) -> list[str]:
         spent = ", ".join(f"{k} {v:,.2f}" for k, v in run["usd"].items())
         refused_note = (f"; {run['refused_requests']:,} requests longer than any of its variants holds, refused"
                         if run["refused_requests"] else "")
+        if run.get("out_of_reach_requests"):
+            refused_note += (f"; {run['out_of_reach_requests']:,} requests whose prompt no variant of it prefills "
+                             "within the TTFT target even alone (misses whatever the scaling)")
         peak = f"; the mix projected at most {run['usd_per_hour_max']:,.2f} USD/h" if run["usd_per_hour_max"] else ""
         lines.append(f"{name}: USD by variant {spent}{peak}{refused_note}")
     return lines

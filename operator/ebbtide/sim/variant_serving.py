@@ -6,6 +6,15 @@ That is the routing assumption of spec.variants: the user's gateway knows which 
 which request sizes (a vLLM replica refuses a request longer than its --max-model-len). Beyond
 that it balances on requests in flight, which sends fewer requests to slower replicas.
 
+With `routes` set (the mix's size routing, MixPlan.routes), the gateway also follows the
+decision: a request goes to the variants the plan holds for its size (the smallest size class
+that holds it), if any of their replicas is serving; otherwise wherever it fits. The first of
+them is the size's own (a variant a longer size shares comes later): it takes the request while
+one of its replicas has nothing waiting in its queue, and only then do the others share the
+load (a queue-aware gateway's spill, e.g. llm-d's queue scorer). Routing by
+prompt length is the user's gateway's part (a header set by the client, or one endpoint per
+size class); the simulator assumes the gateway is set up to follow the plan.
+
 What the operator reads per variant is scraped per variant too: its pods and its token rate
 (vLLM's counters summed over the variant's replicas, including those gone since), and the
 shares of the token rate by the context the requests need (the shell's `context_mix`).
@@ -13,6 +22,7 @@ shares of the token rate by the context the requests need (the shell's `context_
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 
@@ -34,6 +44,8 @@ class VariantServing(RequestServing):
         self.kinds: dict[int, str] = {}  # replica -> its variant
         self._ever: dict[str, list[EngineCore]] = {kind: [] for kind in models}  # for the token counters
         self._marks: dict[str, deque[tuple[float, float]]] = {kind: deque() for kind in models}
+        self.routes: tuple[tuple[int | None, tuple[str, ...]], ...] = ()  # MixPlan.routes; () routes by fit only
+        self._now = 0.0
 
     def model_for(self, rid: int) -> CapacityModel:
         kind = self.kinds[rid] = self._kind_of(rid)
@@ -45,10 +57,27 @@ class VariantServing(RequestServing):
         if new:
             self._ever[self.kinds[rid]].append(self.engines[rid])
 
+    def _route(self, arrival: float, prompt: int, output: int, now: float) -> None:
+        self._now = now  # for admitting's look at the queues
+        super()._route(arrival, prompt, output, now)
+
     def admitting(self, prompt: int, output: int) -> list[int]:
         need = prompt + output + 1
         fits = [rid for rid, engine in self.engines.items() if engine.model.max_model_len >= need]
-        return fits or list(self.engines)
+        planned = route_for(self.routes, need)
+        if len(planned) > 1:  # the size's own variant first, while one of its replicas has no queue
+            own = [rid for rid in fits if self.kinds[rid] == planned[0]]
+            free = [rid for rid in own if self._queue_now(rid) == 0]
+            if free:
+                return own
+        routed = [rid for rid in fits if self.kinds[rid] in planned]
+        return routed or fits or list(self.engines)
+
+    def _queue_now(self, rid: int) -> int:
+        """Requests waiting in the replica's own queue as it is now (vLLM's num_requests_waiting,
+        what a queue-aware gateway scores on)."""
+        self._collect(rid, self.engines[rid].advance(self._now))
+        return self.engines[rid].num_waiting
 
     def variant_signals(self, t: float, window: float, service: Signals) -> dict[str, Signals]:
         """Each variant's pods (as the service's scrape saw them) and its token rate over the window."""
@@ -65,6 +94,14 @@ class VariantServing(RequestServing):
                                 pods=tuple(p for p in service.pods if by_pod.get(p.pod) == kind),
                                 tokens_per_second=(counted - first) / (t - first_t) if t > first_t else None)
         return out
+
+
+def route_for(routes: tuple[tuple[int | None, tuple[str, ...]], ...], need: int) -> tuple[str, ...]:
+    """The variants the plan holds for a request needing `need` tokens of context: those of the
+    smallest size class that holds it (None: any size); () when no class does."""
+    holding = [(math.inf if bound is None else bound, names) for bound, names in routes
+               if bound is None or bound >= need]
+    return min(holding, key=lambda entry: entry[0])[1] if holding else ()
 
 
 def context_mix(arrivals: np.ndarray, prompts: np.ndarray, outputs: np.ndarray, t: float, window: float,
