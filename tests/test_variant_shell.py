@@ -81,3 +81,13 @@ def test_a_service_without_variants_writes_no_variant_fields():
     step = decide(snap, REF, plain, ServiceState.restore(None, NOW).tick)
     status = render_status({}, ServiceState.restore(None, NOW), step, step.turn, applied=True)
     assert (status["variants"], status["variantsSummary"], status["spend"]) == (None, None, None)
+
+
+def test_a_single_variant_is_charged_at_its_own_price_and_gpus():
+    one = parse_spec({"model": {"name": "m"}, "pricing": {"onDemandPerGpuHour": 4.0}, "variants": [
+        {"name": "l4", "accelerator": "L4", "pricePerGpuHour": 0.8, "gpusPerReplica": 2}]})
+    running = pod("chat-a", "l4", "n1", True)
+    del running["metadata"]["labels"][LABEL_VARIANT]  # one variant: one Deployment, labelled as without variants
+    snap = Snapshot.of(NOW, [running], [deployment("chat", 1)], [], {})
+    step = decide(snap, REF, one, ServiceState.restore(None, NOW).tick)
+    assert step.turn.spend.usd_per_hour == 2 * 0.8, "the variant's price for its 2 GPUs, not spec.pricing's"

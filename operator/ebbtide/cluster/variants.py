@@ -136,6 +136,18 @@ def single_variant_shape(ref: ServiceRef, spec: InferenceServiceSpec, variant: V
                  shape.tensor_parallel)
 
 
+def single_variant_spec(spec: InferenceServiceSpec) -> InferenceServiceSpec:
+    """The spec the tick runs a one-variant service on: its one Deployment's pods are labelled
+    on-demand (single_variant_shape), so they are charged at pricing.onDemandPerGpuHour, which is
+    the variant's price here, for its GPUs per replica. Any other spec is returned as it is."""
+    if len(spec.variants) != 1:
+        return spec
+    variant = spec.variants[0]
+    return spec.model_copy(update={
+        "pricing": spec.pricing.model_copy(update={"on_demand_per_gpu_hour": variant.price_per_gpu_hour}),
+        "engine": variant_engine(spec, variant)})
+
+
 def first_counts(spec: InferenceServiceSpec) -> dict[str, int]:
     """Replicas per variant when its Deployments are created: each variant's floor. What
     replicas.min asks beyond the floors is the tick's to place (from zero, on the cheapest

@@ -9,7 +9,7 @@ from ebbtide.api.ref import ServiceRef
 from ebbtide.api.spec import InferenceServiceSpec
 from ebbtide.cluster.pods import ServicePods
 from ebbtide.cluster.render import deployment_name
-from ebbtide.cluster.variants import variant_deployment_name
+from ebbtide.cluster.variants import single_variant_spec, variant_deployment_name
 from ebbtide.control.actions import Actions, actions
 from ebbtide.control.observe import Snapshot
 from ebbtide.policy.capacity_types import SPOT
@@ -69,7 +69,7 @@ def decide(snapshot: Snapshot, ref: ServiceRef, spec: InferenceServiceSpec, stat
     seen = observation(snapshot, ref, spec)
     if seen is None:
         return None
-    turn = tick(spec, seen, state, snapshot.now)
+    turn = tick(single_variant_spec(spec), seen, state, snapshot.now)
     mine = snapshot.pods_of((ref.namespace, ref.name))
     variants = variant_replicas(snapshot, ref, spec) if spec.has_variants else {}
     return Step(snapshot.now, seen, turn, actions(ref, turn, seen.deployments, mine.members, variants), mine,
