@@ -36,6 +36,7 @@ from ebbtide.sim.inputs import (
     SPOT_PREEMPTIONS_PER_HOUR,
     load_spec,
     load_trace,
+    model_max_len,
 )
 from ebbtide.sim.peers.base import Peer
 from ebbtide.sim.peers.tuning import SLO as TUNING_SLO
@@ -81,8 +82,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         settle(args)
         spec_name, spec = load_spec(args.spec)
-        capacity = get_preset(args.preset)
-        trace = load_trace(args.trace, capacity, spec, args.peak_replicas, args.scale, args.seed, args.hours)
+        preset = get_preset(args.preset)
+        capacity = preset.with_overrides(max_model_len=model_max_len(spec, preset))
+        trace = load_trace(args.trace, capacity, spec, args.peak_replicas, args.scale, args.seed, args.hours,
+                           per_request=args.per_request)
         cold_start = float(spec.warmup.default_startup_seconds if args.cold_start is None else args.cold_start)
         policies = build_policies(args.policies, spec, trace, capacity)
     except (InvalidSpec, traces.TraceError, ValueError, OSError) as e:
@@ -103,6 +106,9 @@ def run(args: argparse.Namespace) -> int:
     console.print(f"[bold]{spec_name}[/] on [bold]{escape(trace.name)}[/]: {trace.requests:,} requests over "
                   f"{trace.duration_s / 3600:.1f} h ({mode})")
     console.print(f"capacity model {capacity.name}, cold start {settings.cold_start_s:g} s")
+    if trace.too_long:
+        console.print(f"{trace.too_long:,} requests longer than the engine's max_model_len ({capacity.max_model_len:,} "
+                      "tokens, prompt + output) are refused, as vLLM refuses them: counted, not served")
     results: list[report.PolicyResult] = []
     series: list[report.PlotSeries] = []
     extra: dict[str, float | None] = {}
@@ -237,8 +243,8 @@ def describe_market(market: SpotMarket) -> str:
 
 def _settings_json(settings: SimSettings, args: argparse.Namespace) -> dict:
     out = {k: v for k, v in asdict(settings).items() if k != "capacity"}
-    out.update(capacity=settings.capacity.name, peak_replicas=args.peak_replicas, scale=args.scale,
-               oracle_slo=args.oracle_slo)
+    out.update(capacity=settings.capacity.name, max_model_len=settings.capacity.max_model_len,
+               peak_replicas=args.peak_replicas, scale=args.scale, oracle_slo=args.oracle_slo)
     return out
 
 
@@ -246,7 +252,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("spec", nargs="?", default=None, metavar="SPEC",
                         help=f"an InferenceService manifest (default: the bundled examples/{DEFAULT_SPEC})")
     parser.add_argument("--trace", default=DEFAULT_TRACE,
-                        help=f"a bundled trace ({', '.join(traces.BUNDLED)}) or a CSV path (default: {DEFAULT_TRACE})")
+                        help=f"a bundled trace ({', '.join(traces.BUNDLED)}) or a file: a request log (Azure's CSV, "
+                        "or JSONL as Mooncake's), or a rate file (Azure's per-minute CSV, or "
+                        "window_start_s,requests_per_s as PREFIX_rate.csv with its sizes in PREFIX_sizes.json); "
+                        f"docs/simulator.md has the formats (default: {DEFAULT_TRACE})")
+    parser.add_argument("--per-request", action="store_true",
+                        help="rate traces: replay request by request instead of as a fluid (slow: a week is tens "
+                        "of millions of requests; use with --hours)")
     parser.add_argument("--policies", nargs="+", metavar="NAME",
                         help="policies to compare, as the table names them, space- or comma-separated "
                         f"(default: {', '.join(ALL_POLICIES)}; {', '.join(SHORT_NAMES)} also name the middle "

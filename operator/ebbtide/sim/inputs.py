@@ -30,6 +30,25 @@ def load_spec(path: str | None) -> tuple[str, InferenceServiceSpec]:
     return ref.name, spec
 
 
+def model_max_len(spec: InferenceServiceSpec, capacity: CapacityModel) -> int:
+    """The longest request (prompt + output tokens) the spec's engine takes: its
+    `--max-model-len` if the args set one below the model's own, else the model's."""
+    args = list(spec.engine.args)
+    for i, arg in enumerate(args):
+        flag, equals, value = arg.partition("=")
+        if flag == "--max-model-len":
+            text = value if equals else (args[i + 1] if i + 1 < len(args) else "")
+            try:
+                # vLLM takes 8192, 8k, 8K and 1m (powers of 1000 lower-case, of 1024 upper-case).
+                units = {"k": 1000, "K": 1024, "m": 1_000_000, "M": 1024 * 1024}
+                number = int(float(text[:-1]) * units[text[-1]]) if text[-1:] in units else int(text)
+            except (ValueError, IndexError):
+                raise ValueError(f"spec.engine.args: --max-model-len {text!r} is not a number of tokens") from None
+            if number > 0:
+                return min(number, capacity.max_model_len)
+    return capacity.max_model_len
+
+
 def load_trace(name: str, capacity: CapacityModel, spec: InferenceServiceSpec, peak_replicas: int,
                scale: int, seed: int, hours: float | None, per_request: bool = False,
                span: tuple[float, float] | None = None) -> traces.Trace:

@@ -3,7 +3,7 @@
 The JSON schema (`ebbtide simulate --json`) is stable; fields are only ever added:
 
     {"schema": "ebbtide.simulate/v1", "trace": str, "duration_s": float, "requests": int,
-     "spec": str, "settings": {...},
+     "requests_too_long": int, "spec": str, "settings": {...},
      "policies": {NAME: {"gpu_hours": float, "gpu_hours_by_type": {"on-demand": float, "spot": float,
                          "asleep": float}, "cost_usd": float, "usd_per_million_tokens": float,
                          "ttft_p50_s": float, "ttft_p90_s": float, "ttft_p99_s": float,
@@ -11,6 +11,10 @@ The JSON schema (`ebbtide simulate --json`) is stable; fields are only ever adde
                          "peak_replicas": int, "tokens": float, "spot_reclaim_events": int,
                          "spot_replicas_reclaimed": int, "requests_retried": float,
                          "ttft_p99_ramps_s": float | null, "slo_attainment_ramps": float | null}}}
+
+`requests_too_long` counts the requests longer (prompt + output) than the engine's max_model_len
+(the spec's `--max-model-len`, else the model's): vLLM refuses them on arrival, so they are not in
+`requests` and serve nothing.
 
 GPU-hours count from the moment a replica has a node (a spot pod Pending for want of capacity
 costs nothing) to the end of its drain or its reclaim, so the GPU time spent on requests in
@@ -184,6 +188,7 @@ def to_json(trace: Trace, spec_name: str, settings: dict, results: list[PolicyRe
         "trace": trace.name,
         "duration_s": trace.duration_s,
         "requests": trace.requests,
+        "requests_too_long": trace.too_long,
         "spec": spec_name,
         "settings": settings,
         "policies": {r.name: r.to_json() for r in results},
