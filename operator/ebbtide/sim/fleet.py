@@ -75,6 +75,7 @@ class SimSettings:
     gpus_per_replica: int = 1
     seed: int = 0
     spot: SpotMarket = SpotMarket()
+    routing: str = "random"  # request by request: how the Service spreads requests (request_serving.ROUTINGS)
 
 
 @dataclass
@@ -172,7 +173,8 @@ def simulate(trace: Trace, policy: SimulatedPolicy, settings: SimSettings, per_r
     epoch = (trace.start_utc or datetime.datetime(2024, 1, 1)).replace(tzinfo=datetime.UTC).timestamp()
     if per_request:
         serving: Serving = RequestServing(
-            settings.capacity, trace.arrivals, trace.prompt_tokens, trace.output_tokens, dt=dt, seed=settings.seed)
+            settings.capacity, trace.arrivals, trace.prompt_tokens, trace.output_tokens, dt=dt, seed=settings.seed,
+            routing=settings.routing)
     else:
         serving = FluidServing(settings.capacity, fluid_sizes(trace), _binned(trace.counts, dt, steps), dt)
     fleet = Fleet(settings.gpus_per_replica, 0.0 if policy.instant_start else settings.cold_start_s)
