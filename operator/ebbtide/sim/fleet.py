@@ -75,7 +75,10 @@ class SimSettings:
     gpus_per_replica: int = 1
     seed: int = 0
     spot: SpotMarket = SpotMarket()
-    routing: str = "random"  # request by request: how the Service spreads requests (request_serving.ROUTINGS)
+    # Request by request: how requests reach replicas (request_serving.ROUTINGS). `simulate`'s
+    # default is random, as a Service spreads them; power of two here is what the engine-level
+    # tests were written against.
+    routing: str = "power-of-two"
 
 
 @dataclass

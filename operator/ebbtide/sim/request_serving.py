@@ -37,7 +37,7 @@ class RequestServing:
     """
 
     def __init__(self, capacity: CapacityModel, arrivals: np.ndarray, prompts: np.ndarray, outputs: np.ndarray,
-                 dt: float = 1.0, seed: int = 0, routing: str = "random"):
+                 dt: float = 1.0, seed: int = 0, routing: str = "power-of-two"):
         if routing not in ROUTINGS:
             raise ValueError(f"unknown routing {routing!r}; known: {', '.join(ROUTINGS)}")
         self.routing = routing
