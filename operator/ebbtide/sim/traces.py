@@ -265,12 +265,13 @@ def expand_rates(name: str, drawn: np.ndarray, envelope: np.ndarray, mix: SizeMi
         mix = mix.shifted(first)
         start_utc = None if start_utc is None else start_utc + datetime.timedelta(seconds=first)
     if per_request:
-        arrivals = np.repeat(np.arange(len(counts), dtype=float), counts) + rng.uniform(0, 1, int(counts.sum()))
+        arrivals = np.sort(np.repeat(np.arange(len(counts), dtype=float), counts)
+                           + rng.uniform(0, 1, int(counts.sum())))
         prompt, output = mix.draw(rng, arrivals)
-        trace = log_trace(name, arrivals, prompt, output, start_utc, too_long)
-        pad = len(counts) - len(trace.counts)  # the log's seconds end at its last arrival
-        return replace(trace, duration_s=float(len(counts)), mix=mix, **{
-            k: np.pad(getattr(trace, k), (0, pad)) for k in ("counts", "prompt_sum", "output_sum")})
+        counts, p_sum, o_sum = _aggregate(arrivals, prompt, output, len(counts))
+        return Trace(name=name, duration_s=float(len(counts)), counts=counts, prompt_sum=p_sum, output_sum=o_sum,
+                     arrivals=arrivals, prompt_tokens=prompt, output_tokens=output, start_utc=start_utc, mix=mix,
+                     too_long=too_long)
     p_sum, o_sum = mix.sums_per_second(rng, counts)
     return Trace(name=name, duration_s=float(len(counts)), counts=counts, prompt_sum=p_sum, output_sum=o_sum,
                  prompt_tokens=np.concatenate(mix.prompts), start_utc=start_utc, mix=mix, too_long=too_long)
