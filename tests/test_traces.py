@@ -138,3 +138,13 @@ def test_a_window_rate_file_needs_its_sizes_beside_it(tmp_path):
         {"start_s": 0, "input_quantiles": [10, 5], "output_quantiles": [1, 2]}]}))
     with pytest.raises(TraceError, match="non-decreasing"):
         read_window_sizes(str(path), first, seed=1)
+
+
+@pytest.mark.parametrize("args, expected", [
+    ([], 131_072), (["--max-model-len", "8192"], 8192), (["--max-model-len=4k"], 4000),
+    (["--max-model-len", "32K"], 32_768), (["--max-model-len", "1000000"], 131_072),  # the model's own caps it
+])
+def test_the_engines_max_length_is_the_specs_max_model_len(args, expected):
+    _, spec = load_spec(None)
+    spec = spec.model_copy(update={"engine": spec.engine.model_copy(update={"args": args})})
+    assert model_max_len(spec, get_preset("llama-3.1-8b-h100")) == expected
