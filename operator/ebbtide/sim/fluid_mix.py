@@ -22,6 +22,9 @@ PROMPT_POINTS = 32
 RHO_LEVELS = 10_000
 RHO_MAX = 0.95
 
+# Up to this many steps (a scrape's window is 12), rows come from a per-window table.
+TABLE_STEPS = 64
+
 _QUANTILES = (np.arange(PROMPT_POINTS) + 0.5) / PROMPT_POINTS
 _WAIT_QUANTILES = np.random.default_rng(7).permutation(_QUANTILES)[None, :]
 
@@ -73,6 +76,7 @@ class MixSchedule:
         self._prefill_rate = capacity.prefill_tokens_per_s
         self._mean_prefill = np.array([w.P / capacity.prefill_tokens_per_s for w in self.windows])
         self._points = np.array([w.prefill_points for w in self.windows])
+        self._tables: dict[int, np.ndarray] = {}
 
     def at(self, step: int) -> MixWindow:
         return self.windows[self.of_step[min(step, len(self.of_step) - 1)]]
@@ -83,9 +87,21 @@ class MixSchedule:
         return min(last, self.changes[i]) if i < len(self.changes) else last
 
     def rows(self, first: int, last: int, levels: list[int]) -> np.ndarray:
-        """prefill_rows of steps [first, last), their levels given."""
+        """prefill_rows of steps [first, last), their levels given. A scrape's few steps are
+        looked up in their window's table of every level (a log and a where over each step's
+        points at every scrape cost a week's replay seconds); a whole run's are computed."""
         window = self.of_step[first:last]
-        return prefill_rows(np.asarray(levels), self._mean_prefill[window], self._points[window])
+        if last - first > TABLE_STEPS or window[0] != window[-1]:
+            return prefill_rows(np.asarray(levels), self._mean_prefill[window], self._points[window])
+        w = int(window[0])
+        table = self._tables.get(w)
+        if table is None:
+            if len(self._tables) >= 2:  # a replay moves forward: older windows are not read again
+                self._tables.pop(next(iter(self._tables)))
+            every = np.arange(int(RHO_MAX * RHO_LEVELS) + 1)
+            table = self._tables[w] = prefill_rows(every, np.full(len(every), self._mean_prefill[w]),
+                                                   np.broadcast_to(self._points[w], (len(every), PROMPT_POINTS)))
+        return table[np.asarray(levels, dtype=np.int64)]
 
 
 def fluid_mix(trace_prompt_sum: float, trace_output_sum: float, requests: int) -> tuple[float, float]:
