@@ -14,6 +14,8 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 TRACES = ("conv-week", "code-week", "conv-1h", "code-1h")
+# Added for issue #16 (bench/run.py NEW_TRACE_RUNS, fewer policies): shown once recorded.
+NEW_TRACES = ("servegen-14d", "mooncake-1h")
 # The autoscaling peers (sim/peers/), each at its default and tuned with hindsight on the run.
 PEERS = ("hpa-kv", "hpa-tokens", "hpa-inflight", "keda-queue", "aibrix-apa", "wva", "dynamo-planner")
 BASELINES = ("static-peak", *PEERS, *(f"{p}-tuned" for p in PEERS))
@@ -40,6 +42,8 @@ def render(results: Path) -> str:
     runs = {key: json.loads((results / f"{key}.json").read_text()) for key in (*TRACES, "speed")}
     lifecycle = {key: json.loads((results / f"{key}.json").read_text()) for key in LIFECYCLE
                  if (results / f"{key}.json").exists()}
+    new = {key: json.loads((results / f"{key}.json").read_text()) for key in NEW_TRACES
+           if (results / f"{key}.json").exists()}
     notes = _notes(BENCH / "notes.md")
     out = [
         "# Benchmark results",
@@ -62,8 +66,8 @@ def render(results: Path) -> str:
         "| run | requests | model | wall | CPU user | CPU sys |",
         "|---|---:|---|---:|---:|---:|",
     ]
-    for key in (*TRACES, "speed", *lifecycle):
-        doc = runs.get(key) or lifecycle[key]
+    for key in (*TRACES, *new, "speed", *lifecycle):
+        doc = runs.get(key) or new.get(key) or lifecycle[key]
         mode = "fluid, 5 s steps" if doc["duration_s"] > 86_400 else "request by request"
         out.append(f"| `{doc['bench']['command']}` | {doc['requests']:,} | {mode} | {doc['bench']['wall_s']:.1f} s | "
                    f"{doc['bench']['user_s']:.1f} s | {doc['bench']['sys_s']:.1f} s |")
@@ -77,12 +81,14 @@ def render(results: Path) -> str:
     for key in TRACES:
         for name in EBBTIDE:
             out.append(_targets(key, name, runs[key]["policies"]))
-    for key in TRACES:
-        doc = runs[key]
+    for key, doc in (*((key, runs[key]) for key in TRACES), *new.items()):
         out += ["", f"## {key}", "", f"    {doc['bench']['command']}", "", _describe(doc), "",
                 _table(doc["policies"]), "", f"![{key}]({key}.png)", ""]
         if key in notes:
             out += [notes[key], ""]
+    check = results / "fluid-check.json"
+    if check.exists():
+        out += _fluid_check(json.loads(check.read_text()), notes.get("fluid-check"))
     if lifecycle:
         out += _lifecycle(lifecycle, notes)
     if (results / "variants.json").exists():
@@ -362,6 +368,26 @@ def _variants(doc: dict, note: str | None) -> list[str]:
     for run, row in spent.items():
         usd = ", ".join(f"{k} {v:,.2f}" for k, v in row["usd"].items())
         out.append(f"| {run} | {usd} | {row['usd_per_hour_max'] or '-'} | {row['refused_requests']:,} |")
+    return out + ([""] + [note] if note else []) + [""]
+
+
+def _fluid_check(doc: dict, note: str | None) -> list[str]:
+    """The fluid model against request-by-request replay of the same requests (bench/fluid_check.py)."""
+    tolerance = doc["tolerance"]
+    out = ["## The fluid model against request-level replay", "", f"    {doc['command']}", "",
+           f"The same requests (seed {doc['seed']}) replayed both ways; agreement means GPU-hours within "
+           f"{tolerance['gpu_hours']:.0%} and SLO attainment within {tolerance['slo_points']:g} points.", "",
+           "| trace | window | requests | policy | routing | GPU-h request / fluid | SLO met request / fluid | "
+           "TTFT p90 request / fluid | CPU s request / fluid | agrees |",
+           "|---|---|---:|---|---|---:|---:|---:|---:|---|"]
+    for trace in doc["traces"]:
+        for row in trace["rows"]:
+            e, f = row["request"], row["fluid"]
+            out.append(f"| {trace['trace']} | {trace['window']} | {trace['requests']:,} | {row['policy']} | "
+                       f"{row['routing']} | {e['gpu_hours']:.2f} / {f['gpu_hours']:.2f} ({row['gpu_hours_gap']:+.1%}) | "
+                       f"{100 * e['slo_attainment']:.2f} / {100 * f['slo_attainment']:.2f} % "
+                       f"({row['slo_points_gap']:+.2f}) | {e['ttft_p90_s']:.2f} / {f['ttft_p90_s']:.2f} s | "
+                       f"{e['cpu_s']:.0f} / {f['cpu_s']:.1f} | {'yes' if row['agrees'] else '**no**'} |")
     return out + ([""] + [note] if note else []) + [""]
 
 

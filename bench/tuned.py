@@ -19,7 +19,7 @@ from ebbtide.sim import report  # noqa: E402
 from ebbtide.sim.capacity import get_preset  # noqa: E402
 from ebbtide.sim.catalog import PEERS, build_policies, peer_makers  # noqa: E402
 from ebbtide.sim.fleet import SimSettings, simulate  # noqa: E402
-from ebbtide.sim.inputs import load_spec, load_trace  # noqa: E402
+from ebbtide.sim.inputs import load_spec, load_trace, model_max_len  # noqa: E402
 
 TRACES = {"conv-1h": 14, "code-1h": 12}  # key -> --scale, as bench/run.py runs them
 SEEDS = (2, 3)  # seed 1 is bench/run.py's run
@@ -33,7 +33,8 @@ def main() -> int:
     out = BENCH / "results" / "seeds.json"
     kept = [row for row in json.loads(out.read_text())["rows"] if row["trace"] not in only] if out.exists() else []
     spec_name, spec = load_spec(None)
-    capacity = get_preset("llama-3.1-8b-h100")
+    preset = get_preset("llama-3.1-8b-h100")
+    capacity = preset.with_overrides(max_model_len=model_max_len(spec, preset))  # as `simulate` reads the spec
     targets = spec.scaling.targets
     rows = []
     for key in only:
@@ -46,7 +47,8 @@ def main() -> int:
             settings = SimSettings(capacity=capacity, cold_start_s=spec.warmup.default_startup_seconds,
                                    metrics_window_s=spec.scaling.behavior.metrics_window_seconds,
                                    ttft_quantile=targets.ttft.quantile, tpot_quantile=targets.tpot.quantile,
-                                   gpus_per_replica=max(1, spec.engine.gpus), seed=seed)
+                                   gpus_per_replica=max(1, spec.engine.gpus), seed=seed,
+                                   routing="random")  # `simulate`'s default, as bench/run.py's seed 1 ran
             makers = peer_makers(spec, trace, capacity)
             policies = build_policies(["ebbtide", *PEERS], spec, trace, capacity)
             for name in PEERS:

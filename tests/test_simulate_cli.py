@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 
+import numpy as np
 import pytest
 import yaml
 
@@ -72,6 +73,8 @@ def test_help_lists_every_policy_by_the_name_the_table_uses():
     ("--scale", "1.5", "'1.5' is not a whole number"),
     ("--hours", "nan", "must be greater than 0"),
     ("--spot-outage", "1h", "expected DURATION@START"),
+    ("--seeds", "0", "must be at least 1"),
+    ("--routing", "round-robin", "invalid choice"),
 ])
 def test_nonsense_numbers_are_refused_before_any_work(option, value, said):
     result = ebbtide("simulate", option, value)
@@ -108,3 +111,36 @@ def test_a_table_too_wide_is_printed_as_two_that_fit():
         text = console.export_text()
         assert len(printed) == count and max(len(line.rstrip()) for line in text.splitlines()) <= width
         assert "…" not in text and text.count("ebbtide-lifecycle") == count  # no cell cut short
+
+
+def test_seeds_report_each_policys_mean_and_spread(tmp_path):
+    """Six minutes of a rate trace, request by request, over two seeds: the table's rows are
+    the means, the JSON holds every seed's numbers and their lowest and highest."""
+    out = tmp_path / "seeds.json"
+    result = ebbtide("simulate", "--trace", "conv-week", "--hours", "0.1", "--per-request", "--seeds", "2",
+                     "--policies", "ebbtide", "static-max", "--json", out)
+    assert result.returncode == 0, result.stderr
+    assert "over 2 seeds (1, 2)" in result.stdout and "routed random" in result.stdout
+    document = json.loads(out.read_text())
+    assert document["settings"]["seeds"] == 2 and document["settings"]["routing"] == "random"
+    spread = document["seeds"]["policies"]["ebbtide"]
+    assert spread["seeds"] == [1, 2] and len(spread["runs"]) == 2
+    for key in ("gpu_hours", "slo_attainment", "ttft_p99_s"):
+        low, mean, high = spread[key]["min"], spread[key]["mean"], spread[key]["max"]
+        assert low <= mean <= high and mean == pytest.approx(document["policies"]["ebbtide"][key], abs=1e-4)
+    assert document["seeds"]["requests"][0] != document["seeds"]["requests"][1], "each seed its own draw"
+
+
+def test_the_cost_panel_adds_up_to_the_tables_dollars():
+    from ebbtide.sim.baselines import Static
+    from ebbtide.sim.capacity import LLAMA_3_1_8B_H100
+    from ebbtide.sim.fleet import SimSettings, simulate
+    from ebbtide.sim.inputs import load_spec, load_trace
+    from ebbtide.sim.report import cumulative_usd, summarize
+
+    _, spec = load_spec(None)
+    trace = load_trace("conv-week", LLAMA_3_1_8B_H100, spec, 12, 1, 1, hours=2)
+    run = simulate(trace, Static(replicas=5), SimSettings(capacity=LLAMA_3_1_8B_H100))
+    spent = cumulative_usd(run.timeline, spec)
+    assert np.all(np.diff(spent) >= 0)
+    assert spent[-1] == pytest.approx(summarize(run, spec).cost_usd, rel=0.02)

@@ -38,7 +38,7 @@ VARIANT_MIX = "VariantMix"
 # accelerator, for a chat mix (Azure's conversation hour: 1,155 prompt and 211 output tokens on
 # average) within a 0.1 s TPOT: the simulator's presets (sim/capacity.py; a test keeps them
 # equal). Only a seed: each variant's own replicas teach it their real limit.
-SEED_TOKENS_PER_S: dict[str, float] = {"H100": 16_800.0, "A100-80G": 8_100.0, "L40S": 6_300.0, "L4": 800.0}
+SEED_TOKENS_PER_S: dict[str, float] = {"H100": 16_800.0, "A100-80G": 7_100.0, "L40S": 6_300.0, "L4": 800.0}
 # An accelerator not listed: the lowest seed, so the first mix has too many replicas, not too few.
 UNKNOWN_SEED = min(SEED_TOKENS_PER_S.values())
 # Spot reclaims expected per replica-hour: the simulator's default market (0.05 events per hour,

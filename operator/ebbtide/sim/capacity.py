@@ -203,6 +203,36 @@ LLAMA_3_1_8B_H100 = CapacityModel(
     wake_level2_s=5.0,
 )
 
+# Llama-3.1-8B-Instruct, bf16, one A100 80GB SXM, the same vLLM defaults. Fitted to SGLang's
+# published benchmark of vLLM 0.6.0 on this GPU and model (ShareGPT, ~230 prompt / ~200 output
+# tokens; docs/sources.md): median TPOT 14.1 ms at 4 requests/s and 17.1 ms at 8 requests/s,
+# which put itl(n) = c0 + c1 n through (11.4, 14.1 ms) and (27.8, 17.1 ms), c0 = 12.0 ms and
+# c1 = 183 us per sequence for that mix; at max_num_seqs 256 this gives 21.4 requests/s, where
+# the same benchmark measured 21.3 offline (tests/test_capacity.py checks all three).
+# - step_base_s 12.0 ms: 16.1 GB of weights at 2.04 TB/s take 7.9 ms; vLLM 0.6.0 reached ~66 %
+#   of that roofline plus its scheduling overhead.
+# - step_per_context_token_s 86 ns: 128 KiB of KV per context token at ~75 % of 2.04 TB/s.
+# - prefill 8k tok/s: 16 GFLOP per prompt token at ~40 % of 312 dense bf16 TFLOPS.
+# - step_per_seq_s 13 us: what is left of the fitted 183 us slope after the context (28 us)
+#   and prefill (142 us) terms for the ShareGPT mix.
+# - KV cache: the H100's budget less its 0.3 GiB more memory: 27,100 blocks of 16.
+# - wake: level 1 over PCIe Gen4 (~20 GB/s practical), ~1.2 s.
+LLAMA_3_1_8B_A100 = CapacityModel(
+    name="llama-3.1-8b-a100",
+    max_num_seqs=256,
+    kv_cache_tokens=27_100 * 16,
+    block_size=16,
+    max_num_batched_tokens=8192,
+    max_model_len=131_072,
+    prefill_tokens_per_s=8_000.0,
+    step_base_s=0.012,
+    step_per_seq_s=13e-6,
+    step_per_context_token_s=86e-9,
+    startup_s=40.0,
+    wake_level1_s=1.2,
+    wake_level2_s=5.0,
+)
+
 # Small and slow enough that a test saturates it with a few dozen requests in about a second.
 TINY = CapacityModel(
     name="tiny",
@@ -220,25 +250,19 @@ TINY = CapacityModel(
     wake_level2_s=0.5,
 )
 
-# The same model on three more accelerators (issue 19, accelerator variants), derived the way the
-# H100's is from each GPU's datasheet: the bandwidth-bound terms (step_base_s, the context term)
-# scale with 1 / memory bandwidth (75 % of it reached), the compute-bound ones (per-seq, prefill)
-# with 1 / dense bf16 TFLOPS, and the KV cache is what 0.9 of the memory leaves after 15.0 GiB
-# of weights and the runtime's share. The A100's compute terms are calibrated on the one
-# published figure for it (vLLM 0.6.0, ShareGPT, offline: 21.3 requests/s, 4,132 output
-# tokens/s; this preset gives 21.7 and 4,402): 40 us per sequence and prefill at 50 % MFU, and
-# the other two scale from it. Figures and sources in docs/simulator.md ("Accelerator presets"):
-# - A100-80G SXM: 2.04 TB/s, 312 TFLOPS, 80 GB: base 10.5 ms (16.1 GB / 2.04 TB/s at 75 %) plus
-#   overhead, 85 ns per context token, 40 us per sequence, prefill 9.7k tok/s, ~53 GiB KV.
+# The same model on two smaller accelerators (issue 19, accelerator variants), derived from each
+# GPU's datasheet, the way the H100's is: the bandwidth-bound terms (step_base_s, the context
+# term) scale with 1 / memory bandwidth (75 % of it reached), the compute-bound ones (per-seq,
+# prefill) with 1 / dense bf16 TFLOPS from an A100 derivation checked on its published offline
+# rate (40 us per sequence, prefill at 50 % MFU), and the KV cache is what 0.9 of the memory
+# leaves after 15.0 GiB of weights and the runtime's share. Sources in docs/simulator.md:
 # - L40S: 0.864 TB/s, 362 TFLOPS, 48 GB: base 25 ms, 202 ns, 34 us, prefill 11.3k tok/s,
 #   0.9 x 44.5 GiB - 15.0 - 3.0 = ~22 GiB of KV (180k tokens).
 # - L4: 0.300 TB/s, 121 TFLOPS, 24 GB: base 71.6 ms (about 14 tokens/s for a lone request),
 #   583 ns, 103 us, prefill 3.8k tok/s; 0.9 x 22.0 GiB - 15.0 - 1.5 = ~3.3 GiB of KV (27k
 #   tokens), so vLLM refuses the model's 131k context: max_model_len 16384 (examples/variants.yaml).
-LLAMA_3_1_8B_A100_80G = LLAMA_3_1_8B_H100.with_overrides(
-    name="llama-3.1-8b-a100-80g", kv_cache_tokens=27_000 * 16, prefill_tokens_per_s=9_700.0,
-    step_base_s=0.0108, step_per_seq_s=40e-6, step_per_context_token_s=85e-9, startup_s=45.0,
-    wake_level1_s=1.5, wake_level2_s=6.0)
+# The A100-80G variant runs the A100 preset above, fitted to the published figures.
+LLAMA_3_1_8B_A100_80G = LLAMA_3_1_8B_A100
 LLAMA_3_1_8B_L40S = LLAMA_3_1_8B_H100.with_overrides(
     name="llama-3.1-8b-l40s", kv_cache_tokens=11_250 * 16, prefill_tokens_per_s=11_300.0,
     step_base_s=0.0250, step_per_seq_s=34e-6, step_per_context_token_s=202e-9, startup_s=50.0,
@@ -249,7 +273,7 @@ LLAMA_3_1_8B_L4 = LLAMA_3_1_8B_H100.with_overrides(
     wake_level1_s=2.0, wake_level2_s=8.0)
 
 PRESETS: dict[str, CapacityModel] = {m.name: m for m in (
-    LLAMA_3_1_8B_H100, LLAMA_3_1_8B_A100_80G, LLAMA_3_1_8B_L40S, LLAMA_3_1_8B_L4, TINY)}
+    LLAMA_3_1_8B_H100, LLAMA_3_1_8B_A100, LLAMA_3_1_8B_L40S, LLAMA_3_1_8B_L4, TINY)}
 # The preset of each accelerator a variant names (spec.variants[].accelerator), for the model above.
 ACCELERATOR_PRESETS: dict[str, CapacityModel] = {
     "H100": LLAMA_3_1_8B_H100, "A100-80G": LLAMA_3_1_8B_A100_80G, "L40S": LLAMA_3_1_8B_L40S, "L4": LLAMA_3_1_8B_L4}

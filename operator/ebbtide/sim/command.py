@@ -7,13 +7,13 @@ import argparse
 import math
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from ebbtide.api.manifest import InvalidSpec
 from ebbtide.arguments import number, option, refuse, writable_file
-from ebbtide.sim import baselines, report, traces
-from ebbtide.sim.calibration import ORACLE_SLO, calibrate_oracle, oracle_rate_limit, right_size_static
+from ebbtide.sim import report, seed_spread, traces
+from ebbtide.sim.calibration import ORACLE_SLO
 from ebbtide.sim.capacity import PRESETS, get_preset
 from ebbtide.sim.catalog import (
     ALL_POLICIES,
@@ -27,8 +27,8 @@ from ebbtide.sim.catalog import (
     policy_names,
 )
 from ebbtide.sim.combined_traces import is_combined, load_combined
-from ebbtide.sim.ebbtide_policy import EbbtidePolicy, EbbtideSpotPolicy
-from ebbtide.sim.fleet import SimSettings, simulate
+from ebbtide.sim.ebbtide_policy import EbbtideSpotPolicy
+from ebbtide.sim.fleet import SimSettings
 from ebbtide.sim.inputs import (
     DEFAULT_SPEC,
     DEFAULT_TRACE,
@@ -37,12 +37,14 @@ from ebbtide.sim.inputs import (
     SPOT_PREEMPTIONS_PER_HOUR,
     load_spec,
     load_trace,
+    model_max_len,
 )
 from ebbtide.sim.peers.base import Peer
 from ebbtide.sim.peers.tuning import SLO as TUNING_SLO
-from ebbtide.sim.peers.tuning import Tuned, Tuning
+from ebbtide.sim.peers.tuning import Tuned
+from ebbtide.sim.replay_policies import Replay, replay_policies
+from ebbtide.sim.request_serving import ROUTINGS
 from ebbtide.sim.spot_market import SpotMarket
-from ebbtide.sim.training import train
 from ebbtide.sim.variant_runs import describe, run_variant_policies, split_policies
 
 PROG = "ebbtide simulate"
@@ -81,17 +83,19 @@ def run(args: argparse.Namespace) -> int:
 
     # 100 columns when not a terminal (a log, a pipe): the table is laid out to fit them.
     console = Console(width=None if sys.stdout.isatty() else 100)
+    seeds = list(range(args.seed, args.seed + args.seeds))
     try:
         settle(args)
         spec_name, spec = load_spec(args.spec)
-        capacity = get_preset(args.preset)
+        preset = get_preset(args.preset)
+        capacity = preset.with_overrides(max_model_len=model_max_len(spec, preset))
+        # Each seed its own draw of the load (rate traces, overlaid logs) and of routing.
         variant_policies, others = split_policies(args.policies, spec, defaulted=args.policies_defaulted)
-        if is_combined(args.trace):
-            trace = load_combined(args.trace, args.seed)
-        else:
-            trace = load_trace(args.trace, capacity, spec, args.peak_replicas, args.scale, args.seed, args.hours)
+        trace_of = {seed: load_combined(args.trace, seed) if is_combined(args.trace) else
+                    load_trace(args.trace, capacity, spec, args.peak_replicas, args.scale, seed, args.hours,
+                               per_request=args.per_request) for seed in seeds}
         cold_start = float(spec.warmup.default_startup_seconds if args.cold_start is None else args.cold_start)
-        policies = build_policies(others, spec, trace, capacity)
+        policies = build_policies(others, spec, trace_of[seeds[0]], capacity)
     except (InvalidSpec, traces.TraceError, ValueError, OSError) as e:
         return refuse(PROG, e)
     targets = spec.scaling.targets
@@ -105,75 +109,59 @@ def run(args: argparse.Namespace) -> int:
         gpus_per_replica=max(1, spec.engine.gpus),
         seed=args.seed,
         spot=spot_market(args),
+        routing=args.routing,
     )
-    mode = "request by request" if trace.per_request else f"fluid, {settings.fluid_step_s:g} s steps"
+    trace = trace_of[seeds[0]]
+    mode = (f"request by request, routed {args.routing}" if trace.per_request
+            else f"fluid, {settings.fluid_step_s:g} s steps")
     console.print(f"[bold]{spec_name}[/] on [bold]{escape(trace.name)}[/]: {trace.requests:,} requests over "
-                  f"{trace.duration_s / 3600:.1f} h ({mode})")
+                  f"{trace.duration_s / 3600:.1f} h ({mode})" + (f", seed {seeds[0]} of {len(seeds)}" if args.seeds > 1 else ""))
     models = "each variant's accelerator preset" if variant_policies and not others else f"capacity model {capacity.name}"
     console.print(f"{models}, cold start {settings.cold_start_s:g} s")
-    results: list[report.PolicyResult] = []
-    series: list[report.PlotSeries] = []
-    extra: dict[str, float | None] = {}
-    ramps = report.ramp_hours(trace)
+    if trace.too_long:
+        console.print(f"{trace.too_long:,} requests longer than the engine's max_model_len ({capacity.max_model_len:,} "
+                      "tokens, prompt + output) are refused, as vLLM refuses them: counted, not served")
     started, cpu_started = time.perf_counter(), time.process_time()
-    if args.train_profile:
-        # An operator that served the same traffic the week before: its demand profile,
-        # per-replica limit and startup time, for every Ebbtide policy of the run (ebbtide-warm's
-        # pass is then moot).
-        training = train(spec, trace, settings, args.train_rotate)
-        for policy in policies:
-            if isinstance(policy, EbbtidePolicy):
-                training.teach(policy)
-        extra.update(trained_profile=True, train_rotate_s=args.train_rotate, trained_startup_s=training.startup.seconds,
-                     trained_capacity_tokens_per_s=None if training.capacity is None else round(training.capacity, 1))
+    replays: list[Replay] = []
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=console, transient=True, disable=not console.is_terminal) as bar:
-        task = bar.add_task("simulating", total=len(policies))
-        learned: float | None = None
-        tuned: dict[str, Tuning] = {}
-        for policy in policies:
-            bar.update(task, description=f"simulating {policy.name}")
-            if isinstance(policy, baselines.Static) and policy.name == "static-peak" and args.oracle_slo > 0:
-                policy, result = right_size_static(spec, trace, settings, policy.replicas, args.oracle_slo)
-                extra.update(static_replicas=policy.replicas)
-            elif isinstance(policy, baselines.Oracle) and args.oracle_slo > 0:
-                limit = oracle_rate_limit(spec, trace, capacity)
-                policy, result, rate = calibrate_oracle(spec, trace, settings, limit, args.oracle_slo)
-                extra.update(oracle_rate_per_replica=round(rate, 4), oracle_rate_limit=round(limit, 4))
-            elif isinstance(policy, Tuned):
-                policy, result, tuned[policy.name] = policy.tune(spec, trace, settings)
-            else:
-                if isinstance(policy, EbbtidePolicy) and policy.name == "ebbtide-warm" and not args.train_profile:
-                    if learned is None:  # learn it as a new service would, in a replay not reported
-                        cold = EbbtidePolicy(spec)
-                        simulate(trace, cold, settings)
-                        learned = cold.capacity
-                    policy.learned_capacity = learned
-                    extra.update(warm_capacity_tokens_per_s=None if learned is None else round(learned, 1))
-                result = simulate(trace, policy, settings)
-                if isinstance(policy, EbbtidePolicy) and policy.name == "ebbtide" and learned is None:
-                    learned = policy.capacity
-            results.append(report.summarize(result, spec, ramps))
-            if args.plot:
-                series.append(report.plot_series(result, trace))
-            del result  # millions of latency points per week-long run
-            bar.advance(task)
-    if variant_policies:
+        task = bar.add_task("simulating", total=len(policies) * len(seeds))
+
+        done = iter(range(len(policies) * len(seeds)))
+
+        def starting(name: str) -> None:
+            bar.update(task, description=f"simulating {name}", completed=next(done))
+
+        for seed in seeds:
+            fresh = policies if seed == seeds[0] else build_policies(others, spec, trace_of[seed], capacity)
+            replays.append(replay_policies(args, spec, trace_of[seed], capacity, replace(settings, seed=seed),
+                                           fresh, starting))
+            if seed != seeds[0]:
+                replays[-1].series.clear()  # the plot shows the first seed
+    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+    first = replays[0]
+    by_seed = [r.results for r in replays]
+    results = by_seed[0] if len(seeds) == 1 else seed_spread.mean_results(by_seed)
+    extra, tuned = first.extra, first.tuned
+    if variant_policies:  # the first seed's requests, like the plot
         try:
             variant_results, usd_by_variant = run_variant_policies(variant_policies, spec, trace, settings,
                                                                    args.budget)
         except ValueError as e:
             return refuse(PROG, e)
-        results += variant_results
+        results = [*results, *variant_results]
         extra.update(usd_by_variant=usd_by_variant)
-    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_started
     spotted = [p for p in policies if isinstance(p, EbbtideSpotPolicy)]
     title = f"{trace.name} - {spec_name} ({elapsed:.1f} s, CPU {cpu:.1f} s)"
+    if len(seeds) > 1:
+        title += f"; the mean of {len(seeds)} seeds"
     if spotted and spotted[0].spot_enabled_here:
         title += "; ebbtide-spot: the spec with placement.spot enabled"
     console.print(title, markup=False)
     for table in report.tables(results, console.width):
         console.print(table)
+    if len(seeds) > 1:
+        console.print(seed_spread.spread_table(seeds, by_seed))
     console.print(report.slo_caption(spec))
     for line in describe(extra.get("usd_by_variant", {})):
         console.print(line, markup=False)
@@ -183,16 +171,20 @@ def run(args: argparse.Namespace) -> int:
     if any(isinstance(p, (Peer, Tuned)) for p in policies):
         extra.update(peer_floors=bool(spec.schedules))
         console.print(f"peers: {FLOORS_NOTE}" if spec.schedules else "peers: the spec has no schedule floors")
+    seeded = f" (seed {seeds[0]})" if len(seeds) > 1 else ""
     for name, tuning in tuned.items():
         verdict = "the cheapest meeting" if tuning.met else "none meets; the closest to"
         console.print(f"{name}: {tuning.parameter} {tuning.value:g} ({verdict} {TUNING_SLO:.0%} of the SLO "
-                      f"of {len(tuning.tried)} settings tried)")
+                      f"of {len(tuning.tried)} settings tried){seeded}")
     if extra.get("oracle_rate_per_replica") is not None and extra["oracle_rate_per_replica"] != extra["oracle_rate_limit"]:
         console.print(f"oracle: {extra['oracle_rate_per_replica']:.2f} requests/s per replica meets "
-                      f"{args.oracle_slo:.0%} of the SLO (the capacity model allows {extra['oracle_rate_limit']:.2f})")
+                      f"{args.oracle_slo:.0%} of the SLO (the capacity model allows {extra['oracle_rate_limit']:.2f}){seeded}")
     try:  # checked before the replay; this catches what changed since (a full disk, a removed directory)
         if args.json:
             document = report.to_json(trace, spec_name, {**_settings_json(settings, args), **extra}, results)
+            if len(seeds) > 1:
+                document["seeds"] = {"seeds": seeds, "requests": [t.requests for t in trace_of.values()],
+                                     "policies": seed_spread.spread_json(seeds, by_seed)}
             for policy in policies:  # each peer's main threshold, as set by default or by the sweep
                 if isinstance(policy, Peer) and policy.name in PEER_KNOBS:
                     document["policies"][policy.name]["default"] = {
@@ -203,7 +195,7 @@ def run(args: argparse.Namespace) -> int:
             report.write_json(args.json, document)
             console.print(f"wrote {args.json}")
         if args.plot:
-            report.plot(args.plot, trace, series, spec)
+            report.plot(args.plot, trace, first.series, spec)
             console.print(f"wrote {args.plot}")
     except OSError as e:
         return refuse(PROG, f"cannot write {e.filename or 'the output'}: {e.strerror or e}")
@@ -255,8 +247,8 @@ def describe_market(market: SpotMarket) -> str:
 
 def _settings_json(settings: SimSettings, args: argparse.Namespace) -> dict:
     out = {k: v for k, v in asdict(settings).items() if k != "capacity"}
-    out.update(capacity=settings.capacity.name, peak_replicas=args.peak_replicas, scale=args.scale,
-               oracle_slo=args.oracle_slo)
+    out.update(seeds=args.seeds, capacity=settings.capacity.name, max_model_len=settings.capacity.max_model_len,
+               peak_replicas=args.peak_replicas, scale=args.scale, oracle_slo=args.oracle_slo)
     return out
 
 
@@ -264,8 +256,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("spec", nargs="?", default=None, metavar="SPEC",
                         help=f"an InferenceService manifest (default: the bundled examples/{DEFAULT_SPEC})")
     parser.add_argument("--trace", default=DEFAULT_TRACE,
-                        help=f"a bundled trace ({', '.join(traces.BUNDLED)}, mooncake-1h) or a CSV path; two request "
-                        f"logs joined by + are served together, e.g. conv-1h+mooncake-1h (default: {DEFAULT_TRACE})")
+                        help=f"a bundled trace ({', '.join(traces.BUNDLED)}) or a file: a request log (Azure's CSV, "
+                        "or JSONL as Mooncake's), or a rate file (Azure's per-minute CSV, or "
+                        "window_start_s,requests_per_s as PREFIX_rate.csv with its sizes in PREFIX_sizes.json); "
+                        "two request logs joined by + are served together, e.g. conv-1h+mooncake-1h; "
+                        f"docs/simulator.md has the formats (default: {DEFAULT_TRACE})")
+    parser.add_argument("--per-request", action="store_true",
+                        help="rate traces: replay request by request instead of as a fluid (slow: a week is tens "
+                        "of millions of requests; use with --hours)")
     parser.add_argument("--policies", nargs="+", metavar="NAME",
                         help="policies to compare, as the table names them, space- or comma-separated "
                         f"(default: {', '.join(ALL_POLICIES)}; {', '.join(SHORT_NAMES)} also name the middle "
@@ -283,7 +281,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plot", metavar="PATH", type=writable_file,
                         help="write a PNG: load, replicas and TTFT over time")
     parser.add_argument("--seed", type=number(int, minimum=0), default=1,
-                        help="seed for rate expansion and routing (default: 1)")
+                        help="seed for rate expansion, request sizes and routing (default: 1)")
+    parser.add_argument("--seeds", type=number(int, minimum=1, maximum=100), default=1, metavar="N",
+                        help="replay N seeds (SEED, SEED+1, ...) and show each policy's mean, with the lowest and "
+                        "highest GPU-hours, SLO attainment and TTFT p99 (default: 1)")
+    parser.add_argument("--routing", choices=ROUTINGS, default="random",
+                        help="request by request: how requests reach replicas. random: a Kubernetes Service "
+                        "(default); least-requests: the replica with the fewest outstanding (IPVS lc, a "
+                        "gateway); power-of-two: the less loaded of two random ones (Envoy's LEAST_REQUEST)")
     parser.add_argument("--preset", default="llama-3.1-8b-h100", choices=sorted(PRESETS),
                         help="replica capacity model (default: llama-3.1-8b-h100)")
     parser.add_argument("--cold-start", type=number(minimum=0), default=None,

@@ -50,11 +50,13 @@ from ebbtide.policy.capacity_types import CAPACITY_TYPES, ON_DEMAND, SPOT
 from ebbtide.policy.observation import Deployments, Signals
 from ebbtide.policy.warm_pool import PoolPlan
 from ebbtide.sim.capacity import CapacityModel
-from ebbtide.sim.fluid_serving import FluidServing, fluid_mix
+from ebbtide.sim.fluid_mix import fluid_mix
+from ebbtide.sim.fluid_serving import FluidServing
 from ebbtide.sim.latency import LatencyRecords
 from ebbtide.sim.policy import SimulatedPolicy
 from ebbtide.sim.replicas import Fleet, Replica
 from ebbtide.sim.request_serving import RequestServing
+from ebbtide.sim.size_mix import SizeMix
 from ebbtide.sim.spot_market import SpotClock, SpotMarket, SpotStats
 from ebbtide.sim.traces import Trace
 
@@ -73,6 +75,10 @@ class SimSettings:
     gpus_per_replica: int = 1
     seed: int = 0
     spot: SpotMarket = SpotMarket()
+    # Request by request: how requests reach replicas (request_serving.ROUTINGS). `simulate`'s
+    # default is random, as a Service spreads them; power of two here is what the engine-level
+    # tests were written against.
+    routing: str = "power-of-two"
 
 
 @dataclass
@@ -169,14 +175,12 @@ def simulate(trace: Trace, policy: SimulatedPolicy, settings: SimSettings, per_r
     steps = int(math.ceil(trace.duration_s / dt))
     end = steps * dt
     epoch = (trace.start_utc or datetime.datetime(2024, 1, 1)).replace(tzinfo=datetime.UTC).timestamp()
-    mean_p, mean_o = fluid_mix(float(trace.prompt_sum.sum()), float(trace.output_sum.sum()), trace.requests)
     if per_request:
         serving: Serving = RequestServing(
-            settings.capacity, trace.arrivals, trace.prompt_tokens, trace.output_tokens, dt=dt, seed=settings.seed)
+            settings.capacity, trace.arrivals, trace.prompt_tokens, trace.output_tokens, dt=dt, seed=settings.seed,
+            routing=settings.routing)
     else:
-        sizes = trace.prompt_tokens if trace.prompt_tokens is not None and len(trace.prompt_tokens) else None
-        serving = FluidServing(settings.capacity, sizes if sizes is not None else np.array([mean_p]), mean_p, mean_o,
-                               _binned(trace.counts, dt, steps), dt)
+        serving = FluidServing(settings.capacity, fluid_sizes(trace), _binned(trace.counts, dt, steps), dt)
     fleet = Fleet(settings.gpus_per_replica, 0.0 if policy.instant_start else settings.cold_start_s)
     wake_s = settings.capacity.wake_seconds(policy.wake_level)
     # Only a fleet that can hold spot replicas meets the spot market (and pays for its events).
@@ -244,6 +248,16 @@ def simulate(trace: Trace, policy: SimulatedPolicy, settings: SimSettings, per_r
     return PolicyRun(name=policy.name, gpu_seconds=fleet.finish(end), scale_actions=scale_actions, records=records,
                      tokens_served=serving.tokens_served, timeline=_timeline(trace, changes, dt, steps),
                      spot=market.stats if market is not None else SpotStats())
+
+
+def fluid_sizes(trace: Trace) -> SizeMix:
+    """The request mix the fluid model serves: a rate trace's drifting windows, or a request
+    log's own mean mix and prompt sizes as one window."""
+    if trace.mix is not None:
+        return trace.mix
+    mean_p, mean_o = fluid_mix(float(trace.prompt_sum.sum()), float(trace.output_sum.sum()), trace.requests)
+    has_sizes = trace.prompt_tokens is not None and len(trace.prompt_tokens)
+    return SizeMix(np.array([0.0]), (trace.prompt_tokens if has_sizes else np.array([mean_p]),), (np.array([mean_o]),))
 
 
 def _spot_events(market: SpotClock, fleet: Fleet, serving: Serving, wanted: Mapping[str, int], t: float,

@@ -9,18 +9,10 @@ import numpy as np
 
 from ebbtide.policy.observation import PodSignals, Signals
 from ebbtide.sim.capacity import CapacityModel
+from ebbtide.sim.fluid_mix import PROMPT_POINTS, RHO_LEVELS, RHO_MAX, MixSchedule
 from ebbtide.sim.latency import LatencyRecords, weighted_quantile
 from ebbtide.sim.serving import ALL_SIGNALS
-
-# Each step's requests are represented by this many points in the fluid model's latency records:
-# prompt-size quantiles paired (Latin-hypercube style, fixed permutation) with quantiles of the
-# wait behind other prompts' prefill.
-PROMPT_POINTS = 32
-
-# The prefill load of a step (rho, see FluidServing._ttft_rows) is kept to 1/RHO_LEVELS, and
-# capped below 1 where the M/D/1 wait has no steady state.
-RHO_LEVELS = 10_000
-RHO_MAX = 0.95
+from ebbtide.sim.size_mix import SizeMix
 
 # Fewer requests than this in the fluid pool are the residue of its float sums, not a request:
 # the pool counts as idle, and its gauges read 0 (vLLM's count whole requests). A residue read
@@ -56,28 +48,11 @@ class FluidServing:
     several times cheaper than numpy scalar indexing); windows read slices of them.
     """
 
-    def __init__(self, capacity: CapacityModel, prompt_sizes: np.ndarray, mean_prompt: float, mean_output: float,
-                 counts: np.ndarray, dt: float):
+    def __init__(self, capacity: CapacityModel, mix: SizeMix, counts: np.ndarray, dt: float):
         self.capacity = capacity
         self.dt = dt
-        qs = (np.arange(PROMPT_POINTS) + 0.5) / PROMPT_POINTS
-        self.prompt_points = np.quantile(prompt_sizes, qs)
-        self._prefill_points = np.array([capacity.prefill_seconds(p) for p in self.prompt_points])
-        wait_quantiles = np.random.default_rng(7).permutation(qs)
-        self.P, self.O = mean_prompt, mean_output
-        # TTFT points of a step's arrivals before their queue wait and ITL, by the step's
-        # prefill load rho in steps of 1/RHO_LEVELS (see _ttft_rows): a table lookup per step
-        # instead of a log and a where over its points.
-        rho = np.minimum(RHO_MAX, np.arange(int(RHO_MAX * RHO_LEVELS) + 1) / RHO_LEVELS)[:, None]
-        mean_prefill = self.P / capacity.prefill_tokens_per_s
-        u = wait_quantiles[None, :]
-        tail = np.maximum(0.0, -np.log(np.maximum(1e-12, (1.0 - u) / np.maximum(rho, 1e-9))))
-        prefill_wait = np.where(u > 1.0 - rho, mean_prefill / (2.0 * (1.0 - rho)) * tail, 0.0)
-        self._rho_table = prefill_wait + self._prefill_points[None, :]
-        self.n_max = capacity.max_concurrency(self.P, self.O)
-        # itl(n) = c0 + c1 n: the capacity model's steady state for this mix (see capacity.py).
-        self._c0 = capacity.itl_at(0.0, self.P, self.O)
-        self._c1 = capacity.itl_at(1.0, self.P, self.O) - self._c0
+        # The request mix by window (a rate trace's drifts; a request log's is one window).
+        self.mix = MixSchedule(capacity, mix, len(counts), dt)
         self.ready = 0
         self.queue = 0.0  # waiting requests
         self.running = 0.0  # requests in the batches of all ready replicas
@@ -124,7 +99,8 @@ class FluidServing:
         per_replica = self.running / self.ready if self.ready else 0.0
         self.ready -= 1
         self._pool.discard(rid)
-        return now + self.O * (self._c0 + self._c1 * min(per_replica, self.n_max))
+        mix = self.mix.at(self._n)
+        return now + mix.O * (mix.c0 + mix.c1 * min(per_replica, mix.n_max))
 
     def pending(self) -> float:
         """Requests held at the gateway now: the queue, while no replica is in the pool (with
@@ -176,16 +152,26 @@ class FluidServing:
         their step, so when s is shorter than a step (short outputs: 28 tokens of code take
         half a second) the first 1 - s/dt of them also finish within it, and a batch slot
         serves dt/s requests per step: the batch limit holds for the requests in flight at the
-        step's end. The request mix is the trace's mean mix (a rate trace draws every request
-        from one size distribution, so the mean does not drift). Nothing drains here: the pool
-        returns []."""
+        step's end. Each step is served at its window's mean mix (a request log has one
+        window, its mean; a rate trace's mix drifts window by window, sim/size_mix.py), and
+        requests in flight when the window changes take the new window's service time. Nothing
+        drains here: the pool returns []."""
         assert first == self._n, "steps are served in order"
+        while first < last:
+            end = self.mix.segment_end(first, last)
+            self._advance_window(first, end)
+            first = end
+        return []
+
+    def _advance_window(self, first: int, last: int) -> None:
+        """advance() over steps in one window of the mix."""
         dt = self.dt
         ready = self.ready
-        c0, c1, n_max, mean_output = self._c0, self._c1, self.n_max, self.O
-        tokens_per_request = self.P + self.O
+        mix = self.mix.at(first)
+        c0, c1, n_max, mean_output = mix.c0, mix.c1, mix.n_max, mix.O
+        tokens_per_request = mix.P + mix.O
         slots = ready * n_max
-        level_per_admission = (self.P / self.capacity.prefill_tokens_per_s / dt / ready * RHO_LEVELS
+        level_per_admission = (mix.P / self.capacity.prefill_tokens_per_s / dt / ready * RHO_LEVELS
                                if ready else 0.0)
         top_level = int(RHO_MAX * RHO_LEVELS)
         counts, itls, levels = self._counts, self._itl, self._rho_level
@@ -193,7 +179,7 @@ class FluidServing:
         cum_in, cum_adm, cum_tokens = self._cum_in, self._cum_admitted, self._cum_tokens
         running, queue, completed_total, tokens = self.running, self.queue, self._completed, self.tokens_served
         counted = self._tokens_counted
-        prompt = self.P
+        prompt = mix.P
         for n in range(first, last):
             per_replica = running / ready if ready else 0.0
             itl = c0 + c1 * (per_replica if per_replica < n_max else n_max)
@@ -250,7 +236,6 @@ class FluidServing:
         self._tokens_counted = counted
         self._queued_at, self._busy_at = queued_at, busy_at
         self._n = last
-        return []
 
     # -- what Prometheus sees ---------------------------------------------------------------
 
@@ -263,7 +248,8 @@ class FluidServing:
         if "pods" in observes and self.ready:
             running, queue = (x if x > RESIDUE else 0.0 for x in (self.running, self.queue))
             per_replica = running / self.ready
-            kv = min(1.0, per_replica * (self.P + self.O / 2) / self.capacity.kv_cache_tokens)
+            mix = self.mix.at(max(0, n - 1))
+            kv = min(1.0, per_replica * (mix.P + mix.O / 2) / self.capacity.kv_cache_tokens)
             pods = _pods(self.ready, epoch + t, queue / self.ready, per_replica, kv)
         w = max(1, int(round(window / self.dt)))
         first = max(0, n - w)
@@ -322,11 +308,9 @@ class FluidServing:
 
         The replica prefills prompts one step at a time, so an arrival that finds another
         prompt's prefill step running waits for it: an M/D/1 queue of prefill work with load
-        rho = arrivals per replica x mean prefill time. Its wait is approximated by the
-        M/D/1 mean with an exponential tail: 0 with probability 1 - rho, else exponential with
-        mean D / (2 (1 - rho)) (Pollaczek-Khinchine). tests/test_fleet.py checks the result
-        against the engine scheduler itself."""
-        rows = self._rho_table[np.array(self._rho_level[first:last], dtype=np.int64)]
+        rho = arrivals per replica x mean prefill time (fluid_mix.prefill_rows).
+        tests/test_fleet.py checks the result against the engine scheduler itself."""
+        rows = self.mix.rows(first, last, self._rho_level[first:last])
         rows += np.array(self._itl[first:last])[:, None]
         return rows
 
@@ -388,10 +372,3 @@ def _arrival_overlaps(cum_in: list[float], steps: int, low: float, high: float) 
             out.append((j, overlap))
         j += 1
     return out
-
-
-def fluid_mix(trace_prompt_sum: float, trace_output_sum: float, requests: int) -> tuple[float, float]:
-    """(mean prompt, mean output) tokens of a trace; an output is at least one token."""
-    mean_p = trace_prompt_sum / max(requests, 1)
-    mean_o = max(trace_output_sum / max(requests, 1), 1.0)
-    return float(mean_p), float(mean_o)

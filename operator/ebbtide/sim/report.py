@@ -3,7 +3,7 @@
 The JSON schema (`ebbtide simulate --json`) is stable; fields are only ever added:
 
     {"schema": "ebbtide.simulate/v1", "trace": str, "duration_s": float, "requests": int,
-     "spec": str, "settings": {...},
+     "requests_too_long": int, "spec": str, "settings": {...},
      "policies": {NAME: {"gpu_hours": float, "gpu_hours_by_type": {"on-demand": float, "spot": float,
                          "asleep": float}, "cost_usd": float, "usd_per_million_tokens": float,
                          "ttft_p50_s": float, "ttft_p90_s": float, "ttft_p99_s": float,
@@ -11,6 +11,10 @@ The JSON schema (`ebbtide simulate --json`) is stable; fields are only ever adde
                          "peak_replicas": int, "tokens": float, "spot_reclaim_events": int,
                          "spot_replicas_reclaimed": int, "requests_retried": float,
                          "ttft_p99_ramps_s": float | null, "slo_attainment_ramps": float | null}}}
+
+`requests_too_long` counts the requests longer (prompt + output) than the engine's max_model_len
+(the spec's `--max-model-len`, else the model's): vLLM refuses them on arrival, so they are not in
+`requests` and serve nothing.
 
 GPU-hours count from the moment a replica has a node (a spot pod Pending for want of capacity
 costs nothing) to the end of its drain or its reclaim, so the GPU time spent on requests in
@@ -184,6 +188,7 @@ def to_json(trace: Trace, spec_name: str, settings: dict, results: list[PolicyRe
         "trace": trace.name,
         "duration_s": trace.duration_s,
         "requests": trace.requests,
+        "requests_too_long": trace.too_long,
         "spec": spec_name,
         "settings": settings,
         "policies": {r.name: r.to_json() for r in results},
@@ -286,33 +291,50 @@ def plot_series(run: PolicyRun, trace: Trace) -> PlotSeries:
 
 
 def plot(path: str | Path, trace: Trace, series: list[PlotSeries], spec: InferenceServiceSpec) -> None:
-    """Load, replicas per policy, and TTFT p90 per policy over time."""
+    """Load, replicas per policy, TTFT p90 per policy, and what each has cost so far."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_load, ax_rep, ax_ttft) = plt.subplots(3, 1, figsize=(12, 9), sharex=True)
+    fig, (ax_load, ax_rep, ax_ttft, ax_cost) = plt.subplots(
+        4, 1, figsize=(12, 11), sharex=True, gridspec_kw={"height_ratios": (1, 1.2, 1.2, 1)})
     first = series[0].timeline
     ax_load.plot(np.asarray(first.minute) / 60.0, first.arrivals_per_s, color="black", lw=0.8)
     ax_load.set_ylabel("requests/s")
-    ax_load.set_title(f"{trace.name}: load, replicas and TTFT p90 by policy")
+    ax_load.set_title(f"{trace.name}: load, replicas, TTFT p90 and cost by policy")
     for one in series:
         style = {"color": "black", "ls": "--"} if one.name == "oracle" else {}
         width = 1.6 if one.name.startswith("ebbtide") else 0.9
         ax_rep.step(one.replica_hours, one.replicas, where="post", lw=width, label=one.name, **style)
         ax_ttft.plot(one.ttft_hours, one.ttft_p90, lw=width * 0.8, label=one.name, **style)
+        ax_cost.plot(np.asarray(one.timeline.minute) / 60.0, cumulative_usd(one.timeline, spec), lw=width,
+                     label=one.name, **style)
     if spec.scaling.targets.ttft is not None:
         ax_ttft.axhline(spec.scaling.targets.ttft.target_seconds, color="red", ls="--", lw=0.8, label="TTFT target")
     ax_rep.set_ylabel("replicas (mean per bin)")
     ax_ttft.set_yscale("log")
     ax_ttft.set_ylabel("TTFT p90 (s)")
-    ax_ttft.set_xlabel("hours")
-    # One legend for both panels, beside them: inside, it hid the lines it names.
+    ax_cost.set_ylabel("USD so far")
+    ax_cost.set_xlabel("hours")
+    # One legend for every panel, beside them: inside, it hid the lines it names.
     fig.legend(*ax_ttft.get_legend_handles_labels(), loc="center right", fontsize=9, frameon=False)
     fig.tight_layout(rect=(0, 0, 0.86, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def cumulative_usd(timeline: Timeline, spec: InferenceServiceSpec) -> np.ndarray:
+    """Dollars spent by the end of each minute of the timeline, from the replicas it held then
+    (each minute charged at its last step's count: the table's total, from the exact GPU time,
+    differs by the minutes' changes)."""
+    od, spot_price = spec.pricing.on_demand_per_gpu_hour, spec.pricing.spot_per_gpu_hour
+    replicas, spot, asleep = (np.asarray(x, dtype=float) for x in (timeline.replicas, timeline.spot, timeline.asleep))
+    # Spot replicas asleep are rare and charged here at the on-demand asleep price: a plot's approximation.
+    per_hour = ((replicas - spot - asleep) * od + spot * spot_price
+                + asleep * od * (1 - spec.sleep.reclaimed_fraction)) * max(1, spec.engine.gpus)
+    minutes = np.diff(np.concatenate([[0.0], np.asarray(timeline.minute, dtype=float)]))
+    return np.cumsum(per_hour * minutes / 60.0)
 
 
 def _binned_p90(records, window: float) -> tuple[np.ndarray, np.ndarray]:

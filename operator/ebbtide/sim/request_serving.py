@@ -1,5 +1,5 @@
 """Serving request by request: one `EngineCore` (the engine simulator's own scheduler) per
-replica, every request routed (power of two choices on outstanding requests, as gateways do)."""
+replica, every request routed to one of them as the Service in front of them would (ROUTINGS)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,15 @@ from ebbtide.sim.engine_types import Finished, FirstToken
 from ebbtide.sim.latency import LatencyRecords, weighted_quantile
 from ebbtide.sim.serving import ALL_SIGNALS
 
+# How requests reach replicas:
+# - random: a Kubernetes Service (kube-proxy picks an endpoint at random per connection; one
+#   request per connection here). What the operator's own Service does with no gateway in front.
+# - least-requests: the replica with the fewest requests outstanding (kube-proxy's IPVS `lc`
+#   mode, a gateway that tracks every endpoint).
+# - power-of-two: the less loaded of two random replicas (Envoy's LEAST_REQUEST default, most
+#   inference gateways).
+ROUTINGS = ("random", "least-requests", "power-of-two")
+
 
 def _tokens_counted(engine: EngineCore) -> float:
     return float(engine.prompt_tokens_total + engine.generation_tokens_total)
@@ -28,7 +37,10 @@ class RequestServing:
     """
 
     def __init__(self, capacity: CapacityModel, arrivals: np.ndarray, prompts: np.ndarray, outputs: np.ndarray,
-                 dt: float = 1.0, seed: int = 0):
+                 dt: float = 1.0, seed: int = 0, routing: str = "power-of-two"):
+        if routing not in ROUTINGS:
+            raise ValueError(f"unknown routing {routing!r}; known: {', '.join(ROUTINGS)}")
+        self.routing = routing
         self.capacity = capacity
         self.dt = dt
         self._arrivals = arrivals
@@ -127,7 +139,9 @@ class RequestServing:
 
     def _route(self, arrival: float, prompt: int, output: int, now: float) -> None:
         ids = self.admitting(prompt, output)
-        if len(ids) == 1:
+        if len(ids) == 1 or self.routing == "random":
+            candidates = [ids[int(self._rng.random() * len(ids))]]
+        elif self.routing == "least-requests":
             candidates = ids
         else:  # two distinct replicas at random (random.sample costs more than the rest of this)
             first = int(self._rng.random() * len(ids))

@@ -23,11 +23,15 @@ from pathlib import Path
 
 import numpy as np
 
+from ebbtide.sim.size_mix import SizeMix, stationary
+
 BUNDLED = {
     "conv-1h": "azure2023_conv_1h.csv",
     "code-1h": "azure2023_code_1h.csv",
     "conv-week": "azure2024_conv_week_rate.csv",
     "code-week": "azure2024_code_week_rate.csv",
+    "mooncake-1h": "mooncake_conversation_1h.jsonl",
+    "servegen-14d": "servegen_language_m-large_14d_rate.csv",
 }
 # A rate file gets its request sizes from the log of the same kind of service.
 SIZES_FOR = {"conv": "conv-1h", "code": "code-1h"}
@@ -57,6 +61,11 @@ class Trace:
     prompt_tokens: np.ndarray | None = None
     output_tokens: np.ndarray | None = None
     start_utc: datetime.datetime | None = None
+    # Request sizes by time window (rate files: drawn per window; see sim/size_mix.py).
+    mix: SizeMix | None = None
+    # Requests longer than the model's maximum length: refused on arrival, as vLLM refuses them,
+    # so counted here and left out of the load.
+    too_long: int = 0
 
     @property
     def requests(self) -> int:
@@ -151,14 +160,32 @@ def read_request_log(name_or_path: str, name: str | None = None) -> Trace:
     if (max(stamps) - start).total_seconds() > MAX_DURATION_S:
         raise TraceError(f"{path}: the requests span {max(stamps) - start}, more than {MAX_DURATION_S // 86400} days")
     arrivals = np.array([(s - start).total_seconds() for s in stamps])
+    return log_trace(name or name_or_path, arrivals, np.array(prompt), np.array(output), start)
+
+
+def log_trace(name: str, arrivals: np.ndarray, prompt: np.ndarray, output: np.ndarray,
+              start_utc: datetime.datetime | None = None, too_long: int = 0) -> Trace:
+    """A request log's trace from its requests (in any order; an output is at least one token)."""
     order = np.argsort(arrivals, kind="stable")
     arrivals = arrivals[order]
-    prompt_arr, output_arr = np.array(prompt)[order], np.maximum(np.array(output)[order], 1)
-    seconds = int(np.ceil(arrivals[-1])) + 1
+    prompt_arr, output_arr = np.asarray(prompt)[order], np.maximum(np.asarray(output)[order], 1)
+    seconds = int(np.ceil(arrivals[-1])) + 1 if len(arrivals) else 1
     counts, p_sum, o_sum = _aggregate(arrivals, prompt_arr, output_arr, seconds)
-    return Trace(name=name or name_or_path, duration_s=float(seconds), counts=counts, prompt_sum=p_sum,
+    return Trace(name=name, duration_s=float(seconds), counts=counts, prompt_sum=p_sum,
                  output_sum=o_sum, arrivals=arrivals, prompt_tokens=prompt_arr, output_tokens=output_arr,
-                 start_utc=start)
+                 start_utc=start_utc, too_long=too_long)
+
+
+def without_too_long(trace: Trace, max_len: int) -> Trace:
+    """A request log without the requests longer than `max_len` (prompt + output), counted in
+    `too_long`: vLLM refuses them on arrival, so they are no load."""
+    fits = trace.prompt_tokens + trace.output_tokens <= max_len
+    if fits.all():
+        return trace
+    if not fits.any():
+        raise TraceError(f"{trace.name}: every request is longer than the model's maximum length {max_len}")
+    return log_trace(trace.name, trace.arrivals[fits], trace.prompt_tokens[fits], trace.output_tokens[fits],
+                     trace.start_utc, trace.too_long + int((~fits).sum()))
 
 
 @dataclass(frozen=True)
@@ -201,38 +228,63 @@ def read_rate_file(name_or_path: str) -> RateFile:
     return RateFile(np.array(minutes), np.array(low), np.array(high), start)
 
 
-def expand_rate_file(rate: RateFile, sizes: Trace, peak_rps: float, seed: int, name: str,
-                     hours: float | None = None) -> Trace:
-    """Per-second load that follows the rate file, scaled so its peak is `peak_rps`.
-
-    The scale maps the column highs' maximum to `peak_rps`; sizes are drawn with replacement
-    from `sizes`' requests, so their joint distribution (long prompts with short outputs for
-    code) is kept.
-    """
-    rng = np.random.default_rng(seed)
+def column_rates(rate: RateFile, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(drawn, envelope) requests per second of every second of the file, unscaled: each
+    minute's rate drawn between its column's low and high (the recorded minute-to-minute
+    spread), and the column's high, which scaling maps to the peak."""
+    rng = np.random.default_rng([seed, 2])
     step = float(np.median(np.diff(rate.minutes)))
-    total_minutes = int(rate.minutes[-1] + step - rate.minutes[0])
-    if hours is not None:
-        total_minutes = min(total_minutes, int(hours * 60))
-    total_minutes = max(1, total_minutes)  # a minute at least, however short the file or --hours
+    total_minutes = max(1, int(rate.minutes[-1] + step - rate.minutes[0]))
     minute_index = np.arange(total_minutes) + rate.minutes[0]
     column = np.clip(np.searchsorted(rate.minutes, minute_index, side="right") - 1, 0, len(rate.minutes) - 1)
     per_minute = rng.uniform(rate.low[column], rate.high[column])
-    scale = peak_rps * 60.0 / rate.high.max()
-    per_second_rate = np.repeat(per_minute * scale / 60.0, 60)
-    counts = rng.poisson(per_second_rate)
-    # Token sums per second: the sum of N draws from the size log, by the central limit theorem
-    # (N is in the tens to hundreds at the rates replayed). Drawing tens of millions of sizes
-    # one by one would cost seconds and gigabytes for the same aggregates.
-    p_sum = _sum_of_draws(rng, counts, sizes.prompt_tokens)
-    o_sum = _sum_of_draws(rng, counts, sizes.output_tokens)
+    return np.repeat(per_minute / 60.0, 60), np.repeat(rate.high[column] / 60.0, 60)
+
+
+def expand_rates(name: str, drawn: np.ndarray, envelope: np.ndarray, mix: SizeMix, replica_rates: np.ndarray,
+                 peak_replicas: float, seed: int, start_utc: datetime.datetime | None = None,
+                 refused: np.ndarray | None = None, span: tuple[float, float] | None = None,
+                 per_request: bool = False) -> Trace:
+    """Load that follows a rate (requests per second of each second, unscaled), scaled so that
+    its peak needs `peak_replicas` replicas: the largest `envelope` over a window's
+    `replica_rates` (what one replica serves of that window's mix) is mapped to it. Arrivals
+    are Poisson; a `refused` share of each window's (too long for the model) is counted and
+    dropped. `span` (start, end seconds) keeps a part of it, on its own clock. Aggregate per
+    second, or with `per_request` every request with its arrival (uniform in its second) and
+    sizes drawn from its window's sample (sim/size_mix.py)."""
+    rng = np.random.default_rng([seed, 3])
+    window = mix.window_of(np.arange(len(drawn), dtype=float))
+    scale = peak_replicas / float((envelope / replica_rates[window]).max())
+    first, last = (0, len(drawn)) if span is None else (int(span[0]), max(int(span[0]) + 1, int(span[1])))
+    counts = rng.poisson(drawn[first:last] * scale)
+    too_long = 0
+    if refused is not None and refused.any():
+        kept = rng.binomial(counts, 1.0 - refused[window[first:last]])
+        too_long, counts = int((counts - kept).sum()), kept
+    if first:
+        mix = mix.shifted(first)
+        start_utc = None if start_utc is None else start_utc + datetime.timedelta(seconds=first)
+    if per_request:
+        arrivals = np.sort(np.repeat(np.arange(len(counts), dtype=float), counts)
+                           + rng.uniform(0, 1, int(counts.sum())))
+        prompt, output = mix.draw(rng, arrivals)
+        counts, p_sum, o_sum = _aggregate(arrivals, prompt, output, len(counts))
+        return Trace(name=name, duration_s=float(len(counts)), counts=counts, prompt_sum=p_sum, output_sum=o_sum,
+                     arrivals=arrivals, prompt_tokens=prompt, output_tokens=output, start_utc=start_utc, mix=mix,
+                     too_long=too_long)
+    p_sum, o_sum = mix.sums_per_second(rng, counts)
     return Trace(name=name, duration_s=float(len(counts)), counts=counts, prompt_sum=p_sum, output_sum=o_sum,
-                 start_utc=rate.start_utc)
+                 prompt_tokens=np.concatenate(mix.prompts), start_utc=start_utc, mix=mix, too_long=too_long)
 
 
-def _sum_of_draws(rng: np.random.Generator, counts: np.ndarray, population: np.ndarray) -> np.ndarray:
-    mean, std = float(population.mean()), float(population.std())
-    return np.maximum(0.0, counts * mean + np.sqrt(counts) * std * rng.standard_normal(len(counts)))
+def expand_rate_file(rate: RateFile, sizes: Trace, peak_rps: float, seed: int, name: str,
+                     hours: float | None = None) -> Trace:
+    """Per-second load that follows the rate file, its column highs' maximum scaled to
+    `peak_rps`, every request's size drawn from `sizes`' (one stationary mix)."""
+    drawn, envelope = column_rates(rate, seed)
+    span = None if hours is None else (0.0, max(60.0, hours * 3600))
+    return expand_rates(name, drawn, envelope, stationary(sizes.prompt_tokens, sizes.output_tokens),
+                        np.array([1.0]), peak_rps, seed, rate.start_utc, span=span)
 
 
 def kind_of(name_or_path: str) -> str:
