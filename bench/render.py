@@ -363,12 +363,15 @@ def _variants(doc: dict, note: str | None) -> list[str]:
            f"{SLO_TARGET:.0%} SLO. {VARIANTS}: {mix['usd_per_million_tokens']:.3f} at "
            f"{_percent(mix['slo_attainment'])}; {versus}, {best['usd_per_million_tokens']:.3f} at "
            f"{_percent(best['slo_attainment'])}: {abs(saving):.1%} {'lower' if saving >= 0 else 'higher'}: {_mark(met)}.",
-           "", _table(policies), "", "| policy | USD by variant | most USD/h the mix projected | refused |",
-           "|---|---|---:|---:|"]
+           "", _table(policies), "", "| policy | USD by variant | most USD/h the mix projected | refused | out of reach |",
+           "|---|---|---:|---:|---:|"]
     for run, row in spent.items():
         usd = ", ".join(f"{k} {v:,.2f}" for k, v in row["usd"].items())
-        out.append(f"| {run} | {usd} | {row['usd_per_hour_max'] or '-'} | {row['refused_requests']:,} |")
-    return out + ([""] + [note] if note else []) + [""]
+        out.append(f"| {run} | {usd} | {row['usd_per_hour_max'] or '-'} | {row['refused_requests']:,} | "
+                   f"{row.get('out_of_reach_requests', 0):,} |")
+    return out + ["", "Refused: longer than any variant of the run holds. Out of reach: no variant of the run "
+                  "prefills the prompt within the TTFT target even alone. Both count as misses."] + (
+        [""] + [note] if note else []) + [""]
 
 
 def _fluid_check(doc: dict, note: str | None) -> list[str]:
