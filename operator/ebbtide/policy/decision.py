@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
+from ebbtide.policy.headroom import Variability
 from ebbtide.policy.profile import Profile
 
 ConditionStatus = Literal["True", "False", "Unknown"]
@@ -56,6 +57,8 @@ class Memory:
     # a latency SLO breached), and when a target was last breached (see signal_rules.learn_capacity).
     capacity: float | None = None
     breached_at: float | None = None  # kept for one metrics window
+    # The token rate's recent rises, which size the margin below the limit (policy/headroom.py).
+    variability: Variability = Variability()
 
     @classmethod
     def empty(cls, now: float) -> Memory:
@@ -74,6 +77,7 @@ class Memory:
             "readyFellAt": self.ready_fell_at,
             "capacityTokensPerSecond": self.capacity,
             "breachedAt": self.breached_at,
+            "variability": self.variability.to_json(),
         }
 
     @classmethod
@@ -95,6 +99,7 @@ class Memory:
                 ready_fell_at=_optional_time(data.get("readyFellAt")),
                 capacity=_optional_capacity(data.get("capacityTokensPerSecond")),
                 breached_at=_optional_time(data.get("breachedAt")),
+                variability=Variability.from_json(data.get("variability")),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"autoscaler memory is malformed: {e!r}") from None

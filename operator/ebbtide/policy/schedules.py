@@ -76,9 +76,10 @@ def consolidated(spec: InferenceServiceSpec) -> InferenceServiceSpec:
     """The spec as off-peak consolidation runs it (see OFF_PEAK_THROUGHPUT)."""
     targets = spec.scaling.targets
     spot = spec.placement.spot
+    share = max(targets.throughput, OFF_PEAK_THROUGHPUT)
     return spec.model_copy(update={
         "scaling": spec.scaling.model_copy(update={"targets": targets.model_copy(
-            update={"throughput": max(targets.throughput, OFF_PEAK_THROUGHPUT)})}),
+            update={"throughput": share, "throughput_max": max(targets.throughput_max, share)})}),
         "sleep": spec.sleep.model_copy(update={"idle_seconds": 0}),
         "placement": spec.placement.model_copy(update={"spot": spot.model_copy(update={"on_demand_base": 0})}),
     })

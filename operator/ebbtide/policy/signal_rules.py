@@ -8,6 +8,7 @@ from typing import NamedTuple
 
 from ebbtide.api.spec import InferenceServiceSpec, LatencySlo, ScalingTargets
 from ebbtide.policy.decision import Memory
+from ebbtide.policy.headroom import Share
 from ebbtide.policy.observation import FleetState, Signals
 from ebbtide.policy.reasons import CONCURRENCY, KV_CACHE, QUEUE_BACKLOG, THROUGHPUT, TPOT, TTFT
 
@@ -86,7 +87,7 @@ def aggregate(signals: Signals, fresh_after: float) -> Load:
 
 def recommend(spec: InferenceServiceSpec, signals: Signals, fleet: FleetState, load: Load, unseen: int,
                current: int, now: float, ready_rose_at: float | None,
-               capacity: float | None) -> list[Recommendation]:
+               capacity: float | None, share: Share | None = None) -> list[Recommendation]:
     """One recommendation per configured and observed signal, in tie-break order."""
     targets = spec.scaling.targets
     behavior = spec.scaling.behavior
@@ -105,15 +106,19 @@ def recommend(spec: InferenceServiceSpec, signals: Signals, fleet: FleetState, l
             text = (f"running requests {count(load.running)} / target {targets.running_per_replica:g} per "
                     f"replica = {need:.1f} replicas")
             out.append(utilization(CONCURRENCY, text, need, current, unseen, tolerance))
-    tokens = signals.tokens_per_second
-    share = targets.throughput
-    if capacity is not None and capacity * share > 0 and tokens is not None and math.isfinite(
+    if share is None:
+        share = Share(targets.throughput, None, False, signals.tokens_per_second)
+    tokens = share.demand
+    if capacity is not None and capacity * share.share > 0 and tokens is not None and math.isfinite(
             tokens) and tokens >= 0:
-        need = tokens / (capacity * share)
-        text = (f"throughput {tokens:.0f} tokens/s / ({share:.0%} of the {capacity:.0f} tokens/s "
-                f"a replica serves at its limit) = {need:.1f} replicas")
-        # The rate counts every replica's tokens, so no replica is unseen.
-        out.append(utilization(THROUGHPUT, text, need, current, 0, tolerance))
+        need = tokens / (capacity * share.share)
+        text = (f"throughput {tokens:.0f} tokens/s / ({share.share:.0%} of the {capacity:.0f} tokens/s "
+                f"a replica serves at its limit) = {need:.1f} replicas{share.why()}")
+        # The rate counts every replica's tokens, so no replica is unseen. A measured margin
+        # already covers the ripples a tolerance band would absorb on the way up; stacking the
+        # two would let replicas run past their limit before a scale-up (0.95 x 1.1).
+        rising = 0.0 if share.adaptive else tolerance
+        out.append(utilization(THROUGHPUT, text, need, current, 0, tolerance, rising))
     window = behavior.metrics_window_seconds
     for reason, slo, value in ((TTFT, targets.ttft, signals.ttft_seconds),
                                (TPOT, targets.tpot, signals.tpot_seconds)):
@@ -125,14 +130,16 @@ def recommend(spec: InferenceServiceSpec, signals: Signals, fleet: FleetState, l
 
 
 def utilization(reason: str, text: str, need: float, current: int, unseen: int,
-                 tolerance: float) -> Recommendation:
+                 tolerance: float, rising: float | None = None) -> Recommendation:
     """HPA's rule on a load measured in replicas (`need` = load / target per replica).
 
     The tolerance band is around the current size: within it nothing moves, so measurement
     noise does not flap the fleet. Outside it the size follows the load, both ways, and a
-    scale-down counts every unseen ready replica as fully loaded.
+    scale-down counts every unseen ready replica as fully loaded. `rising` is the band's upper
+    side when it differs from the lower.
     """
-    if current > 0 and abs(need / current - 1.0) <= tolerance:
+    up = tolerance if rising is None else rising
+    if current > 0 and -tolerance <= need / current - 1.0 <= up:
         return Recommendation(current, reason, f"{text}, within {tolerance:.0%} of {current}", False)
     if need > current:
         return Recommendation(ceil(need), reason, text, True)
