@@ -13,8 +13,9 @@ Here the demand is forecast one horizon (startup time + one tick + half the rate
 ahead, and the margin is what the forecasts have missed by:
 - the level is the token rate smoothed over LEVEL_SECONDS (minute-to-minute noise is not a
   trend: a replica started for a one-minute spike arrives after it);
-- the forecast is the level, raised by its own rise over the last horizon if it rose (a ramp
-  under way keeps rising; a fall is left to the scale-down window);
+- the forecast is the level, raised by the rise over the last horizon of the rate smoothed
+  over TREND_SECONDS, if it rose (a ramp under way keeps rising; a fall is left to the
+  scale-down window);
 - every tick the rate read now is compared with the forecast made one horizon ago; the
   shortfalls (forecasts below what came) feed a slowly forgotten mean of their squares;
 - each replica is sized for forecast x (1 + RISE_DEVIATIONS x their root-mean-square), which
@@ -39,6 +40,9 @@ from ebbtide.api.spec import ScalingTargets
 RISE_DEVIATIONS = 2.0
 # The level's smoothing time (on top of the rate's own metrics window).
 LEVEL_SECONDS = 60.0
+# The trend is read on a slower level: over one horizon a minute's noise is as large as a ramp's
+# rise (conv-week: +-10 % minute to minute), and read on the fast level it doubled the margin.
+TREND_SECONDS = 300.0
 # How fast old shortfalls are forgotten: the evening's calm must not inherit the morning's ramp
 # in full, and an hour still holds 240 checks at the default 15 s tick.
 HALF_LIFE_SECONDS = 3600.0
@@ -53,7 +57,8 @@ class Variability:
     # (time, forecast made then) over the last horizon, oldest first: the checks to come.
     forecasts: tuple[tuple[float, float], ...] = ()
     level: float | None = None  # the smoothed rate, tokens/s
-    levels: tuple[tuple[float, float], ...] = ()  # (time, level) over the last horizon, for the rise
+    slow: float | None = None  # the rate smoothed over TREND_SECONDS, for the rise
+    slows: tuple[tuple[float, float], ...] = ()  # (time, slow) over the last horizon
     shortfall_square: float = 0.0  # weighted mean of max(0, rate / forecast - 1)^2
     unseen: float = 1.0  # weight not yet given to any check (1: none yet; falls toward 0)
     forecast: float | None = None  # tokens/s expected one horizon after the last reading
@@ -61,7 +66,7 @@ class Variability:
 
     def to_json(self) -> dict:
         return {"forecasts": [list(r) for r in self.forecasts], "level": self.level,
-                "levels": [list(r) for r in self.levels], "shortfallSquare": self.shortfall_square,
+                "slow": self.slow, "slows": [list(r) for r in self.slows], "shortfallSquare": self.shortfall_square,
                 "unseen": self.unseen, "forecast": self.forecast, "updatedAt": self.updated_at}
 
     @classmethod
@@ -71,14 +76,15 @@ class Variability:
             return cls()
         try:
             forecasts = _pairs(data.get("forecasts", []))
-            levels = _pairs(data.get("levels", []))
+            slows = _pairs(data.get("slows", []))
             square, unseen = float(data.get("shortfallSquare", 0.0)), float(data.get("unseen", 1.0))
-            level, forecast, updated_at = (_optional(data.get(k)) for k in ("level", "forecast", "updatedAt"))
+            level, slow, forecast, updated_at = (_optional(data.get(k)) for k in (
+                "level", "slow", "forecast", "updatedAt"))
         except (TypeError, ValueError):
             return cls()
         if not (math.isfinite(square) and square >= 0 and 0.0 <= unseen <= 1.0):
             return cls()
-        return cls(forecasts, level, levels, square, unseen, forecast, updated_at)
+        return cls(forecasts, level, slow, slows, square, unseen, forecast, updated_at)
 
 
 def _pairs(raw: list) -> tuple[tuple[float, float], ...]:
@@ -122,7 +128,8 @@ def observe_rate(v: Variability, now: float, tokens: float | None, horizon: floa
     if tokens is None or not 0.0 < tokens < math.inf or (v.updated_at is not None and now <= v.updated_at):
         return v
     dt = now - v.updated_at if v.updated_at is not None else 0.0
-    level = tokens if v.level is None else v.level + (tokens - v.level) * (1.0 - math.exp(-dt / LEVEL_SECONDS))
+    level = _smoothed(v.level, tokens, dt, LEVEL_SECONDS)
+    slow = _smoothed(v.slow, tokens, dt, TREND_SECONDS)
     # Check the forecast made one horizon ago (the newest at least that old) against now.
     forecasts, due = _due(v.forecasts, now - horizon)
     square, unseen = v.shortfall_square, v.unseen
@@ -133,10 +140,15 @@ def observe_rate(v: Variability, now: float, tokens: float | None, horizon: floa
         before, after = 1.0 - unseen, 1.0 - unseen * keep
         square = (square * before * keep + short * short * (after - before * keep)) / after
         unseen *= keep
-    levels, base = _due(v.levels, now - horizon)
-    rise = level / base - 1.0 if base else 0.0
+    slows, base = _due(v.slows, now - horizon)
+    rise = slow / base - 1.0 if base else 0.0
     forecast = level * (1.0 + max(rise, 0.0))
-    return Variability(forecasts + ((now, forecast),), level, levels + ((now, level),), square, unseen, forecast, now)
+    return Variability(forecasts + ((now, forecast),), level, slow, slows + ((now, slow),), square, unseen, forecast,
+                       now)
+
+
+def _smoothed(previous: float | None, value: float, dt: float, seconds: float) -> float:
+    return value if previous is None else previous + (value - previous) * (1.0 - math.exp(-dt / seconds))
 
 
 def _due(entries: tuple[tuple[float, float], ...], horizon: float) -> tuple[tuple[tuple[float, float], ...], float | None]:
