@@ -69,7 +69,8 @@ def hold_blind(spec: InferenceServiceSpec, signals: Signals, fleet: FleetState, 
     new_memory = Memory(since=memory.since, up_recommendations=ups_window, down_recommendations=downs_window,
                         scale_ups=ups, scale_downs=downs, last_ready=fleet.ready, ready_rose_at=ready_rose_at,
                         ready_fell_at=ready_fell_at,
-                        capacity=memory.capacity, breached_at=memory.breached_at, variability=memory.variability)
+                        capacity=memory.capacity, breached_at=memory.breached_at, variability=memory.variability,
+                        performance=memory.performance)
     used: dict[str, float] = {"ready": fleet.ready, "starting": fleet.starting}
     if signals.sampled_at is not None:
         used["sampleAgeSeconds"] = max(0.0, now - signals.sampled_at)

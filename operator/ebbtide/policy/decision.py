@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from ebbtide.policy.headroom import Variability
+from ebbtide.policy.performance import Model
 from ebbtide.policy.profile import Profile
 
 ConditionStatus = Literal["True", "False", "Unknown"]
@@ -59,6 +60,8 @@ class Memory:
     breached_at: float | None = None  # kept for one metrics window
     # The token rate's recent rises, which size the margin below the limit (policy/headroom.py).
     variability: Variability = Variability()
+    # Prompt and generated tokens' costs at the limit, and the mix `capacity` is at (policy/performance.py).
+    performance: Model = Model()
 
     @classmethod
     def empty(cls, now: float) -> Memory:
@@ -78,6 +81,7 @@ class Memory:
             "capacityTokensPerSecond": self.capacity,
             "breachedAt": self.breached_at,
             "variability": self.variability.to_json(),
+            "performance": self.performance.to_json(),
         }
 
     @classmethod
@@ -100,6 +104,7 @@ class Memory:
                 capacity=_optional_capacity(data.get("capacityTokensPerSecond")),
                 breached_at=_optional_time(data.get("breachedAt")),
                 variability=Variability.from_json(data.get("variability")),
+                performance=Model.from_json(data.get("performance")),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"autoscaler memory is malformed: {e!r}") from None
