@@ -133,3 +133,18 @@ def test_with_a_measured_share_a_load_above_the_fleet_scales_up_without_waiting_
     need = 10.5 * 1_000.0 * share
     up = run(spec(), rates + [need] * 40, ready=10)
     assert up.desired == 11, up.message
+
+
+def test_what_an_earlier_run_measured_is_kept_without_its_clock():
+    """A restarted operator with its clock gone back, or a service started knowing an earlier
+    run (ebbtide-warm), keeps how far forecasts fell short: not when, nor the rates of then."""
+    from ebbtide.policy.blind import trusted
+    from ebbtide.policy.tick import TickState
+
+    v = feed(steady(1000))
+    kept = v.carried()
+    assert (kept.shortfall_square, kept.unseen) == (v.shortfall_square, v.unseen)
+    assert kept.forecasts == kept.slows == () and kept.level is kept.updated_at is None
+    earlier = Memory(since=NOW, capacity=1_000.0, variability=v)
+    assert TickState.start(NOW + 99_999, 1_000.0, known=earlier).memory.variability == kept
+    assert trusted(earlier, NOW - 10).variability == kept  # history from the future: the clock went back

@@ -97,9 +97,9 @@ def trusted(memory: Memory, now: float) -> Memory:
             newest = moment
     if newest <= now:
         return memory
-    # What a replica can serve does not depend on the clock: keep it. The rises were timed by
-    # the other clock: measured again.
-    return Memory(since=now, capacity=memory.capacity)
+    # What a replica can serve, and how far forecasts fell short, do not depend on the clock.
+    return Memory(since=now, capacity=memory.capacity, variability=memory.variability.carried(),
+                  performance=memory.performance)
 
 
 def ready_changes(memory: Memory, fleet: FleetState, now: float,

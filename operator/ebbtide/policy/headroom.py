@@ -64,6 +64,11 @@ class Variability:
     forecast: float | None = None  # tokens/s expected one horizon after the last reading
     updated_at: float | None = None
 
+    def carried(self) -> Variability:
+        """What stays true on another clock (a restart whose history is lost, a service started
+        knowing an earlier run): how far forecasts fell short, not when."""
+        return Variability(shortfall_square=self.shortfall_square, unseen=self.unseen)
+
     def to_json(self) -> dict:
         return {"forecasts": [list(r) for r in self.forecasts], "level": self.level,
                 "slow": self.slow, "slows": [list(r) for r in self.slows], "shortfallSquare": self.shortfall_square,

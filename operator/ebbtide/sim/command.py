@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ebbtide.api.manifest import InvalidSpec
 from ebbtide.arguments import number, option, refuse, writable_file
+from ebbtide.policy.decision import Memory
 from ebbtide.sim import baselines, report, traces
 from ebbtide.sim.calibration import ORACLE_SLO, calibrate_oracle, oracle_rate_limit, right_size_static
 from ebbtide.sim.capacity import PRESETS, get_preset
@@ -122,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
                   TimeElapsedColumn(), console=console, transient=True, disable=not console.is_terminal) as bar:
         task = bar.add_task("simulating", total=len(policies))
         learned: float | None = None
+        learned_memory: Memory | None = None  # the same replay's memory (its rises and costs, see TickState.start)
         tuned: dict[str, Tuning] = {}
         for policy in policies:
             bar.update(task, description=f"simulating {policy.name}")
@@ -139,12 +141,12 @@ def run(args: argparse.Namespace) -> int:
                     if learned is None:  # learn it as a new service would, in a replay not reported
                         cold = EbbtidePolicy(spec)
                         simulate(trace, cold, settings)
-                        learned = cold.capacity
-                    policy.learned_capacity = learned
+                        learned, learned_memory = cold.capacity, cold.memory
+                    policy.learned_capacity, policy.learned = learned, learned_memory
                     extra.update(warm_capacity_tokens_per_s=None if learned is None else round(learned, 1))
                 result = simulate(trace, policy, settings)
                 if isinstance(policy, EbbtidePolicy) and policy.name == "ebbtide" and learned is None:
-                    learned = policy.capacity
+                    learned, learned_memory = policy.capacity, policy.memory
             results.append(report.summarize(result, spec, ramps))
             if args.plot:
                 series.append(report.plot_series(result, trace))
