@@ -72,7 +72,7 @@ def test_a_ramp_under_way_leaves_more_room_than_a_plateau_at_the_same_level():
     ramp = feed([10_000.0 * 1.01 ** (i / 4) for i in range(80)], flat, start=NOW + 4 * 240 * TICK)
     plateau = feed([10_000.0] * 80, flat, start=NOW + 4 * 240 * TICK)
     assert ramp.forecast > ramp.level * 1.02  # the rise over the last horizon goes on
-    assert throughput_share(targets, ramp, None).share < throughput_share(targets, plateau, None).share
+    assert throughput_share(targets, ramp, 1.0).share < throughput_share(targets, plateau, 1.0).share
 
 
 def test_forecasts_that_fell_short_widen_the_margin():
@@ -80,7 +80,7 @@ def test_forecasts_that_fell_short_widen_the_margin():
     calm = feed(steady(4 * 240, ripple=0.01))
     jumpy = feed(steady(4 * 240, ripple=0.08))
     assert jumpy.shortfall_square > calm.shortfall_square
-    assert throughput_share(targets, jumpy, None).share < throughput_share(targets, calm, None).share
+    assert throughput_share(targets, jumpy, 1.0).share < throughput_share(targets, calm, 1.0).share
 
 
 def test_the_state_holds_one_horizon_of_readings_and_survives_json():
@@ -93,9 +93,18 @@ def test_the_state_holds_one_horizon_of_readings_and_survives_json():
 
 def test_no_rate_is_no_reading():
     v = feed(steady(10))
-    for nothing in (None, 0.0, -5.0, math.nan, math.inf):
+    for nothing in (None, -5.0, math.nan, math.inf):
         assert observe_rate(v, NOW + 10_000, nothing, HORIZON) is v
     assert observe_rate(v, v.updated_at, 9_000.0, HORIZON) is v  # not after the last reading
+    targets = spec().scaling.targets
+    assert throughput_share(targets, feed(steady(600)), None).demand is None  # never a stale level
+
+
+def test_traffic_that_stops_takes_the_level_down_with_it():
+    v = feed(steady(600))
+    stopped = feed([0.0] * 40, v, start=NOW + 600 * TICK)  # ten minutes without a token
+    share = throughput_share(spec().scaling.targets, stopped, 0.0)
+    assert share.demand is not None and share.demand < 10.0
 
 
 def signals(now, tokens, ready):

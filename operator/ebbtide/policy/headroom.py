@@ -1,7 +1,7 @@
 """How close to its limit each replica may run: a margin sized from how well the load is foreseen.
 
     observe_rate(variability, now, tokens_per_second, horizon) -> Variability
-    throughput_share(targets, variability) -> Share
+    throughput_share(targets, variability, tokens_per_second) -> Share
 
 A replica added now serves only one startup time later, so the fleet sized now must carry the
 demand of then. A fixed share of the limit (scaling.targets.throughput, 0.8 by default) prices
@@ -128,9 +128,9 @@ def horizon_seconds(lead_seconds: float, interval_seconds: float, window_seconds
 
 
 def observe_rate(v: Variability, now: float, tokens: float | None, horizon: float) -> Variability:
-    """`v` with this tick's token rate. A missing, non-finite or non-positive rate is no
-    reading (nothing served says nothing about how demand moves)."""
-    if tokens is None or not 0.0 < tokens < math.inf or (v.updated_at is not None and now <= v.updated_at):
+    """`v` with this tick's token rate. A missing, non-finite or negative rate is no reading;
+    zero is one (the level falls toward it: a service whose traffic stopped must shrink)."""
+    if tokens is None or not 0.0 <= tokens < math.inf or (v.updated_at is not None and now <= v.updated_at):
         return v
     dt = now - v.updated_at if v.updated_at is not None else 0.0
     level = _smoothed(v.level, tokens, dt, LEVEL_SECONDS)
@@ -176,7 +176,10 @@ def throughput_share(targets: ScalingTargets, v: Variability, tokens: float | No
     hi = max(lo, targets.throughput_max)
     if hi <= lo:
         return Share(lo, None, False, tokens)
-    if v.unseen > UNSEEN_WHEN_TRUSTED or v.level is None or v.forecast is None:
+    # No rate this tick: nothing to size on (the level would be a stale one).
+    if tokens is None or not 0.0 <= tokens < math.inf or v.unseen > UNSEEN_WHEN_TRUSTED:
+        return Share(lo, None, True, tokens)
+    if v.level is None or v.forecast is None or not v.level > 0:
         return Share(lo, None, True, tokens)
     margin = v.forecast / v.level * (1.0 + RISE_DEVIATIONS * math.sqrt(v.shortfall_square)) - 1.0
     return Share(min(hi, max(lo, 1.0 / (1.0 + margin))), margin, True, v.level)
