@@ -157,3 +157,10 @@ def test_what_an_earlier_run_measured_is_kept_without_its_clock():
     earlier = Memory(since=NOW, capacity=1_000.0, variability=v)
     assert TickState.start(NOW + 99_999, 1_000.0, known=earlier).memory.variability == kept
     assert trusted(earlier, NOW - 10).variability == kept  # history from the future: the clock went back
+
+
+def test_off_peak_runs_packed_until_the_margin_is_measured_then_the_measured_share_rules():
+    targets = spec().scaling.targets
+    early, measured = feed(steady(100)), feed(steady(8 * 240))
+    assert throughput_share(targets, early, 9_000.0, 0.9).share == 0.9
+    assert throughput_share(targets, measured, 9_000.0, 0.9) == throughput_share(targets, measured, 9_000.0)

@@ -37,14 +37,17 @@ from ebbtide.policy.headroom import horizon_seconds, observe_rate, throughput_sh
 from ebbtide.policy.observation import FleetState, Signals
 from ebbtide.policy.performance import observe_limit, observe_mix, read_mix, rescale
 from ebbtide.policy.reasons import CONCURRENCY, METRICS_AVAILABLE, RATE_LIMITED, STEADY
+from ebbtide.policy.schedules import OFF_PEAK_THROUGHPUT
 from ebbtide.policy.signal_rules import Recommendation, aggregate, count, learn_capacity, recommend, strength
 
 
 def decide(spec: InferenceServiceSpec, signals: Signals, fleet: FleetState, memory: Memory,
-           now: float, lead_seconds: float | None = None) -> Decision:
+           now: float, lead_seconds: float | None = None, off_peak: bool = False) -> Decision:
     """The replicas `spec`'s service should run now, why, and the memory for the next tick.
     `lead_seconds` is how long a new replica takes to serve (the spec's default startup time
-    if not measured): how far ahead the throughput margin must look (policy/headroom.py)."""
+    if not measured): how far ahead the throughput margin must look (policy/headroom.py).
+    `off_peak`: consolidation is in force; until the margin is measured, replicas run at
+    OFF_PEAK_THROUGHPUT (policy/schedules.py) then."""
     behavior = spec.scaling.behavior
     lo, hi = spec.replicas.min, spec.replicas.max
     current = fleet.current
@@ -68,7 +71,8 @@ def decide(spec: InferenceServiceSpec, signals: Signals, fleet: FleetState, memo
     lead = spec.warmup.default_startup_seconds if lead_seconds is None else lead_seconds
     horizon = horizon_seconds(lead, behavior.interval_seconds, behavior.metrics_window_seconds)
     variability = observe_rate(memory.variability, now, signals.tokens_per_second, horizon)
-    share = throughput_share(spec.scaling.targets, variability, signals.tokens_per_second)
+    share = throughput_share(spec.scaling.targets, variability, signals.tokens_per_second,
+                             OFF_PEAK_THROUGHPUT if off_peak else None)
     recommendations = recommend(spec, signals, fleet, load, unseen, current, now, ready_rose_at,
                                  memory.capacity, share)
     capacity, breached_at, at_limit = learn_capacity(spec, signals, fleet, load, memory, now,

@@ -168,18 +168,21 @@ def _due(entries: tuple[tuple[float, float], ...], horizon: float) -> tuple[tupl
     return entries[index:], entries[index][1]
 
 
-def throughput_share(targets: ScalingTargets, v: Variability, tokens: float | None) -> Share:
+def throughput_share(targets: ScalingTargets, v: Variability, tokens: float | None,
+                     unmeasured: float | None = None) -> Share:
     """The demand to size for and each replica's share of its limit: the rate as read at the
-    cautious share until the forecasts are checked, then the level at level / (forecast x
-    (1 + RISE_DEVIATIONS x RMS shortfall)), within [throughput, throughputMax]."""
+    cautious share (or `unmeasured`, if higher: off-peak) until the forecasts are checked, then
+    the level at level / (forecast x (1 + RISE_DEVIATIONS x RMS shortfall)), within
+    [throughput, throughputMax]."""
     lo = targets.throughput
     hi = max(lo, targets.throughput_max)
     if hi <= lo:
         return Share(lo, None, False, tokens)
+    cautious = max(lo, min(hi, unmeasured)) if unmeasured is not None else lo
     # No rate this tick: nothing to size on (the level would be a stale one).
     if tokens is None or not 0.0 <= tokens < math.inf or v.unseen > UNSEEN_WHEN_TRUSTED:
-        return Share(lo, None, True, tokens)
+        return Share(cautious, None, True, tokens)
     if v.level is None or v.forecast is None or not v.level > 0:
-        return Share(lo, None, True, tokens)
+        return Share(cautious, None, True, tokens)
     margin = v.forecast / v.level * (1.0 + RISE_DEVIATIONS * math.sqrt(v.shortfall_square)) - 1.0
     return Share(min(hi, max(lo, 1.0 / (1.0 + margin))), margin, True, v.level)

@@ -79,7 +79,8 @@ def consolidated(spec: InferenceServiceSpec) -> InferenceServiceSpec:
     # A share measured from the load's rises (throughputMax above throughput) already runs close
     # to the limit when the load is steady; raising its floor as well would also pack the first
     # hours of an off-peak window, where the load still falls from the evening (code-week: 22:00
-    # held a queue with the floor at 0.9). A fixed share is raised.
+    # held a queue with the floor at 0.9). A fixed share is raised; a measured one runs at
+    # OFF_PEAK_THROUGHPUT off-peak only until it is measured (autoscaling.decide's off_peak).
     adaptive = targets.throughput_max > targets.throughput
     share = targets.throughput if adaptive else max(targets.throughput, OFF_PEAK_THROUGHPUT)
     return spec.model_copy(update={
