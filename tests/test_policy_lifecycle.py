@@ -275,6 +275,7 @@ OFF_PEAK = {"schedules": [{"name": "night", "cron": "0 22 * * *", "durationMinut
          "sleep": {"enabled": True, "idleSeconds": 300},
          "placement": {"spot": {"enabled": True, "onDemandBase": 2}}}
 MIDNIGHT = datetime.datetime(2026, 3, 3, 0, 0, tzinfo=datetime.UTC).timestamp()
+FIXED_SHARE = {"targets": {"throughputMax": 0.8}}  # throughput 0.8, fixed: no measured margin
 
 
 def busy(now, tokens, ready=9):
@@ -285,8 +286,9 @@ def busy(now, tokens, ready=9):
 
 def test_a_valley_the_profile_knows_is_consolidated_like_an_off_peak_window():
     """At 03:00 the profile expects a twelfth of the day's demand until long after one startup
-    time: off-peak, with the consolidated targets, and said so. At noon it is not."""
-    s = spec()
+    time: off-peak, with the consolidated targets, and said so. At noon it is not. (A fixed
+    share: a measured one keeps its own floor off-peak, see the next test.)"""
+    s = spec(scaling=FIXED_SHARE)
     night, noon = EIGHT - 5 * 3600, EIGHT + 4 * 3600
     heavy = dataclasses.replace(memory(night), capacity=120.0)  # 200 tokens/s: 2.08 replicas at 80 %, 1.85 at 90 %
     decision = plan(s, load(night, NIGHT), FleetState(current=4, ready=2), heavy, night, 180, taught())
@@ -294,7 +296,7 @@ def test_a_valley_the_profile_knows_is_consolidated_like_an_off_peak_window():
     assert "off-peak: the demand profile expects under 30%" in decision.message
     day = plan(s, load(noon, DAY), FleetState(current=7, ready=7), memory(noon), noon, 180, taught())
     assert not day.off_peak
-    switched_off = plan(spec(warmup={"predictive": {"enabled": False}}), load(night, NIGHT),
+    switched_off = plan(spec(warmup={"predictive": {"enabled": False}}, scaling=FIXED_SHARE), load(night, NIGHT),
                         FleetState(current=4, ready=2), heavy, night, 180, taught())
     assert not switched_off.off_peak and switched_off.signals["recommended"] == 3
 
@@ -302,12 +304,16 @@ def test_a_valley_the_profile_knows_is_consolidated_like_an_off_peak_window():
 def test_an_off_peak_window_packs_replicas_tighter_sleeps_sooner_and_prefers_spot():
     from ebbtide.policy.schedules import OFF_PEAK_THROUGHPUT, consolidated, effective_spec
 
-    s = spec(**OFF_PEAK)
+    s = spec(**OFF_PEAK, scaling=FIXED_SHARE)
     night, day = effective_spec(s, MIDNIGHT), effective_spec(s, MIDNIGHT + 12 * 3600)
     assert night.scaling.targets.throughput == OFF_PEAK_THROUGHPUT > s.scaling.targets.throughput
     assert night.sleep.idle_seconds == 0 and night.placement.spot.on_demand_base == 0
     assert day.scaling.targets.throughput == s.scaling.targets.throughput and day.sleep.idle_seconds == 300
     assert consolidated(s).scaling.targets.throughput == OFF_PEAK_THROUGHPUT
+    # A share measured from the load's rises (the default) is already packed when the load is
+    # steady; off-peak does not raise its cautious floor (policy/schedules.py).
+    measured = spec(**OFF_PEAK)
+    assert consolidated(measured).scaling.targets.throughput == measured.scaling.targets.throughput == 0.8
 
     # The same load at the same learned capacity: 7,200 tokens/s over 1,000 a replica serves at
     # its limit is 9 replicas at 80 % and 8 at 90 %. Off-peak consolidates onto 8.

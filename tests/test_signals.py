@@ -209,6 +209,8 @@ def test_quantiles_and_throughput_match_promql(bed):
             bed.at,
         )
         assert tokens > 0 and service.tokens_per_second == pytest.approx(tokens, rel=1e-9)
+        prompt = _promql_scalar(bed.prometheus, f"sum(rate(vllm:prompt_tokens_total{{{matchers}}}[{window}s]))", bed.at)
+        assert service.prompt_tokens_per_second == pytest.approx(prompt, rel=1e-9)
 
 
 @pytest.mark.prometheus
@@ -396,6 +398,8 @@ def test_scrape_quantiles_and_rates_come_from_deltas_between_ticks(fake_vllm_exp
     assert second.ttft_seconds == pytest.approx(bucket_quantile(0.9, cumulative(TTFT_BUCKETS, [(0.3, 20), (3.0, 4)])))
     assert second.tpot_seconds == pytest.approx(bucket_quantile(0.5, cumulative(ITL_BUCKETS, [(0.04, 30), (0.12, 10)])))
     assert 900 / (elapsed + 0.5) < second.tokens_per_second < 900 / 0.2 * 1.5
+    # The mix (policy/performance.py): the prompt share of the same counters.
+    assert second.prompt_tokens_per_second == pytest.approx(second.tokens_per_second * 600 / 900)
 
     # A restarted engine (same pod, counters from zero) is read as a restart, not a negative rate.
     exporter.pods["x1"] = type(x1)("x1").set(waiting=0)

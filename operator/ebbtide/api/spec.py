@@ -84,8 +84,17 @@ class ScalingTargets(ApiModel):
         default=0.8,  # why 0.8: policy/signal_rules.py, THROUGHPUT_TARGET
         gt=0,
         le=1,
-        description="Share of a replica's learned token-throughput limit each replica should run at. "
-        "Higher packs load onto fewer replicas; lower leaves room for bursts.",
+        description="Share of a replica's learned token-throughput limit each replica runs at while the load "
+        "rises or its rises are not measured yet (the most cautious share). Higher packs load onto fewer "
+        "replicas; lower leaves room for bursts.",
+    )
+    throughput_max: float = Field(
+        default=0.95,  # why: policy/headroom.py
+        gt=0,
+        le=1,
+        description="The most of that limit each replica runs at when the load is steady. Between throughput "
+        "and this, the share is set from the load's own rises over a startup time (their recent spread, and "
+        "a ramp under way). At or below throughput, the share is throughput, fixed.",
     )
 
 

@@ -26,19 +26,28 @@ for, which counts replicas that are still starting: load they will absorb is not
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from ebbtide.api.spec import InferenceServiceSpec
 from ebbtide.policy.behavior import record_change, scale_down_limit, scale_up_limit, stabilize
 from ebbtide.policy.blind import hold_blind, metrics_problem, ready_changes, trusted
 from ebbtide.policy.decision import ConditionReport, Decision, Memory
 from ebbtide.policy.decision_words import Stages, explain, scaling_limited, signals_used
+from ebbtide.policy.headroom import horizon_seconds, observe_rate, throughput_share
 from ebbtide.policy.observation import FleetState, Signals
+from ebbtide.policy.performance import observe_limit, observe_mix, read_mix, rescale
 from ebbtide.policy.reasons import CONCURRENCY, METRICS_AVAILABLE, RATE_LIMITED, STEADY
+from ebbtide.policy.schedules import OFF_PEAK_THROUGHPUT
 from ebbtide.policy.signal_rules import Recommendation, aggregate, count, learn_capacity, recommend, strength
 
 
 def decide(spec: InferenceServiceSpec, signals: Signals, fleet: FleetState, memory: Memory,
-           now: float) -> Decision:
-    """The replicas `spec`'s service should run now, why, and the memory for the next tick."""
+           now: float, lead_seconds: float | None = None, off_peak: bool = False) -> Decision:
+    """The replicas `spec`'s service should run now, why, and the memory for the next tick.
+    `lead_seconds` is how long a new replica takes to serve (the spec's default startup time
+    if not measured): how far ahead the throughput margin must look (policy/headroom.py).
+    `off_peak`: consolidation is in force; until the margin is measured, replicas run at
+    OFF_PEAK_THROUGHPUT (policy/schedules.py) then."""
     behavior = spec.scaling.behavior
     lo, hi = spec.replicas.min, spec.replicas.max
     current = fleet.current
@@ -53,10 +62,23 @@ def decide(spec: InferenceServiceSpec, signals: Signals, fleet: FleetState, memo
     # Ready replicas without a fresh sample carry load we cannot see: when the result would
     # shrink the fleet, count each of them at target (the HPA does the same), never at zero.
     unseen = max(0, fleet.ready - load.pods)
+    # The limit was learned in tokens/s at the mix of its time: carried to the mix now.
+    mix = read_mix(signals.prompt_tokens_per_second, signals.tokens_per_second, signals.requests_per_second)
+    performance = observe_mix(memory.performance, now, mix)
+    if memory.capacity is not None and performance.mix != memory.performance.mix:
+        memory = replace(memory, capacity=rescale(performance, memory.capacity, memory.performance.mix,
+                                                  performance.mix))
+    lead = spec.warmup.default_startup_seconds if lead_seconds is None else lead_seconds
+    horizon = horizon_seconds(lead, behavior.interval_seconds, behavior.metrics_window_seconds)
+    variability = observe_rate(memory.variability, now, signals.tokens_per_second, horizon)
+    share = throughput_share(spec.scaling.targets, variability, signals.tokens_per_second,
+                             OFF_PEAK_THROUGHPUT if off_peak else None)
     recommendations = recommend(spec, signals, fleet, load, unseen, current, now, ready_rose_at,
-                                 memory.capacity)
-    capacity, breached_at = learn_capacity(spec, signals, fleet, load, memory, now,
-                                            ready_rose_at is None and ready_fell_at is None)
+                                 memory.capacity, share)
+    capacity, breached_at, at_limit = learn_capacity(spec, signals, fleet, load, memory, now,
+                                                      ready_rose_at is None and ready_fell_at is None)
+    if at_limit is not None:
+        performance = observe_limit(performance, mix, at_limit)
 
     if recommendations:
         winner = max(recommendations, key=strength)
@@ -117,10 +139,12 @@ def decide(spec: InferenceServiceSpec, signals: Signals, fleet: FleetState, memo
     new_memory = Memory(since=memory.since, up_recommendations=st.up_recommendations,
                         down_recommendations=st.down_recommendations, scale_ups=ups, scale_downs=downs,
                         last_ready=fleet.ready, ready_rose_at=ready_rose_at, ready_fell_at=ready_fell_at,
-                        capacity=capacity,
-                        breached_at=breached_at)
+                        capacity=capacity, breached_at=breached_at, variability=variability,
+                        performance=performance)
 
     used = signals_used(signals, fleet, load, now, raw, capacity)
+    if capacity is not None:
+        used["throughputShare"] = share.share
     conditions = (
         ConditionReport(METRICS_AVAILABLE, "True", "Fresh",
                         f"{load.pods} replicas report via {signals.source}, newest sample "

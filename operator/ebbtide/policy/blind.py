@@ -69,7 +69,8 @@ def hold_blind(spec: InferenceServiceSpec, signals: Signals, fleet: FleetState, 
     new_memory = Memory(since=memory.since, up_recommendations=ups_window, down_recommendations=downs_window,
                         scale_ups=ups, scale_downs=downs, last_ready=fleet.ready, ready_rose_at=ready_rose_at,
                         ready_fell_at=ready_fell_at,
-                        capacity=memory.capacity, breached_at=memory.breached_at)
+                        capacity=memory.capacity, breached_at=memory.breached_at, variability=memory.variability,
+                        performance=memory.performance)
     used: dict[str, float] = {"ready": fleet.ready, "starting": fleet.starting}
     if signals.sampled_at is not None:
         used["sampleAgeSeconds"] = max(0.0, now - signals.sampled_at)
@@ -96,8 +97,9 @@ def trusted(memory: Memory, now: float) -> Memory:
             newest = moment
     if newest <= now:
         return memory
-    # What a replica can serve does not depend on the clock: keep it.
-    return Memory(since=now, capacity=memory.capacity)
+    # What a replica can serve, and how far forecasts fell short, do not depend on the clock.
+    return Memory(since=now, capacity=memory.capacity, variability=memory.variability.carried(),
+                  performance=memory.performance)
 
 
 def ready_changes(memory: Memory, fleet: FleetState, now: float,

@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
+from ebbtide.policy.headroom import Variability
+from ebbtide.policy.performance import Model
 from ebbtide.policy.profile import Profile
 from ebbtide.policy.variants import MixPlan
 
@@ -57,6 +59,10 @@ class Memory:
     # a latency SLO breached), and when a target was last breached (see signal_rules.learn_capacity).
     capacity: float | None = None
     breached_at: float | None = None  # kept for one metrics window
+    # The token rate's recent rises, which size the margin below the limit (policy/headroom.py).
+    variability: Variability = Variability()
+    # Prompt and generated tokens' costs at the limit, and the mix `capacity` is at (policy/performance.py).
+    performance: Model = Model()
 
     @classmethod
     def empty(cls, now: float) -> Memory:
@@ -75,6 +81,8 @@ class Memory:
             "readyFellAt": self.ready_fell_at,
             "capacityTokensPerSecond": self.capacity,
             "breachedAt": self.breached_at,
+            "variability": self.variability.to_json(),
+            "performance": self.performance.to_json(),
         }
 
     @classmethod
@@ -96,6 +104,8 @@ class Memory:
                 ready_fell_at=_optional_time(data.get("readyFellAt")),
                 capacity=_optional_capacity(data.get("capacityTokensPerSecond")),
                 breached_at=_optional_time(data.get("breachedAt")),
+                variability=Variability.from_json(data.get("variability")),
+                performance=Model.from_json(data.get("performance")),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"autoscaler memory is malformed: {e!r}") from None

@@ -73,7 +73,8 @@ def plan(spec: InferenceServiceSpec, signals: Signals, fleet: FleetState, memory
             decision = dataclasses.replace(decision, message=f"{decision.message} (off-peak: the demand profile "
                                                              f"expects under {VALLEY_SHARE:.0%} of the week's peak)")
     else:
-        decision = decide(effective_spec(spec, now, floor=ramp.floor), signals, fleet, memory, now)
+        decision = decide(effective_spec(spec, now, floor=ramp.floor), signals, fleet, memory, now, lead,
+                          window_off_peak(spec, now))
         if decision.reason == MAX_REPLICAS and spec.schedules:
             decision = dataclasses.replace(
                 decision, message=f"{decision.message} ({_why(spec, now, scheduled_floor)})")
@@ -213,10 +214,11 @@ def _scheduled(spec: InferenceServiceSpec, signals: Signals, fleet: FleetState, 
     """The schedules and the reactive core (plan() as it was before pre-warming); in a valley
     the profile knows, consolidated as in an off-peak window."""
     if not spec.schedules:
-        return decide(consolidated(spec) if valley else spec, signals, fleet, memory, now)
+        return decide(consolidated(spec) if valley else spec, signals, fleet, memory, now, lead, valley)
     if floor is None:
         floor = floor_ahead(spec, now, lead)
-    decision = decide(effective_spec(spec, now, floor=floor, off_peak=valley), signals, fleet, memory, now)
+    decision = decide(effective_spec(spec, now, floor=floor, off_peak=valley), signals, fleet, memory, now, lead,
+                      valley or window_off_peak(spec, now))
     if decision.reason not in (MIN_REPLICAS, MAX_REPLICAS):
         return decision
     return dataclasses.replace(decision, message=f"{decision.message} ({_why(spec, now, floor)})")

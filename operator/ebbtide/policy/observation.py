@@ -47,6 +47,8 @@ class Signals:
     ttft_seconds: float | None = None  # at the spec's TTFT quantile, over the metrics window
     tpot_seconds: float | None = None  # at the spec's TPOT quantile, over the metrics window
     tokens_per_second: float | None = None  # prompt + generated, over the metrics window
+    prompt_tokens_per_second: float | None = None  # of those, the prompt (prefill) tokens
+    requests_per_second: float | None = None  # requests finished, over the metrics window
     error: str | None = None  # why nothing could be observed (e.g. "Prometheus unreachable: ...")
 
     @property

@@ -8,6 +8,7 @@ from typing import NamedTuple
 
 from ebbtide.api.spec import InferenceServiceSpec, LatencySlo, ScalingTargets
 from ebbtide.policy.decision import Memory
+from ebbtide.policy.headroom import Share
 from ebbtide.policy.observation import FleetState, Signals
 from ebbtide.policy.reasons import CONCURRENCY, KV_CACHE, QUEUE_BACKLOG, THROUGHPUT, TPOT, TTFT
 
@@ -86,7 +87,7 @@ def aggregate(signals: Signals, fresh_after: float) -> Load:
 
 def recommend(spec: InferenceServiceSpec, signals: Signals, fleet: FleetState, load: Load, unseen: int,
                current: int, now: float, ready_rose_at: float | None,
-               capacity: float | None) -> list[Recommendation]:
+               capacity: float | None, share: Share | None = None) -> list[Recommendation]:
     """One recommendation per configured and observed signal, in tie-break order."""
     targets = spec.scaling.targets
     behavior = spec.scaling.behavior
@@ -105,15 +106,19 @@ def recommend(spec: InferenceServiceSpec, signals: Signals, fleet: FleetState, l
             text = (f"running requests {count(load.running)} / target {targets.running_per_replica:g} per "
                     f"replica = {need:.1f} replicas")
             out.append(utilization(CONCURRENCY, text, need, current, unseen, tolerance))
-    tokens = signals.tokens_per_second
-    share = targets.throughput
-    if capacity is not None and capacity * share > 0 and tokens is not None and math.isfinite(
+    if share is None:
+        share = Share(targets.throughput, None, False, signals.tokens_per_second)
+    tokens = share.demand
+    if capacity is not None and capacity * share.share > 0 and tokens is not None and math.isfinite(
             tokens) and tokens >= 0:
-        need = tokens / (capacity * share)
-        text = (f"throughput {tokens:.0f} tokens/s / ({share:.0%} of the {capacity:.0f} tokens/s "
-                f"a replica serves at its limit) = {need:.1f} replicas")
-        # The rate counts every replica's tokens, so no replica is unseen.
-        out.append(utilization(THROUGHPUT, text, need, current, 0, tolerance))
+        need = tokens / (capacity * share.share)
+        text = (f"throughput {tokens:.0f} tokens/s / ({share.share:.0%} of the {capacity:.0f} tokens/s "
+                f"a replica serves at its limit) = {need:.1f} replicas{share.why()}")
+        # The rate counts every replica's tokens, so no replica is unseen. A measured margin
+        # already covers the ripples a tolerance band would absorb on the way up; stacking the
+        # two would let replicas run past their limit before a scale-up (0.95 x 1.1).
+        rising = 0.0 if share.margin is not None else tolerance
+        out.append(utilization(THROUGHPUT, text, need, current, 0, tolerance, rising))
     window = behavior.metrics_window_seconds
     for reason, slo, value in ((TTFT, targets.ttft, signals.ttft_seconds),
                                (TPOT, targets.tpot, signals.tpot_seconds)):
@@ -125,14 +130,16 @@ def recommend(spec: InferenceServiceSpec, signals: Signals, fleet: FleetState, l
 
 
 def utilization(reason: str, text: str, need: float, current: int, unseen: int,
-                 tolerance: float) -> Recommendation:
+                 tolerance: float, rising: float | None = None) -> Recommendation:
     """HPA's rule on a load measured in replicas (`need` = load / target per replica).
 
     The tolerance band is around the current size: within it nothing moves, so measurement
     noise does not flap the fleet. Outside it the size follows the load, both ways, and a
-    scale-down counts every unseen ready replica as fully loaded.
+    scale-down counts every unseen ready replica as fully loaded. `rising` is the band's upper
+    side when it differs from the lower.
     """
-    if current > 0 and abs(need / current - 1.0) <= tolerance:
+    up = tolerance if rising is None else rising
+    if current > 0 and -tolerance <= need / current - 1.0 <= up:
         return Recommendation(current, reason, f"{text}, within {tolerance:.0%} of {current}", False)
     if need > current:
         return Recommendation(ceil(need), reason, text, True)
@@ -176,9 +183,15 @@ def saturated(load: Load, target: float | None, tolerance: float) -> bool:
     return target is not None and load.pods > 0 and load.waiting > load.pods * target * (1.0 + tolerance)
 
 
+class Learned(NamedTuple):
+    capacity: float | None  # tokens/s one replica serves at the service's limit
+    breached_at: float | None  # when a target was last breached (kept for one metrics window)
+    at_limit: float | None  # this tick's tokens/s per replica, when read at the limit (policy/performance.py)
+
+
 def learn_capacity(spec: InferenceServiceSpec, signals: Signals, fleet: FleetState, load: Load,
-                    memory: Memory, now: float, ready_steady: bool) -> tuple[float | None, float | None]:
-    """(tokens/s one replica serves at the service's limit, when a target was last breached).
+                    memory: Memory, now: float, ready_steady: bool) -> Learned:
+    """What one replica serves at the service's limit, and when a target was last breached.
 
     The limit is where the service leaves its targets: a queue on every replica (saturation),
     a TPOT quantile beyond its SLO (long prompts can break it well before the batch is full),
@@ -213,22 +226,23 @@ def learn_capacity(spec: InferenceServiceSpec, signals: Signals, fleet: FleetSta
     tokens = signals.tokens_per_second
     if (fleet.ready <= 0 or not ready_steady or now - memory.since < window
             or tokens is None or not 0 < tokens < math.inf):
-        return memory.capacity, breached_at
+        return Learned(memory.capacity, breached_at, None)
     observed = tokens / fleet.ready
     if not observed * THROUGHPUT_TARGET > 0:  # a rate so small it underflows teaches nothing
-        return memory.capacity, breached_at
+        return Learned(memory.capacity, breached_at, None)
     capacity = memory.capacity
     if at_limit:
         if capacity is None:
-            return observed, breached_at
+            return Learned(observed, breached_at, observed)
         if observed < capacity:
-            return capacity + CAPACITY_LEARNING_RATE * (observed - capacity), breached_at
+            return Learned(capacity + CAPACITY_LEARNING_RATE * (observed - capacity), breached_at, observed)
+        return Learned(capacity, breached_at, observed)
     elif not breached and breached_at is None and capacity is not None and observed > capacity and load.waiting == 0:
         # Only a reading with nobody waiting: with a queue the replicas are at their limit,
         # and while their batches fill, prompt tokens (counted at prefill) run ahead of what
         # they sustain (a week's replay crept 7 % above the true limit on such readings).
-        return observed, breached_at
-    return capacity, breached_at
+        return Learned(observed, breached_at, None)
+    return Learned(capacity, breached_at, None)
 
 
 def slo_breached(slo: LatencySlo | None, value: float | None, tolerance: float) -> bool:

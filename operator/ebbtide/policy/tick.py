@@ -55,9 +55,15 @@ class TickState:
 
     @classmethod
     def start(cls, now: float, capacity: float | None = None, startup: StartupEstimate | None = None,
-              profile: Profile | None = None, target: int | None = None) -> TickState:
-        """A service's first tick (or one with its history lost): what it knows is passed in."""
-        return cls(memory=Memory(since=now, capacity=capacity), ledger=Ledger.start(now),
+              profile: Profile | None = None, target: int | None = None,
+              known: Memory | None = None) -> TickState:
+        """A service's first tick (or one with its history lost): what it knows is passed in
+        (`known`: an earlier run's memory, of which what does not depend on its clock is kept)."""
+        memory = Memory(since=now, capacity=capacity)
+        if known is not None:
+            memory = Memory(since=now, capacity=capacity, variability=known.variability.carried(),
+                            performance=known.performance)
+        return cls(memory=memory, ledger=Ledger.start(now),
                    startup=startup or StartupEstimate(), profile=profile, target=target)
 
 

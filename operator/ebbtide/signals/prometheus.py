@@ -55,6 +55,8 @@ QUERY_NAMES = (
     "kv_cache_usage",
     "awake",
     "tokens_per_second",
+    "prompt_tokens_per_second",
+    "requests_per_second",
     "ttft_buckets",
     "tpot_buckets",
     "gpu_memory_used",
@@ -186,6 +188,9 @@ class PrometheusSource:
                 f"(sum {by} (rate(vllm:prompt_tokens_total{{{vllm}}}[WINDOW]))"
                 f" + sum {by} (rate(vllm:generation_tokens_total{{{vllm}}}[WINDOW])))"
             ),
+            # The mix: prompt tokens cost a replica less than generated ones (policy/performance.py).
+            "prompt_tokens_per_second": per_window(f"sum {by} (rate(vllm:prompt_tokens_total{{{vllm}}}[WINDOW]))"),
+            "requests_per_second": per_window(f"sum {by} (rate(vllm:request_success_total{{{vllm}}}[WINDOW]))"),
             "ttft_buckets": per_window(f"sum {by_le} (rate(vllm:time_to_first_token_seconds_bucket{{{vllm}}}[WINDOW]))"),
             # inter_token_latency_seconds replaced time_per_output_token_seconds (same buckets).
             "tpot_buckets": per_window(
@@ -244,9 +249,12 @@ class PrometheusSource:
     # --- mapping results to services ---
 
     def _assemble(self, services: Sequence[ServiceQuery], results: dict[str, list[dict]]) -> dict[Hashable, Signals]:
-        windowed = ("tokens_per_second", "ttft_buckets", "tpot_buckets")
+        windowed = ("tokens_per_second", "prompt_tokens_per_second", "requests_per_second", "ttft_buckets",
+                    "tpot_buckets")
         per_pod = {name: self._by_pod(results[name]) for name in QUERY_NAMES if name not in windowed}
         tokens = self._by_window_pod(results["tokens_per_second"])
+        prompt = self._by_window_pod(results["prompt_tokens_per_second"])
+        finished = self._by_window_pod(results["requests_per_second"])
         ttft = self._buckets(results["ttft_buckets"])
         tpot = self._buckets(results["tpot_buckets"])
 
@@ -277,6 +285,8 @@ class PrometheusSource:
                 )
             keys = [(service.window_seconds, service.namespace, pod) for pod in service.pods]
             pod_tokens = [tokens[k] for k in keys if k in tokens]
+            pod_prompt = [prompt[k] for k in keys if k in tokens and k in prompt]
+            pod_finished = [finished[k] for k in keys if k in tokens and k in finished]
             if not pods:
                 error = (
                     f"no vLLM metrics in Prometheus for pods {', '.join(service.pods)} in namespace {service.namespace}"
@@ -292,6 +302,9 @@ class PrometheusSource:
                 ttft_seconds=quantile_or_none(service.ttft_quantile, sum_buckets(ttft[k] for k in keys if k in ttft)),
                 tpot_seconds=quantile_or_none(service.tpot_quantile, sum_buckets(tpot[k] for k in keys if k in tpot)),
                 tokens_per_second=sum(pod_tokens) if pod_tokens else None,
+                # Over the same pods as the total, or not at all: a partial sum would skew the mix.
+                prompt_tokens_per_second=sum(pod_prompt) if pod_tokens and len(pod_prompt) == len(pod_tokens) else None,
+                requests_per_second=sum(pod_finished) if pod_tokens and len(pod_finished) == len(pod_tokens) else None,
             )
         return observed
 

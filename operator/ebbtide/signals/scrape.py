@@ -40,6 +40,9 @@ SOURCE = "scrape"
 WINDOW_SLACK = 1.1  # a snapshot up to 10 % older than the window still counts as inside it
 MAX_CONCURRENT = 64
 
+_TOKEN_COUNTERS = ("vllm:prompt_tokens_total", "vllm:generation_tokens_total")
+_FINISHED = "vllm:request_success_total"  # requests finished (any reason), for the mean context
+
 
 @dataclass(frozen=True)
 class ScrapeQuery:
@@ -165,6 +168,8 @@ class ScrapeSource:
         ttft: list[dict[float, float]] = []
         tpot: list[dict[float, float]] = []
         rates: list[float] = []
+        prompt_rates: list[float] = []
+        finished_rates: list[float] = []
         for pod in service.pods:
             key = (service.namespace, pod)
             snapshot = snapshots.get(key)
@@ -176,8 +181,11 @@ class ScrapeSource:
                 continue
             ttft.append(_bucket_increase(snapshot.ttft, baseline.ttft))
             tpot.append(_bucket_increase(snapshot.tpot, baseline.tpot))
-            tokens = sum(_increase(value, baseline.counters.get(k)) for k, value in snapshot.counters.items())
-            rates.append(tokens / (snapshot.at - baseline.at))
+            increases = {k: _increase(value, baseline.counters.get(k)) for k, value in snapshot.counters.items()}
+            seconds = snapshot.at - baseline.at
+            rates.append(sum(v for k, v in increases.items() if k[0] in _TOKEN_COUNTERS) / seconds)
+            prompt_rates.append(sum(v for k, v in increases.items() if k[0] == "vllm:prompt_tokens_total") / seconds)
+            finished_rates.append(sum(v for k, v in increases.items() if k[0] == _FINISHED) / seconds)
         if not pods:
             error = None
             if service.pods:
@@ -191,6 +199,8 @@ class ScrapeSource:
             ttft_seconds=quantile_or_none(service.ttft_quantile, sum_buckets(ttft)),
             tpot_seconds=quantile_or_none(service.tpot_quantile, sum_buckets(tpot)),
             tokens_per_second=sum(rates) if rates else None,
+            prompt_tokens_per_second=sum(prompt_rates) if rates else None,
+            requests_per_second=sum(finished_rates) if rates else None,
         )
 
 
@@ -214,7 +224,7 @@ def _parse(text: str, at: float) -> _Snapshot | str:
                 snapshot.legacy_kv_cache_usage = max(value, snapshot.legacy_kv_cache_usage or 0.0)
             elif name == "vllm:engine_sleep_state" and labels.get("sleep_state") == "awake":
                 snapshot.awake = max(value, snapshot.awake or 0.0)
-            elif name in ("vllm:prompt_tokens_total", "vllm:generation_tokens_total"):
+            elif name in _TOKEN_COUNTERS or name == _FINISHED:
                 snapshot.counters[(name, *series)] = value
             elif name == "vllm:time_to_first_token_seconds_bucket":
                 snapshot.ttft[(*series, parse_le(labels["le"]))] = value

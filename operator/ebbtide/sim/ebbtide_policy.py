@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 
 from ebbtide.api.spec import InferenceServiceSpec
 from ebbtide.policy.capacity_types import SPOT
+from ebbtide.policy.decision import Memory
 from ebbtide.policy.observation import Observation
 from ebbtide.policy.profile import Profile
 from ebbtide.policy.startup import StartupEstimate
@@ -32,6 +33,7 @@ class EbbtidePolicy(SimulatedPolicy):
     spec: InferenceServiceSpec
     name: str = "ebbtide"
     learned_capacity: float | None = None
+    learned: Memory | None = None  # an earlier run's memory: its rises and costs, not its clock
     startup_seconds: float | None = None  # a fixed lead time; None: measured
     profile: Profile | None = None  # what it knows of the demand, updated as it learns
     startup: StartupEstimate = field(default_factory=StartupEstimate)  # likewise, the startup time
@@ -62,7 +64,7 @@ class EbbtidePolicy(SimulatedPolicy):
         if self.state is None:
             fixed = None if self.startup_seconds is None else StartupEstimate(seconds=self.startup_seconds)
             self.state = TickState.start(view.now, self.learned_capacity, fixed or self.startup, self.profile,
-                                         target=self._started_at)
+                                         target=self._started_at, known=self.learned)
         turn = tick(self.spec, self.observation(view), self.state, view.now)
         self.state, self.last = turn.state, turn
         self.profile, self.startup = turn.state.profile, turn.state.startup
@@ -80,6 +82,11 @@ class EbbtidePolicy(SimulatedPolicy):
     def lead_time(self) -> float | None:
         """The startup time it plans with; None: not measured yet (the spec's default then)."""
         return self.startup_seconds if self.startup_seconds is not None else self.startup.seconds
+
+    @property
+    def memory(self) -> Memory | None:
+        """What it remembers after its last tick."""
+        return None if self.state is None else self.state.memory
 
     @property
     def capacity(self) -> float | None:

@@ -253,16 +253,18 @@ class FluidServing:
             pods = _pods(self.ready, epoch + t, queue / self.ready, per_replica, kv)
         w = max(1, int(round(window / self.dt)))
         first = max(0, n - w)
-        tokens = ttft = itl = None
+        tokens = prompt = requests = ttft = itl = None
         if "tokens" in observes and n > first:
             tokens = (self._cum_tokens[n] - self._cum_tokens[first]) / ((n - first) * self.dt)
+            requests = (self._cum_admitted[n] - self._cum_admitted[first]) / ((n - first) * self.dt)
+            prompt = self.P * requests  # counted at prefill; requests finish one service time later
         if "latency" in observes and n > first:
             if ttft_q is not None:
                 ttft = self._ttft_window(first, n, ttft_q)
             if itl_q is not None and self.ready and self._cum_in[n] > self._cum_in[first]:
                 itl = max(self._itl[first:n])
         return Signals(source="simulator", sampled_at=epoch + t, pods=pods, ttft_seconds=ttft, tpot_seconds=itl,
-                       tokens_per_second=tokens)
+                       tokens_per_second=tokens, prompt_tokens_per_second=prompt, requests_per_second=requests)
 
     def _ttft_window(self, first: int, last: int, q: float) -> float | None:
         """TTFT quantile of the requests whose first token came in steps [first, last): those

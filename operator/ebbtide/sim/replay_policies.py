@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ebbtide.api.spec import InferenceServiceSpec
+from ebbtide.policy.decision import Memory
 from ebbtide.sim import baselines, report, traces
 from ebbtide.sim.calibration import calibrate_oracle, oracle_rate_limit, right_size_static
 from ebbtide.sim.capacity import CapacityModel
@@ -45,6 +46,7 @@ def replay_policies(args: argparse.Namespace, spec: InferenceServiceSpec, trace:
         extra.update(trained_profile=True, train_rotate_s=args.train_rotate, trained_startup_s=training.startup.seconds,
                      trained_capacity_tokens_per_s=None if training.capacity is None else round(training.capacity, 1))
     learned: float | None = None
+    learned_memory: Memory | None = None  # the same replay's memory (its rises and costs, see TickState.start)
     for policy in policies:
         starting(policy.name)
         if isinstance(policy, baselines.Static) and policy.name == "static-peak" and args.oracle_slo > 0:
@@ -61,12 +63,12 @@ def replay_policies(args: argparse.Namespace, spec: InferenceServiceSpec, trace:
                 if learned is None:  # learn it as a new service would, in a replay not reported
                     cold = EbbtidePolicy(spec)
                     simulate(trace, cold, settings)
-                    learned = cold.capacity
-                policy.learned_capacity = learned
+                    learned, learned_memory = cold.capacity, cold.memory
+                policy.learned_capacity, policy.learned = learned, learned_memory
                 extra.update(warm_capacity_tokens_per_s=None if learned is None else round(learned, 1))
             result = simulate(trace, policy, settings)
             if isinstance(policy, EbbtidePolicy) and policy.name == "ebbtide" and learned is None:
-                learned = policy.capacity
+                learned, learned_memory = policy.capacity, policy.memory
         replay.policies.append(policy)
         replay.results.append(report.summarize(result, spec, ramps))
         if args.plot:

@@ -25,8 +25,13 @@ from ebbtide.sim.serving import ALL_SIGNALS
 ROUTINGS = ("random", "least-requests", "power-of-two")
 
 
-def _tokens_counted(engine: EngineCore) -> float:
-    return float(engine.prompt_tokens_total + engine.generation_tokens_total)
+def _tokens_counted(engine: EngineCore) -> tuple[float, float]:
+    """(prompt + generated, prompt): vllm:prompt_tokens_total and vllm:generation_tokens_total."""
+    return float(engine.prompt_tokens_total + engine.generation_tokens_total), float(engine.prompt_tokens_total)
+
+
+def _add(a: tuple[float, float], b: tuple[float, float]) -> tuple[float, float]:
+    return a[0] + b[0], a[1] + b[1]
 
 
 class RequestServing:
@@ -53,13 +58,15 @@ class RequestServing:
         self.records = LatencyRecords()
         self._first_tokens: deque[tuple[float, float]] = deque()  # (time, ttft) for the TTFT signal
         self._itl_samples: deque[tuple[float, float, int]] = deque()
-        self._token_marks: deque[tuple[float, float]] = deque()  # (scrape time, tokens served)
+        # (scrape time, (tokens served, of which prompt tokens, requests finished))
+        self._token_marks: deque[tuple[float, tuple[float, float, float]]] = deque()
+        self._finished = 0.0  # vllm:request_success_total over the fleet
         self._outstanding: dict[int, int] = {}
         self._rng = random.Random(seed)
         self._next_id = 0
         self._held: dict[str, float] = {}  # request id -> seconds it waited at the gateway
         self.tokens_served = 0.0
-        self._tokens_of_gone = 0.0  # vLLM's token counters of replicas that have drained
+        self._tokens_of_gone = (0.0, 0.0)  # vLLM's token counters of replicas that have drained
         self._idle: dict[int, float] = {}  # replica -> first tick it was seen idle (see idle_since)
 
     def add_replica(self, rid: int, now: float) -> None:
@@ -114,7 +121,7 @@ class RequestServing:
         self._collect(rid, engine.advance(now))
         lost = [(req.arrival - self._held.pop(req.rid, 0.0), req.prompt, req.max_out)
                 for req in engine._requests.values()]  # noqa: SLF001  (the requests a dead pod held)
-        self._tokens_of_gone += _tokens_counted(engine)
+        self._tokens_of_gone = _add(self._tokens_of_gone, _tokens_counted(engine))
         self._outstanding.pop(rid, None)
         for item in sorted(lost, reverse=True):
             self.gateway.appendleft(item)
@@ -132,7 +139,7 @@ class RequestServing:
             self._cursor = end
             done = [rid for rid, e in self.draining.items() if e.idle]
             for rid in done:
-                self._tokens_of_gone += _tokens_counted(self.draining.pop(rid))
+                self._tokens_of_gone = _add(self._tokens_of_gone, _tokens_counted(self.draining.pop(rid)))
                 self._outstanding.pop(rid, None)
                 gone.append((rid, t1))
         return gone
@@ -176,6 +183,7 @@ class RequestServing:
                 self._first_tokens.append((event.time, event.ttft + self._held.get(event.request_id, 0.0)))
             elif isinstance(event, Finished):
                 self._outstanding[rid] -= 1
+                self._finished += 1
                 self.tokens_served += event.prompt_tokens + event.output_tokens
                 itl = event.mean_itl if event.mean_itl is not None else 0.0
                 held = self._held.pop(event.request_id, 0.0)
@@ -200,19 +208,24 @@ class RequestServing:
         latency = "latency" in observes
         ttft, itl = self._latency_window(t, window, ttft_q if latency else None, itl_q if latency else None)
         # vllm:prompt_tokens_total + vllm:generation_tokens_total over the fleet, rate over the window.
-        counted = self._tokens_of_gone + sum(_tokens_counted(e) for pool in (self.engines, self.draining)
-                                             for e in pool.values())
-        self._token_marks.append((t, counted))
+        counted = self._tokens_of_gone
+        for pool in (self.engines, self.draining):
+            for e in pool.values():
+                counted = _add(counted, _tokens_counted(e))
+        self._token_marks.append((t, (*counted, self._finished)))
         while self._token_marks[0][0] < t - window:
             self._token_marks.popleft()
-        first_t, first_tokens = self._token_marks[0]
-        tokens = (counted - first_tokens) / (t - first_t) if t > first_t else None
+        first_t, first = self._token_marks[0]
+        tokens = prompt = requests = None
+        if t > first_t and "tokens" in observes:
+            tokens, prompt, requests = ((now - then) / (t - first_t)
+                                        for now, then in zip(self._token_marks[-1][1], first, strict=True))
         pods = tuple(PodSignals(pod=f"replica-{rid}", sampled_at=epoch + t, waiting=e.num_waiting + (
             len(self.gateway) / len(self.engines)), running=e.num_running, kv_cache_usage=e.kv_cache_usage)
             for rid, e in self.engines.items())
         return Signals(source="simulator", sampled_at=epoch + t, pods=pods,
                        ttft_seconds=ttft if latency else None, tpot_seconds=itl if latency else None,
-                       tokens_per_second=tokens if "tokens" in observes else None)
+                       tokens_per_second=tokens, prompt_tokens_per_second=prompt, requests_per_second=requests)
 
     def _latency_window(self, now: float, window: float, ttft_q: float | None, itl_q: float | None):
         while self._first_tokens and self._first_tokens[0][0] < now - window:

@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass, replace
 
 from ebbtide.api.spec import InferenceServiceSpec
+from ebbtide.policy.decision import Memory
 from ebbtide.policy.profile import WEEK_SECONDS, Profile
 from ebbtide.policy.startup import StartupEstimate
 from ebbtide.sim import traces
@@ -21,10 +22,14 @@ class Training:
     profile: Profile
     capacity: float | None  # the per-replica limit, tokens/s
     startup: StartupEstimate  # the measured startup time
+    # The rest of its memory that does not depend on its clock: the mix the limit is at, the
+    # token costs, how far its forecasts fell short (kept in status, as the limit is).
+    memory: Memory | None = None
 
     def teach(self, policy: EbbtidePolicy) -> None:
         """Start `policy` knowing it (its profile only if it pre-warms)."""
         policy.learned_capacity = self.capacity
+        policy.learned = self.memory
         policy.startup = self.startup
         if policy.spec.warmup.predictive.enabled:
             policy.profile = self.profile
@@ -46,4 +51,4 @@ def train(spec: InferenceServiceSpec, trace: traces.Trace, settings: SimSettings
     learner = EbbtidePolicy(with_lifecycle(spec, prewarm=True, sleep=False), name="training")
     simulate(earlier, learner, settings)
     assert learner.profile is not None
-    return Training(learner.profile, learner.capacity, learner.startup)
+    return Training(learner.profile, learner.capacity, learner.startup, learner.memory)
