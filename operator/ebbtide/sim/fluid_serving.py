@@ -257,7 +257,7 @@ class FluidServing:
         if "tokens" in observes and n > first:
             tokens = (self._cum_tokens[n] - self._cum_tokens[first]) / ((n - first) * self.dt)
             requests = (self._cum_admitted[n] - self._cum_admitted[first]) / ((n - first) * self.dt)
-            prompt = self.P * requests  # counted at prefill; requests finish one service time later
+            prompt = self.mix.at(n - 1).P * requests  # counted at prefill, at the mix of the moment
         if "latency" in observes and n > first:
             if ttft_q is not None:
                 ttft = self._ttft_window(first, n, ttft_q)
