@@ -7,8 +7,10 @@ plain dicts (what it renders), and a field the client's models do not know canno
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import copy
 import datetime
+import functools
 import itertools
 import json
 import logging
@@ -27,6 +29,7 @@ from ebbtide.api.ref import ServiceRef
 
 log = logging.getLogger(__name__)
 MAX_API_BACKOFF_S = 60.0
+API_CONCURRENCY = 16  # API calls in flight at once
 
 # kind -> (API class, the snake_case name in the client's method names)
 _KINDS = {
@@ -65,7 +68,7 @@ def is_subset(wanted: Any, live: Any) -> bool:
     return wanted == live
 
 
-def _without_replicas(obj: dict) -> dict:
+def without_replicas(obj: dict) -> dict:
     """The replica count belongs to the autoscaler: drift correction never touches it."""
     obj = copy.deepcopy(obj)
     obj.get("spec", {}).pop("replicas", None)
@@ -101,6 +104,10 @@ class Kube:
         # Client method (and namespace, for a list in one) -> the API server's refusal (403), until
         # permitted again. A missing RBAC permission is logged once here, not by every caller every tick.
         self.refused: dict[str, str] = {}
+        # The client blocks: its calls run on threads of their own. asyncio's default pool has
+        # cpu_count + 4 threads, shared with the Prometheus queries; with 1,000 services a tick's
+        # writes queued behind one another there (bench/operator_scale.py).
+        self._threads = concurrent.futures.ThreadPoolExecutor(max_workers=API_CONCURRENCY, thread_name_prefix="kube")
         # (namespace, name) -> uid, resourceVersion and status as our last status write left them.
         self._written: dict[tuple[str, str], dict] = {}
 
@@ -110,7 +117,9 @@ class Kube:
             kubernetes.config.load_incluster_config()
         except kubernetes.config.ConfigException:
             kubernetes.config.load_kube_config()
-        return cls(kubernetes.client.ApiClient(), namespaces)
+        configuration = kubernetes.client.Configuration.get_default_copy()
+        configuration.connection_pool_maxsize = API_CONCURRENCY  # a connection per thread, kept
+        return cls(kubernetes.client.ApiClient(configuration), namespaces)
 
     async def _call(self, fn: Callable, *args: Any, **kwargs: Any) -> Any:
         method = getattr(fn, "__name__", repr(fn))
@@ -118,7 +127,8 @@ class Kube:
         # must not toggle a single entry (and log) on every tick.
         key = f"{method} in {kwargs['namespace']}" if "namespace" in kwargs else method
         try:
-            response = await asyncio.to_thread(fn, *args, _preload_content=False, **kwargs)
+            response = await asyncio.get_running_loop().run_in_executor(
+                self._threads, functools.partial(fn, *args, _preload_content=False, **kwargs))
         except Forbidden as e:
             if key not in self.refused:
                 log.error("the API server refused a call (403 Forbidden): %s. Grant it to the operator's "
@@ -165,7 +175,7 @@ class Kube:
                            f"InferenceService; rename one of them or delete the {kind}")
         if live["metadata"].get("deletionTimestamp"):
             return "unchanged"  # on its way out; it will be re-created once gone
-        wanted = _without_replicas(desired)
+        wanted = without_replicas(desired)
         if is_subset(wanted, live):
             return "unchanged"
         await self._call(self._method(kind, "patch"), meta["name"], meta["namespace"], wanted,
@@ -192,12 +202,14 @@ class Kube:
                 return None
             raise
 
-    async def update_status(self, ref: ServiceRef, mutate: Callable[[dict], dict], attempts: int = 5) -> dict | None:
+    async def update_status(self, ref: ServiceRef, mutate: Callable[[dict], dict], attempts: int = 5,
+                            unchanged: Callable[[dict, dict], bool] | None = None) -> dict | None:
         """Read-modify-write of the status with optimistic concurrency.
 
         The operator writes status from two places (spec handlers and the scaling loop);
         the resourceVersion in the patch makes the API server refuse a write based on a stale
         read (409), and we retry on the fresh object instead of losing the other writer's fields.
+        `unchanged(old, new)` true: nothing is written (None is returned).
         """
         key = (ref.namespace, ref.name)
         for _ in range(attempts):
@@ -209,6 +221,9 @@ class Kube:
             if obj is None or obj["metadata"].get("uid") != ref.uid:
                 return None
             status = mutate(copy.deepcopy(obj.get("status") or {}))
+            if unchanged is not None and unchanged(obj.get("status") or {}, status):
+                self._remember(key, obj)
+                return None
             body = {"metadata": {"resourceVersion": obj["metadata"]["resourceVersion"]}, "status": status}
             try:
                 written = await self._call(self.custom.patch_namespaced_custom_object_status,
@@ -220,12 +235,16 @@ class Kube:
                 if e.status != 409:
                     raise
                 continue
-            meta = written["metadata"]
-            self._written[key] = {"metadata": {"uid": meta.get("uid"), "resourceVersion": meta["resourceVersion"]},
-                                  "status": written.get("status") or {}}
+            self._remember(key, written)
             return written
         log.warning("status of %s/%s not written: it kept changing under us", ref.namespace, ref.name)
         return None
+
+    def _remember(self, key: tuple[str, str], obj: dict) -> None:
+        """The status as it now stands, and what a write on top of it needs: not the spec."""
+        meta = obj["metadata"]
+        self._written[key] = {"metadata": {"uid": meta.get("uid"), "resourceVersion": meta["resourceVersion"]},
+                              "status": obj.get("status") or {}}
 
     def forget_status(self, namespace: str, name: str) -> None:
         """A deleted service's last write is no base for anything."""

@@ -91,4 +91,4 @@ async def forget_deleted(event: dict, name: str, namespace: str, memo: kopf.Memo
 async def owned_changed(event: dict, memo: kopf.Memo, **_) -> None:
     if event.get("type") in ("MODIFIED", "DELETED") and event.get("object"):
         with contextlib.suppress(Forbidden):  # Kube logged it once; the next event tries again
-            await restore_owned(memo.kube, memo.registry, event["object"])
+            await restore_owned(memo.kube, memo.registry, event["object"], gone=event["type"] == "DELETED")
