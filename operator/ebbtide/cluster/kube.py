@@ -10,8 +10,6 @@ import asyncio
 import concurrent.futures
 import copy
 import datetime
-import functools
-import itertools
 import json
 import logging
 import time
@@ -19,8 +17,6 @@ from collections.abc import Callable
 from typing import Any
 
 import kubernetes
-import urllib3
-import yaml
 from kubernetes.client.exceptions import ForbiddenException as Forbidden
 from kubernetes.client.rest import ApiException
 
@@ -28,8 +24,8 @@ from ebbtide import api
 from ebbtide.api.ref import ServiceRef
 
 log = logging.getLogger(__name__)
-MAX_API_BACKOFF_S = 60.0
 API_CONCURRENCY = 16  # API calls in flight at once
+LIST_PAGE = 500  # objects per page of a list
 
 # kind -> (API class, the snake_case name in the client's method names)
 _KINDS = {
@@ -73,6 +69,22 @@ def without_replicas(obj: dict) -> dict:
     obj = copy.deepcopy(obj)
     obj.get("spec", {}).pop("replicas", None)
     return obj
+
+
+def _json(data: bytes) -> Any:
+    return json.loads(data) if data else None
+
+
+def _without_managed_fields(obj: dict) -> dict:
+    """The object less the field managers' bookkeeping, which no one here reads: ~45% of a pod."""
+    obj.get("metadata", {}).pop("managedFields", None)
+    return obj
+
+
+def _name_and_replicas(obj: dict) -> dict:
+    meta = obj.get("metadata", {})
+    return {"metadata": {"namespace": meta.get("namespace"), "name": meta.get("name")},
+            "spec": {"replicas": (obj.get("spec") or {}).get("replicas", 0)}}
 
 
 def controller_of(obj: dict) -> dict | None:
@@ -127,8 +139,10 @@ class Kube:
         # must not toggle a single entry (and log) on every tick.
         key = f"{method} in {kwargs['namespace']}" if "namespace" in kwargs else method
         try:
-            response = await asyncio.get_running_loop().run_in_executor(
-                self._threads, functools.partial(fn, *args, _preload_content=False, **kwargs))
+            # The body is read (and decoded) on the thread too: read on the event loop, a slow API
+            # server's answers held everything else (kopf's handlers, the other calls) behind each one.
+            decoded = await asyncio.get_running_loop().run_in_executor(
+                self._threads, lambda: _json(fn(*args, _preload_content=False, **kwargs).data))
         except Forbidden as e:
             if key not in self.refused:
                 log.error("the API server refused a call (403 Forbidden): %s. Grant it to the operator's "
@@ -138,8 +152,7 @@ class Kube:
             raise
         if self.refused.pop(key, None) is not None:
             log.info("%s is permitted again", key)
-        data = response.data
-        return json.loads(data) if data else None
+        return decoded
 
     def refusals(self, namespace: str) -> set[str]:
         """The standing refusals that concern a namespace: its own and cluster-scoped ones."""
@@ -222,7 +235,7 @@ class Kube:
                 return None
             status = mutate(copy.deepcopy(obj.get("status") or {}))
             if unchanged is not None and unchanged(obj.get("status") or {}, status):
-                self._remember(key, obj)
+                self.remember(key, obj)
                 return None
             body = {"metadata": {"resourceVersion": obj["metadata"]["resourceVersion"]}, "status": status}
             try:
@@ -235,12 +248,12 @@ class Kube:
                 if e.status != 409:
                     raise
                 continue
-            self._remember(key, written)
+            self.remember(key, written)
             return written
         log.warning("status of %s/%s not written: it kept changing under us", ref.namespace, ref.name)
         return None
 
-    def _remember(self, key: tuple[str, str], obj: dict) -> None:
+    def remember(self, key: tuple[str, str], obj: dict) -> None:
         """The status as it now stands, and what a write on top of it needs: not the spec."""
         meta = obj["metadata"]
         self._written[key] = {"metadata": {"uid": meta.get("uid"), "resourceVersion": meta["resourceVersion"]},
@@ -276,17 +289,33 @@ class Kube:
         except ApiException as e:  # an Event is worth a log line, never a failed reconcile
             log.warning("could not post event %s on %s/%s: %s", reason, ref.namespace, ref.name, e.reason)
 
-    async def _list(self, all_namespaces: Callable, namespaced: Callable, label_selector: str) -> list[dict]:
+    async def _list(self, all_namespaces: Callable, namespaced: Callable, label_selector: str,
+                    keep: Callable[[dict], dict]) -> list[dict]:
         """One list across the cluster, or one per watched namespace: all that a Role in each permits."""
         if self.namespaces:
-            results = await asyncio.gather(*(self._call(namespaced, namespace=namespace, label_selector=label_selector)
+            results = await asyncio.gather(*(self._pages(namespaced, keep, namespace=namespace,
+                                                         label_selector=label_selector)
                                              for namespace in self.namespaces))
         else:
-            results = [await self._call(all_namespaces, label_selector=label_selector)]
-        return [item for result in results if result for item in result.get("items", [])]
+            results = [await self._pages(all_namespaces, keep, label_selector=label_selector)]
+        return [item for result in results for item in result]
+
+    async def _pages(self, method: Callable, keep: Callable[[dict], dict], **kwargs: Any) -> list[dict]:
+        """A list read a page at a time, each item cut down by `keep` before the next page: 3,000
+        pods read whole were ~120 MiB of Python objects at once, and the operator's RSS kept
+        that high-water mark (bench/operator_scale.py)."""
+        items: list[dict] = []
+        token = None
+        while True:
+            page = await self._call(method, limit=LIST_PAGE, _continue=token, **kwargs) or {}
+            items += [keep(item) for item in page.get("items", [])]
+            token = (page.get("metadata") or {}).get("continue")
+            if not token:
+                return items
 
     async def list_pods(self, label_selector: str) -> list[dict]:
-        return await self._list(self.core.list_pod_for_all_namespaces, self.core.list_namespaced_pod, label_selector)
+        return await self._list(self.core.list_pod_for_all_namespaces, self.core.list_namespaced_pod, label_selector,
+                                _without_managed_fields)
 
     async def patch_pod_status(self, namespace: str, name: str, status: dict) -> None:
         """Strategic merge patch of a pod's status (pods/status): e.g. one readiness-gate condition."""
@@ -294,9 +323,10 @@ class Kube:
                          _content_type=STRATEGIC_MERGE_PATCH)
 
     async def list_deployments(self, label_selector: str) -> list[dict]:
+        """Their names and counts: all the scaling loop reads of them."""
         apps = kubernetes.client.AppsV1Api(self.client)
         return await self._list(apps.list_deployment_for_all_namespaces, apps.list_namespaced_deployment,
-                                label_selector)
+                                label_selector, _name_and_replicas)
 
     async def list_nodes(self) -> list[dict]:
         result = await self._call(self.core.list_node)
@@ -322,47 +352,3 @@ class Kube:
         except ApiException as e:
             if e.status != 404:
                 raise
-
-
-def api_server_problem() -> str | None:
-    """Why the operator cannot talk to the API server now, or None. Credentials are found as
-    Kube.from_environment and kopf's login find them: in the cluster, else from the kubeconfig."""
-    try:
-        kubernetes.config.load_incluster_config()
-    except kubernetes.config.ConfigException as in_cluster:
-        try:
-            kubernetes.config.load_kube_config()
-        except (kubernetes.config.ConfigException, OSError, yaml.YAMLError) as e:
-            path = kubernetes.config.kube_config.KUBE_CONFIG_DEFAULT_LOCATION
-            return (f"no Kubernetes credentials: not in a cluster ({in_cluster}), and no usable kubeconfig "
-                    f"at {path} ({' '.join(str(e).split())})")
-    configuration = kubernetes.client.Configuration.get_default_copy()
-    configuration.retries = 0  # one attempt, one line: urllib3 would log a warning per retry
-    with kubernetes.client.ApiClient(configuration) as client:
-        try:
-            kubernetes.client.VersionApi(client).get_code(_request_timeout=10)
-        except kubernetes.client.ApiException:
-            return None  # it answered: a refusal is the handlers' to report, resource by resource
-        except (urllib3.exceptions.HTTPError, OSError) as e:
-            return f"cannot reach the Kubernetes API server at {configuration.host}: {_root_cause(e)}"
-    return None
-
-
-def wait_for_api_server(log: logging.Logger = log) -> None:
-    """Return once there are credentials and the API server answers; until then say why in one
-    line per attempt, with backoff. Started without them, kopf's startup handler and the scaling
-    loop (or the activator's watch) would log a traceback at every retry and every tick."""
-    for attempt in itertools.count():
-        problem = api_server_problem()
-        if problem is None:
-            return
-        delay = min(2.0 ** attempt, MAX_API_BACKOFF_S)
-        log.error("%s; retrying in %g s", problem, delay)
-        time.sleep(delay)
-
-
-def _root_cause(error: BaseException) -> str:
-    """The innermost error of a chain: "Connection refused", not urllib3's wrappers around it."""
-    while (error.__cause__ or error.__context__) is not None:
-        error = error.__cause__ or error.__context__
-    return getattr(error, "strerror", None) or str(error)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import operator
 from dataclasses import dataclass, field
 
 from ebbtide.api.conditions import set_condition
@@ -149,7 +150,7 @@ async def _set_status(kube: Kube, ref: ServiceRef, generation: int | None, type:
         current.setdefault("phase", "Pending")
         return current
 
-    await kube.update_status(ref, mutate)
+    await kube.update_status(ref, mutate, unchanged=operator.eq)  # a resumed service's valid spec: no news
 
 
 async def restore_owned(kube: Kube, registry: Registry, obj: dict, gone: bool = True) -> str | None:
