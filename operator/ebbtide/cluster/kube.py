@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
 import copy
 import datetime
 import json
@@ -24,7 +25,8 @@ from ebbtide import api
 from ebbtide.api.ref import ServiceRef
 
 log = logging.getLogger(__name__)
-API_CONCURRENCY = 16  # API calls in flight at once
+API_CONCURRENCY = {"handlers": 8, "loop": 16}  # API calls in flight at once, by lane (Kube.loop_lane)
+_LANE: contextvars.ContextVar[str] = contextvars.ContextVar("ebbtide_kube_lane", default="handlers")
 LIST_PAGE = 500  # objects per page of a list
 
 # kind -> (API class, the snake_case name in the client's method names)
@@ -118,8 +120,11 @@ class Kube:
         self.refused: dict[str, str] = {}
         # The client blocks: its calls run on threads of their own. asyncio's default pool has
         # cpu_count + 4 threads, shared with the Prometheus queries; with 1,000 services a tick's
-        # writes queued behind one another there (bench/operator_scale.py).
-        self._threads = concurrent.futures.ThreadPoolExecutor(max_workers=API_CONCURRENCY, thread_name_prefix="kube")
+        # writes queued behind one another there (bench/operator_scale.py). The scaling loop has
+        # threads apart from kopf's handlers: on a restart, the handlers' 3,000 reads of the owned
+        # objects held a tick's list of pods behind them for a minute.
+        self._threads = {lane: concurrent.futures.ThreadPoolExecutor(max_workers=n, thread_name_prefix=f"kube-{lane}")
+                         for lane, n in API_CONCURRENCY.items()}
         # (namespace, name) -> uid, resourceVersion and status as our last status write left them.
         self._written: dict[tuple[str, str], dict] = {}
 
@@ -130,7 +135,7 @@ class Kube:
         except kubernetes.config.ConfigException:
             kubernetes.config.load_kube_config()
         configuration = kubernetes.client.Configuration.get_default_copy()
-        configuration.connection_pool_maxsize = API_CONCURRENCY  # a connection per thread, kept
+        configuration.connection_pool_maxsize = sum(API_CONCURRENCY.values())  # a connection per thread, kept
         return cls(kubernetes.client.ApiClient(configuration), namespaces)
 
     async def _call(self, fn: Callable, *args: Any, **kwargs: Any) -> Any:
@@ -142,7 +147,7 @@ class Kube:
             # The body is read (and decoded) on the thread too: read on the event loop, a slow API
             # server's answers held everything else (kopf's handlers, the other calls) behind each one.
             decoded = await asyncio.get_running_loop().run_in_executor(
-                self._threads, lambda: _json(fn(*args, _preload_content=False, **kwargs).data))
+                self._threads[_LANE.get()], lambda: _json(fn(*args, _preload_content=False, **kwargs).data))
         except Forbidden as e:
             if key not in self.refused:
                 log.error("the API server refused a call (403 Forbidden): %s. Grant it to the operator's "
@@ -153,6 +158,11 @@ class Kube:
         if self.refused.pop(key, None) is not None:
             log.info("%s is permitted again", key)
         return decoded
+
+    @staticmethod
+    def loop_lane() -> None:
+        """The calls of the current task, and of the tasks it starts, go on the scaling loop's threads."""
+        _LANE.set("loop")
 
     def refusals(self, namespace: str) -> set[str]:
         """The standing refusals that concern a namespace: its own and cluster-scoped ones."""

@@ -53,6 +53,7 @@ class ScalingLoop:
         self._warming: asyncio.Task | None = None
 
     async def run(self, stopped: asyncio.Event) -> None:
+        self.kube.loop_lane()
         while not stopped.is_set():
             started = time.perf_counter()
             try:
