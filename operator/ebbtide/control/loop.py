@@ -29,6 +29,7 @@ from ebbtide.cluster.warmup import warm_up
 from ebbtide.control.cadence import slot
 from ebbtide.control.decide import Step, decide
 from ebbtide.control.explain import tell
+from ebbtide.control.memory import release_freed_memory
 from ebbtide.control.metrics import OperatorMetrics
 from ebbtide.control.observe import Due, Snapshot, observe
 from ebbtide.control.reconcile import Registry
@@ -62,6 +63,7 @@ class ScalingLoop:
                 pass  # Kube logged the missing permission once; a traceback every tick would add nothing
             except Exception:  # a failed tick must not stop the loop; the next one retries
                 log.exception("scaling tick failed")
+            release_freed_memory()  # counted in the tick: it is the tick's own clean-up
             self.metrics.ticks.inc()
             self.metrics.tick_seconds.observe(time.perf_counter() - started)
             try:
