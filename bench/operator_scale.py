@@ -217,6 +217,8 @@ def run(sizes: list[int], namespaces: int, replicas: int, window: float, samples
     bed = Bed(workdir, max(sizes) * replicas + samples * 5 + 10)
     port = free_port()
     results = []
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip()
     try:
         with bed.operator(port) as operator:
             watcher = TickWatcher(f"http://127.0.0.1:{port}/metrics").start()
@@ -231,8 +233,7 @@ def run(sizes: list[int], namespaces: int, replicas: int, window: float, samples
                           "prometheus_series": bed.exporter.series(), **settled,
                           **measure_window(bed, operator.pid, watcher, window)}
                 result["load_average"] = load_average()
-                result["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                                                  capture_output=True, text=True).stdout.strip()
+                result["commit"] = commit  # the operator's code: HEAD when it started
                 result["backlog_to_patch_s"] = backlog_samples(bed, fleet[:size], samples)
                 result["rss_mib_after_backlog"] = round(rss_mib(operator.pid), 1)
                 print(json.dumps(result), flush=True)
