@@ -326,8 +326,10 @@ def _scale(doc: dict, note: str | None) -> list[str]:
             "| watches | RSS | CPU | backlog to patch (median, max) | load |",
             "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---|"]
     for r in rows:
-        backlog = r.get("backlog_to_patch_s") or []
+        backlog = [b for b in r.get("backlog_to_patch_s") or [] if b is not None]
         waited = f"{statistics.median(backlog):.1f} s, {max(backlog):.1f} s" if backlog else "-"
+        if missed := sum(1 for b in r.get("backlog_to_patch_s") or [] if b is None):
+            waited += f" ({missed} not scaled)"
         requests = ", ".join(f"{verb} {n:g}" for verb, n in r["api_requests_per_tick"].items())
         out.append(f"| {r.get('commit', '')} | {r['services']:,} | {r['pods']:,} | {r['tick_p50_s']:.2f} s | "
                    f"{r['tick_p99_s']:.2f} s {_mark(r['tick_p99_s'] < SCALE_TICK_S)} | {r['prometheus_queries_per_tick']:g} | "

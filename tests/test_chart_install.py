@@ -144,11 +144,12 @@ def test_a_missing_permission_is_said_once_and_shown_on_the_service(apiserver, r
             said = wait_for(lambda: (c := condition(server, "Authorized")) and c["status"] == "False" and c,
                             what="Authorized=False")
             assert said["reason"] == "Forbidden" and DENIED in said["message"], said
-            # Ticks go on, each trying the scale again: still one Event, no other noise.
+            # Ticks go on, each trying the scale again: still one Event, no other noise. (An unchanged
+            # status is written again every 20 intervals: control/explain.py.)
             stamp = server.get_object(ISVC, "default", "chat")["status"]["lastDecision"]["time"]
             for _ in range(2):
                 wait_for(lambda s=stamp: (t := server.get_object(ISVC, "default", "chat")["status"]
-                                          ["lastDecision"]["time"]) > s and t, what="a later tick")
+                                          ["lastDecision"]["time"]) > s and t, timeout=60, what="a later tick")
                 stamp = server.get_object(ISVC, "default", "chat")["status"]["lastDecision"]["time"]
             assert on_demand_replicas(server) == 3, "nothing could scale it"
             reasons = [e["reason"] for e in events_of(server)]

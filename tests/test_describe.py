@@ -65,9 +65,10 @@ def story(control_plane):
             wait_for(lambda: story.events("ScaledUp"), timeout=30, what="a ScaledUp Event")
             wait_for(lambda: server.get_object(DEPLOYMENTS, NAMESPACE, "chat")["spec"]["replicas"] == 2,
                      what="the Deployment back at 2")
-            # A few more ticks: each writes status again; kopf must stay quiet about it.
+            # Later ticks: an unchanged status is written again at its refresh (every 20 intervals:
+            # control/explain.py); kopf must stay quiet about it.
             first = story.service["status"]["lastDecision"]["time"]
-            wait_for(lambda: story.service["status"]["lastDecision"]["time"] > first, what="later ticks")
+            wait_for(lambda: story.service["status"]["lastDecision"]["time"] > first, timeout=60, what="later ticks")
         story.output = runner.output
         yield story
     finally:

@@ -315,7 +315,8 @@ def test_prometheus_outage_gives_missing_signals_then_old_samples(bed, caplog):
         spare.resume()
     assert hung.sampled_at is None and hung.source == "prometheus"
     assert hung.error == f"Prometheus unreachable at {spare.url}: no answer within 1 s"
-    assert source.last_queries == 1  # the first failure ends the tick: no 11 timeouts in a row
+    # The first failure ends the tick: no 11 timeouts in a row, only the few sent side by side.
+    assert 1 <= source.last_queries <= 4
 
     crashed_at = time.time()
     spare.stop(crash=True)  # SIGKILL: no staleness markers are written

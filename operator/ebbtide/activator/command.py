@@ -88,7 +88,7 @@ async def serve(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ebbtide.cluster.kube import wait_for_api_server
+    from ebbtide.cluster.reachable import wait_for_api_server
 
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -7,9 +7,10 @@ plain dicts (what it renders), and a field the client's models do not know canno
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextvars
 import copy
 import datetime
-import itertools
 import json
 import logging
 import time
@@ -17,8 +18,6 @@ from collections.abc import Callable
 from typing import Any
 
 import kubernetes
-import urllib3
-import yaml
 from kubernetes.client.exceptions import ForbiddenException as Forbidden
 from kubernetes.client.rest import ApiException
 
@@ -26,7 +25,9 @@ from ebbtide import api
 from ebbtide.api.ref import ServiceRef
 
 log = logging.getLogger(__name__)
-MAX_API_BACKOFF_S = 60.0
+API_CONCURRENCY = {"handlers": 8, "loop": 16}  # API calls in flight at once, by lane (Kube.loop_lane)
+_LANE: contextvars.ContextVar[str] = contextvars.ContextVar("ebbtide_kube_lane", default="handlers")
+LIST_PAGE = 500  # objects per page of a list
 
 # kind -> (API class, the snake_case name in the client's method names)
 _KINDS = {
@@ -65,11 +66,27 @@ def is_subset(wanted: Any, live: Any) -> bool:
     return wanted == live
 
 
-def _without_replicas(obj: dict) -> dict:
+def without_replicas(obj: dict) -> dict:
     """The replica count belongs to the autoscaler: drift correction never touches it."""
     obj = copy.deepcopy(obj)
     obj.get("spec", {}).pop("replicas", None)
     return obj
+
+
+def _json(data: bytes) -> Any:
+    return json.loads(data) if data else None
+
+
+def _without_managed_fields(obj: dict) -> dict:
+    """The object less the field managers' bookkeeping, which no one here reads: ~45% of a pod."""
+    obj.get("metadata", {}).pop("managedFields", None)
+    return obj
+
+
+def _name_and_replicas(obj: dict) -> dict:
+    meta = obj.get("metadata", {})
+    return {"metadata": {"namespace": meta.get("namespace"), "name": meta.get("name")},
+            "spec": {"replicas": (obj.get("spec") or {}).get("replicas", 0)}}
 
 
 def controller_of(obj: dict) -> dict | None:
@@ -101,6 +118,13 @@ class Kube:
         # Client method (and namespace, for a list in one) -> the API server's refusal (403), until
         # permitted again. A missing RBAC permission is logged once here, not by every caller every tick.
         self.refused: dict[str, str] = {}
+        # The client blocks: its calls run on threads of their own. asyncio's default pool has
+        # cpu_count + 4 threads, shared with the Prometheus queries; with 1,000 services a tick's
+        # writes queued behind one another there (bench/operator_scale.py). The scaling loop has
+        # threads apart from kopf's handlers: on a restart, the handlers' 3,000 reads of the owned
+        # objects held a tick's list of pods behind them for a minute.
+        self._threads = {lane: concurrent.futures.ThreadPoolExecutor(max_workers=n, thread_name_prefix=f"kube-{lane}")
+                         for lane, n in API_CONCURRENCY.items()}
         # (namespace, name) -> uid, resourceVersion and status as our last status write left them.
         self._written: dict[tuple[str, str], dict] = {}
 
@@ -110,7 +134,9 @@ class Kube:
             kubernetes.config.load_incluster_config()
         except kubernetes.config.ConfigException:
             kubernetes.config.load_kube_config()
-        return cls(kubernetes.client.ApiClient(), namespaces)
+        configuration = kubernetes.client.Configuration.get_default_copy()
+        configuration.connection_pool_maxsize = sum(API_CONCURRENCY.values())  # a connection per thread, kept
+        return cls(kubernetes.client.ApiClient(configuration), namespaces)
 
     async def _call(self, fn: Callable, *args: Any, **kwargs: Any) -> Any:
         method = getattr(fn, "__name__", repr(fn))
@@ -118,7 +144,10 @@ class Kube:
         # must not toggle a single entry (and log) on every tick.
         key = f"{method} in {kwargs['namespace']}" if "namespace" in kwargs else method
         try:
-            response = await asyncio.to_thread(fn, *args, _preload_content=False, **kwargs)
+            # The body is read (and decoded) on the thread too: read on the event loop, a slow API
+            # server's answers held everything else (kopf's handlers, the other calls) behind each one.
+            decoded = await asyncio.get_running_loop().run_in_executor(
+                self._threads[_LANE.get()], lambda: _json(fn(*args, _preload_content=False, **kwargs).data))
         except Forbidden as e:
             if key not in self.refused:
                 log.error("the API server refused a call (403 Forbidden): %s. Grant it to the operator's "
@@ -128,8 +157,12 @@ class Kube:
             raise
         if self.refused.pop(key, None) is not None:
             log.info("%s is permitted again", key)
-        data = response.data
-        return json.loads(data) if data else None
+        return decoded
+
+    @staticmethod
+    def loop_lane() -> None:
+        """The calls of the current task, and of the tasks it starts, go on the scaling loop's threads."""
+        _LANE.set("loop")
 
     def refusals(self, namespace: str) -> set[str]:
         """The standing refusals that concern a namespace: its own and cluster-scoped ones."""
@@ -165,7 +198,7 @@ class Kube:
                            f"InferenceService; rename one of them or delete the {kind}")
         if live["metadata"].get("deletionTimestamp"):
             return "unchanged"  # on its way out; it will be re-created once gone
-        wanted = _without_replicas(desired)
+        wanted = without_replicas(desired)
         if is_subset(wanted, live):
             return "unchanged"
         await self._call(self._method(kind, "patch"), meta["name"], meta["namespace"], wanted,
@@ -192,12 +225,14 @@ class Kube:
                 return None
             raise
 
-    async def update_status(self, ref: ServiceRef, mutate: Callable[[dict], dict], attempts: int = 5) -> dict | None:
+    async def update_status(self, ref: ServiceRef, mutate: Callable[[dict], dict], attempts: int = 5,
+                            unchanged: Callable[[dict, dict], bool] | None = None) -> dict | None:
         """Read-modify-write of the status with optimistic concurrency.
 
         The operator writes status from two places (spec handlers and the scaling loop);
         the resourceVersion in the patch makes the API server refuse a write based on a stale
         read (409), and we retry on the fresh object instead of losing the other writer's fields.
+        `unchanged(old, new)` true: nothing is written (None is returned).
         """
         key = (ref.namespace, ref.name)
         for _ in range(attempts):
@@ -209,6 +244,9 @@ class Kube:
             if obj is None or obj["metadata"].get("uid") != ref.uid:
                 return None
             status = mutate(copy.deepcopy(obj.get("status") or {}))
+            if unchanged is not None and unchanged(obj.get("status") or {}, status):
+                self.remember(key, obj)
+                return None
             body = {"metadata": {"resourceVersion": obj["metadata"]["resourceVersion"]}, "status": status}
             try:
                 written = await self._call(self.custom.patch_namespaced_custom_object_status,
@@ -220,12 +258,16 @@ class Kube:
                 if e.status != 409:
                     raise
                 continue
-            meta = written["metadata"]
-            self._written[key] = {"metadata": {"uid": meta.get("uid"), "resourceVersion": meta["resourceVersion"]},
-                                  "status": written.get("status") or {}}
+            self.remember(key, written)
             return written
         log.warning("status of %s/%s not written: it kept changing under us", ref.namespace, ref.name)
         return None
+
+    def remember(self, key: tuple[str, str], obj: dict) -> None:
+        """The status as it now stands, and what a write on top of it needs: not the spec."""
+        meta = obj["metadata"]
+        self._written[key] = {"metadata": {"uid": meta.get("uid"), "resourceVersion": meta["resourceVersion"]},
+                              "status": obj.get("status") or {}}
 
     def forget_status(self, namespace: str, name: str) -> None:
         """A deleted service's last write is no base for anything."""
@@ -257,17 +299,33 @@ class Kube:
         except ApiException as e:  # an Event is worth a log line, never a failed reconcile
             log.warning("could not post event %s on %s/%s: %s", reason, ref.namespace, ref.name, e.reason)
 
-    async def _list(self, all_namespaces: Callable, namespaced: Callable, label_selector: str) -> list[dict]:
+    async def _list(self, all_namespaces: Callable, namespaced: Callable, label_selector: str,
+                    keep: Callable[[dict], dict]) -> list[dict]:
         """One list across the cluster, or one per watched namespace: all that a Role in each permits."""
         if self.namespaces:
-            results = await asyncio.gather(*(self._call(namespaced, namespace=namespace, label_selector=label_selector)
+            results = await asyncio.gather(*(self._pages(namespaced, keep, namespace=namespace,
+                                                         label_selector=label_selector)
                                              for namespace in self.namespaces))
         else:
-            results = [await self._call(all_namespaces, label_selector=label_selector)]
-        return [item for result in results if result for item in result.get("items", [])]
+            results = [await self._pages(all_namespaces, keep, label_selector=label_selector)]
+        return [item for result in results for item in result]
+
+    async def _pages(self, method: Callable, keep: Callable[[dict], dict], **kwargs: Any) -> list[dict]:
+        """A list read a page at a time, each item cut down by `keep` before the next page: 3,000
+        pods read whole were ~120 MiB of Python objects at once, and the operator's RSS kept
+        that high-water mark (bench/operator_scale.py)."""
+        items: list[dict] = []
+        token = None
+        while True:
+            page = await self._call(method, limit=LIST_PAGE, _continue=token, **kwargs) or {}
+            items += [keep(item) for item in page.get("items", [])]
+            token = (page.get("metadata") or {}).get("continue")
+            if not token:
+                return items
 
     async def list_pods(self, label_selector: str) -> list[dict]:
-        return await self._list(self.core.list_pod_for_all_namespaces, self.core.list_namespaced_pod, label_selector)
+        return await self._list(self.core.list_pod_for_all_namespaces, self.core.list_namespaced_pod, label_selector,
+                                _without_managed_fields)
 
     async def patch_pod_status(self, namespace: str, name: str, status: dict) -> None:
         """Strategic merge patch of a pod's status (pods/status): e.g. one readiness-gate condition."""
@@ -275,9 +333,10 @@ class Kube:
                          _content_type=STRATEGIC_MERGE_PATCH)
 
     async def list_deployments(self, label_selector: str) -> list[dict]:
+        """Their names and counts: all the scaling loop reads of them."""
         apps = kubernetes.client.AppsV1Api(self.client)
         return await self._list(apps.list_deployment_for_all_namespaces, apps.list_namespaced_deployment,
-                                label_selector)
+                                label_selector, _name_and_replicas)
 
     async def list_nodes(self) -> list[dict]:
         result = await self._call(self.core.list_node)
@@ -303,47 +362,3 @@ class Kube:
         except ApiException as e:
             if e.status != 404:
                 raise
-
-
-def api_server_problem() -> str | None:
-    """Why the operator cannot talk to the API server now, or None. Credentials are found as
-    Kube.from_environment and kopf's login find them: in the cluster, else from the kubeconfig."""
-    try:
-        kubernetes.config.load_incluster_config()
-    except kubernetes.config.ConfigException as in_cluster:
-        try:
-            kubernetes.config.load_kube_config()
-        except (kubernetes.config.ConfigException, OSError, yaml.YAMLError) as e:
-            path = kubernetes.config.kube_config.KUBE_CONFIG_DEFAULT_LOCATION
-            return (f"no Kubernetes credentials: not in a cluster ({in_cluster}), and no usable kubeconfig "
-                    f"at {path} ({' '.join(str(e).split())})")
-    configuration = kubernetes.client.Configuration.get_default_copy()
-    configuration.retries = 0  # one attempt, one line: urllib3 would log a warning per retry
-    with kubernetes.client.ApiClient(configuration) as client:
-        try:
-            kubernetes.client.VersionApi(client).get_code(_request_timeout=10)
-        except kubernetes.client.ApiException:
-            return None  # it answered: a refusal is the handlers' to report, resource by resource
-        except (urllib3.exceptions.HTTPError, OSError) as e:
-            return f"cannot reach the Kubernetes API server at {configuration.host}: {_root_cause(e)}"
-    return None
-
-
-def wait_for_api_server(log: logging.Logger = log) -> None:
-    """Return once there are credentials and the API server answers; until then say why in one
-    line per attempt, with backoff. Started without them, kopf's startup handler and the scaling
-    loop (or the activator's watch) would log a traceback at every retry and every tick."""
-    for attempt in itertools.count():
-        problem = api_server_problem()
-        if problem is None:
-            return
-        delay = min(2.0 ** attempt, MAX_API_BACKOFF_S)
-        log.error("%s; retrying in %g s", problem, delay)
-        time.sleep(delay)
-
-
-def _root_cause(error: BaseException) -> str:
-    """The innermost error of a chain: "Connection refused", not urllib3's wrappers around it."""
-    while (error.__cause__ or error.__context__) is not None:
-        error = error.__cause__ or error.__context__
-    return getattr(error, "strerror", None) or str(error)

@@ -1,10 +1,10 @@
 """Where a service's learned demand profile lives in the cluster: a ConfigMap it owns.
 
 Not the status: the profile is about 15 KB of JSON and changes every tick, while the status is
-written every tick and read by every `kubectl get`. The ConfigMap is written once per 15-minute
-bin of the profile (the tick's samples in between are lost on a restart: at most one bin's
-worth, which the exponential weighting barely notices), and it goes with its service through
-the owner reference.
+read by every `kubectl get`. The ConfigMap is written once per 15 minutes (a bin's length), each
+service at its own phase so that a fleet's saves spread over the quarter-hour (control/cadence.py);
+the tick's samples in between are lost on a restart: at most one bin's worth, which the
+exponential weighting barely notices. It goes with its service through the owner reference.
 """
 
 from __future__ import annotations

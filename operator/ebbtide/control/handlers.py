@@ -73,6 +73,9 @@ async def apply_spec(spec: kopf.Spec, status: kopf.Status, name: str, namespace:
                      memo: kopf.Memo, **_) -> None:
     ref = ServiceRef(name=name, namespace=namespace, uid=uid)
     memo.registry.recall(ref, dict(status))
+    # The status as kopf just read it: the first status write needs no read of its own (after
+    # a restart, 1,000 services were 1,000 GETs).
+    memo.kube.remember((namespace, name), {"metadata": meta, "status": dict(status)})
     try:
         await reconcile(memo.kube, memo.registry, ref, dict(spec), meta.get("generation"))
     except Forbidden as e:  # Kube logged it; kopf retries later with one line, not a traceback
@@ -91,4 +94,4 @@ async def forget_deleted(event: dict, name: str, namespace: str, memo: kopf.Memo
 async def owned_changed(event: dict, memo: kopf.Memo, **_) -> None:
     if event.get("type") in ("MODIFIED", "DELETED") and event.get("object"):
         with contextlib.suppress(Forbidden):  # Kube logged it once; the next event tries again
-            await restore_owned(memo.kube, memo.registry, event["object"])
+            await restore_owned(memo.kube, memo.registry, event["object"], gone=event["type"] == "DELETED")

@@ -26,13 +26,15 @@ from ebbtide.cluster.profile_store import render_profile
 from ebbtide.cluster.render import LABEL_SERVICE
 from ebbtide.cluster.warm_pool import carry_out
 from ebbtide.cluster.warmup import warm_up
+from ebbtide.control.cadence import slot
 from ebbtide.control.decide import Step, decide
 from ebbtide.control.explain import tell
+from ebbtide.control.memory import release_freed_memory
 from ebbtide.control.metrics import OperatorMetrics
 from ebbtide.control.observe import Due, Snapshot, observe
 from ebbtide.control.reconcile import Registry
 from ebbtide.control.state import ServiceState
-from ebbtide.policy.profile import bin_of
+from ebbtide.policy.profile import BIN_SECONDS
 from ebbtide.signals.prometheus import PrometheusSource
 
 log = logging.getLogger(__name__)
@@ -52,6 +54,7 @@ class ScalingLoop:
         self._warming: asyncio.Task | None = None
 
     async def run(self, stopped: asyncio.Event) -> None:
+        self.kube.loop_lane()
         while not stopped.is_set():
             started = time.perf_counter()
             try:
@@ -60,6 +63,7 @@ class ScalingLoop:
                 pass  # Kube logged the missing permission once; a traceback every tick would add nothing
             except Exception:  # a failed tick must not stop the loop; the next one retries
                 log.exception("scaling tick failed")
+            release_freed_memory()  # counted in the tick: it is the tick's own clean-up
             self.metrics.ticks.inc()
             self.metrics.tick_seconds.observe(time.perf_counter() - started)
             try:
@@ -110,15 +114,14 @@ class ScalingLoop:
             return  # the workload is not there (yet): the reconciler will create it
         state.last_evaluated = now
         key = (ref.namespace, ref.name)
-        if key in snapshot.profiles:  # read from its ConfigMap: saved in the bin it was updated in
-            stored = snapshot.profiles[key]
-            state.profile_saved_bin = bin_of(stored.updated or 0.0, stored.timezone)
+        if key in snapshot.profiles:  # read from its ConfigMap (or none there): as good as saved now
+            state.profile_saved_slot = slot(now, BIN_SECONDS, key)
         applied = spec.mode == "Active" and await self._act(ref, spec.sleep.level, step)
         # A scale that failed is no news (no ScaledUp/Down, no history entry every tick it
         # fails): the failure is what gets reported (ScaleFailed, or Forbidden once).
         turn = step.turn if applied or spec.mode != "Active" else step.turn.unapplied()
         state.tick = turn.state
-        await tell(self.kube, self.metrics, ref, state, step, turn, applied)
+        await tell(self.kube, self.metrics, ref, state, step, turn, applied, spec.scaling.behavior.interval_seconds)
         await self._save_profile(ref, state, now)
 
     async def _act(self, ref: ServiceRef, level: int, step: Step) -> bool:
@@ -139,16 +142,17 @@ class ScalingLoop:
         return True
 
     async def _save_profile(self, ref: ServiceRef, state: ServiceState, now: float) -> None:
-        """Write the profile to its ConfigMap once per bin (see cluster/profile_store.py)."""
+        """Write the profile to its ConfigMap once per bin's length, each service at its own
+        phase (see cluster/profile_store.py): a fleet's saves spread over the quarter-hour."""
         profile = state.tick.profile
         if profile is None or profile.updated is None:
             return
-        current = bin_of(now, profile.timezone)
-        if current == state.profile_saved_bin:
+        current = slot(now, BIN_SECONDS, (ref.namespace, ref.name))
+        if current == state.profile_saved_slot:
             return
         try:
             await self.kube.apply(render_profile(ref, profile), ref)
-            state.profile_saved_bin = current
+            state.profile_saved_slot = current
         except (ApiException, Conflict) as e:
             log.warning("%s/%s: demand profile not saved (%s); retrying next tick", ref.namespace, ref.name, e)
 

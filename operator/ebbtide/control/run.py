@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import kopf
 
-from ebbtide.cluster.kube import wait_for_api_server
+from ebbtide.cluster.reachable import wait_for_api_server
 from ebbtide.control.config import OperatorConfig
 from ebbtide.control.leader import LeaseElector, identity, lose_leadership, own_namespace
 from ebbtide.control.metrics import OperatorMetrics

@@ -3,10 +3,10 @@ status so that a restart loses nothing that matters, and the shell's bookkeeping
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ebbtide.policy.cost import Ledger
-from ebbtide.policy.decision import Memory
+from ebbtide.policy.decision import Entries, Memory
 from ebbtide.policy.startup import StartupEstimate
 from ebbtide.policy.tick import TickState
 from ebbtide.policy.variant_tick import MixMemory
@@ -16,8 +16,11 @@ from ebbtide.policy.variant_tick import MixMemory
 class ServiceState:
     tick: TickState
     last_evaluated: float = float("-inf")
-    # The profile bin the demand profile was last saved in (its ConfigMap is written once per bin).
-    profile_saved_bin: tuple[int, int] | None = None
+    # The period (control/cadence.py) the demand profile was last saved in: its ConfigMap is
+    # written once per profile bin, each service at its own phase.
+    profile_saved_slot: int | None = None
+    # The period its status was last written in: an unchanged status is written once per period.
+    status_slot: int | None = None
     # The API server's refusals (403) this service has been told of: each gets one Event.
     refusals: frozenset[str] = frozenset()
 
@@ -36,7 +39,8 @@ class ServiceState:
         startup = (status or {}).get("startup")
         # With spec.variants: each variant's learned limit and the mix (policy/variant_tick.py).
         mix = MixMemory.load(stored["mix"], now) if "mix" in stored else None
-        return cls(TickState(memory=Memory.load(stored or None, now), ledger=Ledger.load(stored.get("cost"), now),
+        return cls(TickState(memory=held_until(Memory.load(stored or None, now), now),
+                             ledger=Ledger.load(stored.get("cost"), now),
                              target=target, spot_cover=cover,
                              startup=StartupEstimate.load(startup if isinstance(startup, dict) else None), mix=mix))
 
@@ -48,3 +52,16 @@ class ServiceState:
         if t.mix is not None:
             kept["mix"] = t.mix.to_json()
         return kept
+
+
+def held_until(memory: Memory, now: float) -> Memory:
+    """The stored memory, each window's newest recommendation taken as held until `now`.
+
+    Status is written when the memory's values change, but the time of a recommendation that
+    stays the same only every refresh period (control/explain.py): the stored time can be that
+    much behind when the operator stopped. Held until the restart, it keeps a scale-down
+    waiting its whole window after one, never less."""
+    def held(entries: Entries) -> Entries:
+        return (*entries[:-1], (max(entries[-1][0], now), entries[-1][1])) if entries else entries
+    return replace(memory, up_recommendations=held(memory.up_recommendations),
+                   down_recommendations=held(memory.down_recommendations))

@@ -17,14 +17,20 @@ hundred, and whatever quantiles or windows those services ask for:
   HTTP query per signal, and each service gets exactly its own window. The query text grows
   with the number of distinct windows, which in practice is one or two.
 
-All queries are evaluated at the same instant (`time=now`), so they describe one moment.
+- histograms: their buckets are the bulk of a fleet's series; they are read second, only for
+  the pods that served requests in the window (see `queries()`).
+
+All queries are evaluated at the same instant (`time=now`), so they describe one moment; they
+are sent side by side, a few at a time.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import math
 import re
+import threading
 import time
 from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass
@@ -57,12 +63,16 @@ QUERY_NAMES = (
     "tokens_per_second",
     "prompt_tokens_per_second",
     "requests_per_second",
-    "ttft_buckets",
-    "tpot_buckets",
+    "ttft_served",
+    "tpot_served",
     "gpu_memory_used",
     "gpu_memory_free",
     "gpu_utilization",
+    "ttft_buckets",  # these two after the others, for the pods served only (see queries())
+    "tpot_buckets",
 )
+HISTOGRAMS = ("ttft_buckets", "tpot_buckets")
+MAX_NAMED_PODS = 1000  # pods served named in a histogram query (~30 KB of URL); more: every pod's buckets
 
 
 @dataclass(frozen=True)
@@ -120,6 +130,9 @@ class PrometheusSource:
         self._client = PrometheusConnect(
             url=self.url, headers=headers, retry=Retry(total=0, read=False, raise_on_status=False), timeout=timeout
         )
+        # A few at a time: Prometheus evaluates each query on one core, and the rest wait.
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="prometheus")
+        self._counting = threading.Lock()  # the counts below, from the pool's threads
         self.queries_made = 0  # HTTP queries sent since creation
         self.last_queries = 0  # HTTP queries sent by the last observe()
         self._failing = False
@@ -127,6 +140,7 @@ class PrometheusSource:
     queries_per_observe = len(QUERY_NAMES)
 
     def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
         self._client.close()
 
     # --- the tick ---
@@ -141,7 +155,12 @@ class PrometheusSource:
         # slowly must not hold the control loop for 11 timeouts.
         deadline = time.monotonic() + self.timeout
         try:
-            results = {name: self._query(promql, now, deadline) for name, promql in self.queries(services).items()}
+            first = self._query_all({name: q for name, q in self.queries(services).items()
+                                     if name not in HISTOGRAMS}, now, deadline)
+            served = {labels[self.pod_label] for name in ("ttft_served", "tpot_served") for labels in
+                      (r["metric"] for r in first[name]) if self.pod_label in labels}
+            second = self.queries(services, served)
+            results = {**first, **self._query_all({name: second[name] for name in HISTOGRAMS}, now, deadline)}
             observed = self._assemble(services, results)
         except PrometheusUnavailable as error:
             return self._failed(services, str(error))
@@ -153,8 +172,14 @@ class PrometheusSource:
             self._failing = False
         return observed
 
-    def queries(self, services: Sequence[ServiceQuery]) -> dict[str, str]:
-        """The PromQL of one tick, by signal name (public so that it can be shown and tested)."""
+    def queries(self, services: Sequence[ServiceQuery], served: Iterable[str] = ()) -> dict[str, str]:
+        """The PromQL of one tick, by signal name (public so that it can be shown and tested).
+
+        The latency histograms come second: only for the pods `served` (the pod names with
+        requests in the window, from the first queries' `*_served`). Their buckets are ~40
+        series a pod; rated for every pod of 1,000 services, each histogram took Prometheus
+        longer than the tick (bench/operator_scale.py), for idle pods whose buckets are all zero
+        and add nothing to their service's sum (no quantile at all when every pod is idle)."""
         namespaces = sorted({s.namespace for s in services})
         windows = sorted({s.window_seconds for s in services})
         # Only the services' namespaces: less work on a Prometheus shared with the rest of the cluster.
@@ -165,6 +190,11 @@ class PrometheusSource:
         )
         vllm = ", ".join(m for m in (scope, self.selector) if m)
         awake = ", ".join(m for m in ('sleep_state="awake"', vllm) if m)
+        # Pod names are DNS labels: nothing in them needs escaping in a regex. None served: the
+        # matcher selects nothing (every series has a pod label). Too many to name in a URL: all.
+        served = sorted(set(served))
+        listed = f'{self.pod_label}=~"{"|".join(served)}"' if len(served) <= MAX_NAMED_PODS else ""
+        pods = ", ".join(m for m in (vllm, listed) if m)
         by = f"by ({self.namespace_label}, {self.pod_label})"
         by_le = f"by ({self.namespace_label}, {self.pod_label}, le)"
 
@@ -191,16 +221,21 @@ class PrometheusSource:
             # The mix: prompt tokens cost a replica less than generated ones (policy/performance.py).
             "prompt_tokens_per_second": per_window(f"sum {by} (rate(vllm:prompt_tokens_total{{{vllm}}}[WINDOW]))"),
             "requests_per_second": per_window(f"sum {by} (rate(vllm:request_success_total{{{vllm}}}[WINDOW]))"),
-            "ttft_buckets": per_window(f"sum {by_le} (rate(vllm:time_to_first_token_seconds_bucket{{{vllm}}}[WINDOW]))"),
+            # The pods with requests in the window (a histogram's count, one series a pod).
+            "ttft_served": f"sum {by} (rate(vllm:time_to_first_token_seconds_count{{{vllm}}}[{windows[-1]}s])) > 0",
             # inter_token_latency_seconds replaced time_per_output_token_seconds (same buckets).
-            "tpot_buckets": per_window(
-                f"(sum {by_le} (rate(vllm:inter_token_latency_seconds_bucket{{{vllm}}}[WINDOW]))"
-                f" or sum {by_le} (rate(vllm:time_per_output_token_seconds_bucket{{{vllm}}}[WINDOW])))"
-            ),
+            "tpot_served": f"sum {by} (rate(vllm:inter_token_latency_seconds_count{{{vllm}}}[{windows[-1]}s])) > 0"
+            f" or sum {by} (rate(vllm:time_per_output_token_seconds_count{{{vllm}}}[{windows[-1]}s])) > 0",
             # DCGM exporter, where the cluster has it (MiB and percent); one pod may hold several GPUs.
             "gpu_memory_used": f"sum {by} (DCGM_FI_DEV_FB_USED{{{scope}}})",
             "gpu_memory_free": f"sum {by} (DCGM_FI_DEV_FB_FREE{{{scope}}})",
             "gpu_utilization": f"avg {by} (DCGM_FI_DEV_GPU_UTIL{{{scope}}})",
+            # Second: only for the pods served (see above).
+            "ttft_buckets": per_window(f"sum {by_le} (rate(vllm:time_to_first_token_seconds_bucket{{{pods}}}[WINDOW]))"),
+            "tpot_buckets": per_window(
+                f"(sum {by_le} (rate(vllm:inter_token_latency_seconds_bucket{{{pods}}}[WINDOW]))"
+                f" or sum {by_le} (rate(vllm:time_per_output_token_seconds_bucket{{{pods}}}[WINDOW])))"
+            ),
         }
 
     def read_value(self, promql: str, now: float) -> float:
@@ -222,13 +257,28 @@ class PrometheusSource:
 
     # --- HTTP ---
 
+    def _query_all(self, queries: dict[str, str], now: float, deadline: float) -> dict[str, list[dict]]:
+        """The queries side by side: one after the other, the two histograms' alone took longer
+        than the budget at 1,000 services (bench/operator_scale.py)."""
+        asked = {name: self._pool.submit(self._query, promql, now, deadline) for name, promql in queries.items()}
+        done, waiting = concurrent.futures.wait(asked.values(), timeout=max(0.0, deadline - time.monotonic()),
+                                                return_when=concurrent.futures.FIRST_EXCEPTION)
+        for future in waiting:  # the first failure ends the observation: the queries not sent yet are not
+            future.cancel()
+        for future in done:
+            future.result()  # raises the failure
+        if waiting:
+            raise PrometheusUnavailable(f"Prometheus unreachable at {self.url}: no answer within {self.timeout:g} s")
+        return {name: future.result() for name, future in asked.items()}
+
     def _query(self, promql: str, now: float, deadline: float) -> list[dict]:
         too_slow = PrometheusUnavailable(f"Prometheus unreachable at {self.url}: no answer within {self.timeout:g} s")
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise too_slow
-        self.queries_made += 1
-        self.last_queries += 1
+        with self._counting:
+            self.queries_made += 1
+            self.last_queries += 1
         try:
             return self._client.custom_query(promql, params={"time": f"{now:.3f}"}, timeout=remaining)
         except requests.Timeout:
@@ -251,7 +301,8 @@ class PrometheusSource:
     def _assemble(self, services: Sequence[ServiceQuery], results: dict[str, list[dict]]) -> dict[Hashable, Signals]:
         windowed = ("tokens_per_second", "prompt_tokens_per_second", "requests_per_second", "ttft_buckets",
                     "tpot_buckets")
-        per_pod = {name: self._by_pod(results[name]) for name in QUERY_NAMES if name not in windowed}
+        per_pod = {name: self._by_pod(results[name]) for name in QUERY_NAMES
+                   if name not in windowed and not name.endswith("_served")}
         tokens = self._by_window_pod(results["tokens_per_second"])
         prompt = self._by_window_pod(results["prompt_tokens_per_second"])
         finished = self._by_window_pod(results["requests_per_second"])
