@@ -15,9 +15,10 @@ import pytest
 from ebbtide.api.manifest import load_manifests
 from ebbtide.policy.capacity_types import ON_DEMAND
 from ebbtide.sim.capacity import LLAMA_3_1_8B_H100
-from ebbtide.sim.combined_traces import _trace, load_combined
+from ebbtide.sim.combined_traces import load_combined
 from ebbtide.sim.fleet import SimSettings
 from ebbtide.sim.spot_market import SpotMarket
+from ebbtide.sim.traces import log_trace as _trace
 from ebbtide.sim.variant_fleet import (
     VariantsPolicy,
     opening_tokens_per_s,

@@ -137,8 +137,9 @@ def observe_variant(spec: InferenceServiceSpec, variant: Variant, pods: list[Pod
     if signals is not None:
         fleet = FleetState(current=ready + starting, ready=ready, starting=starting)
         learned = Memory(since=since, capacity=capacity, breached_at=breached_at)
-        capacity, breached_at = learn_capacity(spec, signals, fleet, aggregate(signals, now - behavior.stale_after_seconds),
-                                               learned, now, steady)
+        capacity, breached_at, _ = learn_capacity(spec, signals, fleet,
+                                                  aggregate(signals, now - behavior.stale_after_seconds), learned, now,
+                                                  steady)
     view = VariantView(
         name=variant.name, capacity_type=variant.capacity_type, usd_per_replica_hour=variant.usd_per_replica_hour,
         capacity_tokens_per_s=capacity if capacity is not None else seed_capacity(variant.accelerator),
