@@ -16,17 +16,17 @@ def series(metrics: OperatorMetrics) -> dict[str, list]:
             for f in text_string_to_metric_families(text)}
 
 
-def hours(on_demand: float, spot: float = 0.0, asleep: float = 0.0) -> dict[str, float]:
-    return {ON_DEMAND: on_demand, SPOT: spot, "asleep": asleep}
+def hours(on_demand: float, spot: float = 0.0, asleep: float = 0.0, reserved: float = 0.0) -> dict[str, float]:
+    return {ON_DEMAND: on_demand, SPOT: spot, "asleep": asleep, "reserved": reserved}
 
 
 def test_gpu_time_and_dollars_are_counters_that_grow_by_the_ledgers_increase():
     m = OperatorMetrics()
     m.accrue("ns", "chat", 10.0, hours(100.0))  # a restored ledger: the baseline, not 100 h at once
-    m.accrue("ns", "chat", 12.5, hours(100.5, spot=0.25))
+    m.accrue("ns", "chat", 12.5, hours(100.5, spot=0.25, reserved=1.0))
     found = series(m)
     gpu = {s.labels["capacity_type"]: s.value for s in found["ebbtide_gpu_seconds"] if s.name.endswith("_total")}
-    assert gpu == {ON_DEMAND: 1800.0, SPOT: 900.0, "asleep": 0.0}
+    assert gpu == {ON_DEMAND: 1800.0, SPOT: 900.0, "asleep": 0.0, "reserved": 3600.0}
     (usd,) = [s.value for s in found["ebbtide_cost_usd"] if s.name == "ebbtide_cost_usd_total"]
     assert usd == 2.5
     m.accrue("ns", "chat", 1.0, hours(0.1))  # the ledger started over: a new baseline, no negative step

@@ -78,6 +78,11 @@ def test_each_variant_runs_on_its_own_accelerators_and_says_what_it_costs(apiser
         assert status(server)["cost"]["usdPerHour"] == pytest.approx(sum(expected.values()))
         assert status(server)["spend"]["projectedUsdPerHour"] == pytest.approx(sum(expected.values()))
         assert status(server)["variantsSummary"] == "h100=1/1@2,a100=1/1@3,l4=1/1@1"
+        # The ledger charges each variant at its own price: the totals grow, reserved GPU time apart.
+        spent = status(server)["cost"]["usdTotal"]
+        grown = wait_for(lambda: (c := status(server)["cost"])["usdTotal"] > spent and c["gpuHours"]["reserved"] > 0
+                         and c, timeout=30, what="status.cost.usdTotal growing")
+        assert grown["usdThisMonth"] > 0 and grown["gpuHours"]["spot"] > 0, grown
         if KUBECTL.exists():  # `kubectl get -o wide` shows it, through the CRD's printer columns
             header, row = kubectl(apiserver, "get", "isvc", "chat", "-n", "default", "-o", "wide").splitlines()
             cells = columns(header, row)

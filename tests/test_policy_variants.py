@@ -3,12 +3,14 @@ the demand, reserved first, spot priced with its reclaims, stuck variants left b
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import yaml
 
 from ebbtide.api.manifest import parse_spec
+from ebbtide.policy.cost import Ledger
 from ebbtide.policy.observation import Deployments, Observation, Pod, PodSignals, Signals
 from ebbtide.policy.tick import TickState, tick
 from ebbtide.policy.variant_tick import (
@@ -213,3 +215,55 @@ def test_without_a_token_rate_the_mix_is_held_and_advisory_mode_only_advises():
     advised = tick(advisory, observe(pods, 40_000.0), TickState.start(NOW), NOW)
     assert [e.reason for e in advised.events] == ["AdvisoryVariantMix"]
     assert advised.state.mix.targets is None  # nothing was applied: the next tick keeps from what runs
+
+
+def budget(**caps):
+    return parse_spec({"model": {"name": "m"}, "budget": caps}).budget
+
+
+def test_the_variant_tick_accrues_the_cost_ledger_each_variant_at_its_own_price():
+    spec = example()
+    # Reserved H100s are paid for in full (2 of 2); of the spot L40S, only the pod on a node.
+    pods = [Pod("h1", "h100", node="n1"), Pod("l1", "l40s", node="n3"), Pod("l2", "l40s", node=None)]
+    turn = tick(spec, observe(pods, 9_000.0), TickState.start(NOW), NOW)
+    later = tick(spec, observe(pods, 9_000.0), turn.state, NOW + 3600)
+    ledger = later.state.ledger
+    assert (ledger.gpu_hours_reserved, ledger.gpu_hours_spot, ledger.gpu_hours_on_demand) == pytest.approx((2, 1, 0))
+    assert ledger.usd == pytest.approx(2 * 2.2 + 0.9) == later.spend.usd_per_hour
+    assert ledger.usd_month == ledger.usd
+    unapplied = tick(spec.model_copy(update={"mode": "Advisory"}), observe(pods, 9_000.0), later.state, NOW + 7200)
+    assert unapplied.state.ledger.usd == pytest.approx(2 * 5.3), "charged whether the mix is applied or not"
+
+
+def test_the_monthly_cap_counts_what_the_ledger_says_was_spent_this_month():
+    spec = example().model_copy(update={"budget": budget(maxUsdPerHour=50, maxUsdPerMonth=7200)})
+    pods = [Pod("h1", "h100", node="n1"), Pod("h2", "h100", node="n2")]
+    fresh = tick(spec, observe(pods, 40_000.0), TickState.start(NOW), NOW)
+    assert not fresh.decision.variants.budget_limited  # 7,200 over the 446 hours left of May: 16.1 USD/h
+    assert fresh.decision.variants.budget_usd_per_hour == pytest.approx(7200 / hours_left_in_month(NOW))
+    # 5 USD/h left for the rest of the month: the reserved H100s (4.40) leave room for no other replica.
+    spent = replace(Ledger.start(NOW), usd_month=7200 - 5 * hours_left_in_month(NOW))
+    turn = tick(spec, observe(pods, 40_000.0), replace(TickState.start(NOW), ledger=spent), NOW)
+    plan = turn.decision.variants
+    assert plan.budget_usd_per_hour == pytest.approx(5.0) and plan.budget_limited
+    assert plan.targets == {"h100": 2, "a100": 0, "l40s": 0, "l4": 0}
+    assert turn.decision.condition("BudgetLimited").message == "projected 4.40 USD/h of 5.00"
+
+
+def test_a_held_mix_is_still_cut_to_a_budget_lowered_meanwhile():
+    spec = example()
+    pods = [Pod("h1", "h100", node="n1"), Pod("h2", "h100", node="n2"), Pod("l1", "l40s", node="n3")]
+    first = tick(spec, observe(pods, 40_000.0), TickState.start(NOW), NOW)
+    assert first.replicas["l40s"] >= 3 and not first.decision.variants.budget_limited
+    blind = Observation(signals=Signals.missing("Prometheus unreachable"), pods=tuple(pods), deployments=Deployments(3))
+    capped = spec.model_copy(update={"budget": budget(maxUsdPerHour=6.0)})
+    held = tick(capped, blind, first.state, NOW + 15)
+    # The dearest per token go first: 4.40 for the reserved H100s and one spot L40S (0.90) fit 6.00.
+    assert held.replicas == {"h100": 2, "a100": 0, "l40s": 1, "l4": 0}
+    assert held.decision.variants.usd_per_hour <= 6.0 and held.decision.reason == "BudgetLimited"
+    assert held.decision.condition("BudgetLimited").status == "True"
+    warning = [e for e in held.events if e.reason == "BudgetLimited"]
+    assert warning and "the mix held would cost more" in warning[0].message
+    # Still blind: the mix stays as cut and still says so, without telling it again.
+    again = tick(capped, blind, held.state, NOW + 30)
+    assert again.replicas == held.replicas and again.decision.variants.budget_limited and not again.events

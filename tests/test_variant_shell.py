@@ -4,13 +4,16 @@ set to, the status rows, and the mix memory kept in status across a restart."""
 
 from __future__ import annotations
 
+import pytest
+
 from ebbtide.api.manifest import parse_spec
 from ebbtide.api.ref import ServiceRef
 from ebbtide.cluster.kube import rfc3339
 from ebbtide.cluster.render import LABEL_CAPACITY, LABEL_SERVICE, LABEL_SERVING
 from ebbtide.cluster.variants import LABEL_VARIANT
 from ebbtide.control.decide import decide
-from ebbtide.control.explain import render_status
+from ebbtide.control.explain import export, render_status
+from ebbtide.control.metrics import OperatorMetrics
 from ebbtide.control.observe import Snapshot
 from ebbtide.control.state import ServiceState
 from ebbtide.policy.observation import PodSignals, Signals
@@ -36,12 +39,12 @@ def deployment(name: str, replicas: int) -> dict:
     return {"metadata": {"namespace": "ml", "name": name}, "spec": {"replicas": replicas}}
 
 
-def snapshot(tokens: float) -> Snapshot:
+def snapshot(tokens: float, now: float = NOW) -> Snapshot:
     pods = [pod("chat-h100-a", "h100", "n1", True), pod("chat-l4-a", "l4", "n2", True),
             pod("chat-l4-b", "l4", None, False)]
-    signals = Signals("prometheus", NOW - 1, pods=(PodSignals("chat-h100-a", NOW - 1), PodSignals("chat-l4-a", NOW - 1)),
+    signals = Signals("prometheus", now - 1, pods=(PodSignals("chat-h100-a", now - 1), PodSignals("chat-l4-a", now - 1)),
                       tokens_per_second=tokens)
-    return Snapshot.of(NOW, pods, [deployment("chat-h100", 1), deployment("chat-l4", 2)], [],
+    return Snapshot.of(now, pods, [deployment("chat-h100", 1), deployment("chat-l4", 2)], [],
                        {("ml", "chat"): signals})
 
 
@@ -65,6 +68,25 @@ def test_each_variants_deployment_is_set_to_the_mix_and_status_prices_each_varia
     assert status["cost"]["usdPerHour"] == sum(r["usdPerHour"] for r in rows.values())
     assert status["variantsSummary"] == f"h100=1/2@4,l4=1/{mix.targets['l4']}@1.6"
     assert status["spend"]["projectedUsdPerHour"] == round(mix.usd_per_hour, 4)
+
+
+def test_status_cost_and_the_cost_metrics_grow_for_a_variant_service():
+    state, metrics = ServiceState.restore(None, NOW), OperatorMetrics()
+    for now in (NOW, NOW + 1800):
+        step = decide(snapshot(tokens=3_000.0, now=now), REF, SPEC, state.tick)
+        state.tick = step.turn.state
+        export(metrics, REF, step, step.turn)
+    cost = render_status({}, state, step, step.turn, applied=True)["cost"]
+    # Half an hour of the two reserved H100s (paid in full: 4.0 USD/h) and the L4 on a node (2 GPUs, 1.6 USD/h).
+    assert cost["usdTotal"] == cost["usdThisMonth"] == 2.8
+    assert cost["gpuHours"] == {"onDemand": 1.0, "spot": 0.0, "asleep": 0.0, "reserved": 1.0}
+    service = {"namespace": "ml", "service": "chat"}
+    gpu = {kind: metrics.registry.get_sample_value("ebbtide_gpu_seconds_total", {**service, "capacity_type": kind})
+           for kind in ("on-demand", "spot", "asleep", "reserved")}
+    assert gpu == {"on-demand": pytest.approx(3600.0), "spot": 0.0, "asleep": 0.0, "reserved": pytest.approx(3600.0)}
+    assert metrics.registry.get_sample_value("ebbtide_cost_usd_total", service) == pytest.approx(2.8)
+    # After a restart the ledger goes on from status.
+    assert ServiceState.restore({"scaler": state.to_json()}, NOW + 1801).tick.ledger == state.tick.ledger
 
 
 def test_the_mix_memory_is_kept_in_status_across_a_restart():

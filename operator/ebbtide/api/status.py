@@ -49,12 +49,16 @@ class GpuHours(ApiModel):
     on_demand: float = Field(default=0.0, description="GPU-hours on on-demand capacity.")
     spot: float = Field(default=0.0, description="GPU-hours on spot capacity.")
     asleep: float = Field(default=0.0, description="GPU-hours held by sleeping replicas (charged share).")
+    reserved: float = Field(default=0.0, description="GPU-hours of reserved variants (all their replicas, "
+                            "paid for whether they run or not).")
 
 
 class Cost(ApiModel):
     since: str | None = Field(default=None, description="Start of the accounting (RFC 3339).")
     gpu_hours: GpuHours = Field(default_factory=GpuHours, description="GPU-hours since `since`, by capacity type.")
     usd_total: float = Field(default=0.0, description="US dollars since `since`.")
+    usd_this_month: float = Field(default=0.0, description="US dollars this calendar month (UTC), as far as "
+                                  "`since` goes back: what a monthly budget counts.")
     usd_per_hour: float = Field(default=0.0, description="US dollars per hour at the current fleet.")
     usd_per_million_tokens: float | None = Field(
         default=None, description="US dollars per million tokens (prompt + generated) over the recent window."
@@ -79,6 +83,9 @@ class Spend(ApiModel):
         "variants counted in full: they are paid for either way).")
     max_usd_per_hour: float | None = Field(default=None, description="The hourly cap (spec.budget).")
     max_usd_per_month: float | None = Field(default=None, description="The monthly cap (spec.budget), if any.")
+    allowed_usd_per_hour: float | None = Field(
+        default=None, description="The hourly cap in force: maxUsdPerHour, or what is left of the monthly cap "
+        "(status.cost.usdThisMonth spent) over the hours left in the month, whichever is lower.")
     budget_limited: bool = Field(default=False, description="The cap binds: the mix carries less than the demand.")
     reasons: list[str] = Field(default_factory=list, description="Why this mix, in words and numbers.")
 

@@ -15,6 +15,7 @@ from ebbtide.control.variant_report import spend, summary, variant_rows
 from ebbtide.policy.capacity_types import ON_DEMAND, SPOT
 from ebbtide.policy.profile import Profile
 from ebbtide.policy.tick import Turn
+from ebbtide.policy.variants import RESERVED
 
 HISTORY = 10  # decisions kept in status: enough to read the last hour's story, small enough for etcd
 # A status whose substance has not changed is written again after this many of its service's
@@ -68,7 +69,7 @@ def export(metrics: OperatorMetrics, ref: ServiceRef, step: Step, turn: Turn) ->
     m.of(m.usd_per_million_tokens, ns, name).set(math.nan if per_million is None else per_million)
     ledger = turn.state.ledger
     m.accrue(ns, name, ledger.usd, {ON_DEMAND: ledger.gpu_hours_on_demand, SPOT: ledger.gpu_hours_spot,
-                                    "asleep": ledger.gpu_hours_asleep})
+                                    "asleep": ledger.gpu_hours_asleep, RESERVED: ledger.gpu_hours_reserved})
 
 
 def render_status(status: dict, state: ServiceState, step: Step, turn: Turn, applied: bool) -> dict:
@@ -105,8 +106,9 @@ def render_status(status: dict, state: ServiceState, step: Step, turn: Turn, app
     status["cost"] = {
         "since": rfc3339(ledger.since),
         "gpuHours": {"onDemand": round(ledger.gpu_hours_on_demand, 4), "spot": round(ledger.gpu_hours_spot, 4),
-                     "asleep": round(ledger.gpu_hours_asleep, 4)},
+                     "asleep": round(ledger.gpu_hours_asleep, 4), "reserved": round(ledger.gpu_hours_reserved, 4)},
         "usdTotal": round(ledger.usd, 4),
+        "usdThisMonth": round(ledger.usd_month, 4),
         "usdPerHour": round(turn.spend.usd_per_hour, 4),
         "usdPerMillionTokens": None if per_million is None else round(per_million, 4),
     }

@@ -14,7 +14,9 @@ from ebbtide.policy.capacity_types import CAPACITY_TYPES
 
 SERVICE = ("namespace", "service")
 TIERS = (*CAPACITY_TYPES, "starting", "draining", "asleep")  # ebbtide_replicas{tier}
-GPU_TIME = (*CAPACITY_TYPES, "asleep")  # ebbtide_gpu_seconds_total{capacity_type}; asleep: the charged share
+# ebbtide_gpu_seconds_total{capacity_type}; asleep: the charged share; reserved: variants' reserved
+# replicas, all of them (paid for whether they run or not)
+GPU_TIME = (*CAPACITY_TYPES, "asleep", "reserved")
 
 # A decision's signals (status.lastDecision.signals) -> (unit, the `signal` label). One gauge per
 # unit, so that a panel never plots seconds against requests; a signal not listed is not exported.

@@ -4,9 +4,10 @@ Variants column of `kubectl get -o wide`); the mix's projected spend, the cap, a
 (status.spend). The mix's Events and the BudgetLimited condition come with the tick's Turn
 (policy/variant_tick.py).
 
-A variant's dollars per hour are counted as the tick counts the service's (spend_now): a
+A variant's dollars per hour are counted as the tick counts the service's (variant_rate): a
 reserved variant all its replicas (paid for whether they run or not), any other its pods on a
-node, at pricePerGpuHour x gpusPerReplica; so the rows add up to status.cost.usdPerHour.
+node, at pricePerGpuHour x gpusPerReplica; so the rows add up to status.cost.usdPerHour, and the
+cost ledger (status.cost totals) charges each interval at the same rate.
 """
 
 from __future__ import annotations
@@ -14,12 +15,12 @@ from __future__ import annotations
 from ebbtide.api.spec import InferenceServiceSpec
 from ebbtide.api.variants import Variant
 from ebbtide.cluster.pods import PodRecord
-from ebbtide.cluster.variants import RESERVED
+from ebbtide.policy.variant_tick import billed_replicas
 from ebbtide.policy.variants import MixPlan
 
 
 def _row(variant: Variant, desired: int, pods: list[PodRecord]) -> dict:
-    billed = variant.replicas.max if variant.capacity_type == RESERVED else sum(p.node is not None for p in pods)
+    billed = billed_replicas(variant, sum(p.node is not None for p in pods))
     return {"name": variant.name, "accelerator": variant.accelerator, "capacityType": variant.capacity_type,
             "desired": desired, "ready": sum(p.state == "awake" and p.serving for p in pods),
             "starting": sum(p.state == "starting" and p.node is not None for p in pods),
@@ -48,4 +49,5 @@ def spend(spec: InferenceServiceSpec, plan: MixPlan | None) -> dict | None:
     return {"projectedUsdPerHour": round(plan.usd_per_hour, 4),
             "maxUsdPerHour": spec.budget.max_usd_per_hour if spec.budget is not None else None,
             "maxUsdPerMonth": spec.budget.max_usd_per_month if spec.budget is not None else None,
+            "allowedUsdPerHour": None if plan.budget_usd_per_hour is None else round(plan.budget_usd_per_hour, 4),
             "budgetLimited": plan.budget_limited, "reasons": list(plan.reasons)}

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from ebbtide.api.spec import InferenceServiceSpec
 from ebbtide.policy.activation import activate
 from ebbtide.policy.capacity_types import ON_DEMAND, SPOT
-from ebbtide.policy.cost import Ledger, accrue, usd_per_hour, usd_per_million_tokens
+from ebbtide.policy.cost import Ledger, accrue, accrue_rate, usd_per_hour, usd_per_million_tokens
 from ebbtide.policy.current_size import fleet_state
 from ebbtide.policy.decision import ConditionReport, Decision, Entries, Memory
 from ebbtide.policy.idle import track_idle
@@ -29,7 +29,7 @@ from ebbtide.policy.schedules import consolidated
 from ebbtide.policy.spot import PodView, Split, SpotPods, classify, shares, split
 from ebbtide.policy.startup import StartupEstimate, lead_time_samples, observe_startups
 from ebbtide.policy.telling import SPOT_AVAILABLE, Said, decision_events, phase, spot_condition
-from ebbtide.policy.variant_tick import MixMemory, mix_decision, plan_mix, spend_now
+from ebbtide.policy.variant_tick import MixMemory, hourly_budget, mix_decision, plan_mix, variant_rate
 from ebbtide.policy.warm_pool import PoolPlan, Replica, plan_pool
 
 
@@ -146,7 +146,11 @@ def variant_turn(spec: InferenceServiceSpec, seen: Observation, state: TickState
     before = state.mix.targets if state.mix is not None else None
     current = sum(before.values()) if before is not None else sum(1 for p in seen.pods if p.state != "asleep")
     lead = startup.seconds if startup.seconds is not None else spec.warmup.default_startup_seconds
-    plan, mix, why = plan_mix(spec, seen, state.mix, now, lead)
+    # Charged first, so the monthly cap's share is what is left after everything until now.
+    rate = variant_rate(spec, seen.pods)
+    ledger = accrue_rate(state.ledger, now, rate)
+    budget = hourly_budget(spec, ledger.usd_month, now)
+    plan, mix, why = plan_mix(spec, seen, state.mix, now, lead, budget)
     decision = mix_decision(spec, plan, why, current, seen.signals.source, state.memory)
     fleet = fleet_state(spec, seen.pods, Deployments(current), current)
     active = spec.mode == "Active"
@@ -158,10 +162,11 @@ def variant_turn(spec: InferenceServiceSpec, seen: Observation, state: TickState
         events += (Said("Normal", kind, decision.message if active else f"advisory, not applied: {decision.message}"),)
     if plan.budget_limited and not (state.mix is not None and state.mix.budget_limited):
         events += (Said("Warning", "BudgetLimited", plan.reasons[-1]),)
-    per_hour = spend_now(spec, seen.pods)
+    per_hour = rate.usd
     kept_mix = replace(mix, targets=before)
-    kept = replace(state, startup=startup, mix=kept_mix, last_advice=plan.total if news else state.last_advice)
-    applied = replace(state, startup=startup, mix=mix, target=plan.total) if active else kept
+    kept = replace(state, ledger=ledger, startup=startup, mix=kept_mix,
+                   last_advice=plan.total if news else state.last_advice)
+    applied = replace(state, ledger=ledger, startup=startup, mix=mix, target=plan.total) if active else kept
     return Turn(decision=decision, fleet=fleet, placed=Split(plan.total, 0, (), plan.message), spot_pods=SpotPods(),
                 replicas=dict(plan.targets), pools={}, conditions=decision.conditions,
                 dropped_conditions=(SPOT_AVAILABLE,), phase=phase(fleet, decision),

@@ -19,7 +19,6 @@ Not applied per variant in this version: schedules, predictive pre-warming and t
 
 from __future__ import annotations
 
-import datetime
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -27,10 +26,22 @@ from dataclasses import dataclass, field
 from ebbtide.api.spec import InferenceServiceSpec
 from ebbtide.api.variants import Variant
 from ebbtide.policy.behavior import prune, push_highest
+from ebbtide.policy.cost import Rate, hours_left_in_month
 from ebbtide.policy.decision import ConditionReport, Decision, Memory
 from ebbtide.policy.observation import FleetState, Observation, Pod, Signals
 from ebbtide.policy.signal_rules import LATENCY_MAX_STEP, aggregate, learn_capacity, saturated, slo_breached
-from ebbtide.policy.variants import SPOT, Demand, MixPlan, VariantView, choose_mix, projected_usd_per_hour
+from ebbtide.policy.variants import (
+    ON_DEMAND,
+    RESERVED,
+    SPOT,
+    Demand,
+    MixPlan,
+    VariantView,
+    capacity_of,
+    choose_mix,
+    projected_usd_per_hour,
+    within_budget,
+)
 
 BUDGET_LIMITED = "BudgetLimited"
 VARIANT_MIX = "VariantMix"
@@ -196,8 +207,9 @@ def demand_classes(wanted: float, share: float, context_mix: tuple[tuple[int, fl
 
 
 def plan_mix(spec: InferenceServiceSpec, seen: Observation, mix: MixMemory | None, now: float,
-             startup_seconds: float) -> tuple[MixPlan, MixMemory, str]:
-    """The mix for this tick, the memory for the next, and the demand's reason."""
+             startup_seconds: float, budget: float | None = None) -> tuple[MixPlan, MixMemory, str]:
+    """The mix for this tick, the memory for the next, and the demand's reason; `budget` is the
+    hourly cap in force (hourly_budget)."""
     mix = mix or MixMemory(since=now)
     views, memories = [], {}
     for variant in spec.variants:
@@ -218,17 +230,21 @@ def plan_mix(spec: InferenceServiceSpec, seen: Observation, mix: MixMemory | Non
         held = dict(mix.targets) if mix.targets is not None else {v.name: v.ready + v.starting for v in views}
         # A held mix still keeps each variant's floor (a new service's first tick may see no pods yet).
         targets = {v.name: min(max(held.get(v.name, 0), v.min), v.ceiling) for v in views}
+        # Held or not, the cap is hard: a budget lowered meanwhile trims the held mix (dearest per
+        # token first, its capacity moved to cheaper variants where the cap leaves room).
+        trimmed = within_budget(views, targets, budget, capacity_of(views, targets), "the mix held")
+        # Still the mix a budget cut, if the last one was: held, it says so until the signals return.
+        limited = trimmed is not None or (mix.budget_limited and budget is not None)
         plan = MixPlan(targets=targets, usd_per_hour=projected_usd_per_hour(views, targets),
-                       required_tokens_per_s=mix.planned, planned_tokens_per_s=mix.planned, budget_limited=False,
-                       reasons=())
-        return plan, MixMemory(mix.since, memories, history, targets, mix.planned, mix.budget_limited), why
+                       required_tokens_per_s=mix.planned, planned_tokens_per_s=capacity_of(views, targets),
+                       budget_limited=limited, reasons=(trimmed,) if trimmed else (), budget_usd_per_hour=budget)
+        return plan, MixMemory(mix.since, memories, history, targets, plan.planned_tokens_per_s, limited), why
     history = push_highest(history, now, wanted)  # type: ignore[arg-type]  (floats, same rule)
     kept_demand = history[0][1]
     if kept_demand > wanted:
         why += f"; the scale-down window keeps {kept_demand:.0f} tokens/s"
     share = spec.scaling.targets.throughput
-    plan = choose_mix(demand_classes(kept_demand, share, seen.context_mix), views, share, hourly_budget(spec),
-                      keep=mix.targets)
+    plan = choose_mix(demand_classes(kept_demand, share, seen.context_mix), views, share, budget, keep=mix.targets)
     return plan, MixMemory(mix.since, memories, history, plan.targets, plan.planned_tokens_per_s,
                            plan.budget_limited), why
 
@@ -251,20 +267,14 @@ def hourly_budget(spec: InferenceServiceSpec, spent_this_month: float | None = N
     return min(budget.max_usd_per_hour, monthly)
 
 
-def hours_left_in_month(now: float) -> float:
-    """Hours from `now` (unix seconds) to the start of the next calendar month, UTC."""
-    at = datetime.datetime.fromtimestamp(now, datetime.UTC)
-    following = datetime.datetime(at.year + (at.month == 12), at.month % 12 + 1, 1, tzinfo=datetime.UTC)
-    return (following - at).total_seconds() / 3600.0
-
 
 def mix_decision(spec: InferenceServiceSpec, plan: MixPlan, why: str, current: int, source: str,
                  memory: Memory) -> Decision:
     """The mix as the Decision the shells report (desired: the replicas over all variants)."""
+    cap = plan.budget_usd_per_hour
     conditions = (ConditionReport(BUDGET_LIMITED, "True" if plan.budget_limited else "False",
                                   BUDGET_LIMITED if plan.budget_limited else "WithinBudget",
-                                  f"projected {plan.usd_per_hour:.2f} USD/h"
-                                  + (f" of {hourly_budget(spec):.2f}" if spec.budget is not None else "")),)
+                                  f"projected {plan.usd_per_hour:.2f} USD/h" + (f" of {cap:.2f}" if cap is not None else "")),)
     mix = ", ".join(f"{name} {n}" for name, n in plan.targets.items())
     message = f"{current} -> {plan.total} ({mix}; {plan.usd_per_hour:.2f} USD/h): {why}; {plan.message}"
     return Decision(desired=plan.total, current=current, reason=BUDGET_LIMITED if plan.budget_limited else VARIANT_MIX,
@@ -274,11 +284,19 @@ def mix_decision(spec: InferenceServiceSpec, plan: MixPlan, why: str, current: i
                     source=source, conditions=conditions, memory=memory, variants=plan)
 
 
-def spend_now(spec: InferenceServiceSpec, pods: tuple[Pod, ...]) -> float:
-    """$/h now: every reserved replica (paid whether it runs or not), and each other variant's
-    pods that hold a node, at its price."""
-    by_name = {v.name: v for v in spec.variants}
-    reserved = sum(v.replicas.max * v.usd_per_replica_hour for v in spec.variants if v.capacity_type == "reserved")
-    return reserved + sum(by_name[p.capacity].usd_per_replica_hour for p in pods
-                          if p.node is not None and p.capacity in by_name
-                          and by_name[p.capacity].capacity_type != "reserved")
+def billed_replicas(variant: Variant, on_a_node: int) -> int:
+    """The replicas of a variant charged now: a reserved variant all of them (paid whether they
+    run or not), another those of its pods that hold a node."""
+    return variant.replicas.max if variant.capacity_type == RESERVED else on_a_node
+
+
+def variant_rate(spec: InferenceServiceSpec, pods: tuple[Pod, ...]) -> Rate:
+    """What the variants' replicas cost now, per hour: GPUs by capacity type and dollars, each
+    variant at its own price and GPUs per replica (the cost ledger charges the next interval at it)."""
+    gpus = {RESERVED: 0.0, ON_DEMAND: 0.0, SPOT: 0.0}
+    usd = 0.0
+    for v in spec.variants:
+        n = billed_replicas(v, sum(1 for p in pods if p.capacity == v.name and p.node is not None))
+        gpus[v.capacity_type] += n * v.gpus_per_replica
+        usd += n * v.usd_per_replica_hour
+    return Rate(on_demand=gpus[ON_DEMAND], spot=gpus[SPOT], reserved=gpus[RESERVED], usd=usd)

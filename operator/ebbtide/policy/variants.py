@@ -101,6 +101,7 @@ class MixPlan:
     # Per request size (the context it needs; None: any), the variants carrying it, longest first;
     # empty with one size. The gateway's size routing, if the user's gateway is set up to follow it.
     routes: tuple[tuple[int | None, tuple[str, ...]], ...] = ()
+    budget_usd_per_hour: float | None = None  # the hourly cap in force (with a monthly cap, its share now)
 
     @property
     def message(self) -> str:
@@ -145,7 +146,7 @@ def choose_mix(demand: Sequence[Demand] | float, views: Sequence[VariantView], s
                          f"{demand_class.tokens_per_s:.0f} tokens/s of such requests cannot be served")
             continue
         need = demand_class.tokens_per_s / share
-        spare = _capacity(eligible, targets) - assigned
+        spare = capacity_of(eligible, targets) - assigned
         short = _fill(need - spare, eligible, targets)
         if short > _EPSILON:
             notes.append(f"every variant that admits {_context(demand_class)} is at its ceiling: "
@@ -159,23 +160,28 @@ def choose_mix(demand: Sequence[Demand] | float, views: Sequence[VariantView], s
             notes.append(f"requests needing {_context(demand_class)} are cheapest per token on {cheapest.name} "
                          f"({cheapest.usd_per_million_tokens:.3f} USD/M tokens at the limit)")
     _trim(views, targets, classes, share)
-    limited = False
-    if budget_usd_per_hour is not None and projected_usd_per_hour(views, targets) > budget_usd_per_hour + _EPSILON:
-        limited = True
-        before = _capacity(views, targets)
-        _within_budget(views, targets, budget_usd_per_hour, required)
-        after = _capacity(views, targets)
-        spend = projected_usd_per_hour(views, targets)
-        notes.append(f"BudgetLimited: {budget_usd_per_hour:.2f} USD/h cap; the cheapest mix for {required:.0f} "
-                     f"tokens/s would cost more, so {after:.0f} tokens/s of capacity (was {before:.0f}) "
-                     f"for {spend:.2f} USD/h")
+    cut = within_budget(views, targets, budget_usd_per_hour, required, f"the cheapest mix for {required:.0f} tokens/s")
+    notes += [cut] if cut else []
     routes = size_routes(views, targets, classes, share)
     notes += [f"route requests needing {_context(Demand(0.0, bound))} to {', '.join(names)}"
               for bound, names in routes if names]
     reasons = tuple(_line(by_name[name], n) for name, n in targets.items() if n or by_name[name].stuck) + tuple(notes)
     return MixPlan(targets=targets, usd_per_hour=projected_usd_per_hour(views, targets),
-                   required_tokens_per_s=required, planned_tokens_per_s=_capacity(views, targets),
-                   budget_limited=limited, reasons=reasons, routes=routes)
+                   required_tokens_per_s=required, planned_tokens_per_s=capacity_of(views, targets),
+                   budget_limited=cut is not None, reasons=reasons, routes=routes,
+                   budget_usd_per_hour=budget_usd_per_hour)
+
+
+def within_budget(views: Sequence[VariantView], targets: dict[str, int], budget: float | None, required: float,
+                  what: str) -> str | None:
+    """Cut `targets` (in place) to cost at most `budget` per hour, as step 6 says; the
+    BudgetLimited reason, or None when `what` (the mix) fits the cap already."""
+    if budget is None or projected_usd_per_hour(views, targets) <= budget + _EPSILON:
+        return None
+    before = capacity_of(views, targets)
+    _within_budget(views, targets, budget, required)
+    return (f"BudgetLimited: {budget:.2f} USD/h cap; {what} would cost more, so {capacity_of(views, targets):.0f} "
+            f"tokens/s of capacity (was {before:.0f}) for {projected_usd_per_hour(views, targets):.2f} USD/h")
 
 
 def size_routes(views: Sequence[VariantView], targets: Mapping[str, int], demand: Sequence[Demand],
@@ -213,7 +219,8 @@ def _context(demand_class: Demand) -> str:
     return f"{demand_class.context_tokens} tokens of context" if demand_class.context_tokens else "any context"
 
 
-def _capacity(views: Sequence[VariantView], targets: Mapping[str, int]) -> float:
+def capacity_of(views: Sequence[VariantView], targets: Mapping[str, int]) -> float:
+    """Tokens/s the mix carries at the limit."""
     return sum(targets[v.name] * v.capacity_tokens_per_s for v in views)
 
 
@@ -254,7 +261,7 @@ def _covers(views: Sequence[VariantView], targets: Mapping[str, int], classes: S
     need = 0.0
     for demand_class in classes:  # longest first
         need += demand_class.tokens_per_s / share
-        if _capacity([v for v in views if v.admits(demand_class.context_tokens)], targets) < need - _EPSILON:
+        if capacity_of([v for v in views if v.admits(demand_class.context_tokens)], targets) < need - _EPSILON:
             return False
     return True
 
@@ -283,7 +290,7 @@ def _within_budget(views: Sequence[VariantView], targets: dict[str, int], budget
         while targets[v.name] > v.min and projected_usd_per_hour(views, targets) > budget + _EPSILON:
             targets[v.name] -= 1
     for v in reversed(dearest_first):
-        while (_room(v, targets) and _capacity(views, targets) < required - _EPSILON
+        while (_room(v, targets) and capacity_of(views, targets) < required - _EPSILON
                and projected_usd_per_hour(views, targets) + v.usd_per_replica_hour <= budget + _EPSILON):
             targets[v.name] += 1
 

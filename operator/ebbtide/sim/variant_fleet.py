@@ -111,7 +111,8 @@ class VariantsPolicy:
         memories = {v.name: VariantMemory(capacity=self.learned.get(v.name)) for v in spec.variants}
         views = [observe_variant(spec, v, [], None, memories[v.name], now, now,
                                  spec.warmup.default_startup_seconds)[0] for v in spec.variants]
-        plan = choose_mix(first_tokens_per_s, views, spec.scaling.targets.throughput, hourly_budget(spec))
+        # Nothing spent yet this month, as the tick's new ledger says.
+        plan = choose_mix(first_tokens_per_s, views, spec.scaling.targets.throughput, hourly_budget(spec, 0.0, now))
         mix = MixMemory(since=now, variants=memories, demand=((now, plan.required_tokens_per_s),),
                         targets=dict(plan.targets), planned=plan.planned_tokens_per_s)
         self.state = replace(TickState.start(now, target=plan.total), mix=mix)

@@ -84,7 +84,7 @@ class VariantServing(RequestServing):
         by_pod = {f"replica-{rid}": kind for rid, kind in self.kinds.items()}
         out = {}
         for kind, engines in self._ever.items():
-            counted = sum(_tokens_counted(e)[0] for e in engines)  # prompt + generated tokens
+            counted = sum(_tokens_counted(e)[0] for e in engines)  # prompt + generated
             marks = self._marks[kind]
             marks.append((t, counted))
             while marks[0][0] < t - window:
