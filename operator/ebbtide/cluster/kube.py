@@ -84,8 +84,10 @@ def _without_managed_fields(obj: dict) -> dict:
 
 
 def _name_and_replicas(obj: dict) -> dict:
+    """A Deployment as the loop and reconcile read it in lists: whose it is, whether it is going, its count."""
     meta = obj.get("metadata", {})
-    return {"metadata": {"namespace": meta.get("namespace"), "name": meta.get("name")},
+    kept = ("namespace", "name", "labels", "ownerReferences", "deletionTimestamp")
+    return {"metadata": {k: meta[k] for k in kept if k in meta},
             "spec": {"replicas": (obj.get("spec") or {}).get("replicas", 0)}}
 
 
@@ -333,7 +335,7 @@ class Kube:
                          _content_type=STRATEGIC_MERGE_PATCH)
 
     async def list_deployments(self, label_selector: str) -> list[dict]:
-        """Their names and counts: all the scaling loop reads of them."""
+        """Their names, owners, labels and counts: all the scaling loop and reconcile read of them in lists."""
         apps = kubernetes.client.AppsV1Api(self.client)
         return await self._list(apps.list_deployment_for_all_namespaces, apps.list_namespaced_deployment,
                                 label_selector, _name_and_replicas)

@@ -66,7 +66,8 @@ async def last_applied_spec(kube: Kube, ref: ServiceRef) -> InferenceServiceSpec
     values in its pod template: see api/redaction.py)."""
     deployment = await kube.read("Deployment", ref.namespace, deployment_name(ref))
     if deployment is None:  # with variants there is no `<service>` Deployment: any of its own will do
-        deployment = next(iter(await _owned_deployments(kube, ref)), None)
+        owned = next(iter(await _owned_deployments(kube, ref)), None)  # listed without annotations: read it
+        deployment = owned and await kube.read("Deployment", ref.namespace, owned["metadata"]["name"])
     if deployment is None:
         return None
     try:
