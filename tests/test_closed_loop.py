@@ -116,11 +116,12 @@ def test_prometheus_outage_holds_the_size_and_says_why(cluster):
         wait_for(lambda: (replicas(server) or 0) > 1, timeout=40, what="a scale-up")
         generator.stop()
 
-        # Prometheus goes away while the fleet is large and idle: nothing may shrink.
+        # Prometheus goes away while the fleet is large and idle: nothing may shrink. The last
+        # samples are decided on until they are staleAfterSeconds (10 s) old, then it is told.
         cluster.prometheus.stop()
-        held = replicas(server)
         unavailable = wait_for(lambda: (c := condition(server, "MetricsAvailable")) and c["status"] == "False" and c,
-                               timeout=20, what="MetricsAvailable=False")
+                               timeout=30, what="MetricsAvailable=False")
+        held = replicas(server)
         assert "Prometheus" in unavailable["message"], unavailable
         deadline = time.monotonic() + DOWN_WINDOW + 3 * TICK
         while time.monotonic() < deadline:

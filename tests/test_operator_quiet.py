@@ -9,12 +9,15 @@ import collections
 from ebbtide.control.explain import REFRESH_INTERVALS, substance
 from ebbtide.control.state import held_until
 from ebbtide.policy.decision import Memory
+from ebbtide.policy.headroom import Variability, observe_rate
+from ebbtide.policy.performance import Mix, Model, observe_limit, observe_mix
 from tests.testbed.controlplane import kubeconfig_text
 from tests.testbed.countingproxy import CountingProxy
 from tests.testbed.operator import DEPLOYMENTS, Operator, isvc, replicas, status
 from tests.testbed.waiting import wait_for
 
 INTERVAL = 1  # seconds: the refresh comes every REFRESH_INTERVALS of them
+LEARNED = observe_limit(Model(), Mix(0.3, 800.0), 1500.0)  # one limit reading
 
 
 def ticks(operator: Operator) -> float:
@@ -66,7 +69,11 @@ def test_the_substance_of_a_status_leaves_out_what_moves_every_tick():
                 "conditions": [{"type": "MetricsAvailable", "status": "True", "reason": "Fresh", "message": message,
                                 "lastTransitionTime": "t0"}],
                 "scaler": {"since": 1.0, "downRecommendations": [[5.0, 4], [newest, 3]],
-                           "cost": {"held": [3, 0, 0, 0], "lastAt": t, "usd": usd}}}
+                           "cost": {"held": [3, 0, 0, 0], "lastAt": t, "usd": usd},
+                           # A reading of the token rate and of the mix at every tick.
+                           "variability": observe_rate(observe_rate(Variability(), 1.0, 0.0, 60), t, waiting, 60)
+                           .to_json(),
+                           "performance": observe_mix(LEARNED, t, Mix(0.5 + waiting / 10, 900.0)).to_json()}}
 
     assert substance(at(10, 1.0, 9.0, 0.0, "a")) == substance(at(20, 1.5, 19.0, 2.0, "b"))
     changed = at(20, 1.5, 19.0, 2.0, "b")
@@ -74,6 +81,9 @@ def test_the_substance_of_a_status_leaves_out_what_moves_every_tick():
     assert substance(at(10, 1.0, 9.0, 0.0, "a")) != substance(changed)
     changed = at(20, 1.5, 19.0, 2.0, "b")
     changed["lastDecision"]["toReplicas"] = 4
+    assert substance(at(10, 1.0, 9.0, 0.0, "a")) != substance(changed)
+    changed = at(20, 1.5, 19.0, 2.0, "b")  # a limit reading is learning: kept by a restart
+    changed["scaler"]["performance"] = observe_limit(LEARNED, Mix(0.5, 900.0), 2000.0).to_json()
     assert substance(at(10, 1.0, 9.0, 0.0, "a")) != substance(changed)
 
 

@@ -135,7 +135,8 @@ def substance(status: dict) -> dict:
     """The status less what moves every tick (see REFRESH_INTERVALS): equal substance, nothing
     a reader or a restarted operator needs has changed. The autoscaler memory counts with its
     values and the times of all but each window's newest entry (a restart takes that one as
-    held until then: ServiceState.restore); conditions with their status and reason."""
+    held until then: ServiceState.restore), less the token rate's variability and the mix
+    (they move every tick); conditions with their status and reason."""
     kept = {k: v for k, v in status.items() if k not in ("lastDecision", "cost", "scaler", "conditions")}
     last = status.get("lastDecision") or {}
     kept["lastDecision"] = {k: last.get(k) for k in ("fromReplicas", "toReplicas", "reason", "source", "applied")}
@@ -147,7 +148,14 @@ def substance(status: dict) -> dict:
         entries = scaler.get(window) or []
         scaler[window] = [*entries[:-1], *([None, entry[1]] for entry in entries[-1:])]
     ledger = scaler.pop("cost", None) or {}
-    kept["scaler"] = {**scaler, "held": ledger.get("held")}
+    # The token rate's smoothing (policy/headroom.py) takes a reading, stamped, at every tick, and
+    # the mix moves with the traffic: numbers that move every tick, refreshed with the rest. As
+    # substance they had every service's status written at every evaluation (333 PATCHes a tick
+    # at 1,000 services). The limits learned at the mix (weight, gram, moment) stay substance.
+    scaler.pop("variability", None)
+    performance = scaler.pop("performance", None) or {}
+    kept["scaler"] = {**scaler, "held": ledger.get("held"),
+                      "performance": {k: v for k, v in performance.items() if k not in ("mix", "updatedAt")}}
     return _without_nulls(kept)
 
 

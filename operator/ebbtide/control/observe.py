@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field, replace
 
 from kubernetes.client.rest import ApiException
@@ -68,10 +68,18 @@ async def observe(kube: Kube, source: PrometheusSource, due: list[Due], listed: 
     seen = Snapshot.of(now, listed, deployments, nodes, {})
     keyed = [((ref.namespace, ref.name), ref, spec, state) for ref, spec, state in due]
     observed = await asyncio.to_thread(source.observe, signal_queries(seen, due), now)
-    signals = {(ref.namespace, ref.name): observed[(ref.namespace, ref.name)] for ref, _, _ in due}
+    # A one-tick stall is no news while the last samples are still fresh (ServiceState.signals_through).
+    failed, held = source.failing, {key: (spec, state) for key, _, spec, state in keyed}
+
+    def through(key: Key, observed_key: Hashable) -> Signals:
+        spec, state = held[key]
+        return state.signals_through(observed_key, observed[observed_key], failed, now,
+                                     spec.scaling.behavior.stale_after_seconds)
+
+    signals = {key: through(key, key) for key in held}
     variant_signals: dict[Key, dict[str, Signals]] = {}
     for key, name in _variant_keys(due):
-        variant_signals.setdefault(key, {})[name] = observed[(key, name)]
+        variant_signals.setdefault(key, {})[name] = through(key, (key, name))
     # Read only where they count: the activation query while nothing is awake, a profile not held yet.
     asleep = [(key, ref, spec) for key, ref, spec, _ in keyed if wants_activation(spec, seen.pods_of(key).views())]
     unknown = [(key, ref, spec) for key, ref, spec, state in keyed

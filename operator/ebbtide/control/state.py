@@ -3,10 +3,13 @@ status so that a restart loses nothing that matters, and the shell's bookkeeping
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from collections.abc import Hashable
+from dataclasses import dataclass, field, replace
 
+from ebbtide.policy.blind import fresh
 from ebbtide.policy.cost import Ledger
 from ebbtide.policy.decision import Entries, Memory
+from ebbtide.policy.observation import Signals
 from ebbtide.policy.startup import StartupEstimate
 from ebbtide.policy.tick import TickState
 from ebbtide.policy.variant_tick import MixMemory
@@ -23,6 +26,32 @@ class ServiceState:
     status_slot: int | None = None
     # The API server's refusals (403) this service has been told of: each gets one Event.
     refusals: frozenset[str] = frozenset()
+    # The last signals a Prometheus observation returned with samples, by observation key (the
+    # service's, or (service, variant)): what a failed observation falls back on (signals_through).
+    last_signals: dict[Hashable, Signals] = field(default_factory=dict)
+
+    def signals_through(self, key: Hashable, observed: Signals, failed: bool, now: float,
+                        stale_after: float) -> Signals:
+        """What to decide on: `observed`; or, when the whole observation `failed` (Prometheus
+        unreachable, or late past its budget), the last signals it returned for `key` while the
+        policy's own staleness rule still takes them as fresh (policy/blind.py `fresh`).
+
+        Prometheus repeats a sample at every query until the next scrape, so deciding again on
+        the last one is what a tick sees anyway between scrapes. A single stalled observation
+        then changes nothing: at 1,000 services it turned every `MetricsAvailable` False and
+        back, 2 x 1,000 status writes and the longest ticks (bench/operator_scale.py). Once the
+        last samples are older than staleAfterSeconds the failure is decided on as before:
+        MetricsAvailable=False (QueryFailed, with Prometheus's error) and the size held."""
+        if not failed:
+            if observed.sampled_at is None:  # Prometheus answered: no samples now is the news
+                self.last_signals.pop(key, None)
+            else:
+                self.last_signals[key] = observed
+            return observed
+        last = self.last_signals.get(key)
+        if last is not None and last.sampled_at is not None and fresh(last.sampled_at, now, stale_after):
+            return last
+        return observed
 
     @classmethod
     def restore(cls, status: dict | None, now: float) -> ServiceState:

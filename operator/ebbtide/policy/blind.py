@@ -15,6 +15,12 @@ from ebbtide.policy.reasons import (
 )
 
 
+def fresh(sampled_at: float, now: float, stale_after: float) -> bool:
+    """The staleness rule: a sample older than `stale_after` (spec.scaling.behavior.staleAfterSeconds)
+    counts as missing. NaN counts as stale."""
+    return now - sampled_at <= stale_after
+
+
 def metrics_problem(signals: Signals, fleet: FleetState, now: float,
                      stale_after: int) -> tuple[str, str] | None:
     """(condition reason, what is wrong) when the signals cannot be trusted; None when they can."""
@@ -25,9 +31,8 @@ def metrics_problem(signals: Signals, fleet: FleetState, now: float,
             return "NoReplicas", "no replica runs, so none reports load"
         return "NoSamples", (f"no replica reports metrics yet ({fleet.ready} ready, "
                              f"{fleet.starting} starting)")
-    age = now - signals.sampled_at
-    if not age <= stale_after:  # NaN included
-        return "Stale", f"metrics stale for {age:.0f} s (limit {stale_after} s)"
+    if not fresh(signals.sampled_at, now, stale_after):
+        return "Stale", f"metrics stale for {now - signals.sampled_at:.0f} s (limit {stale_after} s)"
     return None
 
 

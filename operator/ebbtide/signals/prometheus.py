@@ -135,7 +135,7 @@ class PrometheusSource:
         self._counting = threading.Lock()  # the counts below, from the pool's threads
         self.queries_made = 0  # HTTP queries sent since creation
         self.last_queries = 0  # HTTP queries sent by the last observe()
-        self._failing = False
+        self.failing = False  # the last observation failed as a whole: every service's signals `missing`
 
     queries_per_observe = len(QUERY_NAMES)
 
@@ -167,9 +167,9 @@ class PrometheusSource:
         except Exception as error:  # a bug in parsing must not stop the operator's loop either
             log.exception("unexpected error querying Prometheus at %s", self.url)
             return self._failed(services, f"Prometheus query failed at {self.url}: {error!r}")
-        if self._failing:
+        if self.failing:
             log.info("Prometheus at %s answers again", self.url)
-            self._failing = False
+            self.failing = False
         return observed
 
     def queries(self, services: Sequence[ServiceQuery], served: Iterable[str] = ()) -> dict[str, str]:
@@ -289,9 +289,9 @@ class PrometheusSource:
             raise PrometheusUnavailable(f"Prometheus query failed at {self.url}: {str(error)[:300]}") from None
 
     def _failed(self, services: Sequence[ServiceQuery], error: str) -> dict[Hashable, Signals]:
-        if not self._failing:
-            log.warning("%s; every service holds its size until Prometheus answers again", error)
-            self._failing = True
+        if not self.failing:
+            log.warning("%s; services decide on their last samples until staleAfterSeconds, then hold", error)
+            self.failing = True
         else:
             log.debug("%s (still)", error)
         return {service.key: Signals.missing(error, source=SOURCE) for service in services}
