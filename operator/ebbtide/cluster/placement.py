@@ -135,6 +135,11 @@ def pod_placement(spec: InferenceServiceSpec, capacity: str, selector: dict[str,
             terms = _on_demand_terms(spec, preset)
             if terms:
                 out["affinity"] = required(terms)
+    return with_nodes(out, node_selector, tolerations)
+
+
+def with_nodes(out: dict, node_selector: dict[str, str], tolerations: list[dict]) -> dict:
+    """The pod-spec fields `out` plus the node selector and tolerations, each only if it has any."""
     if node_selector:
         out["nodeSelector"] = node_selector
     if tolerations:

@@ -30,7 +30,7 @@ from ebbtide.cluster.placement import (
     required,
     spread,
     tolerations_wire,
-    unique,
+    with_nodes,
     within_notice,
 )
 from ebbtide.policy.capacity_types import ON_DEMAND, SPOT
@@ -107,11 +107,7 @@ def variant_placement(spec: InferenceServiceSpec, variant: Variant, selector: di
     affinity = _with_requirements(dict(variant.placement.affinity), expressions)
     if affinity:
         out["affinity"] = affinity
-    if node_selector:
-        out["nodeSelector"] = node_selector
-    if tolerations:
-        out["tolerations"] = unique(tolerations)
-    return out
+    return with_nodes(out, node_selector, tolerations)
 
 
 def _grace(spec: InferenceServiceSpec, variant: Variant) -> int:
