@@ -4,6 +4,8 @@ set to, the status rows, and the mix memory kept in status across a restart."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from ebbtide.api.manifest import parse_spec
@@ -12,7 +14,7 @@ from ebbtide.cluster.kube import rfc3339
 from ebbtide.cluster.render import LABEL_CAPACITY, LABEL_SERVICE, LABEL_SERVING
 from ebbtide.cluster.variants import LABEL_VARIANT
 from ebbtide.control.decide import decide
-from ebbtide.control.explain import export, render_status
+from ebbtide.control.explain import export, render_status, substance
 from ebbtide.control.metrics import OperatorMetrics
 from ebbtide.control.observe import Snapshot
 from ebbtide.control.state import ServiceState
@@ -91,10 +93,30 @@ def test_status_cost_and_the_cost_metrics_grow_for_a_variant_service():
 
 def test_the_mix_memory_is_kept_in_status_across_a_restart():
     state = ServiceState.restore(None, NOW)
-    step = decide(snapshot(tokens=3_000.0), REF, SPEC, state.tick)
-    state.tick = step.turn.state
-    restarted = ServiceState.restore({"scaler": state.to_json()}, NOW + 60)
-    assert restarted.tick.mix == state.tick.mix and restarted.tick.mix is not None
+    for now, tokens in ((NOW, 9_000.0), (NOW + 15, 3_000.0)):
+        step = decide(snapshot(tokens=tokens, now=now), REF, SPEC, state.tick)
+        state.tick = step.turn.state
+    mix = state.tick.mix
+    assert mix is not None and len(mix.demand) == 2, "the scale-down window: its highest first, then the newest"
+    restarted = ServiceState.restore({"scaler": state.to_json()}, NOW + 60).tick.mix
+    # Demand readings and Pending sightings are written only with a refresh (they move every
+    # tick): held until the restart, the mix shrinks no sooner than without one.
+    stuck = {name: replace(m, stuck_at=None if m.stuck_at is None else NOW + 60) for name, m in mix.variants.items()}
+    assert mix.variants["l4"].stuck_at is not None, "the L4 pod Pending for 15 minutes"
+    assert restarted == replace(mix, demand=((NOW + 60, mix.demand[0][1]),), variants=stuck)
+
+
+def test_a_new_demand_reading_alone_is_no_news_for_status():
+    state = ServiceState.restore(None, NOW)
+    statuses = []
+    for now, tokens in ((NOW, 3_000.0), (NOW + 15, 3_050.0), (NOW + 30, 3_100.0)):
+        step = decide(snapshot(tokens=tokens, now=now), REF, SPEC, state.tick)
+        state.tick = step.turn.state
+        statuses.append(render_status({}, state, step, step.turn, applied=True))
+    before, after = statuses[1:]  # the first tick set the mix; then the same mix, a new reading
+    assert before["scaler"]["mix"]["demand"] != after["scaler"]["mix"]["demand"]
+    assert before["scaler"]["mix"]["targets"] == after["scaler"]["mix"]["targets"]
+    assert substance(before) == substance(after)
 
 
 def test_a_service_without_variants_writes_no_variant_fields():

@@ -135,9 +135,12 @@ def substance(status: dict) -> dict:
     """The status less what moves every tick (see REFRESH_INTERVALS): equal substance, nothing
     a reader or a restarted operator needs has changed. The autoscaler memory counts with its
     values and the times of all but each window's newest entry (a restart takes that one as
-    held until then: ServiceState.restore), less the token rate's variability and the mix
-    (they move every tick); conditions with their status and reason."""
+    held until then: ServiceState.restore), less what moves every tick: the token rate's
+    variability, the mix, the variants' demand readings and Pending sightings' times, a
+    monthly cap's hourly allowance; conditions with their status and reason."""
     kept = {k: v for k, v in status.items() if k not in ("lastDecision", "cost", "scaler", "conditions")}
+    if isinstance(kept.get("spend"), dict):  # a monthly cap's hourly allowance moves with the month's spend
+        kept["spend"] = {k: v for k, v in kept["spend"].items() if k != "allowedUsdPerHour"}
     last = status.get("lastDecision") or {}
     kept["lastDecision"] = {k: last.get(k) for k in ("fromReplicas", "toReplicas", "reason", "source", "applied")}
     kept["usdPerHour"] = (status.get("cost") or {}).get("usdPerHour")
@@ -153,6 +156,13 @@ def substance(status: dict) -> dict:
     # substance they had every service's status written at every evaluation (333 PATCHes a tick
     # at 1,000 services). The limits learned at the mix (weight, gram, moment) stay substance.
     scaler.pop("variability", None)
+    # The variants' demand window and their Pending sightings (policy/variant_tick.py) are stamped
+    # at every tick too; a restart holds them until then (state.mix_held_until). The mix stays.
+    if isinstance(scaler.get("mix"), dict):
+        mix = {k: v for k, v in scaler["mix"].items() if k != "demand"}
+        mix["variants"] = {name: {**m, "stuckAt": m.get("stuckAt") is not None}
+                           for name, m in (mix.get("variants") or {}).items()}
+        scaler["mix"] = mix
     performance = scaler.pop("performance", None) or {}
     kept["scaler"] = {**scaler, "held": ledger.get("held"),
                       "performance": {k: v for k, v in performance.items() if k not in ("mix", "updatedAt")}}

@@ -67,7 +67,7 @@ class ServiceState:
             target, cover = None, ()
         startup = (status or {}).get("startup")
         # With spec.variants: each variant's learned limit and the mix (policy/variant_tick.py).
-        mix = MixMemory.load(stored["mix"], now) if "mix" in stored else None
+        mix = mix_held_until(MixMemory.load(stored["mix"], now), now) if "mix" in stored else None
         return cls(TickState(memory=held_until(Memory.load(stored or None, now), now),
                              ledger=Ledger.load(stored.get("cost"), now),
                              target=target, spot_cover=cover,
@@ -94,3 +94,16 @@ def held_until(memory: Memory, now: float) -> Memory:
         return (*entries[:-1], (max(entries[-1][0], now), entries[-1][1])) if entries else entries
     return replace(memory, up_recommendations=held(memory.up_recommendations),
                    down_recommendations=held(memory.down_recommendations))
+
+
+def mix_held_until(mix: MixMemory, now: float) -> MixMemory:
+    """The stored mix memory, with what it stamps at every tick taken as held until `now`: its
+    scale-down window's highest demand, and each variant's last sight of Pending replicas.
+
+    Those stamps are written only with the rest of a refresh (control/explain.py): after a restart
+    they can be that much behind. Held until the restart, the mix shrinks and a variant short of
+    nodes stays capped no sooner than without one."""
+    demand = ((max(mix.demand[0][0], now), mix.demand[0][1]),) if mix.demand else ()
+    variants = {name: replace(m, stuck_at=None if m.stuck_at is None else max(m.stuck_at, now))
+                for name, m in mix.variants.items()}
+    return replace(mix, demand=demand, variants=variants)
