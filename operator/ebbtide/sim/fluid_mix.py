@@ -17,13 +17,10 @@ from ebbtide.sim.size_mix import SizeMix
 # wait behind other prompts' prefill.
 PROMPT_POINTS = 32
 
-# The prefill load of a step (rho, see prefill_rows) is kept to 1/RHO_LEVELS, and capped below 1
+# The prefill load of a step (rho, see _unit_waits) is kept to 1/RHO_LEVELS, and capped below 1
 # where the M/D/1 wait has no steady state.
 RHO_LEVELS = 10_000
 RHO_MAX = 0.95
-
-# Up to this many steps (a scrape's window is 12), rows come from a per-window table.
-TABLE_STEPS = 64
 
 _QUANTILES = (np.arange(PROMPT_POINTS) + 0.5) / PROMPT_POINTS
 _WAIT_QUANTILES = np.random.default_rng(7).permutation(_QUANTILES)[None, :]
@@ -50,16 +47,17 @@ class MixWindow:
                    prefill_points=np.array([capacity.prefill_seconds(p) for p in points]))
 
 
-def prefill_rows(levels: np.ndarray, mean_prefill: np.ndarray, points: np.ndarray) -> np.ndarray:
-    """TTFT points (steps x PROMPT_POINTS) before queue wait and ITL: the wait behind other
-    prompts' prefill + own prefill. `levels` is each step's prefill load rho in 1/RHO_LEVELS,
-    `mean_prefill` and `points` (steps x PROMPT_POINTS) its window's mean and quantile prefill
-    times. The wait is an M/D/1 queue of prefill work at load rho: 0 with probability 1 - rho,
-    else exponential with the Pollaczek-Khinchine mean D / (2 (1 - rho))."""
-    rho = np.minimum(RHO_MAX, np.asarray(levels, dtype=float) / RHO_LEVELS)[:, None]
+def _unit_waits() -> np.ndarray:
+    """Waits behind other prompts' prefill (levels x PROMPT_POINTS) for a mean prefill time of
+    one second, at every prefill load rho in 1/RHO_LEVELS up to RHO_MAX. The wait is an M/D/1
+    queue of prefill work at load rho: 0 with probability 1 - rho, else exponential with the
+    Pollaczek-Khinchine mean D / (2 (1 - rho)); it scales with D, so one table serves every mix."""
+    rho = (np.arange(int(RHO_MAX * RHO_LEVELS) + 1) / RHO_LEVELS)[:, None]
     tail = np.maximum(0.0, -np.log(np.maximum(1e-12, (1.0 - _WAIT_QUANTILES) / np.maximum(rho, 1e-9))))
-    wait = np.where(_WAIT_QUANTILES > 1.0 - rho, mean_prefill[:, None] / (2.0 * (1.0 - rho)) * tail, 0.0)
-    return wait + points
+    return np.where(_WAIT_QUANTILES > 1.0 - rho, tail / (2.0 * (1.0 - rho)), 0.0)
+
+
+_UNIT_WAITS = _unit_waits()
 
 
 class MixSchedule:
@@ -73,10 +71,8 @@ class MixSchedule:
         self.of_step = mix.window_of((np.arange(steps) + 0.5) * dt)
         # Steps where the window changes: replays advance window by window.
         self.changes = (np.nonzero(np.diff(self.of_step))[0] + 1).tolist()
-        self._prefill_rate = capacity.prefill_tokens_per_s
         self._mean_prefill = np.array([w.P / capacity.prefill_tokens_per_s for w in self.windows])
         self._points = np.array([w.prefill_points for w in self.windows])
-        self._tables: dict[int, np.ndarray] = {}
 
     def at(self, step: int) -> MixWindow:
         return self.windows[self.of_step[min(step, len(self.of_step) - 1)]]
@@ -87,21 +83,12 @@ class MixSchedule:
         return min(last, self.changes[i]) if i < len(self.changes) else last
 
     def rows(self, first: int, last: int, levels: list[int]) -> np.ndarray:
-        """prefill_rows of steps [first, last), their levels given. A scrape's few steps are
-        looked up in their window's table of every level (a log and a where over each step's
-        points at every scrape cost a week's replay seconds); a whole run's are computed."""
+        """TTFT points (steps x PROMPT_POINTS) of steps [first, last) before queue wait and ITL:
+        the wait behind other prompts' prefill + own prefill. `levels` is each step's prefill
+        load rho in 1/RHO_LEVELS (capped at RHO_MAX, where the M/D/1 wait has no steady state)."""
         window = self.of_step[first:last]
-        if last - first > TABLE_STEPS or window[0] != window[-1]:
-            return prefill_rows(np.asarray(levels), self._mean_prefill[window], self._points[window])
-        w = int(window[0])
-        table = self._tables.get(w)
-        if table is None:
-            if len(self._tables) >= 2:  # a replay moves forward: older windows are not read again
-                self._tables.pop(next(iter(self._tables)))
-            every = np.arange(int(RHO_MAX * RHO_LEVELS) + 1)
-            table = self._tables[w] = prefill_rows(every, np.full(len(every), self._mean_prefill[w]),
-                                                   np.broadcast_to(self._points[w], (len(every), PROMPT_POINTS)))
-        return table[np.asarray(levels, dtype=np.int64)]
+        waits = _UNIT_WAITS[np.minimum(np.asarray(levels, dtype=np.int64), len(_UNIT_WAITS) - 1)]
+        return waits * self._mean_prefill[window][:, None] + self._points[window]
 
 
 def fluid_mix(trace_prompt_sum: float, trace_output_sum: float, requests: int) -> tuple[float, float]:
