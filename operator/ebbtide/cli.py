@@ -49,8 +49,10 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _simulate(args: argparse.Namespace) -> int:
+    from ebbtide.memory import keep_freed_memory
     from ebbtide.sim.command import run
 
+    keep_freed_memory()  # a replay reallocates arrays of millions of points: reuse, don't re-fault
     return run(args)
 
 

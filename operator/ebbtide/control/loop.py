@@ -29,11 +29,11 @@ from ebbtide.cluster.warmup import warm_up
 from ebbtide.control.cadence import slot
 from ebbtide.control.decide import Step, decide
 from ebbtide.control.explain import tell
-from ebbtide.control.memory import release_freed_memory
 from ebbtide.control.metrics import OperatorMetrics
 from ebbtide.control.observe import Due, Snapshot, observe
 from ebbtide.control.reconcile import Registry
 from ebbtide.control.state import ServiceState
+from ebbtide.memory import release_freed_memory
 from ebbtide.policy.profile import BIN_SECONDS
 from ebbtide.signals.prometheus import PrometheusSource
 

@@ -34,7 +34,7 @@ def right_size_static(spec: InferenceServiceSpec, trace: traces.Trace, settings:
     def attempt(size: int) -> tuple[baselines.Static, PolicyRun, bool]:
         static = baselines.Static(replicas=size)
         result = simulate(trace, static, settings)
-        return static, result, report.summarize(result, spec).slo_attainment >= slo
+        return static, result, report.slo_attainment(result, spec) >= slo
 
     size = max(1, min(hi, start))
     static, result, ok = attempt(size)
@@ -65,7 +65,7 @@ def calibrate_oracle(spec: InferenceServiceSpec, trace: traces.Trace, settings: 
     def attempt(rate: float) -> tuple[baselines.Oracle, PolicyRun, bool]:
         oracle = make_oracle(spec, trace, rate)
         result = simulate(trace, oracle, settings)
-        return oracle, result, report.summarize(result, spec).slo_attainment >= slo
+        return oracle, result, report.slo_attainment(result, spec) >= slo
 
     oracle, result, ok = attempt(limit)
     if ok:

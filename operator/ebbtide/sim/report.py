@@ -123,7 +123,6 @@ def summarize(run: PolicyRun, spec: InferenceServiceSpec, ramps: list[tuple[floa
     # Spot sleepers hold spot GPUs: their asleep hours at the spot price instead.
     asleep_spot = run.gpu_seconds.get(ASLEEP_SPOT, 0.0) / 3600.0
     cost -= asleep_spot * (prices[ON_DEMAND] - prices[SPOT]) * (1 - spec.sleep.reclaimed_fraction)
-    total = float(weight.sum()) or 1.0
     met = slo_met(ttft, itl, spec)
     ramp = _inside(arrival, ramps)
     ttft_q = weighted_quantiles(ttft, weight, (0.5, 0.9, 0.99))
@@ -139,7 +138,7 @@ def summarize(run: PolicyRun, spec: InferenceServiceSpec, ramps: list[tuple[floa
 
     return PolicyResult(
         name=run.name,
-        gpu_hours=round(sum(hours.values()), 3),
+        gpu_hours=gpu_hours(run),
         gpu_hours_by_type={k: round(v, 3) for k, v in hours.items()},
         cost_usd=round(cost, 2),
         usd_per_million_tokens=round(cost / run.tokens_served * 1e6, 4) if run.tokens_served else float("nan"),
@@ -147,7 +146,7 @@ def summarize(run: PolicyRun, spec: InferenceServiceSpec, ramps: list[tuple[floa
         ttft_p90_s=rounded(ttft_q[1]),
         ttft_p99_s=rounded(ttft_q[2]),
         itl_p90_s=rounded(itl_q[0]),
-        slo_attainment=round(float(weight[met].sum()) / total, 5),
+        slo_attainment=_attained(weight, met),
         scale_actions=run.scale_actions,
         peak_replicas=max(run.timeline.replicas, default=0),
         tokens=round(run.tokens_served),
@@ -159,6 +158,21 @@ def summarize(run: PolicyRun, spec: InferenceServiceSpec, ramps: list[tuple[floa
         slo_attainment_ramps=None if ramp is None or not weight[ramp].sum() else round(
             float(weight[ramp & met].sum() / weight[ramp].sum()), 5),
     )
+
+
+def gpu_hours(run: PolicyRun) -> float:
+    return round(sum(run.gpu_seconds.get(kind, 0.0) for kind in CAPACITY_TYPES) / 3600.0, 3)
+
+
+def slo_attainment(run: PolicyRun, spec: InferenceServiceSpec) -> float:
+    """summarize(run, spec).slo_attainment, without the quantiles: what a hindsight search asks
+    of each of its replays."""
+    _, ttft, itl, weight = run.records.arrays()
+    return _attained(weight, slo_met(ttft, itl, spec))
+
+
+def _attained(weight: np.ndarray, met: np.ndarray) -> float:
+    return round(float(weight[met].sum()) / (float(weight.sum()) or 1.0), 5)
 
 
 def _rounded_or_none(value: float | None) -> float | None:

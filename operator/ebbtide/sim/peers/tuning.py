@@ -96,8 +96,7 @@ class Tuned:
              ) -> tuple[Peer, PolicyRun, Tuning]:
         def evaluate(policy: Peer) -> tuple[PolicyRun, float, float]:
             run = simulate(trace, policy, settings)
-            summary = report.summarize(run, spec)
-            return run, summary.gpu_hours, summary.slo_attainment
+            return run, report.gpu_hours(run), report.slo_attainment(run, spec)
 
         def make(value: float) -> Peer:
             policy = self.make(value)
