@@ -30,7 +30,6 @@ import contextlib
 import logging
 import pathlib
 import signal
-import threading
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -49,7 +48,7 @@ from tests.testbed.engines import (
     spawn,
 )
 from tests.testbed.nodes import FakeNode, default_nodes, keep_alive, register_node
-from tests.testbed.podnetwork import PodNetwork
+from tests.testbed.podnetwork import shared_pod_network
 from tests.testbed.podstate import PodInfo, RunningPod, pod_status, prestop_seconds
 from tests.testbed.waiting import wait_for
 
@@ -60,17 +59,6 @@ STRATEGIC_MERGE_PATCH = "application/strategic-merge-patch+json"
 READY_FAILURE_THRESHOLD = 2
 RESTART_BACKOFF_SECONDS = 1.0
 LEASE_RENEW_SECONDS = 5.0
-_network: PodNetwork | None = None
-_network_lock = threading.Lock()
-
-
-def pod_network() -> PodNetwork:
-    """The pod network of this process, made on first use (one for every kubelet here)."""
-    global _network
-    with _network_lock:
-        if _network is None:
-            _network = PodNetwork()
-        return _network
 
 
 class Kubelet:
@@ -96,7 +84,7 @@ class Kubelet:
         self.interval = interval
         self.log_dir = pathlib.Path(log_dir) if log_dir is not None else None
         self.engine_log_level = engine_log_level
-        self.network = pod_network()
+        self.network = shared_pod_network()
         self._pods: dict[str, RunningPod] = {}  # by uid
         self._all_pids: set[int] = set()
         self._snapshot: list[PodInfo] = []
@@ -260,7 +248,7 @@ class Kubelet:
                     continue
                 if (body.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
                     continue
-                pod = self._pods[uid] = self._admit(body)
+                pod = self._pods[uid] = RunningPod.admitted(body, self.network.allocate(), self.max_grace_seconds)
             pod.gates_passed = readiness_gates_passed(body)
             if self._cut_off(pod):
                 pass  # its node cannot reach the API server: the node controller's word stands
@@ -288,17 +276,6 @@ class Kubelet:
         """On a node of a pool cut off from the API server (it renews no Lease either)."""
         node = self.nodes.get(pod.node)
         return node is not None and node.capacity_type in self.unavailable_pools
-
-    def _admit(self, body: Body) -> RunningPod:
-        meta, spec = body["metadata"], body.get("spec") or {}
-        containers = spec.get("containers") or [{}]
-        container = next((c for c in containers if c.get("name") == "vllm"), containers[0])
-        port = next((int(p["containerPort"]) for p in container.get("ports") or [] if p.get("containerPort")), 8000)
-        grace = float(spec.get("terminationGracePeriodSeconds", 30))
-        if self.max_grace_seconds is not None:
-            grace = min(grace, self.max_grace_seconds)
-        return RunningPod(namespace=meta["namespace"], name=meta["name"], uid=meta["uid"], node=spec["nodeName"],
-                    ip=self.network.allocate(), port=port, grace=grace, container=container, labels=meta.get("labels") or {})
 
     async def _check(self, pod: RunningPod) -> None:
         """Start, probe, or restart the engine."""
@@ -406,10 +383,7 @@ class Kubelet:
         await self._session.close()
 
     def _refresh_snapshot(self) -> None:
-        self._snapshot = [PodInfo(namespace=p.namespace, name=p.name, deployment=p.deployment, ip=p.ip, port=p.port,
-                                  pid=p.proc.pid if p.alive else None, ready=p.healthy and p.alive and p.gates_passed,
-                                  node=p.node, terminating=p.terminating, restart_count=p.restart_count)
-                          for p in self._pods.values()]
+        self._snapshot = [p.info() for p in self._pods.values()]
 
 
 if __name__ == "__main__":  # python -m tests.testbed.kubelet: the command line lives in kubelet_cli

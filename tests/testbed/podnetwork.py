@@ -99,3 +99,16 @@ class PodNetwork:
                 _ip("link", "del", self.host_if)
             with contextlib.suppress(RuntimeError):
                 _ip("netns", "del", self.name)
+
+
+_shared: PodNetwork | None = None
+_shared_lock = threading.Lock()
+
+
+def shared_pod_network() -> PodNetwork:
+    """The pod network of this process, made on first use (one for every kubelet here)."""
+    global _shared
+    with _shared_lock:
+        if _shared is None:
+            _shared = PodNetwork()
+        return _shared

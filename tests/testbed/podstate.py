@@ -55,6 +55,25 @@ class RunningPod:
     terminating: bool = False
     last_status: dict[str, Any] | None = None
 
+    @classmethod
+    def admitted(cls, body: Body, ip: str, max_grace_seconds: float | None) -> RunningPod:
+        """A pod bound to one of the kubelet's Nodes, at `ip`: its engine container's port and grace."""
+        meta, spec = body["metadata"], body.get("spec") or {}
+        containers = spec.get("containers") or [{}]
+        container = next((c for c in containers if c.get("name") == "vllm"), containers[0])
+        port = next((int(p["containerPort"]) for p in container.get("ports") or [] if p.get("containerPort")), 8000)
+        grace = float(spec.get("terminationGracePeriodSeconds", 30))
+        if max_grace_seconds is not None:
+            grace = min(grace, max_grace_seconds)
+        return cls(namespace=meta["namespace"], name=meta["name"], uid=meta["uid"], node=spec["nodeName"],
+                   ip=ip, port=port, grace=grace, container=container, labels=meta.get("labels") or {})
+
+    def info(self) -> PodInfo:
+        return PodInfo(namespace=self.namespace, name=self.name, deployment=self.deployment, ip=self.ip,
+                       port=self.port, pid=self.proc.pid if self.alive else None,
+                       ready=self.healthy and self.alive and self.gates_passed, node=self.node,
+                       terminating=self.terminating, restart_count=self.restart_count)
+
     @property
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
