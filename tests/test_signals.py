@@ -1,4 +1,4 @@
-"""Signals from a real Prometheus scraping real HTTP exporters, and from direct scraping.
+"""Signals from a real Prometheus scraping real HTTP exporters (direct scraping: test_signals_scrape.py).
 
 No mocks: the Prometheus tests start the `prometheus` binary (skipped if it is not installed)
 against fake vLLM pods served over HTTP, each pod its own scrape target whose `namespace` and
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from dataclasses import dataclass
 
@@ -21,51 +20,14 @@ from ebbtide.cluster.render import LABEL_SERVICE
 from ebbtide.cluster.variants import LABEL_VARIANT
 from ebbtide.control.observe import Snapshot, signal_queries
 from ebbtide.signals.prometheus import QUERY_NAMES, PrometheusSource, ServiceQuery
-from ebbtide.signals.quantiles import bucket_quantile, quantile_or_none
 from ebbtide.signals.scrape import ScrapeQuery, ScrapeSource
-from tests.testbed.exporter import ITL_BUCKETS, TTFT_BUCKETS, FakeVllmExporter
+from tests.testbed.exporter import FakeVllmExporter
 from tests.testbed.fixtures import fake_vllm_exporter  # noqa: F401
 from tests.testbed.prometheus import MISSING_BINARY, PrometheusServer, prometheus_binary
 
 needs_prometheus = pytest.mark.skipif(prometheus_binary() is None, reason=MISSING_BINARY)
-INF = math.inf
 MANY = 50
 WINDOW = 10
-
-
-# --- histogram_quantile in Python (no binary needed) ---
-
-
-@pytest.mark.parametrize(
-    ("q", "buckets", "expected"),
-    [
-        (0.5, {1.0: 10, 2.0: 20, INF: 20}, 1.0),  # rank 10 reaches the first bucket's count exactly
-        (0.75, {1.0: 10, 2.0: 20, INF: 20}, 1.5),  # linear inside (1, 2]
-        (0.25, {1.0: 10, 2.0: 20, INF: 20}, 0.5),  # lowest bucket interpolates from 0
-        (0.99, {1.0: 10, 2.0: 20, INF: 40}, 2.0),  # in the +Inf bucket: highest finite bound
-        (0.9, {1.0: 0, 2.0: 0, INF: 0}, math.nan),  # no observations
-        (0.9, {1.0: 5, 2.0: 10}, math.nan),  # no +Inf bucket
-        (0.9, {INF: 10}, math.nan),  # fewer than two buckets
-        (-0.1, {1.0: 1, INF: 1}, -INF),
-        (1.1, {1.0: 1, INF: 1}, INF),
-        (0.5, {-1.0: 10, 0.0: 10, INF: 10}, -1.0),  # lowest bound <= 0 is returned as is
-        (0.5, {1.0: 10, 2.0: 8, INF: 20}, 1.0),  # non-monotonic counts are lifted to the envelope
-        (1.0, {0.1: 3, 0.5: 6, INF: 6}, 0.5),
-    ],
-)
-def test_bucket_quantile_follows_promql(q, buckets, expected):
-    result = bucket_quantile(q, buckets)
-    if math.isnan(expected):
-        assert math.isnan(result)
-    else:
-        assert result == pytest.approx(expected)
-
-
-def test_quantile_or_none_hides_nan_and_unset_quantiles():
-    assert quantile_or_none(None, {1.0: 1, INF: 1}) is None
-    assert quantile_or_none(0.9, {}) is None
-    assert quantile_or_none(0.9, {1.0: 0, INF: 0}) is None
-    assert quantile_or_none(0.5, {1.0: 2, INF: 2}) == pytest.approx(0.5)
 
 
 # --- the shared bed: one exporter, two Prometheus servers (started together) ---
@@ -360,71 +322,3 @@ def test_scrape_source_sees_the_same_gauges_as_prometheus(bed):
         assert from_scrape[key].source == "scrape"
         assert gauges(from_scrape[key]) == gauges(from_prometheus[key])
         assert time.time() - from_scrape[key].sampled_at < 2
-
-
-# --- direct scraping (no binary needed) ---
-
-
-def test_scrape_quantiles_and_rates_come_from_deltas_between_ticks(fake_vllm_exporter):  # noqa: F811
-    exporter = fake_vllm_exporter
-    x1, x2 = exporter.add_pod("x1"), exporter.add_pod("x2")
-    x1.set(waiting=2, running=6, kv_cache_usage=0.4)
-    x2.set(waiting=1, running=3, kv_cache_usage=0.2, asleep=True)
-    x1.observe_ttft(9.0, 100)  # before the first tick: not in any window
-    service = ServiceQuery("ns/x", "ns", ("x-1", "x-2", "x-3"), ttft_quantile=0.9, tpot_quantile=0.5,
-                           window_seconds=60)
-    query = ScrapeQuery(service, {"x-1": exporter.metrics_url("x1"), "x-2": exporter.metrics_url("x2")})
-    source = ScrapeSource(timeout=1)
-
-    first = asyncio.run(source.observe([query], time.time()))["ns/x"]
-    assert [(p.pod, p.waiting, p.running, p.kv_cache_usage, p.asleep) for p in first.pods] == [
-        ("x-1", 2, 6, 0.4, False), ("x-2", 1, 3, 0.2, True)]
-    assert first.ttft_seconds is None and first.tokens_per_second is None  # nothing to compare with yet
-
-    x1.observe_ttft(0.3, 20)
-    x2.observe_ttft(3.0, 4)
-    x1.observe_itl(0.04, 30)
-    x2.observe_itl(0.12, 10)
-    x1.add_tokens(prompt=600, generated=300)
-    started = time.time()
-    time.sleep(0.2)
-    second = asyncio.run(source.observe([query], time.time()))["ns/x"]
-    elapsed = time.time() - started
-
-    def cumulative(bounds, observations):
-        buckets = {b: float(sum(n for v, n in observations if v <= b)) for b in bounds}
-        buckets[INF] = float(sum(n for _, n in observations))
-        return buckets
-
-    assert second.ttft_seconds == pytest.approx(bucket_quantile(0.9, cumulative(TTFT_BUCKETS, [(0.3, 20), (3.0, 4)])))
-    assert second.tpot_seconds == pytest.approx(bucket_quantile(0.5, cumulative(ITL_BUCKETS, [(0.04, 30), (0.12, 10)])))
-    assert 900 / (elapsed + 0.5) < second.tokens_per_second < 900 / 0.2 * 1.5
-    # The mix (policy/performance.py): the prompt share of the same counters.
-    assert second.prompt_tokens_per_second == pytest.approx(second.tokens_per_second * 600 / 900)
-
-    # A restarted engine (same pod, counters from zero) is read as a restart, not a negative rate.
-    exporter.pods["x1"] = type(x1)("x1").set(waiting=0)
-    exporter.pods["x1"].observe_ttft(0.07, 5)
-    time.sleep(0.1)
-    only_x1 = ScrapeQuery(ServiceQuery("ns/x1", "ns", ("x-1",), ttft_quantile=0.9), {"x-1": exporter.metrics_url("x1")})
-    third = asyncio.run(source.observe([only_x1], time.time()))["ns/x1"]
-    assert 0.06 < third.ttft_seconds <= 0.08 and third.tokens_per_second == 0
-
-
-def test_scrape_source_leaves_out_dead_pods_and_says_why(fake_vllm_exporter):  # noqa: F811
-    exporter = fake_vllm_exporter
-    exporter.add_pod("y1").set(waiting=4)
-    exporter.add_pod("y2").up = False
-    source = ScrapeSource(timeout=1)
-    some = ServiceQuery("ns/some", "ns", ("y-1", "y-2"))
-    none = ServiceQuery("ns/none", "ns", ("y-2", "y-3", "y-4"))
-    queries = [
-        ScrapeQuery(some, {"y-1": exporter.metrics_url("y1"), "y-2": exporter.metrics_url("y2")}),
-        ScrapeQuery(none, {"y-2": exporter.metrics_url("y2"), "y-3": "http://127.0.0.1:1/metrics"}),
-    ]
-    signals = asyncio.run(source.observe(queries, time.time()))
-    assert [p.pod for p in signals["ns/some"].pods] == ["y-1"] and signals["ns/some"].waiting == 4
-    dead = signals["ns/none"]
-    assert dead.source == "scrape" and dead.sampled_at is None and dead.pods == ()
-    assert dead.error.startswith("no pod of namespace ns answered /metrics (y-2: HTTP 503; y-3: ")
-    assert dead.error.endswith("; y-4: no address)")
