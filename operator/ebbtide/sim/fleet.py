@@ -117,9 +117,10 @@ def _resize(fleet: Fleet, serving: Serving, kind: str, desired: int, t: float,
             obtainable: bool, spot_kinds: frozenset[str] = frozenset({SPOT})) -> None:
     """Carry out one Deployment's replica count, as its ReplicaSet would (only spot ones can
     find no capacity)."""
-    while fleet.count(kind) < desired:
+    have = fleet.count(kind)
+    for _ in range(desired - have):
         fleet.add(t, kind=kind, obtainable=obtainable or kind not in spot_kinds)
-    while fleet.count(kind) > desired:
+    for _ in range(have - desired):
         victim = fleet.victim(kind)
         drain_end = serving.remove_replica(victim.rid, t) if victim.ready else None
         fleet.remove(victim, t, drain_end)

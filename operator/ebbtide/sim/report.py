@@ -124,14 +124,16 @@ def summarize(run: PolicyRun, spec: InferenceServiceSpec, ramps: list[tuple[floa
     asleep_spot = run.gpu_seconds.get(ASLEEP_SPOT, 0.0) / 3600.0
     cost -= asleep_spot * (prices[ON_DEMAND] - prices[SPOT]) * (1 - spec.sleep.reclaimed_fraction)
     met = slo_met(ttft, itl, spec)
-    ramp = _inside(arrival, ramps)
     ttft_q = weighted_quantiles(ttft, weight, (0.5, 0.9, 0.99))
-    # Points of one group share their ITL: one point per group, with the group's weight.
+    # Points of one group share their arrival and ITL: one point per group, with the group's weight.
     group = run.records.group
     if group > 1 and len(itl) % group == 0:
         itl_q = weighted_quantiles(itl[::group], weight.reshape(-1, group).sum(axis=1), (0.9,))
+        ramp = _inside(arrival[::group], ramps)
+        ramp = None if ramp is None else np.repeat(ramp, group)
     else:
         itl_q = weighted_quantiles(itl, weight, (0.9,))
+        ramp = _inside(arrival, ramps)
 
     def rounded(value: float | None) -> float:
         return float("nan") if value is None else round(value, 4)
