@@ -196,7 +196,8 @@ def simulate_variants(trace: Trace, policy: VariantsPolicy | EbbtidePolicy, kind
         if t >= next_scrape:
             window = settings.metrics_window_s
             snapshot = serving.scrape(t, epoch, window, settings.ttft_quantile, settings.tpot_quantile)
-            per_variant = serving.variant_signals(t, window, snapshot)
+            per_variant = serving.variant_signals(t, window, snapshot, settings.ttft_quantile,
+                                                  settings.tpot_quantile)
             mix = context_mix(trace.arrivals, trace.prompt_tokens, trace.output_tokens, t, window, limits)
             next_scrape += settings.scrape_interval_s
         if t >= next_tick:
