@@ -155,8 +155,10 @@ def opening_tokens_per_s(trace: Trace, window_s: float) -> float:
 
 
 def simulate_variants(trace: Trace, policy: VariantsPolicy | EbbtidePolicy, kinds: Mapping[str, SimVariant],
-                      settings: SimSettings) -> tuple[PolicyRun, dict[str, float]]:
-    """The run, and the dollars each Deployment cost (reserved ones committed in full)."""
+                      settings: SimSettings, serving_type: type[VariantServing] = VariantServing
+                      ) -> tuple[PolicyRun, dict[str, float]]:
+    """The run, and the dollars each Deployment cost (reserved ones committed in full);
+    `serving_type` lets a diagnosis see each request (bench/variants_misses.py)."""
     if trace.arrivals is None:
         raise ValueError("variants are replayed request by request: give a request log, not a rate file")
     dt = 1.0
@@ -166,7 +168,7 @@ def simulate_variants(trace: Trace, policy: VariantsPolicy | EbbtidePolicy, kind
     widest = max(k.model.max_model_len for k in kinds.values())
     fits = trace.prompt_tokens + trace.output_tokens + 1 <= widest
     fleet = Fleet(1, settings.cold_start_s)
-    serving = VariantServing({kind: k.model for kind, k in kinds.items()}, lambda rid: fleet.get(rid).capacity_type,
+    serving = serving_type({kind: k.model for kind, k in kinds.items()}, lambda rid: fleet.get(rid).capacity_type,
                              trace.arrivals[fits], trace.prompt_tokens[fits], trace.output_tokens[fits], dt,
                              settings.seed)
     limits = [k.model.max_model_len for k in kinds.values()]
