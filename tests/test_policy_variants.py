@@ -88,6 +88,11 @@ def test_the_plan_routes_each_size_to_variants_a_longer_size_does_not_use_where_
     assert size_routes([H100_RESERVED, L40S_SPOT], {"h100": 2, "l40s": 3}, [Demand(40_000, 131_072), short], 1.0) == (
         (131_072, ("h100", "l40s")), (16_384, ("l40s",)))
     assert size_routes([H100_RESERVED, L40S_SPOT], {"h100": 2, "l40s": 3}, [Demand(9_000)]) == ()
+    # An L4 added for a remainder is no longer size's, yet it carries little of the short ones:
+    # the gateway's first choice for them (named first) is the variant that carries most of them.
+    mixed = size_routes([H100_RESERVED, L40S_SPOT, L4], {"h100": 2, "l40s": 4, "l4": 1},
+                        [Demand(40_000, 131_072), Demand(12_000, 16_384)], 1.0)
+    assert mixed == ((131_072, ("h100", "l40s")), (16_384, ("l40s", "l4")))
 
 
 def test_a_variant_whose_replicas_find_no_node_is_capped_and_the_next_cheapest_takes_over():
