@@ -191,3 +191,14 @@ def test_each_variant_is_shown_its_own_latency_as_the_operator_reads_it():
     assert h100.tpot_seconds < service.tpot_seconds < l40s.tpot_seconds  # a 6.5 ms step against 25 ms
     assert 0 < h100.ttft_seconds < l40s.ttft_seconds  # a 1k prompt at 20k tokens/s against 11.3k
     assert serving.variant_signals(60.0, 60.0, service)["l40s"].tpot_seconds is None  # no target: none read
+
+
+def test_each_variant_runs_the_step_budget_vllm_serve_picks_for_its_gpu_unless_its_args_set_one():
+    """`vllm serve` steps 8192 tokens at most on GPUs of 70 GiB or more other than the A100, else 2048
+    (a decode step that carries a prefill chunk is that much shorter); --max-num-batched-tokens wins."""
+    s = spec()
+    budgets = {v.name: sim_variant(s, v).model.max_num_batched_tokens for v in s.variants}
+    assert budgets == {"h100": 8192, "a100": 2048, "l40s": 2048, "l4": 2048}
+    l40s = next(v for v in s.variants if v.name == "l40s")
+    wide = l40s.model_copy(update={"engine_args": ["--max-num-batched-tokens=8192"]})
+    assert sim_variant(s, wide).model.max_num_batched_tokens == 8192

@@ -37,6 +37,7 @@ from ebbtide.policy.variant_tick import (
     max_context,
     observe_variant,
     seed_capacity,
+    variant_flag,
 )
 from ebbtide.policy.variants import choose_mix
 from ebbtide.sim.capacity import ACCELERATOR_PRESETS, CapacityModel
@@ -71,10 +72,15 @@ class SimVariant:
 
 def sim_variant(spec: InferenceServiceSpec, variant: Variant) -> SimVariant:
     """The variant as the simulator runs it: its accelerator's preset (an unknown one runs as the
-    slowest, the L4), its max_model_len from the engine arguments, capped by the preset's."""
-    preset = ACCELERATOR_PRESETS.get(variant.accelerator, ACCELERATOR_PRESETS["L4"])
+    slowest, the L4), its max_model_len from the engine arguments, capped by the preset's, and
+    their --max-num-batched-tokens if they set one (else the preset's, vLLM's default there)."""
+    model = ACCELERATOR_PRESETS.get(variant.accelerator, ACCELERATOR_PRESETS["L4"])
     limit = max_context(spec, variant)
-    model = preset.with_overrides(max_model_len=min(limit, preset.max_model_len)) if limit else preset
+    if limit:
+        model = model.with_overrides(max_model_len=min(limit, model.max_model_len))
+    budget = variant_flag(spec, variant, "--max-num-batched-tokens")
+    if budget and budget > model.max_num_seqs:
+        model = model.with_overrides(max_num_batched_tokens=budget)
     committed = variant.replicas.max if variant.capacity_type == "reserved" else 0
     return SimVariant(model, variant.usd_per_replica_hour, committed, variant.capacity_type == "spot")
 
