@@ -242,8 +242,11 @@ def _fill(amount: float, eligible: Sequence[VariantView], targets: dict[str, int
             targets[best.name] += n
             amount -= n * best.capacity_tokens_per_s
             continue
-        # The rest in one go, if some variant can take it: the fewest dollars per hour for it.
-        whole = [(max(1, math.ceil(amount / v.capacity_tokens_per_s - _EPSILON)), v) for v in open_]
+        # The rest in one go, if some variant can take it: the fewest dollars per hour for it. A
+        # variant dearer per token takes one remainder, not one more each tick: kept, remainders
+        # piled up (four L4s where one L40S carries as much), and trimming never swaps them back.
+        whole = [(max(1, math.ceil(amount / v.capacity_tokens_per_s - _EPSILON)), v) for v in open_
+                 if v.usd_per_million_tokens <= best.usd_per_million_tokens or not targets[v.name]]
         whole = [(n, v) for n, v in whole if n <= _room(v, targets)]
         if whole:
             n, v = min(whole, key=lambda nv: (nv[0] * nv[1].effective_usd_per_hour, nv[1].usd_per_million_tokens))
