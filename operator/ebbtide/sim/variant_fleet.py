@@ -175,8 +175,8 @@ def simulate_variants(trace: Trace, policy: VariantsPolicy | EbbtidePolicy, kind
     fits = trace.prompt_tokens + trace.output_tokens + 1 <= widest
     fleet = Fleet(1, settings.cold_start_s)
     serving = serving_type({kind: k.model for kind, k in kinds.items()}, lambda rid: fleet.get(rid).capacity_type,
-                             trace.arrivals[fits], trace.prompt_tokens[fits], trace.output_tokens[fits], dt,
-                             settings.seed)
+                           trace.arrivals[fits], trace.prompt_tokens[fits], trace.output_tokens[fits], dt,
+                           settings.seed)
     limits = [k.model.max_model_len for k in kinds.values()]
     opening = opening_tokens_per_s(trace, policy.spec.scaling.behavior.scale_down.stabilization_seconds)
     if isinstance(policy, VariantsPolicy):

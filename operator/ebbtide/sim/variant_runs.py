@@ -89,7 +89,7 @@ def run_variant_policies(names: list[str], spec: InferenceServiceSpec, trace: Tr
 
 
 def run_setup(name: str, spec: InferenceServiceSpec, budget: float | None,
-           learned: VariantsPolicy | EbbtidePolicy | None = None) -> tuple[dict, VariantsPolicy | EbbtidePolicy]:
+              learned: VariantsPolicy | EbbtidePolicy | None = None) -> tuple[dict, VariantsPolicy | EbbtidePolicy]:
     """The Deployments and the policy of run `name`; with `learned`, a policy that ran before,
     starting from the limits it learned."""
     if name in (VARIANTS_POLICY, BUDGET_POLICY):
