@@ -63,6 +63,15 @@ def test_a_small_remainder_goes_to_the_cheapest_replica_that_covers_it():
     assert plan.targets == {"a100": 1, "l4": 1}  # not a second A100 for 500 tokens/s
 
 
+def test_remainders_do_not_pile_up_on_a_variant_dearer_per_token():
+    """Kept, each tick's small remainder went to one more L4 (0.80 USD/h against 0.90), and the
+    trim never swaps them back: a dearer-per-token variant takes one remainder, the next goes to
+    the cheapest per token, and the L4 it leaves surplus is trimmed."""
+    plan = choose_mix(13_300, [L40S_SPOT, L4], share=1.0, keep={"l40s": 2, "l4": 1})
+    assert plan.targets == {"l40s": 3, "l4": 0}
+    assert choose_mix(12_500, [L40S_SPOT, L4], share=1.0).targets == {"l40s": 2, "l4": 1}  # one remainder: the L4
+
+
 def test_from_zero_only_the_cheapest_suitable_variant_starts():
     plan = choose_mix(1e-6, [A100, L40S_SPOT, L4], share=1.0)
     assert plan.targets == {"a100": 0, "l40s": 0, "l4": 1}
@@ -88,6 +97,11 @@ def test_the_plan_routes_each_size_to_variants_a_longer_size_does_not_use_where_
     assert size_routes([H100_RESERVED, L40S_SPOT], {"h100": 2, "l40s": 3}, [Demand(40_000, 131_072), short], 1.0) == (
         (131_072, ("h100", "l40s")), (16_384, ("l40s",)))
     assert size_routes([H100_RESERVED, L40S_SPOT], {"h100": 2, "l40s": 3}, [Demand(9_000)]) == ()
+    # An L4 added for a remainder is no longer size's, yet it carries little of the short ones:
+    # the gateway's first choice for them (named first) is the variant that carries most of them.
+    mixed = size_routes([H100_RESERVED, L40S_SPOT, L4], {"h100": 2, "l40s": 4, "l4": 1},
+                        [Demand(40_000, 131_072), Demand(12_000, 16_384)], 1.0)
+    assert mixed == ((131_072, ("h100", "l40s")), (16_384, ("l40s", "l4")))
 
 
 def test_a_variant_whose_replicas_find_no_node_is_capped_and_the_next_cheapest_takes_over():

@@ -109,15 +109,19 @@ def test_what_it_cannot_run_is_refused_in_one_line(args, words):
 def test_when_the_spot_variant_finds_no_nodes_the_next_cheapest_takes_over():
     """An outage of spot capacity from 60 s on: the L40S replicas are reclaimed and their
     replacements stay Pending; past the pending timeout the mix caps the L40S at what found a
-    node and adds A100s (the reserved H100s carry what they can all along)."""
+    node and adds A100s (the reserved H100s carry what they can all along), for one scale-down
+    window: then it asks for the L40S again."""
     s, trace = spec(), small_trace(600, per_second=30)
     settings = replace(SETTINGS, spot=SpotMarket(notice_s=30, outages=((60.0, 600.0),)))
     policy = VariantsPolicy(s)
     run, usd = simulate_variants(trace, policy, {v.name: sim_variant(s, v) for v in s.variants}, settings)
-    before = [m for t, m, _ in policy.turns if t - policy.turns[0][0] < 60]
-    after = [m for t, m, _ in policy.turns if t - policy.turns[0][0] > 60]
+    turns = [(t - policy.turns[0][0], m) for t, m, _ in policy.turns]
+    before = [m for t, m in turns if t < 60]
     assert any(m["l40s"] > 0 for m in before) and max(m["a100"] for m in before) == 0
-    assert after and after[-1]["l40s"] == 0 and after[-1]["a100"] > 0
+    capped = next(t for t, m in turns if t > 60 and m["l40s"] == 0)
+    window = s.scaling.behavior.scale_down.stabilization_seconds
+    held = [m for t, m in turns if capped <= t < capped + window]
+    assert all(m["l40s"] == 0 and m["a100"] > 0 for m in held)
     assert run.spot.replicas_reclaimed > 0 and usd["a100"] > 0
 
 
@@ -166,3 +170,35 @@ def test_prompts_no_variant_prefills_within_the_ttft_target_are_counted_apart():
     assert out_of_reach(trace, {"l40s": kinds["l40s"]}, 10.0) == 1  # 120k tokens at 11.3k/s: 10.7 s alone
     assert out_of_reach(trace, kinds, 10.0) == 0  # an H100 prefills it in 6 s
     assert out_of_reach(trace, {"l4": kinds["l4"]}, 10.0) == 0  # too long for it: refused, not counted twice
+
+
+def test_each_variant_is_shown_its_own_latency_as_the_operator_reads_it():
+    """The operator's per-variant signals sum that variant's pods' histogram buckets
+    (signals/prometheus.py); the simulator shows the tick the same: each variant's own TTFT and
+    TPOT quantiles, next to the service's over all of them."""
+    s = spec()
+    models = {v.name: sim_variant(s, v).model for v in s.variants}
+    kinds = {0: "h100", 1: "l40s"}
+    arrivals = np.arange(0.0, 50.0, 0.1)
+    serving = VariantServing(models, kinds.__getitem__, arrivals, np.full(len(arrivals), 1000),
+                             np.full(len(arrivals), 100))
+    for rid in kinds:
+        serving.add_replica(rid, 0.0)
+    serving.advance(0, 60)
+    service = serving.scrape(60.0, 0.0, 60.0, 0.9, 0.9)
+    mine = serving.variant_signals(60.0, 60.0, service, 0.9, 0.9)
+    h100, l40s = mine["h100"], mine["l40s"]
+    assert h100.tpot_seconds < service.tpot_seconds < l40s.tpot_seconds  # a 6.5 ms step against 25 ms
+    assert 0 < h100.ttft_seconds < l40s.ttft_seconds  # a 1k prompt at 20k tokens/s against 11.3k
+    assert serving.variant_signals(60.0, 60.0, service)["l40s"].tpot_seconds is None  # no target: none read
+
+
+def test_each_variant_runs_the_step_budget_vllm_serve_picks_for_its_gpu_unless_its_args_set_one():
+    """`vllm serve` steps 8192 tokens at most on GPUs of 70 GiB or more other than the A100, else 2048
+    (a decode step that carries a prefill chunk is that much shorter); --max-num-batched-tokens wins."""
+    s = spec()
+    budgets = {v.name: sim_variant(s, v).model.max_num_batched_tokens for v in s.variants}
+    assert budgets == {"h100": 8192, "a100": 2048, "l40s": 2048, "l4": 2048}
+    l40s = next(v for v in s.variants if v.name == "l40s")
+    wide = l40s.model_copy(update={"engine_args": ["--max-num-batched-tokens=8192"]})
+    assert sim_variant(s, wide).model.max_num_batched_tokens == 8192

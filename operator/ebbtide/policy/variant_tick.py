@@ -109,13 +109,13 @@ def seed_capacity(accelerator: str) -> float:
     return next((v for k, v in SEED_TOKENS_PER_S.items() if k.upper() == wanted), UNKNOWN_SEED)
 
 
-def max_model_len(args: list[str]) -> int | None:
-    """`--max-model-len` as `vllm serve` reads it (the last one wins), or None."""
+def int_flag(args: list[str], flag: str) -> int | None:
+    """An integer flag as `vllm serve` reads it (the last one wins), or None."""
     found = None
     for i, arg in enumerate(args):
-        if arg.startswith("--max-model-len="):
+        if arg.startswith(f"{flag}="):
             found = arg.split("=", 1)[1]
-        elif arg == "--max-model-len" and i + 1 < len(args):
+        elif arg == flag and i + 1 < len(args):
             found = args[i + 1]
     try:
         return int(found) if found is not None else None
@@ -123,9 +123,18 @@ def max_model_len(args: list[str]) -> int | None:
         return None
 
 
+def max_model_len(args: list[str]) -> int | None:
+    return int_flag(args, "--max-model-len")
+
+
+def variant_flag(spec: InferenceServiceSpec, variant: Variant, flag: str) -> int | None:
+    """The flag the variant's engine runs with: its own engineArgs, else the service's."""
+    own = int_flag(variant.engine_args, flag)
+    return own if own is not None else int_flag(spec.engine.args, flag)
+
+
 def max_context(spec: InferenceServiceSpec, variant: Variant) -> int | None:
-    own = max_model_len(variant.engine_args)
-    return own if own is not None else max_model_len(spec.engine.args)
+    return variant_flag(spec, variant, "--max-model-len")
 
 
 def observe_variant(spec: InferenceServiceSpec, variant: Variant, pods: list[Pod], signals: Signals | None,

@@ -189,7 +189,8 @@ def size_routes(views: Sequence[VariantView], targets: Mapping[str, int], demand
     """Per request size, longest first, the variants of the mix that carry it: each size takes
     the capacity left on the variants that admit it, those no longer size uses first (so sizes
     share a variant only when the mix leaves no other), then the cheapest per token (reserved
-    first). () with a single size: nothing to route by."""
+    first). The variant named first, the size's own (the gateway's first choice), is the one that
+    carries most of it: not a replica added for a remainder. () with a single size."""
     classes = sorted((c for c in demand if c.tokens_per_s > 0), key=_longest_first)
     if len(classes) < 2:
         return ()
@@ -198,16 +199,15 @@ def size_routes(views: Sequence[VariantView], targets: Mapping[str, int], demand
     routes = []
     for demand_class in classes:
         open_ = [v for v in views if left[v.name] > _EPSILON and v.admits(demand_class.context_tokens)]
-        need, names = demand_class.tokens_per_s / share, []
+        need, taken = demand_class.tokens_per_s / share, {}
         for v in sorted(open_, key=lambda v: (v.name in used, v.usd_per_million_tokens)):
             if need <= _EPSILON:
                 break
-            taken = min(need, left[v.name])
-            left[v.name] -= taken
-            need -= taken
-            names.append(v.name)
-        used.update(names)
-        routes.append((demand_class.context_tokens, tuple(names)))
+            taken[v.name] = min(need, left[v.name])
+            left[v.name] -= taken[v.name]
+            need -= taken[v.name]
+        used.update(taken)
+        routes.append((demand_class.context_tokens, tuple(sorted(taken, key=lambda name: -taken[name]))))
     return tuple(routes)
 
 
@@ -242,8 +242,11 @@ def _fill(amount: float, eligible: Sequence[VariantView], targets: dict[str, int
             targets[best.name] += n
             amount -= n * best.capacity_tokens_per_s
             continue
-        # The rest in one go, if some variant can take it: the fewest dollars per hour for it.
-        whole = [(max(1, math.ceil(amount / v.capacity_tokens_per_s - _EPSILON)), v) for v in open_]
+        # The rest in one go, if some variant can take it: the fewest dollars per hour for it. A
+        # variant dearer per token takes one remainder, not one more each tick: kept, remainders
+        # piled up (four L4s where one L40S carries as much), and trimming never swaps them back.
+        whole = [(max(1, math.ceil(amount / v.capacity_tokens_per_s - _EPSILON)), v) for v in open_
+                 if v.usd_per_million_tokens <= best.usd_per_million_tokens or not targets[v.name]]
         whole = [(n, v) for n, v in whole if n <= _room(v, targets)]
         if whole:
             n, v = min(whole, key=lambda nv: (nv[0] * nv[1].effective_usd_per_hour, nv[1].usd_per_million_tokens))

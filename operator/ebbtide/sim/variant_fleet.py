@@ -37,6 +37,7 @@ from ebbtide.policy.variant_tick import (
     max_context,
     observe_variant,
     seed_capacity,
+    variant_flag,
 )
 from ebbtide.policy.variants import choose_mix
 from ebbtide.sim.capacity import ACCELERATOR_PRESETS, CapacityModel
@@ -71,10 +72,15 @@ class SimVariant:
 
 def sim_variant(spec: InferenceServiceSpec, variant: Variant) -> SimVariant:
     """The variant as the simulator runs it: its accelerator's preset (an unknown one runs as the
-    slowest, the L4), its max_model_len from the engine arguments, capped by the preset's."""
-    preset = ACCELERATOR_PRESETS.get(variant.accelerator, ACCELERATOR_PRESETS["L4"])
+    slowest, the L4), its max_model_len from the engine arguments, capped by the preset's, and
+    their --max-num-batched-tokens if they set one (else the preset's, vLLM's default there)."""
+    model = ACCELERATOR_PRESETS.get(variant.accelerator, ACCELERATOR_PRESETS["L4"])
     limit = max_context(spec, variant)
-    model = preset.with_overrides(max_model_len=min(limit, preset.max_model_len)) if limit else preset
+    if limit:
+        model = model.with_overrides(max_model_len=min(limit, model.max_model_len))
+    budget = variant_flag(spec, variant, "--max-num-batched-tokens")
+    if budget and budget > model.max_num_seqs:
+        model = model.with_overrides(max_num_batched_tokens=budget)
     committed = variant.replicas.max if variant.capacity_type == "reserved" else 0
     return SimVariant(model, variant.usd_per_replica_hour, committed, variant.capacity_type == "spot")
 
@@ -155,8 +161,10 @@ def opening_tokens_per_s(trace: Trace, window_s: float) -> float:
 
 
 def simulate_variants(trace: Trace, policy: VariantsPolicy | EbbtidePolicy, kinds: Mapping[str, SimVariant],
-                      settings: SimSettings) -> tuple[PolicyRun, dict[str, float]]:
-    """The run, and the dollars each Deployment cost (reserved ones committed in full)."""
+                      settings: SimSettings, serving_type: type[VariantServing] = VariantServing
+                      ) -> tuple[PolicyRun, dict[str, float]]:
+    """The run, and the dollars each Deployment cost (reserved ones committed in full);
+    `serving_type` lets a diagnosis see each request (bench/variants_misses.py)."""
     if trace.arrivals is None:
         raise ValueError("variants are replayed request by request: give a request log, not a rate file")
     dt = 1.0
@@ -166,9 +174,9 @@ def simulate_variants(trace: Trace, policy: VariantsPolicy | EbbtidePolicy, kind
     widest = max(k.model.max_model_len for k in kinds.values())
     fits = trace.prompt_tokens + trace.output_tokens + 1 <= widest
     fleet = Fleet(1, settings.cold_start_s)
-    serving = VariantServing({kind: k.model for kind, k in kinds.items()}, lambda rid: fleet.get(rid).capacity_type,
-                             trace.arrivals[fits], trace.prompt_tokens[fits], trace.output_tokens[fits], dt,
-                             settings.seed)
+    serving = serving_type({kind: k.model for kind, k in kinds.items()}, lambda rid: fleet.get(rid).capacity_type,
+                           trace.arrivals[fits], trace.prompt_tokens[fits], trace.output_tokens[fits], dt,
+                           settings.seed)
     limits = [k.model.max_model_len for k in kinds.values()]
     opening = opening_tokens_per_s(trace, policy.spec.scaling.behavior.scale_down.stabilization_seconds)
     if isinstance(policy, VariantsPolicy):
@@ -196,7 +204,8 @@ def simulate_variants(trace: Trace, policy: VariantsPolicy | EbbtidePolicy, kind
         if t >= next_scrape:
             window = settings.metrics_window_s
             snapshot = serving.scrape(t, epoch, window, settings.ttft_quantile, settings.tpot_quantile)
-            per_variant = serving.variant_signals(t, window, snapshot)
+            per_variant = serving.variant_signals(t, window, snapshot, settings.ttft_quantile,
+                                                  settings.tpot_quantile)
             mix = context_mix(trace.arrivals, trace.prompt_tokens, trace.output_tokens, t, window, limits)
             next_scrape += settings.scrape_interval_s
         if t >= next_tick:

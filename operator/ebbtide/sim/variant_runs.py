@@ -62,11 +62,11 @@ def run_variant_policies(names: list[str], spec: InferenceServiceSpec, trace: Tr
     if budget is not None and VARIANTS_POLICY in names:
         names = [*names, BUDGET_POLICY]
     for name in names:
-        kinds, policy = _setup(name, spec, budget)
+        kinds, policy = run_setup(name, spec, budget)
         # Every run starts as an operator that has served this service before: its limits are
         # those its own replicas taught it in a first replay of the trace, not reported.
         simulate_variants(trace, policy, kinds, settings)
-        kinds, policy = _setup(name, spec, budget, learned=policy)
+        kinds, policy = run_setup(name, spec, budget, learned=policy)
         run, usd = simulate_variants(trace, policy, kinds, settings)
         if name not in (VARIANTS_POLICY, BUDGET_POLICY):
             usd = {name.removeprefix(PREFIX): usd[ON_DEMAND]}
@@ -88,8 +88,8 @@ def run_variant_policies(names: list[str], spec: InferenceServiceSpec, trace: Tr
     return results, by_variant
 
 
-def _setup(name: str, spec: InferenceServiceSpec, budget: float | None,
-           learned: VariantsPolicy | EbbtidePolicy | None = None) -> tuple[dict, VariantsPolicy | EbbtidePolicy]:
+def run_setup(name: str, spec: InferenceServiceSpec, budget: float | None,
+              learned: VariantsPolicy | EbbtidePolicy | None = None) -> tuple[dict, VariantsPolicy | EbbtidePolicy]:
     """The Deployments and the policy of run `name`; with `learned`, a policy that ran before,
     starting from the limits it learned."""
     if name in (VARIANTS_POLICY, BUDGET_POLICY):

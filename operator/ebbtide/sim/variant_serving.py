@@ -15,9 +15,11 @@ load (a queue-aware gateway's spill, e.g. llm-d's queue scorer). Routing by
 prompt length is the user's gateway's part (a header set by the client, or one endpoint per
 size class); the simulator assumes the gateway is set up to follow the plan.
 
-What the operator reads per variant is scraped per variant too: its pods and its token rate
-(vLLM's counters summed over the variant's replicas, including those gone since), and the
-shares of the token rate by the context the requests need (the shell's `context_mix`).
+What the operator reads per variant is scraped per variant too: its pods, its token rate
+(vLLM's counters summed over the variant's replicas, including those gone since), its TTFT and
+TPOT quantiles over the window (the operator sums the variant's pods' histogram buckets,
+signals/prometheus.py), and the shares of the token rate by the context the requests need (the
+shell's `context_mix`).
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ import numpy as np
 from ebbtide.policy.observation import Signals
 from ebbtide.sim.capacity import CapacityModel
 from ebbtide.sim.engine_core import EngineCore
+from ebbtide.sim.engine_types import FirstToken
+from ebbtide.sim.latency import weighted_quantile
 from ebbtide.sim.request_serving import RequestServing, _tokens_counted
 
 
@@ -44,6 +48,9 @@ class VariantServing(RequestServing):
         self.kinds: dict[int, str] = {}  # replica -> its variant
         self._ever: dict[str, list[EngineCore]] = {kind: [] for kind in models}  # for the token counters
         self._marks: dict[str, deque[tuple[float, float]]] = {kind: deque() for kind in models}
+        # Each variant's latency samples, as the service's: (time, TTFT) and (time, ITL, tokens).
+        self._ttft_by_kind: dict[str, deque[tuple[float, float]]] = {kind: deque() for kind in models}
+        self._itl_by_kind: dict[str, deque[tuple[float, float, int]]] = {kind: deque() for kind in models}
         self.routes: tuple[tuple[int | None, tuple[str, ...]], ...] = ()  # MixPlan.routes; () routes by fit only
         self._now = 0.0
 
@@ -79,8 +86,40 @@ class VariantServing(RequestServing):
         self._collect(rid, self.engines[rid].advance(self._now))
         return self.engines[rid].num_waiting
 
-    def variant_signals(self, t: float, window: float, service: Signals) -> dict[str, Signals]:
-        """Each variant's pods (as the service's scrape saw them) and its token rate over the window."""
+    def _collect(self, rid: int, events: list) -> None:
+        for event in events:
+            if isinstance(event, FirstToken):
+                self._ttft_by_kind[self.kinds[rid]].append(
+                    (event.time, event.ttft + self._held.get(event.request_id, 0.0)))
+        super()._collect(rid, events)
+
+    def _latency_window(self, now: float, window: float, ttft_q: float | None, itl_q: float | None):
+        # The serving replicas' ITL samples, kept by variant too, before the service's window takes them.
+        for rid, engine in self.engines.items():
+            for itl, count in engine.take_itl_samples():
+                self._itl_samples.append((now, itl, count))
+                self._itl_by_kind[self.kinds[rid]].append((now, itl, count))
+        return super()._latency_window(now, window, ttft_q, itl_q)
+
+    def _variant_latency(self, kind: str, t: float, window: float, ttft_q: float | None,
+                         itl_q: float | None) -> tuple[float | None, float | None]:
+        """The variant's TTFT and TPOT quantiles over the window (None without samples or target)."""
+        ttfts, itls = self._ttft_by_kind[kind], self._itl_by_kind[kind]
+        for samples in (ttfts, itls):
+            while samples and samples[0][0] < t - window:
+                samples.popleft()
+        ttft = itl = None
+        if ttft_q is not None and ttfts:
+            ttft = weighted_quantile(np.array([v for _, v in ttfts]), np.ones(len(ttfts)), ttft_q)
+        if itl_q is not None and itls:
+            itl = weighted_quantile(np.array([v for _, v, _ in itls]),
+                                    np.array([c for _, _, c in itls], dtype=float), itl_q)
+        return ttft, itl
+
+    def variant_signals(self, t: float, window: float, service: Signals, ttft_q: float | None = None,
+                        itl_q: float | None = None) -> dict[str, Signals]:
+        """Each variant's pods (as the service's scrape saw them), its token rate and its latency
+        quantiles over the window (call it right after the service's scrape at `t`)."""
         by_pod = {f"replica-{rid}": kind for rid, kind in self.kinds.items()}
         out = {}
         for kind, engines in self._ever.items():
@@ -90,9 +129,11 @@ class VariantServing(RequestServing):
             while marks[0][0] < t - window:
                 marks.popleft()
             first_t, first = marks[0]
+            ttft, itl = self._variant_latency(kind, t, window, ttft_q, itl_q)
             out[kind] = Signals(source=service.source, sampled_at=service.sampled_at,
                                 pods=tuple(p for p in service.pods if by_pod.get(p.pod) == kind),
-                                tokens_per_second=(counted - first) / (t - first_t) if t > first_t else None)
+                                tokens_per_second=(counted - first) / (t - first_t) if t > first_t else None,
+                                ttft_seconds=ttft, tpot_seconds=itl)
         return out
 
 
