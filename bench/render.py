@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import re
-import statistics
 from pathlib import Path
+
+from render_operator import failover, mark, scale_section
 
 BENCH = Path(__file__).resolve().parent
 TRACES = ("conv-week", "code-week", "conv-1h", "code-1h")
@@ -34,7 +35,6 @@ FLOOR = "static-max"
 RAMP_RATIO = 0.5
 GPU_HOURS_RATIO = 1.10
 VARIANTS, VARIANT_SAVING = "ebbtide-variants", 0.25  # issue 19: the mix against the best single variant
-SCALE_TICK_S, SCALE_RSS_MIB = 5.0, 500  # issue 18: tick p99 under the tick interval, RSS under 500 MiB
 
 
 def render(results: Path) -> str:
@@ -99,9 +99,9 @@ def render(results: Path) -> str:
         out += _seeds(json.loads(seeds.read_text()), runs, notes)
     scale = results / "operator-scale.json"
     if scale.exists() and "failover_s" in json.loads(scale.read_text()):
-        out += [_failover(json.loads(scale.read_text())), ""]
+        out += [failover(json.loads(scale.read_text())), ""]
     if scale.exists() and "services" in json.loads(scale.read_text()):
-        out += _scale(json.loads(scale.read_text()), notes.get("operator-scale"))
+        out += scale_section(json.loads(scale.read_text()), notes.get("operator-scale"))
     if "summary" in notes:
         out += ["## What this says", "", notes["summary"], ""]
     return "\n".join(out).rstrip() + "\n"
@@ -126,15 +126,11 @@ def _targets(key: str, name: str, policies: dict) -> str:
         best_name, best = min(passing.items(), key=lambda item: item[1]["gpu_hours"])
         saving = 1 - me["gpu_hours"] / best["gpu_hours"]
         fewer = f"{saving:.1%} fewer" if saving >= 0 else f"{-saving:.1%} more"
-        vs = f"{fewer} than {best_name} ({best['gpu_hours']:.1f}): {_mark(saving >= SAVING)}"
+        vs = f"{fewer} than {best_name} ({best['gpu_hours']:.1f}): {mark(saving >= SAVING)}"
     else:
         vs = "no baseline meets the SLO for 99 %"
-    return (f"| {key} | {name} | {100 * me['slo_attainment']:.2f} %: {_mark(slo_ok)} | "
-            f"{me['gpu_hours']:.1f} / {oracle['gpu_hours']:.1f} = {ratio:.2f}: {_mark(ratio <= ORACLE_RATIO)} | {vs} |")
-
-
-def _mark(ok: bool) -> str:
-    return "met" if ok else "**not met**"
+    return (f"| {key} | {name} | {100 * me['slo_attainment']:.2f} %: {mark(slo_ok)} | "
+            f"{me['gpu_hours']:.1f} / {oracle['gpu_hours']:.1f} = {ratio:.2f}: {mark(ratio <= ORACLE_RATIO)} | {vs} |")
 
 
 def _describe(doc: dict) -> str:
@@ -191,10 +187,10 @@ def _lifecycle(docs: dict[str, dict], notes: dict[str, str]) -> list[str]:
             f"{floor['ttft_p99_ramps_s']:.2f} s = {floor['ttft_p99_ramps_s'] / base['ttft_p99_ramps_s']:.2f} "
             f"at {floor['gpu_hours'] / base['gpu_hours']:.2f}x the GPU-h")
         out.append(f"| {doc['trace']} | {_training(doc)} | {me['ttft_p99_ramps_s']:.2f} / "
-                   f"{base['ttft_p99_ramps_s']:.2f} s = {ramp:.2f}: {_mark(ramp <= RAMP_RATIO)} | {reachable} | "
+                   f"{base['ttft_p99_ramps_s']:.2f} s = {ramp:.2f}: {mark(ramp <= RAMP_RATIO)} | {reachable} | "
                    f"{_ramp_misses(base)} -> {_ramp_misses(me)} | "
                    f"{me['gpu_hours']:.1f} / {base['gpu_hours']:.1f} = {hours:.3f}: "
-                   f"{_mark(hours <= GPU_HOURS_RATIO)} |")
+                   f"{mark(hours <= GPU_HOURS_RATIO)} |")
     for key, doc in docs.items():
         out += ["", f"### {key}", "", f"    {doc['bench']['command']}", "",
                 f"{_describe(doc)[:-1]}; {_training(doc)}.", "",
@@ -298,50 +294,6 @@ def _seeds(doc: dict, runs: dict[str, dict], notes: dict[str, str]) -> list[str]
     return out
 
 
-def _failover(doc: dict) -> str:
-    """High availability (tests/test_operator_ha.py): a killed leader's standby, in seconds."""
-    runs, detail = doc["failover_s"], doc.get("failover", {})
-    lines = ["## Operator failover", "", f"{detail.get('what', '')}. Target: within 15 s.", "",
-             "| | runs | min | median | max |", "|---|---:|---:|---:|---:|"]
-    for name, values in (("first decision (`failover_s`)", runs), ("Lease held", detail.get("lease_s") or [])):
-        if values:
-            ordered = sorted(values)
-            lines.append(f"| {name} | {len(values)} | {ordered[0]:.1f} s | {ordered[len(values) // 2]:.1f} s | "
-                         f"{ordered[-1]:.1f} s |")
-    if "how" in detail:
-        lines += ["", f"Measured with {detail['how']}."]
-    return "\n".join(lines)
-
-
-def _scale(doc: dict, note: str | None) -> list[str]:
-    """The operator at fleet scale (bench/operator_scale.py)."""
-    out = ["## Operator at scale", "", f"    {doc['command']}", "",
-           f"The operator (`ebbtide run`, its own process, default {doc['tick_interval_s']:g} s tick) on the real "
-           f"control plane with {doc['cpus']} CPUs shared; status-only pods, one exporter, a real Prometheus "
-           f"scraping every {doc['scrape_interval_s']:g} s. Per tick: averages over a window with nothing changing. "
-           f"Targets: tick p99 < {SCALE_TICK_S:g} s, Prometheus queries and API requests per tick that do not grow "
-           f"with the services, RSS < {SCALE_RSS_MIB} MiB.", ""]
-    rows = [*doc["sizes"], *doc.get("before_fix", [])]
-    out += ["| operator at | services | pods | tick p50 | tick p99 | Prometheus queries / tick | API requests / tick "
-            "| watches | RSS | CPU | backlog to patch (median, max) | load |",
-            "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---|"]
-    for r in rows:
-        backlog = [b for b in r.get("backlog_to_patch_s") or [] if b is not None]
-        waited = f"{statistics.median(backlog):.1f} s, {max(backlog):.1f} s" if backlog else "-"
-        if missed := sum(1 for b in r.get("backlog_to_patch_s") or [] if b is None):
-            waited += f" ({missed} not scaled)"
-        requests = ", ".join(f"{verb} {n:g}" for verb, n in r["api_requests_per_tick"].items())
-        out.append(f"| {r.get('commit', '')} | {r['services']:,} | {r['pods']:,} | {r['tick_p50_s']:.2f} s | "
-                   f"{r['tick_p99_s']:.2f} s {_mark(r['tick_p99_s'] < SCALE_TICK_S)} | {r['prometheus_queries_per_tick']:g} | "
-                   f"{requests} | {r['watches']} | {r['rss_mib']:.0f} MiB {_mark(r['rss_mib'] < SCALE_RSS_MIB)} | "
-                   f"{r['cpu_cores']:.2f} | {waited} | {' / '.join(str(x) for x in r.get('load_average', []))} |")
-    if "failover_s" in doc:
-        out += ["", f"Leader failover: {doc['failover_s']} s."]
-    if note:
-        out += ["", note]
-    return out + [""]
-
-
 def _variants(doc: dict, note: str | None) -> list[str]:
     """Issue 19: the mix against the best single variant at 99 % SLO, per-variant dollars, the budget row."""
     policies, spent = doc["policies"], doc["settings"]["usd_by_variant"]
@@ -365,7 +317,7 @@ def _variants(doc: dict, note: str | None) -> list[str]:
            f"Target: at least {VARIANT_SAVING:.0%} lower USD per million tokens than the best single variant, at "
            f"{SLO_TARGET:.0%} SLO. {VARIANTS}: {mix['usd_per_million_tokens']:.3f} at "
            f"{_percent(mix['slo_attainment'])}; {versus}, {best['usd_per_million_tokens']:.3f} at "
-           f"{_percent(best['slo_attainment'])}: {abs(saving):.1%} {'lower' if saving >= 0 else 'higher'}: {_mark(met)}.",
+           f"{_percent(best['slo_attainment'])}: {abs(saving):.1%} {'lower' if saving >= 0 else 'higher'}: {mark(met)}.",
            "", _table(policies), "", "| policy | USD by variant | most USD/h the mix projected | refused | out of reach |",
            "|---|---|---:|---:|---:|"]
     for run, row in spent.items():

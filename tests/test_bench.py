@@ -2,12 +2,15 @@
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
 def load_render():
+    if str(BENCH) not in sys.path:  # as bench/run.py runs it: its sections are modules beside it
+        sys.path.insert(0, str(BENCH))
     spec = importlib.util.spec_from_file_location("bench_render", BENCH / "render.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
