@@ -66,10 +66,14 @@ class ScalingLoop:
             except Exception:  # a failed tick must not stop the loop; the next one retries
                 log.exception("scaling tick failed")
             release_freed_memory()  # counted in the tick: it is the tick's own clean-up
+            took = time.perf_counter() - started
             self.metrics.ticks.inc()
-            self.metrics.tick_seconds.observe(time.perf_counter() - started)
+            self.metrics.tick_seconds.observe(took)
+            # A tick every tick_seconds, start to start: each tick evaluates the services whose
+            # phase its period covers, and with a pause of tick_seconds after each tick a long
+            # tick made the next one longer still (bench/operator_scale.py).
             try:
-                await asyncio.wait_for(stopped.wait(), timeout=self.tick_seconds)
+                await asyncio.wait_for(stopped.wait(), timeout=max(0.0, self.tick_seconds - took))
             except TimeoutError:
                 pass
         if self._warming is not None:
