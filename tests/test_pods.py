@@ -3,7 +3,7 @@ shaped as the API server returns them."""
 
 from __future__ import annotations
 
-from ebbtide.cluster.pods import ANNOTATION_ASLEEP_SINCE, summarize
+from ebbtide.cluster.pods import ANNOTATION_ASLEEP_SINCE, essentials, summarize
 from ebbtide.cluster.render import LABEL_CAPACITY, LABEL_SERVICE, LABEL_SERVING, ON_DEMAND, SPOT
 from ebbtide.policy.startup import Startup
 
@@ -59,3 +59,13 @@ def test_startups_say_when_each_ready_pod_was_created_scheduled_and_ready():
     (counts,) = summarize([pod("a"), pod("b", spot=True), pod("c", serving=False, asleep_since=ASLEEP_AT)]).values()
     created, scheduled, ready = 1796291880.0, 1796291940.0, 1796292120.0  # 09:58, 09:59, 10:02
     assert counts.startups == [Startup(created, scheduled, ready, False), Startup(created, scheduled, ready, True)]
+
+
+def test_a_pod_cut_down_to_its_essentials_says_the_same():
+    whole = [pod("a"), pod("b", serving=False), pod("c", serving=False, asleep_since=ASLEEP_AT),
+             pod("d", ready=False, started=None, spot=True)]
+    for p in whole:  # what the API server adds and the tick never reads
+        p["metadata"]["managedFields"] = [{"manager": "kubelet", "fieldsV1": {"f:status": {}}}]
+        p["spec"]["volumes"] = [{"name": "cache", "emptyDir": {}}]
+        p["spec"]["containers"][0]["env"] = [{"name": "HF_HOME", "value": "/cache"}]
+    assert summarize([essentials(p) for p in whole]) == summarize(whole)

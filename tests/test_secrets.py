@@ -151,6 +151,19 @@ def test_kopfs_diff_base_tells_an_edited_value_without_keeping_it():
     assert storage.fetch(body=body("changed", kept)) != storage.build(body=body("changed", kept)), "an edit"
 
 
+def test_kopfs_diff_base_is_the_same_built_without_status_and_system_metadata():
+    storage = RedactedDiffBaseStorage(prefix="ebbtide.dev", key="last-handled-configuration")
+    lean = {"apiVersion": "ebbtide.dev/v1alpha1", "kind": "InferenceService",
+            "metadata": {"name": "chat", "namespace": "ml", "labels": {"team": "a"}, "annotations": {"note": "x"}},
+            "spec": {"model": {"name": "m"}, "engine": {"env": [{"name": "GREETING", "value": LITERAL}]}}}
+    full = {**lean, "metadata": {**lean["metadata"], "uid": "u", "resourceVersion": "7", "generation": 2,
+                                 "managedFields": [{"manager": "ebbtide", "fieldsV1": {"f:status": {}}}]},
+            "status": {"phase": "Ready", "scaler": {"since": 1.0}}}
+    assert storage.build(body=kopf.Body(full)) == storage.build(body=kopf.Body(lean)) == {
+        "spec": storage.build(body=kopf.Body(lean))["spec"], "metadata": {"labels": {"team": "a"},
+                                                                         "annotations": {"note": "x"}}}
+
+
 def test_the_charts_cluster_role_grants_nothing_on_secrets():
     """The operator needs no Secret: the kubelet resolves secretKeyRef and secretRef."""
     rbac = (ROOT / "charts/ebbtide/templates/rbac.yaml").read_text()

@@ -19,7 +19,7 @@ from ebbtide.api.ref import ServiceRef
 from ebbtide.cluster.render import LABEL_SERVICE
 from ebbtide.cluster.variants import LABEL_VARIANT
 from ebbtide.control.observe import Snapshot, signal_queries
-from ebbtide.signals.prometheus import QUERY_NAMES, PrometheusSource, ServiceQuery
+from ebbtide.signals.prometheus import HISTOGRAMS, MAX_NAMED_PODS, QUERY_NAMES, PrometheusSource, ServiceQuery
 from ebbtide.signals.scrape import ScrapeQuery, ScrapeSource
 from tests.testbed.exporter import FakeVllmExporter
 from tests.testbed.fixtures import fake_vllm_exporter  # noqa: F401
@@ -203,6 +203,20 @@ def test_query_count_does_not_grow_with_services(bed):
     for k in range(MANY):
         s = signals_many[f"ns-many/s{k}"]
         assert s.error is None and [p.pod for p in s.pods] == [f"p-{k}"] and s.waiting == k
+
+
+def test_each_query_reads_only_the_pods_of_the_services_asked_about():
+    """A tick asks about the services due (a third of the fleet at the default interval and
+    tick): the other pods' series are not read (bench/operator_scale.py)."""
+    source = PrometheusSource("http://127.0.0.1:9")
+    asked = [ServiceQuery("a", "ns", ("p-1", "p-2")), ServiceQuery("b", "ns", ("p-3",))]
+    queries = source.queries(asked)
+    assert all('pod=~"p-1|p-2|p-3"' in q for name, q in queries.items()
+               if not name.startswith("gpu_") and name not in HISTOGRAMS), queries
+    assert 'pod=~""' in queries["ttft_buckets"]  # none served in the window
+    assert 'pod=~"p-2"' in source.queries(asked, served=["p-2"])["tpot_buckets"]
+    everyone = [ServiceQuery(f"s{k}", "ns", (f"p-{k}",)) for k in range(MAX_NAMED_PODS + 1)]
+    assert "pod=~" not in source.queries(everyone)["waiting"]  # too many to name: all of them
 
 
 @pytest.mark.prometheus

@@ -18,6 +18,7 @@ from ebbtide.api.manifest import parse_spec
 from ebbtide.api.ref import ServiceRef
 from ebbtide.cluster.engine import engine_url
 from ebbtide.cluster.kube import Kube
+from ebbtide.cluster.pods import essentials
 from ebbtide.cluster.render import CONDITION_WARMED_UP, LABEL_SERVICE, render_deployment
 from ebbtide.cluster.warmup import warm_up
 from tests.testbed.kubeapi import without_owner
@@ -67,7 +68,8 @@ def stats(pod: dict) -> dict:
 def tick(kube: Kube, requests: int = 3, **kwargs):
     """What the scaling tick does: list the pods once, warm those that wait for it."""
     async def run():
-        return await warm_up(kube, await kube.list_pods(LABEL_SERVICE), {SERVICE: spec(requests)}, **kwargs)
+        listed = await kube.list_pods(LABEL_SERVICE, essentials)  # cut down as the tick keeps them
+        return await warm_up(kube, listed, {SERVICE: spec(requests)}, **kwargs)
     return asyncio.run(run())
 
 
@@ -104,7 +106,7 @@ def test_an_engine_that_does_not_answer_stays_out_until_a_later_tick_warms_it(ap
     kubelet = kubelet_factory(startup_delay=0.2)
     start(apiserver, replicas=1)
     (name,) = containers_ready(apiserver, 1)
-    listed = asyncio.run(kube.list_pods(LABEL_SERVICE))  # the tick's list: the engine looked fine
+    listed = asyncio.run(kube.list_pods(LABEL_SERVICE, essentials))  # the tick's list: the engine looked fine
     pid = kubelet.kill_engine(NS, name, signal.SIGSTOP)  # frozen: accepts connections, never answers
     try:
         (result,) = asyncio.run(warm_up(kube, listed, {SERVICE: spec()}, timeout=1.0))

@@ -325,9 +325,10 @@ class Kube:
             if not token:
                 return items
 
-    async def list_pods(self, label_selector: str) -> list[dict]:
+    async def list_pods(self, label_selector: str, keep: Callable[[dict], dict] = _without_managed_fields) -> list[dict]:
+        """`keep`: what of each pod to keep (cluster/pods.py `essentials`: what the tick reads)."""
         return await self._list(self.core.list_pod_for_all_namespaces, self.core.list_namespaced_pod, label_selector,
-                                _without_managed_fields)
+                                keep)
 
     async def patch_pod_status(self, namespace: str, name: str, status: dict) -> None:
         """Strategic merge patch of a pod's status (pods/status): e.g. one readiness-gate condition."""

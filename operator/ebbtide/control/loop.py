@@ -22,10 +22,12 @@ from ebbtide.api.ref import ServiceRef
 from ebbtide.api.spec import InferenceServiceSpec
 from ebbtide.cluster.engine import EngineClient
 from ebbtide.cluster.kube import Conflict, Forbidden, Kube
+from ebbtide.cluster.pods import essentials
 from ebbtide.cluster.profile_store import render_profile
 from ebbtide.cluster.render import LABEL_SERVICE
 from ebbtide.cluster.warm_pool import carry_out
 from ebbtide.cluster.warmup import warm_up
+from ebbtide.control import cadence
 from ebbtide.control.cadence import slot
 from ebbtide.control.decide import Step, decide
 from ebbtide.control.explain import tell
@@ -64,10 +66,14 @@ class ScalingLoop:
             except Exception:  # a failed tick must not stop the loop; the next one retries
                 log.exception("scaling tick failed")
             release_freed_memory()  # counted in the tick: it is the tick's own clean-up
+            took = time.perf_counter() - started
             self.metrics.ticks.inc()
-            self.metrics.tick_seconds.observe(time.perf_counter() - started)
+            self.metrics.tick_seconds.observe(took)
+            # A tick every tick_seconds, start to start: each tick evaluates the services whose
+            # phase its period covers, and with a pause of tick_seconds after each tick a long
+            # tick made the next one longer still (bench/operator_scale.py).
             try:
-                await asyncio.wait_for(stopped.wait(), timeout=self.tick_seconds)
+                await asyncio.wait_for(stopped.wait(), timeout=max(0.0, self.tick_seconds - took))
             except TimeoutError:
                 pass
         if self._warming is not None:
@@ -80,7 +86,10 @@ class ScalingLoop:
             state = self.states.get(key)
             if state is None:
                 state = self.states[key] = ServiceState.restore(self.registry.stored.pop(key, None), now)
-            if now - state.last_evaluated >= spec.scaling.behavior.interval_seconds - 0.5:
+            # A new service, one restored after a restart, or one whose spec changed is evaluated
+            # at once; then once per interval at its own phase: a fleet created together spreads.
+            if state.evaluated_spec is not spec or cadence.due(
+                    now, spec.scaling.behavior.interval_seconds, key, state.last_evaluated, state.evaluated_slot):
                 due.append((ref, spec, state))
         for key in set(self.states) - set(self.registry.services):
             del self.states[key]
@@ -89,14 +98,17 @@ class ScalingLoop:
         return due
 
     async def tick(self, now: float) -> None:
+        started = time.perf_counter()
         due = self._due(now)
         # Pods are listed every tick, due or not: a new replica waits at most one tick for its
         # warm-up (its readiness gate), whatever the services' intervals.
-        listed = await self.kube.list_pods(LABEL_SERVICE)
+        listed = await self.kube.list_pods(LABEL_SERVICE, essentials)
         self._warm_up(listed)
         if not due:
             return
+        ends = [time.perf_counter()]
         snapshot = await observe(self.kube, self.source, due, listed, now)
+        ends.append(time.perf_counter())
         # Side by side: each service's writes are round trips to the API server, and one after
         # the other they made the tick grow by ~0.1 s per service (bench/operator_scale.py).
         # One service's failure is its own; the others are still evaluated.
@@ -105,6 +117,11 @@ class ScalingLoop:
         for (ref, _, _), outcome in zip(due, done, strict=True):
             if isinstance(outcome, Exception) and not isinstance(outcome, Forbidden):  # Kube logged a 403 once
                 log.error("%s/%s: evaluation failed", ref.namespace, ref.name, exc_info=outcome)
+        ends.append(time.perf_counter())
+        if ends[-1] - started > self.tick_seconds:  # a late tick says where its time went
+            log.info("a tick of %d services due took %.1f s: pods listed in %.1f s, observed in %.1f s, "
+                     "evaluated in %.1f s", len(due), ends[-1] - started,
+                     *(b - a for a, b in zip([started, *ends], ends, strict=False)))
 
     async def _evaluate(self, snapshot: Snapshot, ref: ServiceRef, spec: InferenceServiceSpec, state: ServiceState,
                         now: float) -> None:
@@ -112,8 +129,9 @@ class ScalingLoop:
         step = decide(snapshot, ref, spec, state.tick)
         if step is None:
             return  # the workload is not there (yet): the reconciler will create it
-        state.last_evaluated = now
         key = (ref.namespace, ref.name)
+        state.last_evaluated, state.evaluated_spec = now, spec
+        state.evaluated_slot = slot(now, spec.scaling.behavior.interval_seconds, key)
         if key in snapshot.profiles:  # read from its ConfigMap (or none there): as good as saved now
             state.profile_saved_slot = slot(now, BIN_SECONDS, key)
         applied = spec.mode == "Active" and await self._act(ref, spec.sleep.level, step)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Hashable
 from dataclasses import dataclass, field, replace
 
+from ebbtide.api.spec import InferenceServiceSpec
 from ebbtide.policy.blind import fresh
 from ebbtide.policy.cost import Ledger
 from ebbtide.policy.decision import Entries, Memory
@@ -19,6 +20,10 @@ from ebbtide.policy.variant_tick import MixMemory
 class ServiceState:
     tick: TickState
     last_evaluated: float = float("-inf")
+    # The period of the service's interval it was last evaluated in (control/cadence.py), and
+    # the spec it was evaluated on: a new spec (or a new service) is evaluated at once.
+    evaluated_slot: int | None = None
+    evaluated_spec: InferenceServiceSpec | None = None
     # The period (control/cadence.py) the demand profile was last saved in: its ConfigMap is
     # written once per profile bin, each service at its own phase.
     profile_saved_slot: int | None = None

@@ -17,6 +17,8 @@ hundred, and whatever quantiles or windows those services ask for:
   HTTP query per signal, and each service gets exactly its own window. The query text grows
   with the number of distinct windows, which in practice is one or two.
 
+- pods: only those of the services asked about (a tick asks about those due: a third of the
+  fleet at the default interval and tick), named in the query, up to MAX_NAMED_PODS;
 - histograms: their buckets are the bulk of a fleet's series; they are read second, only for
   the pods that served requests in the window (see `queries()`).
 
@@ -72,7 +74,7 @@ QUERY_NAMES = (
     "tpot_buckets",
 )
 HISTOGRAMS = ("ttft_buckets", "tpot_buckets")
-MAX_NAMED_PODS = 1000  # pods served named in a histogram query (~30 KB of URL); more: every pod's buckets
+MAX_NAMED_PODS = 2000  # pods named in a query (~60 KB of URL, in the limit of Prometheus's 1 MiB); more: all
 
 
 @dataclass(frozen=True)
@@ -177,24 +179,19 @@ class PrometheusSource:
 
         The latency histograms come second: only for the pods `served` (the pod names with
         requests in the window, from the first queries' `*_served`). Their buckets are ~40
-        series a pod; rated for every pod of 1,000 services, each histogram took Prometheus
-        longer than the tick (bench/operator_scale.py), for idle pods whose buckets are all zero
-        and add nothing to their service's sum (no quantile at all when every pod is idle)."""
+        series a pod; rated for every pod of 1,000 services, each histogram took Prometheus longer
+        than the tick (bench/operator_scale.py), for idle pods whose buckets add nothing."""
         namespaces = sorted({s.namespace for s in services})
         windows = sorted({s.window_seconds for s in services})
         # Only the services' namespaces: less work on a Prometheus shared with the rest of the cluster.
-        scope = (
-            f'{self.namespace_label}=~"{"|".join(namespaces)}"'
-            if all(_PLAIN_NAME.fullmatch(ns) for ns in namespaces)
-            else ""
-        )
-        vllm = ", ".join(m for m in (scope, self.selector) if m)
+        plain = all(_PLAIN_NAME.fullmatch(ns) for ns in namespaces)
+        scope = f'{self.namespace_label}=~"{"|".join(namespaces)}"' if plain else ""
+        # Only the services' pods (the others' series would be read and dropped); the histograms
+        # only the pods served (none served: `pod=~""` selects nothing, every series has a pod).
+        asked = sorted({pod for s in services for pod in s.pods})
+        vllm = ", ".join(m for m in (scope, self.selector, self._named(asked)) if m)
         awake = ", ".join(m for m in ('sleep_state="awake"', vllm) if m)
-        # Pod names are DNS labels: nothing in them needs escaping in a regex. None served: the
-        # matcher selects nothing (every series has a pod label). Too many to name in a URL: all.
-        served = sorted(set(served))
-        listed = f'{self.pod_label}=~"{"|".join(served)}"' if len(served) <= MAX_NAMED_PODS else ""
-        pods = ", ".join(m for m in (vllm, listed) if m)
+        pods = ", ".join(m for m in (scope, self.selector, self._named(sorted(set(served))) or self._named(asked)) if m)
         by = f"by ({self.namespace_label}, {self.pod_label})"
         by_le = f"by ({self.namespace_label}, {self.pod_label}, le)"
 
@@ -237,6 +234,10 @@ class PrometheusSource:
                 f" or sum {by_le} (rate(vllm:time_per_output_token_seconds_bucket{{{pods}}}[WINDOW])))"
             ),
         }
+
+    def _named(self, pods: list[str]) -> str:
+        """A matcher of these pods by name (DNS labels need no escaping); "" (all) past MAX_NAMED_PODS."""
+        return f'{self.pod_label}=~"{"|".join(pods)}"' if len(pods) <= MAX_NAMED_PODS else ""
 
     def read_value(self, promql: str, now: float) -> float:
         """The sum of a user's query (an activation query) at `now`; 0 when it returns no
