@@ -30,6 +30,7 @@ from tests.testbed.waiting import wait_for
 from e2e import invariants
 from e2e.backend import Backend, StoryLog, Unsupported
 from e2e.observe import ISVC, Observer
+from ebbtide.control.explain import REFRESH_INTERVALS
 
 NAME = "model"
 # Short requests: a replica of the engine simulator's `tiny` preset serves about 13 of them a second.
@@ -74,16 +75,22 @@ class Run:
     def wait(self, probe: Callable[[], Any], what: str, timeout: float = 60, interval: float = 0.5) -> Any:
         return self.watch.wait(probe, what, timeout=timeout, interval=interval)
 
-    def ticks(self, count: int, timeout: float = 60) -> None:
-        """Wait for `count` more decisions of the operator (it stamps status.lastDecision every tick)."""
+    def ticks(self, count: int) -> None:
+        """Wait for `count` more decisions of the operator written to status. A decision that
+        changes nothing is written only with its status's refresh, once per REFRESH_INTERVALS of
+        the service's intervals (control/explain.py): at rest, `count` refreshes."""
         seen: list[str] = []
+        spec = (self.watch.isvc() or {}).get("spec") or {}
+        interval = ((spec.get("scaling") or {}).get("behavior") or {}).get("intervalSeconds", 15)
+        refresh = REFRESH_INTERVALS * interval
 
         def moved() -> bool:
             stamp = (self.watch.status().get("lastDecision") or {}).get("time")
             if stamp and (not seen or stamp != seen[-1]):
                 seen.append(stamp)
             return len(seen) > count
-        self.wait(moved, f"{count} more decisions of the operator", timeout=timeout, interval=0.3)
+        self.wait(moved, f"{count} more decisions of the operator (at rest, one per {refresh} s refresh)",
+                  timeout=(count + 1) * refresh + 30, interval=0.3)
 
     def ready(self, replicas: int, timeout: float = 90) -> None:
         """Wait until `replicas` replicas are ready and nothing else is starting or leaving."""

@@ -231,7 +231,7 @@ def prometheus_outage(run: Run) -> None:
     run.backend.pause_prometheus(True)
     try:
         run.wait(lambda: metrics() == "False", "MetricsAvailable=False", timeout=60)
-        run.ticks(3)
+        run.ticks(2)  # nothing changes while it is down: each is a refresh (Run.ticks)
     finally:
         run.backend.pause_prometheus(False)
     run.step("Prometheus answers again (SIGCONT)")
