@@ -188,10 +188,10 @@ class PrometheusSource:
         scope = f'{self.namespace_label}=~"{"|".join(namespaces)}"' if plain else ""
         # Only the services' pods (the others' series would be read and dropped); the histograms
         # only the pods served (none served: `pod=~""` selects nothing, every series has a pod).
-        asked = sorted({pod for s in services for pod in s.pods})
-        vllm = ", ".join(m for m in (scope, self.selector, self._named(asked)) if m)
+        asked = self._named(sorted({pod for s in services for pod in s.pods}))
+        vllm = ", ".join(m for m in (scope, self.selector, asked) if m)
         awake = ", ".join(m for m in ('sleep_state="awake"', vllm) if m)
-        pods = ", ".join(m for m in (scope, self.selector, self._named(sorted(set(served))) or self._named(asked)) if m)
+        pods = ", ".join(m for m in (scope, self.selector, self._named(sorted(set(served))) or asked) if m)
         by = f"by ({self.namespace_label}, {self.pod_label})"
         by_le = f"by ({self.namespace_label}, {self.pod_label}, le)"
 

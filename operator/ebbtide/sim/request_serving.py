@@ -180,7 +180,7 @@ class RequestServing:
     def _collect(self, rid: int, events: list) -> None:
         for event in events:
             if isinstance(event, FirstToken):
-                self._first_tokens.append((event.time, event.ttft + self._held.get(event.request_id, 0.0)))
+                self._record_ttft(rid, event.time, event.ttft + self._held.get(event.request_id, 0.0))
             elif isinstance(event, Finished):
                 self._outstanding[rid] -= 1
                 self._finished += 1
@@ -227,22 +227,32 @@ class RequestServing:
                        ttft_seconds=ttft if latency else None, tpot_seconds=itl if latency else None,
                        tokens_per_second=tokens, prompt_tokens_per_second=prompt, requests_per_second=requests)
 
+    def _record_ttft(self, rid: int, at: float, ttft: float) -> None:
+        self._first_tokens.append((at, ttft))
+
+    def _record_itl(self, rid: int, at: float, itl: float, count: int) -> None:
+        self._itl_samples.append((at, itl, count))
+
     def _latency_window(self, now: float, window: float, ttft_q: float | None, itl_q: float | None):
-        while self._first_tokens and self._first_tokens[0][0] < now - window:
-            self._first_tokens.popleft()
-        for engine in self.engines.values():
+        for rid, engine in self.engines.items():
             for itl, count in engine.take_itl_samples():
-                self._itl_samples.append((now, itl, count))
+                self._record_itl(rid, now, itl, count)
         for engine in self.draining.values():
             engine.take_itl_samples()  # a draining replica has left the Service: not scraped
-        while self._itl_samples and self._itl_samples[0][0] < now - window:
-            self._itl_samples.popleft()
-        ttft = itl = None
-        if ttft_q is not None and self._first_tokens:
-            values = np.array([v for _, v in self._first_tokens])
-            ttft = weighted_quantile(values, np.ones(len(values)), ttft_q)
-        if itl_q is not None and self._itl_samples:
-            values = np.array([v for _, v, _ in self._itl_samples])
-            counts = np.array([c for _, _, c in self._itl_samples], dtype=float)
-            itl = weighted_quantile(values, counts, itl_q)
-        return ttft, itl
+        return window_quantiles(self._first_tokens, self._itl_samples, now, window, ttft_q, itl_q)
+
+
+def window_quantiles(ttfts: deque[tuple[float, float]], itls: deque[tuple[float, float, int]], now: float,
+                     window: float, ttft_q: float | None, itl_q: float | None) -> tuple[float | None, float | None]:
+    """The TTFT and ITL quantiles of the samples (time, TTFT) and (time, ITL, tokens) within the
+    window before `now`, older ones dropped; None without samples or without a quantile."""
+    for samples in (ttfts, itls):
+        while samples and samples[0][0] < now - window:
+            samples.popleft()
+    ttft = itl = None
+    if ttft_q is not None and ttfts:
+        ttft = weighted_quantile(np.array([v for _, v in ttfts]), np.ones(len(ttfts)), ttft_q)
+    if itl_q is not None and itls:
+        itl = weighted_quantile(np.array([v for _, v, _ in itls]), np.array([c for _, _, c in itls], dtype=float),
+                                itl_q)
+    return ttft, itl

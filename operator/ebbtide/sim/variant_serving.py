@@ -33,9 +33,7 @@ import numpy as np
 from ebbtide.policy.observation import Signals
 from ebbtide.sim.capacity import CapacityModel
 from ebbtide.sim.engine_core import EngineCore
-from ebbtide.sim.engine_types import FirstToken
-from ebbtide.sim.latency import weighted_quantile
-from ebbtide.sim.request_serving import RequestServing, _tokens_counted
+from ebbtide.sim.request_serving import RequestServing, _tokens_counted, window_quantiles
 
 
 class VariantServing(RequestServing):
@@ -86,35 +84,13 @@ class VariantServing(RequestServing):
         self._collect(rid, self.engines[rid].advance(self._now))
         return self.engines[rid].num_waiting
 
-    def _collect(self, rid: int, events: list) -> None:
-        for event in events:
-            if isinstance(event, FirstToken):
-                self._ttft_by_kind[self.kinds[rid]].append(
-                    (event.time, event.ttft + self._held.get(event.request_id, 0.0)))
-        super()._collect(rid, events)
+    def _record_ttft(self, rid: int, at: float, ttft: float) -> None:
+        super()._record_ttft(rid, at, ttft)
+        self._ttft_by_kind[self.kinds[rid]].append((at, ttft))
 
-    def _latency_window(self, now: float, window: float, ttft_q: float | None, itl_q: float | None):
-        # The serving replicas' ITL samples, kept by variant too, before the service's window takes them.
-        for rid, engine in self.engines.items():
-            for itl, count in engine.take_itl_samples():
-                self._itl_samples.append((now, itl, count))
-                self._itl_by_kind[self.kinds[rid]].append((now, itl, count))
-        return super()._latency_window(now, window, ttft_q, itl_q)
-
-    def _variant_latency(self, kind: str, t: float, window: float, ttft_q: float | None,
-                         itl_q: float | None) -> tuple[float | None, float | None]:
-        """The variant's TTFT and TPOT quantiles over the window (None without samples or target)."""
-        ttfts, itls = self._ttft_by_kind[kind], self._itl_by_kind[kind]
-        for samples in (ttfts, itls):
-            while samples and samples[0][0] < t - window:
-                samples.popleft()
-        ttft = itl = None
-        if ttft_q is not None and ttfts:
-            ttft = weighted_quantile(np.array([v for _, v in ttfts]), np.ones(len(ttfts)), ttft_q)
-        if itl_q is not None and itls:
-            itl = weighted_quantile(np.array([v for _, v, _ in itls]),
-                                    np.array([c for _, _, c in itls], dtype=float), itl_q)
-        return ttft, itl
+    def _record_itl(self, rid: int, at: float, itl: float, count: int) -> None:
+        super()._record_itl(rid, at, itl, count)
+        self._itl_by_kind[self.kinds[rid]].append((at, itl, count))
 
     def variant_signals(self, t: float, window: float, service: Signals, ttft_q: float | None = None,
                         itl_q: float | None = None) -> dict[str, Signals]:
@@ -129,7 +105,8 @@ class VariantServing(RequestServing):
             while marks[0][0] < t - window:
                 marks.popleft()
             first_t, first = marks[0]
-            ttft, itl = self._variant_latency(kind, t, window, ttft_q, itl_q)
+            ttft, itl = window_quantiles(self._ttft_by_kind[kind], self._itl_by_kind[kind], t, window,
+                                         ttft_q, itl_q)
             out[kind] = Signals(source=service.source, sampled_at=service.sampled_at,
                                 pods=tuple(p for p in service.pods if by_pod.get(p.pod) == kind),
                                 tokens_per_second=(counted - first) / (t - first_t) if t > first_t else None,
