@@ -93,7 +93,9 @@ def test_a_standby_takes_over_a_killed_leader_and_keeps_the_size_under_load(clus
     leader = wait_for(lambda: holder(server), timeout=60, what="a leader")
     standby = next(n for n in ops if n != leader)
     wait_for(lambda: "standing by" in ops[standby].output(), timeout=30, what=f"{standby} standing by")
-    assert "ebbtide_leader 0.0" in ops[standby].metrics() and "ebbtide_leader 1.0" in ops[leader].metrics()
+    # The Lease is written a moment before the leader's gauge is set: wait for it, then both hold.
+    wait_for(lambda: "ebbtide_leader 1.0" in ops[leader].metrics(), timeout=10, what=f"{leader}'s leader gauge")
+    assert "ebbtide_leader 0.0" in ops[standby].metrics()
 
     # A scale-down window longer than the test: with the history restored from status, the new
     # leader holds the size; a leader starting on empty history would shrink to what it sees now.

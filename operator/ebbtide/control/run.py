@@ -43,6 +43,7 @@ def run_operator(args: argparse.Namespace) -> int:
             elector = LeaseElector(args.lease_namespace or own_namespace(), args.lease_name, identity())
             with standby_health(args.health_port):
                 elector.acquire()
+            metrics.leader.set(1)  # from the Lease on, not from kopf's start some seconds later
             elector.keep(on_lost=lose_leadership)
     except KeyboardInterrupt:  # Ctrl-C while waiting: kopf, which handles it later, has not started
         return 130
