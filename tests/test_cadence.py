@@ -7,10 +7,16 @@ from __future__ import annotations
 import collections
 import math
 
-from ebbtide.control.cadence import due, slot
+from ebbtide.control.cadence import PERIODIC_WRITES_PER_SECOND, crossed, due, slot, stretched
 
 INTERVAL = 15.0  # the default intervalSeconds
-FLEET = [(f"scale-{i % 20:02d}", f"svc-{i:04d}") for i in range(1000)]
+
+
+def fleet_of(size: int) -> list[tuple[str, str]]:
+    return [(f"scale-{i % 20:02d}", f"svc-{i:04d}") for i in range(size)]
+
+
+FLEET = fleet_of(1000)
 
 
 def evaluate(ticks: list[float]) -> dict[tuple[str, str], list[float]]:
@@ -50,3 +56,40 @@ def test_ticks_shorter_than_the_interval_still_evaluate_each_service_once_per_in
     ticks = [t * 0.5 for t in range(2000, 2600)]  # the tests' 0.5 s tick against a 15 s interval
     for evaluated in evaluate(ticks).values():
         assert len(evaluated) in (20, 21)  # 300 s
+
+
+def periodic_writes(fleet: list[tuple[str, str]], ticks: list[float], base: float,
+                    last: dict | None = None) -> tuple[collections.Counter, dict]:
+    """Writes per tick of a periodic write (a status refresh), each service looked at every tick,
+    the period stretched for the fleet's size; and when each was last written."""
+    last = dict(last or {})
+    counted = collections.Counter()
+    for now in ticks:
+        for key in fleet:
+            if crossed(now, base, len(fleet), key, last.get(key, -math.inf)):
+                last[key] = now
+                counted[now] += 1
+    return counted, last
+
+
+def test_periodic_writes_stay_within_the_fleet_wide_budget_whatever_the_fleet_size():
+    base = 20 * INTERVAL  # the status refresh at the default interval
+    assert stretched(base, 100) == stretched(base, 300) == base  # a small fleet keeps its 300 s
+    ticks = [5.0 * i for i in range(1, 1000)]  # 5,000 s: a period even at 3,000 services
+    budget = 5.0 * PERIODIC_WRITES_PER_SECOND  # a tick's share
+    for size in (100, 300, 1000, 3000):
+        counted, _ = periodic_writes(fleet_of(size), ticks, base)
+        assert counted[ticks[0]] == size  # the first writes at once (a new operator writes every status)
+        later = [counted[t] for t in ticks[1:]]
+        assert sum(later) / len(later) <= budget * 1.01, (size, sum(later) / len(later))
+        assert max(later) <= 3 * budget, (size, max(later))  # phases from names: spread, not even
+
+
+def test_a_fleet_that_doubles_does_not_make_every_service_due_at_once():
+    base = 20 * INTERVAL
+    ticks = [5.0 * i for i in range(1, 500)]
+    _, last = periodic_writes(fleet_of(500), ticks, base)
+    grown, _ = periodic_writes(fleet_of(1000), [ticks[-1] + 5.0 * i for i in range(1, 400)], base, last)
+    (_, first), *later = sorted(grown.items())
+    assert 500 <= first <= 500 + 3 * 5.0, first  # the new half at once; the old half as due anyway
+    assert max(n for _, n in later) <= 3 * 5.0 * PERIODIC_WRITES_PER_SECOND, max(n for _, n in later)

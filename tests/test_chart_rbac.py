@@ -86,6 +86,13 @@ def operator_api_calls() -> set[tuple[str, str, str]]:
                 hasattr(cls, node.attr) for cls in API_GROUPS):
             receiver = node.value.attr if isinstance(node.value, ast.Attribute) else getattr(node.value, "id", None)
             needed.add(_permission(node.attr, receivers.get(receiver)))
+        # self._mirror(what, list_all, list_namespaced, ...): those lists, watched (cluster/mirror.py)
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "_mirror":
+            for method in node.args[1:3]:
+                assert isinstance(method, ast.Attribute), "kube._mirror must be given the client's list methods"
+                receiver = method.value.attr if isinstance(method.value, ast.Attribute) else method.value.id
+                group, resource, _ = _permission(method.attr, receivers.get(receiver))
+                needed.add((group, resource, "watch"))
         # self._method(kind, "verb") -> f"{verb}_namespaced_{snake}" for any kind in _KINDS
         if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "_method"):
             verb = node.args[1]

@@ -1,6 +1,7 @@
 """A fleet at rest costs the API server nothing per tick: the operator writes a service's status
 when something in it changed, and otherwise only a refresh once per 20 of its intervals; its
-owned objects' status events are not read back (issue #18, bench/operator_scale.py)."""
+owned objects' status events are not read back, and pods and Deployments are watched, not listed
+at every tick (issue #18, bench/operator_scale.py)."""
 
 from __future__ import annotations
 
@@ -44,6 +45,8 @@ def test_at_rest_the_status_is_written_only_when_it_changes_and_at_its_refresh(a
             written = collections.Counter(proxy.since(counted))
             assert written["patch inferenceservices/status"] <= 1, written  # at most its refresh
             assert written["get deployments"] == written["get inferenceservices"] == 0, written
+            # Pods and Deployments come from their watches (cluster/mirror.py), not a list a tick.
+            assert written["list pods"] == written["list deployments"] == 0, written
 
             # A hand scale below min is news: written at once, with the decision.
             server.patch_object(DEPLOYMENTS, "default", "chat", {"spec": {"replicas": 1}})

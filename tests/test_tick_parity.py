@@ -23,7 +23,7 @@ import pytest
 
 from ebbtide.api.manifest import load_manifests
 from ebbtide.api.spec import Activation, InferenceServiceSpec, ScheduleWindow
-from ebbtide.cluster.kube import rfc3339
+from ebbtide.cluster.objects import rfc3339
 from ebbtide.cluster.pods import ANNOTATION_ASLEEP_SINCE
 from ebbtide.cluster.render import LABEL_CAPACITY, LABEL_SERVICE, LABEL_SERVING, deployment_name
 from ebbtide.control.decide import decide

@@ -10,7 +10,7 @@ import pytest
 
 from ebbtide.api.manifest import parse_spec
 from ebbtide.api.ref import ServiceRef
-from ebbtide.cluster.kube import rfc3339
+from ebbtide.cluster.objects import rfc3339
 from ebbtide.cluster.render import LABEL_CAPACITY, LABEL_SERVICE, LABEL_SERVING
 from ebbtide.cluster.variants import LABEL_VARIANT
 from ebbtide.control.decide import decide

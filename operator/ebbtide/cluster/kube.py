@@ -10,10 +10,8 @@ import asyncio
 import concurrent.futures
 import contextvars
 import copy
-import datetime
 import json
 import logging
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -23,6 +21,8 @@ from kubernetes.client.rest import ApiException
 
 from ebbtide import api
 from ebbtide.api.ref import ServiceRef
+from ebbtide.cluster.mirror import Mirror
+from ebbtide.cluster.objects import controller_of, is_subset, now_rfc3339, without_replicas
 
 log = logging.getLogger(__name__)
 API_CONCURRENCY = {"handlers": 8, "loop": 16}  # API calls in flight at once, by lane (Kube.loop_lane)
@@ -43,36 +43,6 @@ MERGE_PATCH = "application/merge-patch+json"
 STRATEGIC_MERGE_PATCH = "application/strategic-merge-patch+json"
 
 
-def rfc3339(ts: float) -> str:
-    """Unix seconds as the API server writes a timestamp."""
-    return datetime.datetime.fromtimestamp(ts, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def now_rfc3339() -> str:
-    return rfc3339(time.time())
-
-
-def is_subset(wanted: Any, live: Any) -> bool:
-    """True when every field we set has our value in the live object.
-
-    The API server adds defaults (extra keys), so dicts compare as subsets; lists we own
-    entirely (containers, env, ports), so their lengths must match.
-    """
-    if isinstance(wanted, dict):
-        return isinstance(live, dict) and all(k in live and is_subset(v, live[k]) for k, v in wanted.items())
-    if isinstance(wanted, list):
-        return (isinstance(live, list) and len(wanted) == len(live)
-                and all(is_subset(w, v) for w, v in zip(wanted, live, strict=True)))
-    return wanted == live
-
-
-def without_replicas(obj: dict) -> dict:
-    """The replica count belongs to the autoscaler: drift correction never touches it."""
-    obj = copy.deepcopy(obj)
-    obj.get("spec", {}).pop("replicas", None)
-    return obj
-
-
 def _json(data: bytes) -> Any:
     return json.loads(data) if data else None
 
@@ -89,11 +59,6 @@ def _name_and_replicas(obj: dict) -> dict:
     kept = ("namespace", "name", "labels", "ownerReferences", "deletionTimestamp")
     return {"metadata": {k: meta[k] for k in kept if k in meta},
             "spec": {"replicas": (obj.get("spec") or {}).get("replicas", 0)}}
-
-
-def controller_of(obj: dict) -> dict | None:
-    refs = obj.get("metadata", {}).get("ownerReferences") or []
-    return next((r for r in refs if r.get("controller") and r.get("kind") == api.KIND), None)
 
 
 class Conflict(Exception):
@@ -129,6 +94,7 @@ class Kube:
                          for lane, n in API_CONCURRENCY.items()}
         # (namespace, name) -> uid, resourceVersion and status as our last status write left them.
         self._written: dict[tuple[str, str], dict] = {}
+        self._mirrors: dict[str, Mirror] = {}  # the watched lists (cluster/mirror.py), by what they hold
 
     @classmethod
     def from_environment(cls, namespaces: tuple[str, ...] = ()) -> Kube:
@@ -215,8 +181,8 @@ class Kube:
                 raise
 
     async def scale(self, namespace: str, name: str, replicas: int) -> None:
-        await self._call(self._method("Deployment", "patch"), name, namespace, {"spec": {"replicas": replicas}},
-                         _content_type=MERGE_PATCH)
+        self._put("deployments", await self._call(self._method("Deployment", "patch"), name, namespace,
+                                                  {"spec": {"replicas": replicas}}, _content_type=MERGE_PATCH))
 
     async def read_service(self, namespace: str, name: str) -> dict | None:
         try:
@@ -313,17 +279,63 @@ class Kube:
         return [item for result in results for item in result]
 
     async def _pages(self, method: Callable, keep: Callable[[dict], dict], **kwargs: Any) -> list[dict]:
+        return [item for item, _ in (await self._listing(method, keep, **kwargs))[0]]
+
+    async def _listing(self, method: Callable, keep: Callable[[dict], dict],
+                       **kwargs: Any) -> tuple[list[tuple[dict, str]], str]:
         """A list read a page at a time, each item cut down by `keep` before the next page: 3,000
         pods read whole were ~120 MiB of Python objects at once, and the operator's RSS kept
-        that high-water mark (bench/operator_scale.py)."""
-        items: list[dict] = []
-        token = None
+        that high-water mark (bench/operator_scale.py). Each item with its resourceVersion, and
+        the list's own (where a watch of it resumes)."""
+        items: list[tuple[dict, str]] = []
+        token, version = None, ""
         while True:
             page = await self._call(method, limit=LIST_PAGE, _continue=token, **kwargs) or {}
-            items += [keep(item) for item in page.get("items", [])]
-            token = (page.get("metadata") or {}).get("continue")
+            items += [(keep(item), item["metadata"].get("resourceVersion", "")) for item in page.get("items", [])]
+            meta = page.get("metadata") or {}
+            token, version = meta.get("continue"), meta.get("resourceVersion") or version
             if not token:
-                return items
+                return items, version
+
+    def _mirror(self, what: str, all_namespaces: Callable, namespaced: Callable, label_selector: str,
+                keep: Callable[[dict], dict]) -> Mirror:
+        """The list kept by watches (cluster/mirror.py), made at its first read. Its watches run
+        on a client of their own: each holds a connection for minutes, which the lanes' pool
+        must not lose."""
+        if what not in self._mirrors:
+            watching = kubernetes.client.ApiClient(self.client.configuration)
+
+            def method(namespace: str | None, on: kubernetes.client.ApiClient | None = None) -> Callable:
+                bound = namespaced if namespace else all_namespaces
+                return bound if on is None else getattr(type(bound.__self__)(on), bound.__name__)
+
+            async def pages(namespace: str | None) -> tuple[list[tuple[dict, str]], str]:
+                where = {"namespace": namespace} if namespace else {}
+                return await self._listing(method(namespace), keep, label_selector=label_selector, **where)
+
+            self._mirrors[what] = Mirror(what, pages, lambda namespace: method(namespace, watching), label_selector,
+                                         keep, self.namespaces)
+        return self._mirrors[what]
+
+    def _put(self, what: str, written: dict | None) -> None:
+        """A write's answer into its mirror, if there is one: the next tick reads what it wrote."""
+        if written and what in self._mirrors:
+            self._mirrors[what].put(written)
+
+    async def watched_pods(self, label_selector: str, keep: Callable[[dict], dict]) -> list[dict]:
+        """The pods a list would return now, from their mirror (`keep`: what of each pod to keep)."""
+        return await self._mirror("pods", self.core.list_pod_for_all_namespaces, self.core.list_namespaced_pod,
+                                  label_selector, keep).items()
+
+    async def watched_deployments(self, label_selector: str) -> list[dict]:
+        """The Deployments a list would return now (names, owners, labels, counts), from their mirror."""
+        apps = kubernetes.client.AppsV1Api(self.client)
+        return await self._mirror("deployments", apps.list_deployment_for_all_namespaces,
+                                  apps.list_namespaced_deployment, label_selector, _name_and_replicas).items()
+
+    def stop_watching(self) -> None:
+        for mirror in self._mirrors.values():
+            mirror.stop()
 
     async def list_pods(self, label_selector: str, keep: Callable[[dict], dict] = _without_managed_fields) -> list[dict]:
         """`keep`: what of each pod to keep (cluster/pods.py `essentials`: what the tick reads)."""
@@ -332,8 +344,8 @@ class Kube:
 
     async def patch_pod_status(self, namespace: str, name: str, status: dict) -> None:
         """Strategic merge patch of a pod's status (pods/status): e.g. one readiness-gate condition."""
-        await self._call(self.core.patch_namespaced_pod_status, name, namespace, {"status": status},
-                         _content_type=STRATEGIC_MERGE_PATCH)
+        self._put("pods", await self._call(self.core.patch_namespaced_pod_status, name, namespace,
+                                           {"status": status}, _content_type=STRATEGIC_MERGE_PATCH))
 
     async def list_deployments(self, label_selector: str) -> list[dict]:
         """Their names, owners, labels and counts: all the scaling loop and reconcile read of them in lists."""
@@ -355,8 +367,8 @@ class Kube:
         if annotations:
             metadata["annotations"] = annotations
         if metadata:
-            await self._call(self.core.patch_namespaced_pod, name, namespace, {"metadata": metadata},
-                             _content_type=MERGE_PATCH)
+            self._put("pods", await self._call(self.core.patch_namespaced_pod, name, namespace,
+                                               {"metadata": metadata}, _content_type=MERGE_PATCH))
 
     async def delete_pod(self, namespace: str, name: str) -> None:
         """Delete a pod (its ReplicaSet starts a replacement unless the count drops too)."""

@@ -34,7 +34,8 @@ from kubernetes.client.rest import ApiException
 from ebbtide.api.conditions import get_condition, set_condition
 from ebbtide.api.spec import InferenceServiceSpec
 from ebbtide.cluster.engine import engine_container, engine_started_at, engine_status, engine_url
-from ebbtide.cluster.kube import Forbidden, Kube, now_rfc3339
+from ebbtide.cluster.kube import Forbidden, Kube
+from ebbtide.cluster.objects import now_rfc3339
 from ebbtide.cluster.pods import parse_time
 from ebbtide.cluster.render import CONDITION_WARMED_UP, LABEL_SERVICE
 

@@ -5,6 +5,10 @@ service, and write every status refresh and demand profile, in the same tick onc
 at 1,000 services, 1,000 evaluations in one tick and none in the two after it
 (bench/operator_scale.py). A phase taken from the service's name spreads them evenly over the
 period, and stays the same across restarts.
+
+Periodic writes (a status refresh, a demand profile's save) also have a fleet-wide budget: past
+it their period doubles, so that a fleet at rest costs the API server no more writes a second at
+1,000 services than at 300.
 """
 
 from __future__ import annotations
@@ -13,10 +17,14 @@ import math
 import zlib
 
 
+def _phase(key: tuple[str, str]) -> float:
+    """The service's phase, a fraction of a period, from its name: the same after a restart."""
+    return zlib.crc32("/".join(key).encode()) / 2**32
+
+
 def slot(now: float, period: float, key: tuple[str, str]) -> int:
     """The number of the period `now` falls in, for this service: a write is due when it moved."""
-    phase = zlib.crc32("/".join(key).encode()) / 2**32 * period
-    return math.floor((now + phase) / period)
+    return math.floor((now + _phase(key) * period) / period)
 
 
 def due(now: float, period: float, key: tuple[str, str], last: float, last_slot: int | None) -> bool:
@@ -24,3 +32,27 @@ def due(now: float, period: float, key: tuple[str, str], last: float, last_slot:
     period, at the service's phase. Never within half a period of the last time: a first
     evaluation that fell just before the service's phase moves it later, not twice in a row."""
     return slot(now, period, key) != last_slot and now - last >= period / 2
+
+
+# Fleet-wide, for each kind of periodic write: a status refresh, a demand profile's save.
+PERIODIC_WRITES_PER_SECOND = 1.0
+
+
+def stretched(period: float, services: int) -> float:
+    """`period`, doubled until `services` writes, one each per period, fit in the budget."""
+    while services > period * PERIODIC_WRITES_PER_SECOND:
+        period *= 2
+    return period
+
+
+def crossed(now: float, base: float, services: int, key: tuple[str, str], last: float) -> bool:
+    """Whether a periodic write last done at `last` is due again: its period (`base`, stretched
+    for a fleet of `services`) has a boundary, at the service's phase, between then and now. A
+    first write spreads the next ones over the period (a fleet written at once is not written
+    again all at once). The phase is a fraction of `base` times a power of two far past any
+    stretch: the boundaries of a stretched period are some of the base's (a fleet that doubles
+    makes no service due early), and spread over it (not bunched in its first `base` seconds)."""
+    if last == -math.inf:
+        return True
+    period, phase = stretched(base, services), _phase(key) * base * 2**20
+    return math.floor((now + phase) / period) > math.floor((last + phase) / period)

@@ -6,8 +6,9 @@ import math
 
 from ebbtide.api.conditions import set_authorized, set_condition
 from ebbtide.api.ref import ServiceRef
-from ebbtide.cluster.kube import Kube, rfc3339
-from ebbtide.control.cadence import slot
+from ebbtide.cluster.kube import Kube
+from ebbtide.cluster.objects import rfc3339
+from ebbtide.control import cadence
 from ebbtide.control.decide import Step
 from ebbtide.control.metrics import TIERS, OperatorMetrics
 from ebbtide.control.state import ServiceState
@@ -19,16 +20,18 @@ from ebbtide.policy.variants import RESERVED
 
 HISTORY = 10  # decisions kept in status: enough to read the last hour's story, small enough for etcd
 # A status whose substance has not changed is written again after this many of its service's
-# intervals (300 s at the default 15 s), to refresh the numbers that move every tick: the last
-# decision's time, words and signals, the cost totals, the autoscaler memory's times. Written
-# every tick, they were ~1,070 PATCHes per tick at 1,000 services (bench/operator_scale.py).
+# intervals (300 s at the default 15 s; longer in a fleet past the periodic writes' budget:
+# control/cadence.py), to refresh the numbers that move every tick: the last decision's time,
+# words and signals, the cost totals, the autoscaler memory's times. Written every tick, they
+# were ~1,070 PATCHes per tick at 1,000 services (bench/operator_scale.py).
 REFRESH_INTERVALS = 20
 
 
 async def tell(kube: Kube, metrics: OperatorMetrics, ref: ServiceRef, state: ServiceState, step: Step, turn: Turn,
-               applied: bool, interval_seconds: float) -> None:
+               applied: bool, interval_seconds: float, fleet: int) -> None:
     """The Turn's Events, the API server's refusals not told yet, the metrics and the status
-    (`interval_seconds`: the service's own, which sets how often an unchanged status is refreshed)."""
+    (`interval_seconds`: the service's own, and the `fleet`'s size: how often an unchanged
+    status is written again)."""
     for said in turn.events:
         await kube.post_event(ref, said.type, said.reason, said.message)
     if turn.news:
@@ -40,14 +43,15 @@ async def tell(kube: Kube, metrics: OperatorMetrics, ref: ServiceRef, state: Ser
     export(metrics, ref, step, turn)
     # Written when something changed in substance, and otherwise once per refresh period
     # (each service at its own phase: control/cadence.py) for the numbers that move every tick.
-    due = slot(step.now, REFRESH_INTERVALS * interval_seconds, (ref.namespace, ref.name))
+    refresh = cadence.crossed(step.now, REFRESH_INTERVALS * interval_seconds, fleet, (ref.namespace, ref.name),
+                              state.status_written)
 
     def unchanged(old: dict, new: dict) -> bool:
-        return state.status_slot == due and substance(old) == substance(new)
+        return not refresh and substance(old) == substance(new)
 
     if await kube.update_status(ref, lambda status: render_status(status, state, step, turn, applied),
                                 unchanged=unchanged) is not None:
-        state.status_slot = due
+        state.status_written = step.now
 
 
 def export(metrics: OperatorMetrics, ref: ServiceRef, step: Step, turn: Turn) -> None:

@@ -22,6 +22,7 @@ from ebbtide.api.ref import ServiceRef
 from ebbtide.api.spec import InferenceServiceSpec
 from ebbtide.cluster.engine import EngineClient
 from ebbtide.cluster.kube import Conflict, Forbidden, Kube
+from ebbtide.cluster.mirror import Unavailable
 from ebbtide.cluster.pods import essentials
 from ebbtide.cluster.profile_store import render_profile
 from ebbtide.cluster.render import LABEL_SERVICE
@@ -63,6 +64,8 @@ class ScalingLoop:
                 await self.tick(self.clock())
             except Forbidden:
                 pass  # Kube logged the missing permission once; a traceback every tick would add nothing
+            except Unavailable as e:  # the API server is away: nothing is decided on what it may no longer hold
+                log.warning("scaling tick skipped: %s", e)
             except Exception:  # a failed tick must not stop the loop; the next one retries
                 log.exception("scaling tick failed")
             release_freed_memory()  # counted in the tick: it is the tick's own clean-up
@@ -78,6 +81,7 @@ class ScalingLoop:
                 pass
         if self._warming is not None:
             self._warming.cancel()
+        self.kube.stop_watching()
         await self.engines.close()
 
     def _due(self, now: float) -> list[Due]:
@@ -100,9 +104,9 @@ class ScalingLoop:
     async def tick(self, now: float) -> None:
         started = time.perf_counter()
         due = self._due(now)
-        # Pods are listed every tick, due or not: a new replica waits at most one tick for its
-        # warm-up (its readiness gate), whatever the services' intervals.
-        listed = await self.kube.list_pods(LABEL_SERVICE, essentials)
+        # Pods are read every tick, due or not (from their watch: cluster/mirror.py): a new replica
+        # waits at most one tick for its warm-up (its readiness gate), whatever the services' intervals.
+        listed = await self.kube.watched_pods(LABEL_SERVICE, essentials)
         self._warm_up(listed)
         if not due:
             return
@@ -112,8 +116,9 @@ class ScalingLoop:
         # Side by side: each service's writes are round trips to the API server, and one after
         # the other they made the tick grow by ~0.1 s per service (bench/operator_scale.py).
         # One service's failure is its own; the others are still evaluated.
-        done = await asyncio.gather(*(self._evaluate(snapshot, ref, spec, state, now) for ref, spec, state in due),
-                                    return_exceptions=True)
+        fleet = len(self.registry.services)
+        done = await asyncio.gather(*(self._evaluate(snapshot, ref, spec, state, now, fleet)
+                                      for ref, spec, state in due), return_exceptions=True)
         for (ref, _, _), outcome in zip(due, done, strict=True):
             if isinstance(outcome, Exception) and not isinstance(outcome, Forbidden):  # Kube logged a 403 once
                 log.error("%s/%s: evaluation failed", ref.namespace, ref.name, exc_info=outcome)
@@ -124,8 +129,8 @@ class ScalingLoop:
                      *(b - a for a, b in zip([started, *ends], ends, strict=False)))
 
     async def _evaluate(self, snapshot: Snapshot, ref: ServiceRef, spec: InferenceServiceSpec, state: ServiceState,
-                        now: float) -> None:
-        """Decide, act and explain for one service."""
+                        now: float, fleet: int) -> None:
+        """Decide, act and explain for one service of a `fleet` of services."""
         step = decide(snapshot, ref, spec, state.tick)
         if step is None:
             return  # the workload is not there (yet): the reconciler will create it
@@ -133,14 +138,15 @@ class ScalingLoop:
         state.last_evaluated, state.evaluated_spec = now, spec
         state.evaluated_slot = slot(now, spec.scaling.behavior.interval_seconds, key)
         if key in snapshot.profiles:  # read from its ConfigMap (or none there): as good as saved now
-            state.profile_saved_slot = slot(now, BIN_SECONDS, key)
+            state.profile_saved = now
         applied = spec.mode == "Active" and await self._act(ref, spec.sleep.level, step)
         # A scale that failed is no news (no ScaledUp/Down, no history entry every tick it
         # fails): the failure is what gets reported (ScaleFailed, or Forbidden once).
         turn = step.turn if applied or spec.mode != "Active" else step.turn.unapplied()
         state.tick = turn.state
-        await tell(self.kube, self.metrics, ref, state, step, turn, applied, spec.scaling.behavior.interval_seconds)
-        await self._save_profile(ref, state, now)
+        await tell(self.kube, self.metrics, ref, state, step, turn, applied, spec.scaling.behavior.interval_seconds,
+                   fleet)
+        await self._save_profile(ref, state, now, fleet)
 
     async def _act(self, ref: ServiceRef, level: int, step: Step) -> bool:
         """The pool moves, then the counts; False (with an Event) if a count could not be set."""
@@ -159,18 +165,17 @@ class ScalingLoop:
                 return False
         return True
 
-    async def _save_profile(self, ref: ServiceRef, state: ServiceState, now: float) -> None:
-        """Write the profile to its ConfigMap once per bin's length, each service at its own
-        phase (see cluster/profile_store.py): a fleet's saves spread over the quarter-hour."""
+    async def _save_profile(self, ref: ServiceRef, state: ServiceState, now: float, fleet: int) -> None:
+        """Write the profile to its ConfigMap once per bin's length (or longer in a large `fleet`),
+        each service at its own phase (see cluster/profile_store.py): a fleet's saves spread
+        over the period."""
         profile = state.tick.profile
-        if profile is None or profile.updated is None:
-            return
-        current = slot(now, BIN_SECONDS, (ref.namespace, ref.name))
-        if current == state.profile_saved_slot:
+        if profile is None or profile.updated is None or not cadence.crossed(
+                now, BIN_SECONDS, fleet, (ref.namespace, ref.name), state.profile_saved):
             return
         try:
             await self.kube.apply(render_profile(ref, profile), ref)
-            state.profile_saved_slot = current
+            state.profile_saved = now
         except (ApiException, Conflict) as e:
             log.warning("%s/%s: demand profile not saved (%s); retrying next tick", ref.namespace, ref.name, e)
 

@@ -1,8 +1,8 @@
 """Observe: every read of one tick, for all the services due, before anything is decided.
 
-One list of pods, one of Deployments, the nodes (only with spot in use: their taints announce
-reclaims), one batched Prometheus observation, the activation queries of services with nothing
-awake, and the demand profiles not held in memory yet.
+The pods and Deployments (as their watches keep them: cluster/mirror.py), the nodes (only with
+spot in use: their taints announce reclaims), one batched Prometheus observation, the activation
+queries of services with nothing awake, and the demand profiles not held in memory yet.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ class Snapshot:
 
 
 async def observe(kube: Kube, source: PrometheusSource, due: list[Due], listed: list[dict], now: float) -> Snapshot:
-    deployments = await kube.list_deployments(",".join(f"{k}={v}" for k, v in MANAGED_BY.items()))
+    deployments = await kube.watched_deployments(",".join(f"{k}={v}" for k, v in MANAGED_BY.items()))
     nodes = await kube.list_nodes() if any(spec.placement.spot.enabled for _, spec, _ in due) else []
     seen = Snapshot.of(now, listed, deployments, nodes, {})
     keyed = [((ref.namespace, ref.name), ref, spec, state) for ref, spec, state in due]

@@ -15,7 +15,8 @@ from ebbtide.api.conditions import set_condition
 from ebbtide.api.manifest import InvalidSpec, check_name, parse_spec
 from ebbtide.api.ref import ServiceRef
 from ebbtide.api.spec import InferenceServiceSpec
-from ebbtide.cluster.kube import Conflict, Kube, controller_of, is_subset, now_rfc3339, without_replicas
+from ebbtide.cluster.kube import Conflict, Kube
+from ebbtide.cluster.objects import controller_of, is_subset, now_rfc3339, without_replicas
 from ebbtide.cluster.render import LABEL_SERVICE, SPOT, applied_spec, deployment_name, render_workload
 from ebbtide.cluster.variants import variant_of
 

@@ -24,11 +24,11 @@ class ServiceState:
     # the spec it was evaluated on: a new spec (or a new service) is evaluated at once.
     evaluated_slot: int | None = None
     evaluated_spec: InferenceServiceSpec | None = None
-    # The period (control/cadence.py) the demand profile was last saved in: its ConfigMap is
-    # written once per profile bin, each service at its own phase.
-    profile_saved_slot: int | None = None
-    # The period its status was last written in: an unchanged status is written once per period.
-    status_slot: int | None = None
+    # When the demand profile was last saved: its ConfigMap is written once per profile bin (or
+    # longer in a large fleet), at the service's phase (control/cadence.py `crossed`).
+    profile_saved: float = float("-inf")
+    # When its status was last written: an unchanged one is refreshed once per refresh period.
+    status_written: float = float("-inf")
     # The API server's refusals (403) this service has been told of: each gets one Event.
     refusals: frozenset[str] = frozenset()
     # The last signals a Prometheus observation returned with samples, by observation key (the
