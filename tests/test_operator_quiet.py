@@ -82,6 +82,13 @@ def test_the_substance_of_a_status_leaves_out_what_moves_every_tick():
     changed = at(20, 1.5, 19.0, 2.0, "b")
     changed["scaler"]["downRecommendations"] = [[5.0, 4], [6.0, 3.5], [19.0, 3]]
     assert substance(at(10, 1.0, 9.0, 0.0, "a")) != substance(changed)
+    learning = at(20, 1.5, 19.0, 2.0, "b")  # a bin learned: refreshed with the rest
+    learning["demandProfile"] = {"binsLearned": 2, "predicting": False}
+    assert substance({**at(10, 1.0, 9.0, 0.0, "a"), "demandProfile": {"binsLearned": 1, "predicting": False}}) \
+        == substance(learning)
+    learning["demandProfile"]["predicting"] = True
+    assert substance({**at(10, 1.0, 9.0, 0.0, "a"), "demandProfile": {"binsLearned": 1, "predicting": False}}) \
+        != substance(learning)
     changed = at(20, 1.5, 19.0, 2.0, "b")
     changed["lastDecision"]["toReplicas"] = 4
     assert substance(at(10, 1.0, 9.0, 0.0, "a")) != substance(changed)

@@ -141,8 +141,11 @@ def substance(status: dict) -> dict:
     values and the times of all but each window's newest entry (a restart takes that one as
     held until then: ServiceState.restore), less what moves every tick: the token rate's
     variability, the mix, the variants' demand readings and Pending sightings' times, a
-    monthly cap's hourly allowance; conditions with their status and reason."""
+    monthly cap's hourly allowance, the demand profile's count of bins learned; conditions
+    with their status and reason."""
     kept = {k: v for k, v in status.items() if k not in ("lastDecision", "cost", "scaler", "conditions")}
+    if isinstance(kept.get("demandProfile"), dict):  # a bin learned every 15 minutes: moves with the clock
+        kept["demandProfile"] = {k: v for k, v in kept["demandProfile"].items() if k != "binsLearned"}
     if isinstance(kept.get("spend"), dict):  # a monthly cap's hourly allowance moves with the month's spend
         kept["spend"] = {k: v for k, v in kept["spend"].items() if k != "allowedUsdPerHour"}
     last = status.get("lastDecision") or {}
