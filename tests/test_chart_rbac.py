@@ -193,7 +193,7 @@ def test_rbac_grants_exactly_what_the_operator_uses(config):
         return
     # A Role in each watched namespace, nothing namespaced left in the ClusterRole.
     cluster_wide = {need for need in needed if cluster_scoped(need[0], need[1].partition("/")[0])}
-    assert cluster_wide == {("", "nodes", "list")}, cluster_wide
+    assert cluster_wide == {("", "nodes", "list"), ("", "nodes", "watch")}, cluster_wide
     assert_grants(one(docs, "ClusterRole"), cluster_wide)
     assert set(roles) == set(namespaces) == set(WATCHED)
     for role in roles.values():

@@ -298,10 +298,10 @@ class Kube:
                 return items, version
 
     def _mirror(self, what: str, all_namespaces: Callable, namespaced: Callable, label_selector: str,
-                keep: Callable[[dict], dict]) -> Mirror:
-        """The list kept by watches (cluster/mirror.py), made at its first read. Its watches run
-        on a client of their own: each holds a connection for minutes, which the lanes' pool
-        must not lose."""
+                keep: Callable[[dict], dict], cluster_scoped: bool = False) -> Mirror:
+        """The list kept by watches (cluster/mirror.py), made at its first read: one watch per
+        watched namespace, or one for the cluster. Its watches run on a client of their own:
+        each holds a connection for minutes, which the lanes' pool must not lose."""
         if what not in self._mirrors:
             watching = kubernetes.client.ApiClient(self.client.configuration)
 
@@ -314,7 +314,7 @@ class Kube:
                 return await self._listing(method(namespace), keep, label_selector=label_selector, **where)
 
             self._mirrors[what] = Mirror(what, pages, lambda namespace: method(namespace, watching), label_selector,
-                                         keep, self.namespaces)
+                                         keep, () if cluster_scoped else self.namespaces)
         return self._mirrors[what]
 
     def _put(self, what: str, written: dict | None) -> None:
@@ -353,9 +353,10 @@ class Kube:
         return await self._list(apps.list_deployment_for_all_namespaces, apps.list_namespaced_deployment,
                                 label_selector, _name_and_replicas)
 
-    async def list_nodes(self) -> list[dict]:
-        result = await self._call(self.core.list_node)
-        return result.get("items", []) if result else []
+    async def watched_nodes(self, keep: Callable[[dict], dict]) -> list[dict]:
+        """The nodes, from their mirror (made at the first read: only once some service uses spot)."""
+        return await self._mirror("nodes", self.core.list_node, self.core.list_node, "", keep,
+                                  cluster_scoped=True).items()
 
     async def patch_pod_metadata(self, namespace: str, name: str, labels: dict[str, str | None] | None = None,
                                  annotations: dict[str, str | None] | None = None) -> None:

@@ -187,6 +187,13 @@ def summarize(pods: list[dict]) -> dict[tuple[str, str], ServicePods]:
     return out
 
 
+def node_essentials(node: dict) -> dict:
+    """A node cut down to what reclaimed_nodes reads: its name, taints and cordon."""
+    spec = node.get("spec") or {}
+    return {"metadata": {"name": (node.get("metadata") or {}).get("name")},
+            "spec": _picked(spec, ("taints", "unschedulable"))}
+
+
 def reclaimed_nodes(nodes: list[dict], reclaim_taints: tuple[str, ...]) -> set[str]:
     """Nodes that announce their own end: a reclaim taint, or cordoned."""
     out = set()

@@ -1,8 +1,9 @@
 """Observe: every read of one tick, for all the services due, before anything is decided.
 
-The pods and Deployments (as their watches keep them: cluster/mirror.py), the nodes (only with
-spot in use: their taints announce reclaims), one batched Prometheus observation, the activation
-queries of services with nothing awake, and the demand profiles not held in memory yet.
+The pods and Deployments, and the nodes once some service uses spot (their taints announce
+reclaims), as their watches keep them (cluster/mirror.py); one batched Prometheus observation,
+the activation queries of services with nothing awake, and the demand profiles not held in
+memory yet.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from kubernetes.client.rest import ApiException
 from ebbtide.api.ref import ServiceRef
 from ebbtide.api.spec import InferenceServiceSpec
 from ebbtide.cluster.kube import Kube
-from ebbtide.cluster.pods import ServicePods, reclaimed_nodes, summarize
+from ebbtide.cluster.pods import ServicePods, node_essentials, reclaimed_nodes, summarize
 from ebbtide.cluster.profile_store import configmap_name, read_profile
 from ebbtide.cluster.render import MANAGED_BY
 from ebbtide.control.state import ServiceState
@@ -64,7 +65,7 @@ class Snapshot:
 
 async def observe(kube: Kube, source: PrometheusSource, due: list[Due], listed: list[dict], now: float) -> Snapshot:
     deployments = await kube.watched_deployments(",".join(f"{k}={v}" for k, v in MANAGED_BY.items()))
-    nodes = await kube.list_nodes() if any(spec.placement.spot.enabled for _, spec, _ in due) else []
+    nodes = await kube.watched_nodes(node_essentials) if any(spec.placement.spot.enabled for _, spec, _ in due) else []
     seen = Snapshot.of(now, listed, deployments, nodes, {})
     keyed = [((ref.namespace, ref.name), ref, spec, state) for ref, spec, state in due]
     observed = await asyncio.to_thread(source.observe, signal_queries(seen, due), now)
