@@ -135,8 +135,18 @@ def progress(bed: Bed, started: float) -> int:
     return running
 
 
+def handled(bed: Bed, services: int) -> bool:
+    """Whether kopf has finished every service's handler: its spec applied (observedGeneration in
+    status) and kopf's record of the spec it handled written. Under load, a window opened before
+    this counted the creations' reads and patches as rest."""
+    done = [o for o in bed.api.list_objects(ISVC)
+            if (o.get("status") or {}).get("observedGeneration") == o["metadata"].get("generation")
+            and "ebbtide.dev/last-handled-configuration" in (o["metadata"].get("annotations") or {})]
+    return len(done) >= services
+
+
 def settle(bed: Bed, services: list[tuple[str, str]], replicas: int, watcher: TickWatcher, timeout: float) -> dict:
-    """Until every pod runs, Prometheus has every pod's series and the operator has ticked over
+    """Until kopf has handled every service, every pod runs, Prometheus has every pod's series and the operator has ticked over
     the whole fleet twice since (the default interval is 15 s: every service evaluated), and the
     services' first minute is over (a ready count's rise is kept for one metrics window, then
     cleared from status: a change, not rest). Each step bounded by `timeout`: a step that does
@@ -146,7 +156,8 @@ def settle(bed: Bed, services: list[tuple[str, str]], replicas: int, watcher: Ti
     pods = len(services) * replicas
     since = {"ticks": 0.0, "running": started}
     missed = []
-    for what, done, interval in ((f"{pods} pods Running", lambda: progress(bed, started) >= pods, 5),
+    for what, done, interval in ((f"{len(services)} services handled", lambda: handled(bed, len(services)), 5),
+                                 (f"{pods} pods Running", lambda: progress(bed, started) >= pods, 5),
                                  (f"{pods} pods in Prometheus", lambda: bed.scraped_pods() >= pods, 2),
                                  (f"8 more ticks, {FIRST_MINUTE_S:g} s after the last pod ran",
                                   lambda: watcher.count >= since["ticks"] + 8

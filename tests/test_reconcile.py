@@ -46,6 +46,7 @@ def test_drift_correction_that_overlaps_a_spec_edit_does_not_restore_the_old_spe
             # Then the events of the edit's own patches come back, as they do in a cluster.
             await restore_owned(kube, registry, apiserver.server.get_object(DEPLOYMENTS, "default", "chat"))
         finally:
+            kube.stop_watching()
             client.close()
 
     try:
@@ -78,6 +79,7 @@ def test_variants_deployments_come_and_go_with_the_spec_and_a_variant_named_spot
         kept = await last_applied_spec(kube, ref)
         assert kept is not None and [v.name for v in kept.variants] == ["l4", "spot"]
         await reconcile(kube, Registry(), ref, spec(OLD), 2)
+        kube.stop_watching()
         assert names() == ["chat"]
 
     asyncio.run(run())

@@ -173,7 +173,8 @@ def fake_vllm_exporter() -> Iterator[FakeVllmExporter]:
 def kubelet_factory(apiserver: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Kubelet]]:
     """
     Start `Kubelet`s: ``kubelet_factory(**kwargs)``; test defaults ``startup_delay=1.0``,
-    ``max_grace_seconds=5``, engine logs in a temp dir. At teardown every kubelet stops, and the
+    ``max_grace_seconds=5``, engine logs in a temp dir. At teardown every kubelet stops, its
+    Nodes go (left behind, a later test's pods were scheduled onto them and never ran), and the
     test fails if an engine it started is still alive.
     """
     started: list[Kubelet] = []
@@ -189,6 +190,8 @@ def kubelet_factory(apiserver: Cluster, tmp_path_factory: pytest.TempPathFactory
     yield make
     for kubelet in started:
         kubelet.stop()
+        for node in kubelet.nodes:
+            apiserver.server.delete_object("v1/nodes", None, node)
     leftovers = {pid for kubelet in started for pid in kubelet.live_pids()}
     if leftovers:
         pytest.fail(f"engine processes left behind by the kubelet: {sorted(leftovers)}")

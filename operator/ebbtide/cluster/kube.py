@@ -80,6 +80,7 @@ class Kube:
         self.client = client
         self.core = kubernetes.client.CoreV1Api(client)
         self.custom = kubernetes.client.CustomObjectsApi(client)
+        self.apps = kubernetes.client.AppsV1Api(client)
         # `ebbtide run --namespace`: fleet-wide lists go to these namespaces only (empty: all).
         self.namespaces = namespaces
         # Client method (and namespace, for a list in one) -> the API server's refusal (403), until
@@ -158,7 +159,9 @@ class Kube:
         kind, meta = desired["kind"], desired["metadata"]
         live = await self.read(kind, meta["namespace"], meta["name"])
         if live is None:
-            await self._call(self._method(kind, "create"), meta["namespace"], desired)
+            created = await self._call(self._method(kind, "create"), meta["namespace"], desired)
+            if kind == "Deployment":
+                self._put("deployments", created)  # a reconcile that follows finds it without waiting for the watch
             return "created"
         controller = controller_of(live)
         if controller is None or controller.get("uid") != owner.uid:
@@ -329,9 +332,8 @@ class Kube:
 
     async def watched_deployments(self, label_selector: str) -> list[dict]:
         """The Deployments a list would return now (names, owners, labels, counts), from their mirror."""
-        apps = kubernetes.client.AppsV1Api(self.client)
-        return await self._mirror("deployments", apps.list_deployment_for_all_namespaces,
-                                  apps.list_namespaced_deployment, label_selector, _name_and_replicas).items()
+        return await self._mirror("deployments", self.apps.list_deployment_for_all_namespaces,
+                                  self.apps.list_namespaced_deployment, label_selector, _name_and_replicas).items()
 
     def stop_watching(self) -> None:
         for mirror in self._mirrors.values():
@@ -346,12 +348,6 @@ class Kube:
         """Strategic merge patch of a pod's status (pods/status): e.g. one readiness-gate condition."""
         self._put("pods", await self._call(self.core.patch_namespaced_pod_status, name, namespace,
                                            {"status": status}, _content_type=STRATEGIC_MERGE_PATCH))
-
-    async def list_deployments(self, label_selector: str) -> list[dict]:
-        """Their names, owners, labels and counts: all the scaling loop and reconcile read of them in lists."""
-        apps = kubernetes.client.AppsV1Api(self.client)
-        return await self._list(apps.list_deployment_for_all_namespaces, apps.list_namespaced_deployment,
-                                label_selector, _name_and_replicas)
 
     async def watched_nodes(self, keep: Callable[[dict], dict]) -> list[dict]:
         """The nodes, from their mirror (made at the first read: only once some service uses spot)."""

@@ -29,6 +29,7 @@ from ebbtide.policy.spot import SpotPods, split
 # taken out of the endpoints by flipping this label, since vLLM's /health stays 200 while asleep.
 LABEL_SERVING = "ebbtide.dev/serving"
 MANAGED_BY = {"app.kubernetes.io/managed-by": "ebbtide"}
+MANAGED_SELECTOR = ",".join(f"{k}={v}" for k, v in MANAGED_BY.items())  # as a label selector
 ANNOTATION_SPEC = "ebbtide.dev/applied-spec"
 ANNOTATION_SPEC_HASH = "ebbtide.dev/spec-hash"
 CONTAINER = "vllm"

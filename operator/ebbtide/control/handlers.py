@@ -16,6 +16,7 @@ from ebbtide import api
 from ebbtide.api.ref import ServiceRef
 from ebbtide.cluster.diffbase import RedactedDiffBaseStorage
 from ebbtide.cluster.kube import Forbidden, Kube, refusal
+from ebbtide.cluster.mirror import Unavailable
 from ebbtide.cluster.render import MANAGED_BY
 from ebbtide.control.config import OperatorConfig
 from ebbtide.control.loop import ScalingLoop
@@ -80,6 +81,8 @@ async def apply_spec(spec: kopf.Spec, status: kopf.Status, name: str, namespace:
         await reconcile(memo.kube, memo.registry, ref, dict(spec), meta.get("generation"))
     except Forbidden as e:  # Kube logged it; kopf retries later with one line, not a traceback
         raise kopf.TemporaryError(f"permission denied: {refusal(e)}", delay=60) from e
+    except Unavailable as e:  # the Deployments' watch is listing again (the API server was away)
+        raise kopf.TemporaryError(str(e), delay=10) from e
 
 
 @kopf.on.event(api.GROUP, api.VERSION, api.PLURAL)
