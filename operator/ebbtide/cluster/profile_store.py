@@ -1,10 +1,11 @@
 """Where a service's learned demand profile lives in the cluster: a ConfigMap it owns.
 
 Not the status: the profile is about 15 KB of JSON and changes every tick, while the status is
-read by every `kubectl get`. The ConfigMap is written once per 15 minutes (a bin's length), each
-service at its own phase so that a fleet's saves spread over the quarter-hour (control/cadence.py);
-the tick's samples in between are lost on a restart: at most one bin's worth, which the
-exponential weighting barely notices. It goes with its service through the owner reference.
+read by every `kubectl get`. The ConfigMap is written once per 15 minutes (a bin's length; longer
+in a fleet past the periodic writes' budget: 2 h at 1,000 services), each service at its own
+phase so that a fleet's saves spread over the period (control/cadence.py); the tick's samples
+in between are lost on a restart: at most a period's worth, which the weekly profile's
+exponential weighting turns into a few bins learned a week later. It goes with its service through the owner reference.
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ async def tell(kube: Kube, metrics: OperatorMetrics, ref: ServiceRef, state: Ser
     # Written when something changed in substance, and otherwise once per refresh period
     # (each service at its own phase: control/cadence.py) for the numbers that move every tick.
     refresh = cadence.crossed(step.now, REFRESH_INTERVALS * interval_seconds, fleet, (ref.namespace, ref.name),
-                              state.status_written)
+                              state.status_written, cadence.STATUS_REFRESHES_PER_SECOND)
 
     def unchanged(old: dict, new: dict) -> bool:
         return not refresh and substance(old) == substance(new)

@@ -171,7 +171,8 @@ class ScalingLoop:
         over the period."""
         profile = state.tick.profile
         if profile is None or profile.updated is None or not cadence.crossed(
-                now, BIN_SECONDS, fleet, (ref.namespace, ref.name), state.profile_saved):
+                now, BIN_SECONDS, fleet, (ref.namespace, ref.name), state.profile_saved,
+                cadence.PROFILE_SAVES_PER_SECOND):
             return
         try:
             await self.kube.apply(render_profile(ref, profile), ref)
