@@ -25,6 +25,7 @@ import json
 import os
 import pathlib
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -73,6 +74,8 @@ class Bed:
 
     def __init__(self, workdir: pathlib.Path, max_pods: int) -> None:
         self.workdir = workdir
+        # A workdir used before holds its etcd: the fleet must grow from an empty cluster.
+        shutil.rmtree(workdir / "cluster", ignore_errors=True)
         self.plane = ControlPlane(workdir / "cluster", crds=(crd(),)).start()
         import kubernetes.config
         self.client = kubernetes.config.new_client_from_config(config_file=str(self.plane.kubeconfig))
