@@ -15,7 +15,7 @@ system-deps:  ## Prometheus for the integration tests (Debian package; needs roo
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; }
 
 test: install-test system-deps tools controlplane prometheus-k8s  ## everything: unit, operator and integration tests on a real control plane
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q --durations=25  # the slowest listed: the suite's budget is 30 minutes
 
 test-fast: ## unit tests only, no processes
 	$(PYTHON) -m pytest -q -m "not prometheus and not slow"

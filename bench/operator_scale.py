@@ -48,7 +48,7 @@ from ebbtide.api.crd import crd  # noqa: E402
 from ebbtide.cluster.render import LABEL_SERVICE  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "operator-scale.json"
-KEPT = ("failover_s", "failover", "before_fix")  # written by tests/test_operator_ha.py and by hand
+KEPT = ("failover_s", "failover", "before_fix", "under_load")  # written by tests/test_operator_ha.py and by hand
 ISVC = "ebbtide.dev/v1alpha1/inferenceservices"
 DEPLOYMENTS = "apps/v1/deployments"
 SCRAPE_SECONDS = 5.0

@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.test_closed_loop import SCALING
 from tests.testbed.engines import now_rfc3339
@@ -153,6 +154,35 @@ def test_a_leader_exits_when_its_lease_is_taken_and_hands_it_over_on_sigterm(api
              what="op-b leading")
     assert second.stop(signal.SIGTERM) == 0
     assert holder(server) is None, server.get_object(LEASES, "default", LEASE)
+
+
+def gpu_seconds(operator: Operator) -> float:
+    """The operator's on-demand GPU time for chat, from its /metrics: what its ledger holds now."""
+    for family in text_string_to_metric_families(operator.metrics()):
+        for sample in family.samples:
+            if sample.name == "ebbtide_gpu_seconds_total" and sample.labels.get("service") == "chat" \
+                    and sample.labels.get("capacity_type") == "on-demand":
+                return sample.value
+    return 0.0
+
+
+def test_a_leader_stopped_with_sigterm_writes_the_cost_it_held_back(apiserver, kubelet, operators):
+    """At rest a status is written again once per refresh period (control/cadence.py: 300 s at
+    the default interval, longer in a large fleet); the ledger accrues at every evaluation in
+    between. A graceful stop writes the last evaluation's status, so that the next leader
+    resumes from the cost totals as they stood at the stop, not as they were last written."""
+    server = apiserver.server
+    operator = operators("op")
+    server.create_object(isvc("chat", replicas={"min": 1, "max": 1}))  # the default 15 s interval
+    wait_for(lambda: status(server).get("replicas", {}).get("ready") == 1, timeout=60, what="chat ready")
+    written = wait_for(lambda: status(server)["cost"]["gpuHours"]["onDemand"], timeout=60,
+                       what="GPU time in status")
+    # An evaluation since then charged more than status says: held back (no news at rest).
+    ahead = wait_for(lambda: (held := gpu_seconds(operator)) > written * 3600 + 1 and held, timeout=60,
+                     what="the ledger ahead of status")
+    assert operator.stop(signal.SIGTERM) == 0
+    stopped_with = status(server)["cost"]["gpuHours"]["onDemand"] * 3600
+    assert stopped_with >= ahead - 0.5, (written * 3600, ahead, stopped_with)  # status rounds to 1e-4 h
 
 
 def test_a_leader_that_cannot_renew_exits_before_its_lease_expires(apiserver, operators, tmp_path):

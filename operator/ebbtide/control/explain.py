@@ -49,9 +49,12 @@ async def tell(kube: Kube, metrics: OperatorMetrics, ref: ServiceRef, state: Ser
     def unchanged(old: dict, new: dict) -> bool:
         return not refresh and substance(old) == substance(new)
 
-    if await kube.update_status(ref, lambda status: render_status(status, state, step, turn, applied),
-                                unchanged=unchanged) is not None:
-        state.status_written = step.now
+    def render(status: dict) -> dict:
+        return render_status(status, state, step, turn, applied)
+
+    written = await kube.update_status(ref, render, unchanged=unchanged) is not None
+    state.status_written = step.now if written else state.status_written
+    state.unwritten = None if written else render
 
 
 def export(metrics: OperatorMetrics, ref: ServiceRef, step: Step, turn: Turn) -> None:

@@ -3,7 +3,7 @@ status so that a restart loses nothing that matters, and the shell's bookkeeping
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field, replace
 
 from ebbtide.api.spec import InferenceServiceSpec
@@ -29,6 +29,9 @@ class ServiceState:
     profile_saved: float = float("-inf")
     # When its status was last written: an unchanged one is refreshed once per refresh period.
     status_written: float = float("-inf")
+    # The last evaluation's status, when held back as no news: what a graceful stop still writes
+    # (ScalingLoop.flush), so that the next leader resumes from this tick's cost totals.
+    unwritten: Callable[[dict], dict] | None = None
     # The API server's refusals (403) this service has been told of: each gets one Event.
     refusals: frozenset[str] = frozenset()
     # The last signals a Prometheus observation returned with samples, by observation key (the
