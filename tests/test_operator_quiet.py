@@ -14,7 +14,7 @@ from ebbtide.policy.headroom import Variability, observe_rate
 from ebbtide.policy.performance import Mix, Model, observe_limit, observe_mix
 from tests.testbed.controlplane import kubeconfig_text
 from tests.testbed.countingproxy import CountingProxy
-from tests.testbed.operator import DEPLOYMENTS, Operator, isvc, replicas, status
+from tests.testbed.operator import DEPLOYMENTS, ISVC, Operator, isvc, replicas, status
 from tests.testbed.waiting import wait_for
 
 INTERVAL = 1  # seconds: the refresh comes every REFRESH_INTERVALS of them
@@ -48,10 +48,19 @@ def test_at_rest_the_status_is_written_only_when_it_changes_and_at_its_refresh(a
             # Pods and Deployments come from their watches (cluster/mirror.py), not a list a tick.
             assert written["list pods"] == written["list deployments"] == 0, written
 
+            # Someone else's write (a label) moves the resourceVersion; the operator takes it from
+            # the event, so that its next status write is not refused (409) and read again.
+            handled = operator.output().count("Handler 'service_changed' succeeded")
+            server.patch_object(ISVC, "default", "chat", {"metadata": {"labels": {"team": "search"}}})
+            wait_for(lambda: operator.output().count("Handler 'service_changed' succeeded") > handled,
+                     what="the label's event handled")
+            counted = proxy.snapshot()
+
             # A hand scale below min is news: written at once, with the decision.
             server.patch_object(DEPLOYMENTS, "default", "chat", {"spec": {"replicas": 1}})
             wait_for(lambda: replicas(server) == 2, what="the Deployment back at 2")
             wait_for(lambda: status(server)["lastDecision"]["fromReplicas"] == 1, what="the decision in status")
+            assert collections.Counter(proxy.since(counted))["get inferenceservices"] == 0, proxy.since(counted)
 
             # And the numbers that move every tick are refreshed all the same.
             stamp = status(server)["lastDecision"]["time"]

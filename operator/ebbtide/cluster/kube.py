@@ -22,7 +22,7 @@ from kubernetes.client.rest import ApiException
 from ebbtide import api
 from ebbtide.api.ref import ServiceRef
 from ebbtide.cluster.mirror import Mirror
-from ebbtide.cluster.objects import controller_of, is_subset, now_rfc3339, without_replicas
+from ebbtide.cluster.objects import controller_of, is_subset, newer, now_rfc3339, without_replicas
 
 log = logging.getLogger(__name__)
 API_CONCURRENCY = {"handlers": 8, "loop": 16}  # API calls in flight at once, by lane (Kube.loop_lane)
@@ -235,8 +235,12 @@ class Kube:
         return None
 
     def remember(self, key: tuple[str, str], obj: dict) -> None:
-        """The status as it now stands, and what a write on top of it needs: not the spec."""
+        """The status as it now stands (a write's answer, a handler's or an event's object: the
+        newest wins), and what a write on top of it needs: not the spec."""
         meta = obj["metadata"]
+        held = self._written.get(key)
+        if held is not None and not newer(meta["resourceVersion"], held["metadata"]["resourceVersion"]):
+            return
         self._written[key] = {"metadata": {"uid": meta.get("uid"), "resourceVersion": meta["resourceVersion"]},
                               "status": obj.get("status") or {}}
 

@@ -21,6 +21,8 @@ from typing import Any
 import kubernetes
 from kubernetes.client.rest import ApiException
 
+from ebbtide.cluster.objects import newer
+
 log = logging.getLogger(__name__)
 
 WATCH_SECONDS = 300  # the API server ends a watch after this; it is resumed from where it ended
@@ -30,15 +32,6 @@ Key = tuple[str, str]  # (namespace, name)
 
 class Unavailable(Exception):
     """The mirror is not in step with the API server (not listed yet, or listing again after an error)."""
-
-
-def _newer(version: str, than: str | None) -> bool:
-    """Whether an object's resourceVersion is newer than the one held. Opaque to clients in
-    principle; etcd's revisions in practice. A write's answer can reach the mirror before the
-    watch's older events: those must not undo it."""
-    if than is None or not (version.isdigit() and than.isdigit()):
-        return True
-    return int(version) >= int(than)
 
 
 class Mirror:
@@ -137,7 +130,7 @@ class Mirror:
         meta = obj.get("metadata") or {}
         key, version = (meta.get("namespace", ""), meta.get("name", "")), meta.get("resourceVersion", "")
         with self._lock:
-            if _newer(version, self._versions.get(key)):
+            if newer(version, self._versions.get(key)):
                 self._objects[key], self._versions[key] = self.keep(obj), version
 
     def _forget(self, obj: dict) -> None:

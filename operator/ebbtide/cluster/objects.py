@@ -44,3 +44,12 @@ def without_replicas(obj: dict) -> dict:
 def controller_of(obj: dict) -> dict | None:
     refs = obj.get("metadata", {}).get("ownerReferences") or []
     return next((r for r in refs if r.get("controller") and r.get("kind") == api.KIND), None)
+
+
+def newer(version: str, than: str | None) -> bool:
+    """Whether an object's resourceVersion is as new as the one held, or newer. Opaque to
+    clients in principle; etcd's revisions in practice. A write's answer can arrive before a
+    watch's older events: those must not undo it."""
+    if than is None or not (version.isdigit() and than.isdigit()):
+        return True
+    return int(version) >= int(than)

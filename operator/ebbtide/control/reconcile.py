@@ -17,7 +17,14 @@ from ebbtide.api.ref import ServiceRef
 from ebbtide.api.spec import InferenceServiceSpec
 from ebbtide.cluster.kube import Conflict, Kube
 from ebbtide.cluster.objects import controller_of, is_subset, now_rfc3339, without_replicas
-from ebbtide.cluster.render import LABEL_SERVICE, MANAGED_SELECTOR, SPOT, applied_spec, deployment_name, render_workload
+from ebbtide.cluster.render import (
+    LABEL_SERVICE,
+    MANAGED_SELECTOR,
+    SPOT,
+    applied_spec,
+    deployment_name,
+    render_workload,
+)
 from ebbtide.cluster.variants import variant_of
 
 log = logging.getLogger(__name__)
