@@ -26,6 +26,7 @@ import os
 import pathlib
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -112,12 +113,16 @@ class Bed:
         return int(float(found[0]["value"][1])) if found else 0
 
     @contextlib.contextmanager
-    def operator(self, metrics_port: int):
+    def operator(self, metrics_port: int, traced: pathlib.Path | None = None):
+        """`ebbtide run`; with `traced`, under bench/traced_operator.py (SIGUSR1 writes there)."""
         log = open(self.workdir / "operator.log", "ab")  # noqa: SIM115 - the child keeps it
         env = {**os.environ, "KUBECONFIG": str(self.proxy_kubeconfig),
                "PYTHONPATH": os.pathsep.join([str(ROOT / "operator"), str(ROOT)])}
         env.pop("EBBTIDE_TICK_SECONDS", None)  # its default tick
-        argv = [sys.executable, "-m", "ebbtide.cli", "run", "--prometheus-url", self.prometheus.url,
+        program = ["-m", "ebbtide.cli"]
+        if traced is not None:
+            env["EBBTIDE_TRACE_FILE"], program = str(traced), [str(ROOT / "bench" / "traced_operator.py")]
+        argv = [sys.executable, *program, "run", "--prometheus-url", self.prometheus.url,
                 "--metrics-port", str(metrics_port), "--health-port", "0"]
         with log:
             process = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
@@ -233,7 +238,7 @@ def backlog_samples(bed: Bed, services: list[tuple[str, str]], samples: int) -> 
 
 
 def run(sizes: list[int], namespaces: int, replicas: int, window: float, samples: int,
-        workdir: pathlib.Path) -> list[dict]:
+        workdir: pathlib.Path, traced: pathlib.Path | None = None) -> list[dict]:
     fleet = service_names(max(sizes), namespaces)
     bed = Bed(workdir, max(sizes) * replicas + samples * 5 + 10)
     port = free_port()
@@ -241,7 +246,7 @@ def run(sizes: list[int], namespaces: int, replicas: int, window: float, samples
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip()
     try:
-        with bed.operator(port) as operator:
+        with bed.operator(port, traced) as operator:
             watcher = TickWatcher(f"http://127.0.0.1:{port}/metrics").start()
             made = 0
             for size in sizes:
@@ -254,6 +259,11 @@ def run(sizes: list[int], namespaces: int, replicas: int, window: float, samples
                           "prometheus_series": bed.exporter.series(), **settled,
                           **measure_window(bed, operator.pid, watcher, window)}
                 result["load_average"] = load_average()
+                if traced is not None:  # where the memory is, as the window ends
+                    before = traced.stat().st_size if traced.exists() else 0
+                    operator.send_signal(signal.SIGUSR1)
+                    wait_for(lambda b=before: traced.exists() and traced.stat().st_size > b, timeout=300,
+                             interval=1, what="the allocation trace")
                 result["commit"] = commit  # the operator's code: HEAD when it started
                 result["backlog_to_patch_s"] = backlog_samples(bed, fleet[:size], samples)
                 result["rss_mib_after_backlog"] = round(rss_mib(operator.pid), 1)
@@ -289,12 +299,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=5, help="backlog samples at each size")
     parser.add_argument("--workdir", type=pathlib.Path, default=None, help="logs and state (default: a temp dir)")
     parser.add_argument("--output", type=pathlib.Path, default=RESULTS)
+    parser.add_argument("--traced", type=pathlib.Path, default=None,
+                        help="trace the operator's allocations (bench/traced_operator.py); where they are goes "
+                             "to this file after each window (the figures are then not comparable)")
     args = parser.parse_args(argv)
     sizes = sorted(int(s) for s in args.sizes.split(","))
     workdir = args.workdir or pathlib.Path(tempfile.mkdtemp(prefix="ebbtide-scale-"))
     workdir.mkdir(parents=True, exist_ok=True)
     print(f"logs in {workdir}", flush=True)
-    results = run(sizes, args.namespaces, args.replicas, args.window, args.samples, workdir)
+    results = run(sizes, args.namespaces, args.replicas, args.window, args.samples, workdir, args.traced)
     command = "python bench/operator_scale.py " + " ".join(argv if argv is not None else sys.argv[1:])
     print(json.dumps(record(results, command.strip(), args.output), indent=2))
     if args.output == RESULTS:
