@@ -23,6 +23,7 @@ from ebbtide import api
 from ebbtide.api.ref import ServiceRef
 from ebbtide.cluster.mirror import Mirror
 from ebbtide.cluster.objects import controller_of, is_subset, newer, now_rfc3339, without_replicas
+from ebbtide.cluster.render import MANAGED_SELECTOR
 
 log = logging.getLogger(__name__)
 API_CONCURRENCY = {"handlers": 8, "loop": 16}  # API calls in flight at once, by lane (Kube.loop_lane)
@@ -334,10 +335,11 @@ class Kube:
         return await self._mirror("pods", self.core.list_pod_for_all_namespaces, self.core.list_namespaced_pod,
                                   label_selector, keep).items()
 
-    async def watched_deployments(self, label_selector: str) -> list[dict]:
-        """The Deployments a list would return now (names, owners, labels, counts), from their mirror."""
+    async def watched_deployments(self) -> list[dict]:
+        """The Deployments we manage as a list would return them now (names, owners, labels,
+        counts), from their mirror: one mirror, one selector, for the loop and reconcile alike."""
         return await self._mirror("deployments", self.apps.list_deployment_for_all_namespaces,
-                                  self.apps.list_namespaced_deployment, label_selector, _name_and_replicas).items()
+                                  self.apps.list_namespaced_deployment, MANAGED_SELECTOR, _name_and_replicas).items()
 
     def stop_watching(self) -> None:
         for mirror in self._mirrors.values():

@@ -53,7 +53,8 @@ async def tell(kube: Kube, metrics: OperatorMetrics, ref: ServiceRef, state: Ser
         return render_status(status, state, step, turn, applied)
 
     written = await kube.update_status(ref, render, unchanged=unchanged) is not None
-    state.status_written = step.now if written else state.status_written
+    if written:
+        state.status_written = step.now
     state.unwritten = None if written else render
 
 

@@ -20,7 +20,6 @@ from ebbtide.api.spec import InferenceServiceSpec
 from ebbtide.cluster.kube import Kube
 from ebbtide.cluster.pods import ServicePods, node_essentials, reclaimed_nodes, summarize
 from ebbtide.cluster.profile_store import configmap_name, read_profile
-from ebbtide.cluster.render import MANAGED_SELECTOR
 from ebbtide.control.state import ServiceState
 from ebbtide.policy.observation import Signals
 from ebbtide.policy.profile import Profile
@@ -64,7 +63,7 @@ class Snapshot:
 
 
 async def observe(kube: Kube, source: PrometheusSource, due: list[Due], listed: list[dict], now: float) -> Snapshot:
-    deployments = await kube.watched_deployments(MANAGED_SELECTOR)
+    deployments = await kube.watched_deployments()
     nodes = await kube.watched_nodes(node_essentials) if any(spec.placement.spot.enabled for _, spec, _ in due) else []
     seen = Snapshot.of(now, listed, deployments, nodes, {})
     keyed = [((ref.namespace, ref.name), ref, spec, state) for ref, spec, state in due]

@@ -19,7 +19,6 @@ from ebbtide.cluster.kube import Conflict, Kube
 from ebbtide.cluster.objects import controller_of, is_subset, now_rfc3339, without_replicas
 from ebbtide.cluster.render import (
     LABEL_SERVICE,
-    MANAGED_SELECTOR,
     SPOT,
     applied_spec,
     deployment_name,
@@ -144,7 +143,7 @@ async def _delete_owned_spot_deployment(kube: Kube, ref: ServiceRef, spec: Infer
 async def _owned_deployments(kube: Kube, ref: ServiceRef) -> list[dict]:
     """The Deployments this service owns (labelled with its name, and controlled by it), from the
     scaling loop's mirror: a LIST per reconcile was 289 a tick while 1,000 services were created."""
-    listed = await kube.watched_deployments(MANAGED_SELECTOR)
+    listed = await kube.watched_deployments()
     return [d for d in listed if d["metadata"].get("namespace") == ref.namespace
             and d["metadata"].get("labels", {}).get(LABEL_SERVICE) == ref.name
             and (controller_of(d) or {}).get("uid") == ref.uid]
