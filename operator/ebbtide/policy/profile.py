@@ -26,6 +26,8 @@ counts, with N = 2 the week before weighs a third of it, and so on.
 from __future__ import annotations
 
 import math
+from array import array
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from datetime import datetime
 from functools import lru_cache
@@ -78,16 +80,18 @@ class Profile:
     lookback_weeks: int
     since: float | None  # first observation: the profile predicts nothing for a week after
     updated: float | None  # newest observation
-    mean: tuple[float, ...]
-    var: tuple[float, ...]
-    weight: tuple[float, ...]  # seconds of observation behind the bin, after forgetting
-    week: tuple[int, ...]  # local week the bin was last seen in
+    # Per bin, as flat arrays, never changed in place (observe copies the one it changes): a
+    # tuple of floats would hold an object per learned value, 107 KB a service instead of 27.
+    mean: array
+    var: array
+    weight: array  # seconds of observation behind the bin, after forgetting
+    week: array  # local week the bin was last seen in
     # Mean before this week's first visit (see the module docstring); NO_PRIOR when the bin
     # had no history before this week (then its mean is all there is).
-    prior: tuple[float, ...] = ()
+    prior: array | None = None
 
     def __post_init__(self) -> None:
-        if not self.prior:
+        if self.prior is None:
             object.__setattr__(self, "prior", self.mean)
 
     @classmethod
@@ -95,8 +99,8 @@ class Profile:
         _zone(timezone)  # fail early on an unknown zone
         if lookback_weeks < 1:
             raise ValueError(f"lookback_weeks must be at least 1, got {lookback_weeks}")
-        zeros = (0.0,) * BINS
-        return cls(timezone, lookback_weeks, None, None, zeros, zeros, zeros, (0,) * BINS)
+        zeros = _floats([0.0] * BINS)
+        return cls(timezone, lookback_weeks, None, None, zeros, zeros, zeros, _weeks([0] * BINS))
 
     def to_json(self) -> dict:
         return {
@@ -124,12 +128,12 @@ class Profile:
             columns = [data["mean"], data["var"], data["weight"], data["week"], data.get("prior", data["mean"])]
             if any(len(c) != BINS for c in columns):
                 raise ValueError(f"expected {BINS} bins")
-            mean, var, weight, prior = (tuple(_finite(x) for x in c) for c in (*columns[:3], columns[4]))
+            mean, var, weight, prior = (_floats(_finite(x) for x in c) for c in (*columns[:3], columns[4]))
             if any(v < 0 for v in var) or any(w < 0 for w in weight):
                 raise ValueError("negative variance or weight")
             profile = cls.empty(int(data["lookbackWeeks"]), str(data["timezone"]))
             return replace(profile, since=_optional(data["since"]), updated=_optional(data["updated"]),
-                           mean=mean, var=var, weight=weight, week=tuple(int(w) for w in columns[3]),
+                           mean=mean, var=var, weight=weight, week=_weeks(int(w) for w in columns[3]),
                            prior=prior)
         except (KeyError, TypeError, ValueError, LookupError) as e:
             raise ValueError(f"demand profile is malformed: {e!r}") from None
@@ -146,6 +150,14 @@ class Profile:
             except ValueError:
                 pass
         return cls.empty(lookback_weeks, timezone)
+
+
+def _floats(values: Iterable[float]) -> array:
+    return array("d", values)
+
+
+def _weeks(values: Iterable[int]) -> array:
+    return array("q", values)
 
 
 def _short(x: float) -> float:
@@ -200,8 +212,10 @@ def observe(profile: Profile, now: float, demand: float, seconds: float | None =
     )
 
 
-def _put(values: tuple, i: int, value: object) -> tuple:
-    return values[:i] + (value,) + values[i + 1:]
+def _put(values: array, i: int, value: float) -> array:
+    changed = array(values.typecode, values)
+    changed[i] = value
+    return changed
 
 
 def predict(profile: Profile, at: float, high: bool = False, before_this_week: bool = False) -> float | None:
