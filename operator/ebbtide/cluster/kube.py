@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextvars
-import copy
 import json
 import logging
 from collections.abc import Callable
@@ -22,7 +21,7 @@ from kubernetes.client.rest import ApiException
 from ebbtide import api
 from ebbtide.api.ref import ServiceRef
 from ebbtide.cluster.mirror import Mirror
-from ebbtide.cluster.objects import controller_of, is_subset, newer, now_rfc3339, without_replicas
+from ebbtide.cluster.objects import HeldStatus, controller_of, is_subset, newer, now_rfc3339, without_replicas
 from ebbtide.cluster.render import MANAGED_SELECTOR
 
 log = logging.getLogger(__name__)
@@ -95,7 +94,7 @@ class Kube:
         self._threads = {lane: concurrent.futures.ThreadPoolExecutor(max_workers=n, thread_name_prefix=f"kube-{lane}")
                          for lane, n in API_CONCURRENCY.items()}
         # (namespace, name) -> uid, resourceVersion and status as our last status write left them.
-        self._written: dict[tuple[str, str], dict] = {}
+        self._statuses: dict[tuple[str, str], HeldStatus] = {}
         self._mirrors: dict[str, Mirror] = {}  # the watched lists (cluster/mirror.py), by what they hold
 
     @classmethod
@@ -210,16 +209,17 @@ class Kube:
         for _ in range(attempts):
             # What our last write left saves a GET per service and tick; if anyone wrote since,
             # its resourceVersion is stale, the API server answers 409 and we read afresh.
-            obj = self._written.pop(key, None)
-            if obj is None or obj["metadata"].get("uid") != ref.uid:
+            held = self._statuses.pop(key, None)
+            if held is None or held.uid != ref.uid:
                 obj = await self.read_service(ref.namespace, ref.name)
-            if obj is None or obj["metadata"].get("uid") != ref.uid:
+                if obj is None or obj["metadata"].get("uid") != ref.uid:
+                    return None
+                held = HeldStatus.of(obj)
+            status = mutate(held.status())
+            if unchanged is not None and unchanged(held.status(), status):
+                self._hold(key, held)
                 return None
-            status = mutate(copy.deepcopy(obj.get("status") or {}))
-            if unchanged is not None and unchanged(obj.get("status") or {}, status):
-                self.remember(key, obj)
-                return None
-            body = {"metadata": {"resourceVersion": obj["metadata"]["resourceVersion"]}, "status": status}
+            body = {"metadata": {"resourceVersion": held.resource_version}, "status": status}
             try:
                 written = await self._call(self.custom.patch_namespaced_custom_object_status,
                                            api.GROUP, api.VERSION, ref.namespace, api.PLURAL, ref.name, body,
@@ -238,16 +238,16 @@ class Kube:
     def remember(self, key: tuple[str, str], obj: dict) -> None:
         """The status as it now stands (a write's answer, a handler's or an event's object: the
         newest wins), and what a write on top of it needs: not the spec."""
-        meta = obj["metadata"]
-        held = self._written.get(key)
-        if held is not None and not newer(meta["resourceVersion"], held["metadata"]["resourceVersion"]):
-            return
-        self._written[key] = {"metadata": {"uid": meta.get("uid"), "resourceVersion": meta["resourceVersion"]},
-                              "status": obj.get("status") or {}}
+        self._hold(key, HeldStatus.of(obj))
+
+    def _hold(self, key: tuple[str, str], held: HeldStatus) -> None:
+        before = self._statuses.get(key)
+        if before is None or newer(held.resource_version, before.resource_version):
+            self._statuses[key] = held
 
     def forget_status(self, namespace: str, name: str) -> None:
         """A deleted service's last write is no base for anything."""
-        self._written.pop((namespace, name), None)
+        self._statuses.pop((namespace, name), None)
 
     async def post_event(self, ref: ServiceRef, type: str, reason: str, message: str) -> None:
         """An Event on the InferenceService, so `kubectl describe` tells the story."""
